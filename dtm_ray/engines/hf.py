@@ -1,0 +1,166 @@
+"""The `hf` engine: transformers + torch. The reference in tests, and the fallback for models and
+machines vLLM cannot serve."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from dtm_ray.engines.base import ScoreResult
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+class HFEngine:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str = "float32",
+        device: str = "auto",
+        batch_size: int = 16,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; expected one of {list(DTYPES)}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        self.model.to(self.device).eval()
+        # Always produce exactly n_new tokens: no stopping at EOS.
+        self.model.generation_config.eos_token_id = None
+        self.pad_id = self.model.config.pad_token_id or 0
+        self._params = dict(self.model.named_parameters())
+        self._originals: dict[str, torch.Tensor] = {}
+
+    # --- generation -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def _generate(self, prefixes: Sequence[Sequence[int]], n_new: int, **kwargs) -> np.ndarray:
+        out = []
+        for batch in _batches(list(prefixes), self.batch_size):
+            ids, mask = _left_pad(batch, self.pad_id)
+            tokens = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                pad_token_id=self.pad_id,
+                eos_token_id=None,
+                **kwargs,
+            )
+            out.append(tokens[:, ids.shape[1] :].cpu().numpy())
+        return np.concatenate(out).astype(np.int64)
+
+    def generate_greedy(self, prefixes: Sequence[Sequence[int]], n_new: int) -> np.ndarray:
+        return self._generate(prefixes, n_new, do_sample=False)
+
+    def sample(self, prefixes: Sequence[Sequence[int]], n_new: int, seed: int) -> np.ndarray:
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return self._generate(
+                prefixes, n_new, do_sample=True, temperature=1.0, top_k=0, top_p=1.0
+            )
+
+    # --- scoring --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, sequences: Sequence[Sequence[int]], n_prefix: int) -> ScoreResult:
+        lengths = {len(s) for s in sequences}
+        if len(lengths) != 1:
+            raise ValueError(f"score needs sequences of one length, got lengths {sorted(lengths)}")
+        n_new = lengths.pop() - n_prefix
+        if n_prefix < 1 or n_new < 1:
+            raise ValueError(f"n_prefix={n_prefix} must leave >= 1 prefix and continuation token")
+        argmax, margin, ref_lp = [], [], []
+        for batch in _batches(list(sequences), self.batch_size):
+            ids = torch.as_tensor(np.asarray(batch), dtype=torch.long, device=self.device)
+            # Logits at positions n_prefix-1 .. L-2 predict the N continuation tokens.
+            logits = self.model(input_ids=ids, logits_to_keep=n_new + 1).logits[:, :-1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            top2 = logprobs.topk(2, dim=-1)
+            argmax.append(top2.indices[..., 0].cpu())
+            margin.append((top2.values[..., 0] - top2.values[..., 1]).cpu())
+            targets = ids[:, n_prefix:].unsqueeze(-1)
+            ref_lp.append(logprobs.gather(-1, targets).squeeze(-1).cpu())
+        return ScoreResult(
+            argmax=torch.cat(argmax).numpy().astype(np.int64),
+            margin=torch.cat(margin).numpy(),
+            ref_logprob=torch.cat(ref_lp).numpy(),
+        )
+
+    # --- weights --------------------------------------------------------------------------
+    def _param(self, name: str) -> torch.nn.Parameter:
+        try:
+            return self._params[name]
+        except KeyError:
+            raise KeyError(f"the model has no weight named {name!r}") from None
+
+    def original_weight(self, name: str) -> torch.Tensor:
+        original = self._originals.get(name)
+        if original is None:
+            original = self._param(name).detach()
+        return original.to("cpu", copy=True)
+
+    @torch.no_grad()
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        for name, tensor in weights.items():
+            param = self._param(name)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{name}: new weight has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
+            if name not in self._originals:
+                self._originals[name] = param.detach().clone()
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+
+    @torch.no_grad()
+    def restore(self, names: Iterable[str]) -> None:
+        for name in names:
+            original = self._originals.pop(name, None)
+            if original is not None:
+                self._param(name).copy_(original)
+
+    # --- calibration ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def input_norms(
+        self, sequences: Sequence[Sequence[int]], names: Iterable[str]
+    ) -> dict[str, torch.Tensor]:
+        """‖x_j‖₂ over all calibration tokens of the input to each named linear weight (Wanda)."""
+        modules = dict(self.model.named_modules())
+        sums: dict[str, torch.Tensor] = {}
+        hooks = []
+        for name in names:
+            module_name = name.removesuffix(".weight")
+
+            def hook(_module, args, _out, key=name):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                sums[key] = sums.get(key, 0) + (x * x).sum(dim=0).cpu()
+
+            hooks.append(modules[module_name].register_forward_hook(hook))
+        try:
+            for batch in _batches(list(sequences), self.batch_size):
+                ids = torch.as_tensor(np.asarray(batch), dtype=torch.long, device=self.device)
+                self.model(input_ids=ids, logits_to_keep=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {name: s.sqrt() for name, s in sums.items()}
