@@ -124,7 +124,9 @@ def check_selector(selector: Any) -> None:
         )
     unknown = set(selector) - {"kinds", "layers"}
     if unknown:
-        raise ValueError(f"selector keys {sorted(unknown)} unknown; expected 'kinds' and/or 'layers'")
+        raise ValueError(
+            f"selector keys {sorted(unknown)} unknown; expected 'kinds' and/or 'layers'"
+        )
     bad_kinds = [k for k in selector.get("kinds") or [] if k not in KINDS]
     if bad_kinds:
         raise ValueError(f"unknown kinds {bad_kinds} in selector; expected some of {list(KINDS)}")

@@ -193,7 +193,7 @@ def _int4(w: torch.Tensor, spec: Spec, stats: Mapping[str, Any] | None) -> torch
 
 def _fp8(w: torch.Tensor, spec: Spec, stats: Mapping[str, Any] | None) -> torch.Tensor:
     x = w.float()
-    scale = x.abs().amax(dim=1, keepdim=True) / 240.0
+    scale = x.abs().amax(dim=1, keepdim=True) / _FP8_MAX
     # The clamp only absorbs float32 rounding above 448, which the fp8 cast would turn into NaN.
     y = torch.clamp(x / _safe(scale), -_FP8_MAX, _FP8_MAX)
     return scale * y.to(torch.float8_e4m3fn).float()

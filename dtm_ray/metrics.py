@@ -26,7 +26,9 @@ def _divergence_mask(reference: Any, predicted: Any) -> np.ndarray:
     ref = _as_tokens(reference, "reference")
     pred = _as_tokens(predicted, "predicted")
     if ref.shape != pred.shape:
-        raise ValueError(f"reference {ref.shape} and predicted {pred.shape} must have the same shape")
+        raise ValueError(
+            f"reference {ref.shape} and predicted {pred.shape} must have the same shape"
+        )
     return ref != pred
 
 

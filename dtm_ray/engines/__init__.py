@@ -1,4 +1,4 @@
-"""Engines behind one protocol: `vllm` (production) and `hf` (transformers fallback and reference)."""
+"""Engines behind one protocol: `vllm` (production) and `hf` (transformers, fallback, reference)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import torch
 
 @dataclass
 class ScoreResult:
-    """Teacher-forced scoring of `prefix ++ continuation` sequences over the N continuation positions.
+    """Teacher-forced scoring of `prefix ++ continuation` over the N continuation positions.
 
     argmax[p, i] is the model's top-1 token for continuation position i given everything before it.
     margin[p, i] is the top-1 minus top-2 log-probability (NaN where the engine cannot tell).
@@ -29,7 +29,7 @@ class Engine(Protocol):
     """A loaded model that can generate, score and have single weights edited in place."""
 
     def generate_greedy(self, prefixes: Sequence[Sequence[int]], n_new: int) -> np.ndarray:
-        """Greedy continuation of exactly n_new tokens per prefix (EOS ignored), int64 [P, n_new]."""
+        """Greedy continuation, exactly n_new tokens per prefix (EOS ignored): int64 [P, n_new]."""
         ...
 
     def sample(self, prefixes: Sequence[Sequence[int]], n_new: int, seed: int) -> np.ndarray:

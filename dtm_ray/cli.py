@@ -1,0 +1,56 @@
+"""`dtm-ray`: the command line. Thin: parse, validate, hand over; user errors end in one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dtm_ray import models
+from dtm_ray.config import ConfigError, load_job, plan_job
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    print(models.materialize(args.name))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    job = load_job(args.job, args.set)
+    if args.out:
+        job.out = args.out
+    plan = plan_job(job)
+    from dtm_ray.orchestrate import run_plan  # Ray starts only once the job is known to be good
+
+    run_plan(plan)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtm-ray", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="materialize a known model as an HF folder")
+    model.add_argument("name", help=f"one of: {', '.join(models.KNOWN_MODELS)}")
+    model.set_defaults(func=_cmd_model)
+
+    run = commands.add_parser("run", help="run a probing job")
+    run.add_argument("job", help="job YAML file")
+    run.add_argument("--out", help="run directory (local path or s3://, gs://); overrides 'out'")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a job key"
+    )
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"dtm-ray: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
