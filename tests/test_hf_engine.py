@@ -1,0 +1,116 @@
+"""The hf engine on a tiny random Llama: padding, batching and restore must not change results."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from dtm_ray.compress import compress
+from dtm_ray.engines import Engine
+from dtm_ray.engines.hf import HFEngine
+
+
+def weights_digest(engine: HFEngine) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(engine.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir) -> HFEngine:
+    return HFEngine(tiny_llama_dir, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def prefixes() -> np.ndarray:
+    return np.random.default_rng(0).integers(3, 49152, size=(6, 12))
+
+
+def test_satisfies_protocol(engine):
+    assert isinstance(engine, Engine)
+
+
+def test_generates_exactly_n_tokens_and_ignores_eos(engine, prefixes):
+    out = engine.generate_greedy(prefixes.tolist(), 9)
+    assert out.shape == (6, 9) and out.dtype == np.int64
+
+
+def test_left_padding_does_not_change_generation(engine, prefixes):
+    ragged = [prefixes[0][:5].tolist(), prefixes[1].tolist(), prefixes[2][:9].tolist()]
+    together = engine.generate_greedy(ragged, 8)
+    alone = np.concatenate([engine.generate_greedy([p], 8) for p in ragged])
+    np.testing.assert_array_equal(together, alone)
+
+
+def test_batching_does_not_change_scores(engine, prefixes):
+    seqs = np.concatenate([prefixes, engine.generate_greedy(prefixes.tolist(), 8)], axis=1)
+    batched = engine.score(seqs.tolist(), 12)
+    alone = [engine.score([s], 12) for s in seqs.tolist()]
+    np.testing.assert_array_equal(batched.argmax, np.concatenate([a.argmax for a in alone]))
+    assert batched.argmax.shape == (6, 8)
+    assert np.all(batched.margin >= 0)
+    np.testing.assert_allclose(
+        batched.ref_logprob, np.concatenate([a.ref_logprob for a in alone]), atol=1e-5
+    )
+
+
+def test_teacher_forced_argmax_reproduces_greedy(engine, prefixes):
+    greedy = engine.generate_greedy(prefixes.tolist(), 10)
+    scored = engine.score(np.concatenate([prefixes, greedy], axis=1).tolist(), 12)
+    np.testing.assert_array_equal(scored.argmax, greedy)
+    # The greedy token is the argmax, so its log-probability is the best at every position.
+    assert np.all(scored.ref_logprob <= 0)
+
+
+def test_score_rejects_ragged_sequences(engine):
+    with pytest.raises(ValueError, match="one length"):
+        engine.score([[1, 2, 3], [1, 2]], 1)
+
+
+def test_edits_are_live_and_restore_is_bit_identical(engine, prefixes):
+    before = weights_digest(engine)
+    seqs = np.concatenate([prefixes, engine.generate_greedy(prefixes.tolist(), 8)], axis=1)
+    base = engine.score(seqs.tolist(), 12)
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    edits = {n: compress(engine.original_weight(n), "magnitude:0.9") for n in names}
+    engine.set_weights(edits)
+    engine.set_weights(edits)  # applying twice is the same as once
+    edited = engine.score(seqs.tolist(), 12)
+    assert weights_digest(engine) != before
+    assert not np.allclose(edited.ref_logprob, base.ref_logprob)
+    torch.testing.assert_close(engine.original_weight(names[0]), engine.original_weight(names[0]))
+    engine.restore(names)
+    assert weights_digest(engine) == before
+    restored = engine.score(seqs.tolist(), 12)
+    np.testing.assert_array_equal(restored.ref_logprob, base.ref_logprob)
+
+
+def test_bad_weight_edits(engine):
+    with pytest.raises(KeyError, match="no weight named"):
+        engine.set_weights({"model.layers.9.mlp.up_proj.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="shape"):
+        engine.set_weights({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)})
+
+
+def test_sampling_is_seeded(engine):
+    a = engine.sample([[1]] * 3, 6, seed=7)
+    b = engine.sample([[1]] * 3, 6, seed=7)
+    c = engine.sample([[1]] * 3, 6, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_input_norms_match_a_manual_computation(engine, prefixes):
+    name = "model.layers.1.mlp.down_proj.weight"
+    norms = engine.input_norms(prefixes.tolist(), [name])[name]
+    captured = []
+    module = dict(engine.model.named_modules())["model.layers.1.mlp.down_proj"]
+    handle = module.register_forward_hook(lambda m, a, o: captured.append(a[0].detach()))
+    with torch.no_grad():
+        engine.model(input_ids=torch.as_tensor(prefixes))
+    handle.remove()
+    x = captured[0].reshape(-1, captured[0].shape[-1]).float()
+    torch.testing.assert_close(norms, x.norm(dim=0), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+
+from dtm_ray.metrics import fdt_at, first_divergent_token, share_of_divergent_tokens, summarize
+
+
+def test_no_divergence_gives_n():
+    ref = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert first_divergent_token(ref, ref.copy()).tolist() == [4, 4]
+    assert share_of_divergent_tokens(ref, ref.copy()).tolist() == [0, 0]
+
+
+def test_divergence_at_zero_and_later():
+    ref = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    pred = np.array([[9, 2, 3, 4], [1, 2, 9, 9], [1, 2, 3, 9]])
+    assert first_divergent_token(ref, pred).tolist() == [0, 2, 3]
+    assert share_of_divergent_tokens(ref, pred).tolist() == [1, 2, 1]
+
+
+def test_sdt_counts_every_divergent_position_not_just_the_first_run():
+    ref = np.array([[1, 2, 3, 4, 5, 6]])
+    pred = np.array([[1, 0, 3, 0, 5, 0]])
+    assert first_divergent_token(ref, pred).tolist() == [1]
+    assert share_of_divergent_tokens(ref, pred).tolist() == [3]
+
+
+def test_single_position():
+    ref = np.array([[7], [7]])
+    pred = np.array([[7], [8]])
+    assert first_divergent_token(ref, pred).tolist() == [1, 0]
+    assert share_of_divergent_tokens(ref, pred).tolist() == [0, 1]
+
+
+def test_torch_tensors_accepted():
+    ref = torch.tensor([[1, 2, 3]])
+    pred = torch.tensor([[1, 5, 3]])
+    assert first_divergent_token(ref, pred).tolist() == [1]
+    assert share_of_divergent_tokens(ref, pred).tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    "ref, pred",
+    [
+        (np.zeros((2, 3), dtype=int), np.zeros((2, 4), dtype=int)),
+        (np.zeros(3, dtype=int), np.zeros(3, dtype=int)),
+        (np.zeros((2, 3)), np.zeros((2, 3))),
+    ],
+)
+def test_bad_shapes_and_dtypes_rejected(ref, pred):
+    with pytest.raises(ValueError):
+        first_divergent_token(ref, pred)
+
+
+def test_fdt_at_is_the_value_at_least_q_percent_reach():
+    fdt = np.array([30, 0, 20, 10])
+    # quantile(1 - q/100, method="lower") over sorted [0, 10, 20, 30] (positions 0..3):
+    # q=75 -> position 0.75 -> 0; q=50 -> 1.5 -> 10; q=25 -> 2.25 -> 20; q=0 -> 30.
+    assert fdt_at(fdt, 75) == 0
+    assert fdt_at(fdt, 50) == 10
+    assert fdt_at(fdt, 25) == 20
+    assert fdt_at(fdt, 0) == 30
+    assert fdt_at(fdt, 100) == 0
+    assert fdt_at(np.array([0, 40, 40, 40, 40]), 75) == 40  # 4 of 5 prompts reach 40
+    for q in (0, 10, 25, 50, 75, 90, 100):
+        v = fdt_at(fdt, q)
+        assert (fdt >= v).mean() >= q / 100
+        assert v == int(np.quantile(fdt, 1 - q / 100, method="lower"))
+
+
+def test_fdt_at_ties_and_single_prompt():
+    assert fdt_at(np.array([5, 5, 5, 5]), 75) == 5
+    assert fdt_at(np.array([3]), 75) == 3
+    assert fdt_at(torch.tensor([1, 2, 3, 4]), 50) == 2
+
+
+def test_fdt_at_rejects_bad_q_and_empty():
+    with pytest.raises(ValueError, match="150"):
+        fdt_at(np.array([1, 2]), 150)
+    with pytest.raises(ValueError):
+        fdt_at(np.array([]), 75)
+
+
+def test_summarize():
+    s = summarize(np.array([64, 10, 0, 64]), np.array([0, 5, 64, 0]), 64)
+    assert s["fdt_mean"] == pytest.approx(34.5)
+    assert s["fdt_at_75"] == 0
+    assert s["fdt_at_50"] == 10
+    assert s["sdt_mean"] == pytest.approx(17.25)
+    assert s["sdt_share"] == pytest.approx(17.25 / 64)

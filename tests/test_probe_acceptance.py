@@ -1,0 +1,96 @@
+"""The probe's FDT, from one teacher-forced pass, equals where free-running greedy generation of
+the compressed model leaves the base model's text — checked against plain transformers generate.
+
+DTM_RAY_ACCEPTANCE=full runs the full size (32 prompts, n=32, N=64, 8 probes); the default is a
+shorter version sized for CI.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dtm_ray.compress import compress
+from dtm_ray.engines.hf import HFEngine
+from dtm_ray.metrics import first_divergent_token
+from dtm_ray.probe import build_reference, run_probe
+from dtm_ray.prompts import load_prompts
+
+FULL = os.environ.get("DTM_RAY_ACCEPTANCE") == "full"
+PROMPTS, PREFIX, NEW = (32, 32, 64) if FULL else (16, 32, 32)
+
+PROBES = [
+    ("model.layers.3.self_attn.q_proj.weight", "magnitude:0.9"),
+    ("model.layers.10.self_attn.k_proj.weight", "magnitude:0.7"),
+    ("model.layers.20.self_attn.o_proj.weight", "magnitude:0.5"),
+    ("model.layers.5.mlp.up_proj.weight", "magnitude:0.3"),
+    ("model.layers.15.mlp.down_proj.weight", "int8"),
+    ("model.layers.1.mlp.down_proj.weight", "int4-g128"),
+]
+if FULL:
+    PROBES += [
+        ("model.layers.28.mlp.down_proj.weight", "magnitude:0.9"),
+        ("model.layers.0.self_attn.v_proj.weight", "int8"),
+    ]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_dir):
+    return HFEngine(smollm2_dir, dtype="float32", batch_size=PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def reference(engine, smollm2_dir):
+    prefixes = load_prompts("self", smollm2_dir, PROMPTS, PREFIX, engine=engine, seed=0)
+    return build_reference(engine, prefixes, NEW)
+
+
+@pytest.fixture(scope="module")
+def generator(smollm2_dir):
+    """An independent model instance for free-running generation (plain transformers)."""
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype="float32").eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def free_running_greedy(model, prefixes: np.ndarray, n_new: int) -> np.ndarray:
+    with torch.inference_mode():
+        out = model.generate(
+            torch.as_tensor(prefixes), do_sample=False, max_new_tokens=n_new, pad_token_id=2
+        )
+    return out[:, prefixes.shape[1] :].numpy()
+
+
+def test_unmodified_model_has_no_divergence(engine, reference):
+    assert reference.noise_floor == 0, "fp32 base model disagrees with its own greedy tokens"
+    scored = engine.score(reference.sequences.tolist(), PREFIX)
+    np.testing.assert_array_equal(first_divergent_token(reference.continuation, scored.argmax), NEW)
+
+
+@pytest.mark.parametrize("component, spec", PROBES)
+def test_fdt_equals_free_running_divergence(engine, reference, generator, component, spec):
+    result = run_probe(engine, reference, component, spec)
+    param = dict(generator.named_parameters())[component]
+    original = param.detach().clone()
+    try:
+        with torch.no_grad():
+            param.copy_(compress(original, spec))
+        generated = free_running_greedy(generator, reference.prefixes, NEW)
+    finally:
+        with torch.no_grad():
+            param.copy_(original)
+    free_fdt = first_divergent_token(reference.continuation, generated)
+    mismatched = np.nonzero(free_fdt != result.fdt)[0]
+    assert mismatched.size == 0, (
+        f"{component} {spec}: prompts {mismatched.tolist()} teacher-forced FDT "
+        f"{result.fdt[mismatched].tolist()} vs free-running {free_fdt[mismatched].tolist()}"
+    )
+    # The probe must bite somewhere for the comparison to mean anything; SDT counts the first
+    # divergence and never more positions than remain after it.
+    assert (result.fdt < NEW).any()
+    assert np.all((result.sdt >= 1) == (result.fdt < NEW))
+    assert np.all(result.sdt <= NEW - result.fdt)
