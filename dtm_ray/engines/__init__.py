@@ -20,7 +20,8 @@ class EngineConfig:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
-    enforce_eager: bool = False
+    # None: eager on CPU (compiling there costs more than it saves), CUDA graphs on GPU.
+    enforce_eager: bool | None = None
     batch_size: int = 16  # hf engine: sequences per forward pass
 
     def __post_init__(self) -> None:

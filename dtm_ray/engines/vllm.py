@@ -6,7 +6,7 @@ Weights are edited inside vLLM's worker(s) by the `worker_extension_cls` in
 safetensors files, read here in the engine process.
 
 The CPU build's traps are handled here, never in user config: in-process engine core, one torch
-thread per engine, an explicit KV-cache size, oneDNN weight packing off (in the worker module),
+thread per engine, an explicit KV-cache size, oneDNN/AMX weight packing off (in the worker module),
 and a vLLM cache folder under dtm_ray's own cache.
 """
 
@@ -45,6 +45,7 @@ class _Checkpoint:
         self.cache_bytes = cache_bytes
         self._files = self._index(model_dir)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._shapes: dict[str, tuple[int, ...]] = {}
 
     @staticmethod
     def _index(model_dir: Path) -> dict[str, Path]:
@@ -69,10 +70,12 @@ class _Checkpoint:
             raise KeyError(f"the model has no weight named {name!r}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        from safetensors import safe_open
+        if name not in self._shapes:
+            from safetensors import safe_open
 
-        with safe_open(self._file(name), "pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+            with safe_open(self._file(name), "pt") as f:
+                self._shapes[name] = tuple(f.get_slice(name).get_shape())
+        return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
         """The checkpoint tensor cast to the engine dtype (a cached object: do not mutate)."""
@@ -112,6 +115,34 @@ def _cpu_env_defaults() -> None:
     from dtm_ray.models import cache_dir
 
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir().parent / "vllm"))
+
+
+def _cpu_threads_default() -> int:
+    """OMP_NUM_THREADS when the user (or Ray, per actor) set it, else one thread per engine."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    set_by_vllm = os.environ.get("VLLM_OMP_NUM_THREADS_SET_BY_VLLM") == "1"
+    return int(value) if value.isdigit() and int(value) > 0 and not set_by_vllm else 1
+
+
+@contextlib.contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """Undo what vLLM's CPU start-up changes for the whole process that the engine no longer needs.
+
+    The CPU worker swaps torch.set_num_threads for a no-op (guarding a thread binding that
+    in-process mode never does), and the CPU platform adds tcmalloc and libgomp to LD_PRELOAD for
+    the workers it spawns during start-up. Left in place, other engines and user code could no
+    longer set threads, and every later subprocess (Ray's raylet and workers) would preload them.
+    """
+    set_num_threads = torch.set_num_threads
+    preload = os.environ.get("LD_PRELOAD")
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        if preload is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = preload
 
 
 def _kv_bytes_per_token(config: dict[str, Any], dtype: torch.dtype) -> int:
@@ -180,8 +211,8 @@ class VLLMEngine:
     larger; on GPU vLLM sizes it from `gpu_memory_utilization`),
     `distributed_executor_backend` (default "mp" when tensor_parallel_size > 1: vLLM would pick
     "ray" inside a Ray placement group), `cpu_threads` (torch threads while vLLM runs on CPU;
-    None leaves them alone), `seed`, `original_cache_bytes` (LRU of checkpoint originals), and
-    `llm_kwargs` passed on to `vllm.LLM` unchanged.
+    default OMP_NUM_THREADS if set, else 1), `seed`, `original_cache_bytes` (LRU of checkpoint
+    originals), and `llm_kwargs` passed on to `vllm.LLM` unchanged.
     """
 
     def __init__(
@@ -195,7 +226,7 @@ class VLLMEngine:
         *,
         kv_cache_memory_bytes: int | None = None,
         distributed_executor_backend: str | None = None,
-        cpu_threads: int | None = 1,
+        cpu_threads: int | None = None,
         seed: int = 0,
         original_cache_bytes: int = _ORIGINAL_CACHE_BYTES,
         llm_kwargs: dict[str, Any] | None = None,
@@ -203,61 +234,77 @@ class VLLMEngine:
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; expected one of {list(DTYPES)}")
         self.model_dir = Path(model_dir)
-        config = json.loads((self.model_dir / "config.json").read_text())
         self.dtype = dtype
+        config = json.loads((self.model_dir / "config.json").read_text())
         self.max_model_len = max_model_len or _default_max_model_len(config)
         self.on_cpu = _on_cpu()
-        self.cpu_threads = cpu_threads if self.on_cpu else None
-        if enforce_eager is None:
-            # On CPU, vLLM's inductor compile adds 1-2 minutes to every start (each actor
-            # restart too) on a small box for ~30% faster steps; GPUs want their CUDA graphs.
-            enforce_eager = self.on_cpu
-        kwargs: dict[str, Any] = {
+        self.cpu_threads = (cpu_threads or _cpu_threads_default()) if self.on_cpu else None
+        kwargs = {
             "dtype": dtype,
             "max_model_len": self.max_model_len,
             "gpu_memory_utilization": gpu_memory_utilization,
             "tensor_parallel_size": tensor_parallel_size,
-            "enforce_eager": enforce_eager,
             "seed": seed,
             # Cached prefixes would be stale after a weight edit.
             "enable_prefix_caching": False,
             "worker_extension_cls": WORKER_EXTENSION,
+            **self._device_kwargs(
+                config,
+                enforce_eager,
+                kv_cache_memory_bytes,
+                distributed_executor_backend,
+                tensor_parallel_size,
+            ),
+            **(llm_kwargs or {}),
         }
+        self.llm = self._build(kwargs)
+        if self.on_cpu:
+            self._check_weights_editable()
+        # Off unless a user turned it back on through llm_kwargs; then every edit must reset it.
+        self._prefix_caching = bool(
+            getattr(self.llm.llm_engine.vllm_config.cache_config, "enable_prefix_caching", True)
+        )
+        self._checkpoint = _Checkpoint(self.model_dir, DTYPES[dtype], original_cache_bytes)
+        self._edited: set[str] = set()
+
+    def _device_kwargs(
+        self,
+        config: dict[str, Any],
+        enforce_eager: bool | None,
+        kv_cache_memory_bytes: int | None,
+        backend: str | None,
+        tensor_parallel_size: int,
+    ) -> dict[str, Any]:
+        """The options whose defaults differ between the CPU build and GPUs."""
+        kwargs: dict[str, Any] = {}
+        # On CPU, vLLM's inductor compile adds 1-2 minutes to every start (each actor restart
+        # too) on a small box, for somewhat faster steps; GPUs want their CUDA graphs.
+        kwargs["enforce_eager"] = self.on_cpu if enforce_eager is None else enforce_eager
         if self.on_cpu:
             _cpu_env_defaults()
             kv_cache_memory_bytes = kv_cache_memory_bytes or _cpu_kv_cache_bytes(
-                config, DTYPES[dtype], self.max_model_len
+                config, DTYPES[self.dtype], self.max_model_len
             )
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        if distributed_executor_backend is None and tensor_parallel_size > 1:
-            distributed_executor_backend = "mp"
-        if distributed_executor_backend is not None:
-            kwargs["distributed_executor_backend"] = distributed_executor_backend
-        kwargs.update(llm_kwargs or {})
-        self.llm = self._build(kwargs)
-        self._check_weights_editable()
-        self._checkpoint = _Checkpoint(self.model_dir, DTYPES[dtype], original_cache_bytes)
-        self._edited: set[str] = set()
+        if backend is None and tensor_parallel_size > 1:
+            backend = "mp"  # inside a Ray placement group vLLM would pick "ray" (DESIGN §8)
+        if backend is not None:
+            kwargs["distributed_executor_backend"] = backend
+        return kwargs
 
     def _build(self, kwargs: dict[str, Any]) -> Any:
         from vllm import LLM
 
-        set_num_threads = torch.set_num_threads
-        with self._threads():
-            try:
-                return LLM(str(self.model_dir), **kwargs)
-            finally:
-                # The CPU worker replaces torch.set_num_threads with a no-op for the whole
-                # process (it guards thread binding, which in-process mode does not do); put it
-                # back so other engines and user code in this process keep control.
-                torch.set_num_threads = set_num_threads
+        with self._threads(), _process_state_kept():
+            return LLM(str(self.model_dir), **kwargs)
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
         """Run vLLM with `cpu_threads` torch threads, then give the process its count back.
 
-        One thread per engine is ~50x faster than the default on a busy 2-core box.
+        One thread per engine is far faster than torch's default (one per core) on a busy small
+        box: ~50x measured on 2 cores (DESIGN §7).
         torch._C.set_num_threads is the real setter even while vLLM has patched the alias.
         """
         if self.cpu_threads is None:
@@ -271,11 +318,12 @@ class VLLMEngine:
             torch._C.set_num_threads(before)
 
     def _check_weights_editable(self) -> None:
+        # CPU GEMM backends (oneDNN, AMX, zentorch) may pack a weight and empty the parameter.
         empty = sorted({n for rank in self.llm.collective_rpc("dtm_empty_params") for n in rank})
         if empty:
             raise RuntimeError(
                 f"vLLM packed {len(empty)} weights away (e.g. {empty[0]}): edits would not reach "
-                "the model. The oneDNN switch in dtm_ray.engines.vllm_worker did not take effect."
+                "the model; dtm_ray.engines.vllm_worker does not yet switch off this backend."
             )
 
     def _run(self, prompts: list[list[int]], params: Any) -> list[Any]:
@@ -352,8 +400,8 @@ class VLLMEngine:
             ranks = self.llm.collective_rpc("dtm_load_weights", args=(weights,))
             if not any(ranks):
                 raise RuntimeError(f"vLLM loaded none of {[n for n, _ in weights]}")
-            # Prefix caching is off; resetting anyway keeps edits safe if a user turns it on.
-            self.llm.reset_prefix_cache()
+            if self._prefix_caching:  # cached KV from before an edit would be stale
+                self.llm.reset_prefix_cache()
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         batch = []

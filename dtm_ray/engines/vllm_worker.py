@@ -13,12 +13,17 @@ from collections.abc import Sequence
 
 import torch
 from vllm import _custom_ops
+from vllm.model_executor.layers import utils as _layer_utils
 
 # The CPU build packs each linear weight into a oneDNN handle at load and leaves `weight` empty;
 # an edit to the parameter would then never reach the matmul. With oneDNN off, CPU linears fall
 # back to F.linear on the live parameter. Must run before the model loads, hence at import.
 # The flag is read only by the CPU GEMM dispatch, so GPU workers are unaffected.
 _custom_ops._supports_onednn = False
+# Same trap on AMX CPUs (bf16/fp16): the sgl kernel prepacks the weight. Only the unquantized
+# CPU dispatch looks this name up in the module; quantized kernels keep their own reference.
+if hasattr(_layer_utils, "check_cpu_sgl_kernel"):
+    _layer_utils.check_cpu_sgl_kernel = lambda n, k, dtype: False
 
 
 class WeightEditExtension:
