@@ -35,20 +35,13 @@ class ProbeConfig:
 
 
 @dataclass
-class EngineOptions:
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.85
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = False
-    batch_size: int = 16
-
-
-@dataclass
 class JobConfig:
     model: str
     engine: str = "vllm"
     dtype: str = "auto"
-    engine_options: EngineOptions = field(default_factory=EngineOptions)
+    # Further EngineConfig fields: max_model_len, gpu_memory_utilization, tensor_parallel_size,
+    # enforce_eager, batch_size.
+    engine_options: dict[str, Any] = field(default_factory=dict)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     new_tokens: int = 64
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -59,15 +52,14 @@ class JobConfig:
     out: str = "runs/default"
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            kind=self.engine, dtype=self.dtype, **dataclasses.asdict(self.engine_options)
-        )
+        return EngineConfig(kind=self.engine, dtype=self.dtype, **self.engine_options)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_NESTED = {"engine_options": EngineOptions, "prompts": PromptsConfig, "probe": ProbeConfig}
+_NESTED = {"prompts": PromptsConfig, "probe": ProbeConfig}
+ENGINE_OPTION_KEYS = sorted({f.name for f in dataclasses.fields(EngineConfig)} - {"kind", "dtype"})
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -79,6 +71,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"unknown key {where}{unknown[0]!r}; expected one of {sorted(known)}")
     kwargs = dict(data)
     if cls is JobConfig:
+        _check_engine_options(kwargs.get("engine_options", {}))
         for key, sub in _NESTED.items():
             if key in kwargs:
                 kwargs[key] = _build(sub, kwargs[key], f"{key}.")
@@ -86,6 +79,16 @@ def _build(cls: type, data: Any, where: str) -> Any:
         return cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"{where or 'job'}: {err}") from None
+
+
+def _check_engine_options(options: Any) -> None:
+    if not isinstance(options, dict):
+        raise ConfigError(f"engine_options must be a mapping, got {options!r}")
+    unknown = sorted(set(options) - set(ENGINE_OPTION_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown key 'engine_options.{unknown[0]}'; expected one of {ENGINE_OPTION_KEYS}"
+        )
 
 
 def _check_int(value: Any, name: str, minimum: int) -> None:

@@ -67,7 +67,19 @@ class ProbeResult:
     sdt: np.ndarray  # int64 [P]
     nll_mean: float  # mean negative log-likelihood of y under the compressed model
     seconds: float
+    margin: np.ndarray  # float32 [P, N]: the compressed model's top-1 minus top-2 log-probability
     summary: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def margin_at_fdt(self) -> np.ndarray:
+        """Per prompt, the compressed model's margin where it first diverges (NaN: no divergence).
+
+        A tiny margin marks a near-tie, where decode and prefill kernels may pick different tokens.
+        """
+        n_new = self.margin.shape[1]
+        at = np.minimum(self.fdt, n_new - 1)
+        picked = self.margin[np.arange(len(self.fdt)), at]
+        return np.where(self.fdt < n_new, picked, np.nan).astype(np.float32)
 
 
 def run_probe(
@@ -102,5 +114,6 @@ def run_probe(
         sdt=sdt,
         nll_mean=float(-np.mean(scored.ref_logprob)),
         seconds=time.perf_counter() - start,
+        margin=scored.margin,
         summary=summarize(fdt, sdt, reference.n_new),
     )

@@ -26,14 +26,18 @@ PROBES = [
     ("model.layers.10.self_attn.k_proj.weight", "magnitude:0.7"),
     ("model.layers.20.self_attn.o_proj.weight", "magnitude:0.5"),
     ("model.layers.5.mlp.up_proj.weight", "magnitude:0.3"),
-    ("model.layers.15.mlp.down_proj.weight", "int8"),
+    ("model.layers.29.mlp.down_proj.weight", "int8"),
     ("model.layers.1.mlp.down_proj.weight", "int4-g128"),
 ]
 if FULL:
     PROBES += [
         ("model.layers.28.mlp.down_proj.weight", "magnitude:0.9"),
-        ("model.layers.0.self_attn.v_proj.weight", "int8"),
+        ("model.layers.1.mlp.down_proj.weight", "int8-tensor"),
     ]
+
+# Log-probability gap between the compressed model's top two tokens below which decode and prefill
+# may disagree in fp32 without any compression damage being involved.
+NEAR_TIE = 1e-3
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +62,16 @@ def generator(smollm2_dir):
 
 
 def free_running_greedy(model, prefixes: np.ndarray, n_new: int) -> np.ndarray:
+    ids = torch.as_tensor(prefixes)
     with torch.inference_mode():
+        # An explicit all-ones mask: sampled prefixes may contain the pad/EOS id, which generate
+        # would otherwise mask out of the context.
         out = model.generate(
-            torch.as_tensor(prefixes), do_sample=False, max_new_tokens=n_new, pad_token_id=2
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n_new,
+            pad_token_id=2,
         )
     return out[:, prefixes.shape[1] :].numpy()
 
@@ -85,10 +96,18 @@ def test_fdt_equals_free_running_divergence(engine, reference, generator, compon
             param.copy_(original)
     free_fdt = first_divergent_token(reference.continuation, generated)
     mismatched = np.nonzero(free_fdt != result.fdt)[0]
-    assert mismatched.size == 0, (
+    # Where the two disagree, the compressed model must be at a near-tie at the earlier of the two
+    # divergence points: there decode and prefill kernels may legitimately pick different tokens.
+    at = np.minimum(free_fdt, result.fdt)[mismatched]
+    margins = result.margin[mismatched, at]
+    for p, i, m in zip(mismatched, at, margins, strict=True):
+        print(f"near-tie: {component} {spec} prompt {p} position {i} margin {m:.2e}")
+    assert np.all(margins < NEAR_TIE), (
         f"{component} {spec}: prompts {mismatched.tolist()} teacher-forced FDT "
-        f"{result.fdt[mismatched].tolist()} vs free-running {free_fdt[mismatched].tolist()}"
+        f"{result.fdt[mismatched].tolist()} vs free-running {free_fdt[mismatched].tolist()}, "
+        f"margins {margins.tolist()}"
     )
+    assert len(mismatched) <= max(1, PROMPTS // 16)
     # The probe must bite somewhere for the comparison to mean anything; SDT counts the first
     # divergence and never more positions than remain after it.
     assert (result.fdt < NEW).any()
