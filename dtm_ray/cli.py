@@ -21,7 +21,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     plan = plan_job(job)
     from dtm_ray.orchestrate import run_plan  # Ray starts only once the job is known to be good
 
-    run_plan(plan)
+    try:
+        run_plan(plan)
+    except ConfigError:
+        raise  # a run dir made by another job: a user error like the ones above
+    except (ValueError, FileNotFoundError) as err:
+        # Past validation, these are failures inside the run; keep their traceback.
+        raise RuntimeError(f"the run failed with {type(err).__name__}") from err
+    except KeyboardInterrupt:
+        print(
+            f"dtm-ray: interrupted; run the same command again to resume {job.out}",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
@@ -48,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"dtm-ray: error: {err}", file=sys.stderr)
+        print(f"dtm-ray: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+
+
+def _one_line(message: str) -> str:
+    # Some messages quote multi-line text (a YAML parser's report); a user error stays one line.
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

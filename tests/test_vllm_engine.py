@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 N_PROMPTS = 32
 N_PREFIX = 32
 N_NEW = 64
-N_PROBE_PROMPTS = 8  # probes cost one scoring pass per engine each; 8 prompts keep this short
+# Probes cost one scoring pass per engine each; 8 prompts keep CI short, and
+# DTM_RAY_ACCEPTANCE=full scores all 32.
+N_PROBE_PROMPTS = 32 if os.environ.get("DTM_RAY_ACCEPTANCE") == "full" else 8
 N_EDIT_NEW = 24  # generation is the slow path; a shorter continuation still shows the edit
 
 # One probe per kind, across the depth, with every compression family; several must diverge.

@@ -1,0 +1,188 @@
+"""The run directory on its own: atomic files, dedupe on read, config checks on resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dtm_ray import store as store_module
+from dtm_ray.config import ConfigError, JobConfig
+from dtm_ray.probe import Reference
+from dtm_ray.store import RunStore, config_differences, reference_from_table, reference_table
+
+
+def probe_row(component: str, spec: str = "int8", status: str = "ok", fdt0: int = 5) -> dict:
+    ok = status == "ok"
+    return {
+        "round": 0,
+        "component": component,
+        "layer": 0,
+        "kind": "q",
+        "spec": spec,
+        "params": 16,
+        "fdt": [fdt0, 8] if ok else None,
+        "sdt": [1, 0] if ok else None,
+        "fdt_mean": (fdt0 + 8) / 2 if ok else None,
+        "fdt_at_75": fdt0 if ok else None,
+        "sdt_mean": 0.5 if ok else None,
+        "nll_mean": 1.25 if ok else None,
+        "seconds": 0.1,
+        "worker": "engine-0",
+        "attempts": 1,
+        "status": status,
+        "error": None if ok else "KeyError: boom",
+    }
+
+
+def test_probe_rows_round_trip_with_their_types(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    store.write_probe_rows([probe_row("a"), probe_row("b", status="failed")])
+    table = store.read_probes()
+    assert table.num_rows == 2
+    assert table.schema.field("fdt").type == pa.list_(pa.int32())
+    rows = table.to_pylist()
+    assert rows[0]["fdt"] == [5, 8] and rows[0]["fdt_at_75"] == 5
+    assert rows[1]["status"] == "failed" and rows[1]["fdt"] is None
+    assert rows[1]["error"] == "KeyError: boom"
+
+
+def test_a_file_is_invisible_until_it_is_complete(tmp_path: Path, monkeypatch) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    seen_while_writing: list[list[str]] = []
+    real_write = pq.write_table
+
+    def watching_write(table, where, **kwargs):
+        seen_while_writing.append(store.probe_files())
+        real_write(table, where, **kwargs)
+
+    monkeypatch.setattr(store_module.pq, "write_table", watching_write)
+    store.write_probe_rows([probe_row("a")])
+    assert seen_while_writing == [[]]
+    assert len(store.probe_files()) == 1
+
+
+def test_a_crash_during_write_leaves_nothing_visible(tmp_path: Path, monkeypatch) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    store.write_probe_rows([probe_row("a")])
+
+    def dying_write(table, where, **kwargs):
+        where.write(b"PAR1 half a file")
+        raise KeyboardInterrupt  # what a killed driver looks like from inside
+
+    monkeypatch.setattr(store_module.pq, "write_table", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_probe_rows([probe_row("b")])
+    assert [r["component"] for r in store.read_probes().to_pylist()] == ["a"]
+    assert sorted(p.name for p in (tmp_path / "run" / "probes").iterdir()) == [
+        Path(store.probe_files()[0]).name
+    ]
+
+
+def test_leftover_temp_files_are_ignored_by_the_store_and_by_other_readers(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    store.write_probe_rows([probe_row("a"), probe_row("b")])
+    # A SIGKILL between writing and renaming leaves a hidden temp file behind.
+    probes = tmp_path / "run" / "probes"
+    (probes / ".part-99-dead.parquet.1234abcd.tmp").write_bytes(b"PAR1 truncated")
+    assert store.read_probes().num_rows == 2
+    assert pq.read_table(probes).num_rows == 2  # pyarrow datasets (pandas, Polars) skip it too
+
+
+def test_duplicates_are_dropped_on_read_ok_row_first(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    store.write_probe_rows([probe_row("a", status="failed"), probe_row("b", fdt0=3)])
+    store.write_probe_rows([probe_row("a", fdt0=4), probe_row("b", fdt0=7)])
+    assert store.read_probes(dedupe=False).num_rows == 4
+    rows = {r["component"]: r for r in store.read_probes().to_pylist()}
+    assert set(rows) == {"a", "b"}
+    assert rows["a"]["status"] == "ok" and rows["a"]["fdt_at_75"] == 4  # ok beats failed
+    assert rows["b"]["fdt_at_75"] == 3  # the earliest written wins among equals
+    assert store.finished_probes(0) == {("a", "int8"), ("b", "int8")}
+    assert store.finished_probes(1) == set()
+
+
+def test_an_empty_run_dir_has_no_probes(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "nothing-yet"))
+    assert store.read_probes().num_rows == 0
+    assert store.read_reference() is None
+    assert store.read_run_info() is None
+
+
+def job_dict(**changes) -> dict:
+    config = JobConfig(model="smollm2-135m", engine="hf").to_dict()
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def test_resuming_with_the_same_config_keeps_the_first_run_json(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    first = store.open_run(job_dict(), {"created": "first"})
+    again = store.open_run(job_dict(), {"created": "second"})
+    assert first["created"] == again["created"] == "first"
+    assert store.read_run_info()["config"] == job_dict()
+
+
+def test_operational_keys_may_change_on_resume(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    store.open_run(job_dict(), {})
+    store.open_run(
+        job_dict(
+            out="elsewhere",
+            workers=8,
+            resources_per_worker={"GPU": 1},
+            max_in_flight_per_worker=4,
+            max_probe_retries=0,
+        ),
+        {},
+    )
+
+
+def test_a_changed_config_names_every_differing_key(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    store.open_run(job_dict(), {})
+    changed = job_dict(new_tokens=16, prompts__count=8, probe__specs=["int8"], workers=3)
+    with pytest.raises(ConfigError) as err:
+        store.open_run(changed, {})
+    message = str(err.value)
+    assert "new_tokens: 64 in the run, 16 now" in message
+    assert "prompts.count: 32 in the run, 8 now" in message
+    assert "probe.specs" in message
+    assert "workers" not in message
+    assert "\n" not in message
+    assert config_differences(job_dict(), changed) == ["new_tokens", "probe.specs", "prompts.count"]
+
+
+def test_reference_round_trips_through_its_table(tmp_path: Path) -> None:
+    reference = Reference(
+        prefixes=np.array([[1, 7], [1, 9]]),
+        continuation=np.array([[4, 5, 6], [7, 8, 9]]),
+        base_argmax=np.array([[4, 5, 6], [7, 3, 3]]),
+        base_margin=np.array([[0.5, 0.25, 2.0], [1.0, 0.125, np.nan]], dtype=np.float32),
+    )
+    store = RunStore(f"file://{tmp_path}/run")  # the URI form goes through the same pyarrow.fs
+    store.write_reference(reference_table(reference))
+    table = RunStore(str(tmp_path / "run")).read_reference()
+    assert table.column("noise_positions").to_pylist() == [0, 2]
+    assert table.column("min_margin").to_pylist() == [0.25, 0.125]
+    back = reference_from_table(table)
+    for name in ("prefixes", "continuation", "base_argmax"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(reference, name))
+    np.testing.assert_array_equal(back.base_margin, reference.base_margin)
+    assert (tmp_path / "run" / "reference" / "round-000.parquet").is_file()
+
+
+def test_a_relative_run_dir_is_anchored_where_the_command_runs(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = RunStore("runs/demo")
+    store.write_probe_rows([probe_row("a")])
+    assert store.location == str(tmp_path / "runs" / "demo")
+    assert len(list((tmp_path / "runs" / "demo" / "probes").glob("part-*.parquet"))) == 1
