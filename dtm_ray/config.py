@@ -161,7 +161,10 @@ def plan_job(job: JobConfig) -> Plan:
                     f"{spec!r} needs calibration activations, which only engine 'hf' collects"
                 )
             for component in components:
-                check_applicable(spec, component.shape, has_stats=True)
+                try:
+                    check_applicable(spec, component.shape, has_stats=True)
+                except ValueError as err:
+                    raise ValueError(f"{component.name}: {err}") from None
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     return Plan(job, model_dir, components, specs)
