@@ -231,9 +231,12 @@ def engine_actor_options(resources: Mapping[str, float]) -> dict[str, Any]:
         options["num_gpus"] = resources["GPU"]
     if custom:
         options["resources"] = custom
+    # vLLM's per-engine INFO lines would be forwarded from every actor into the driver's output.
+    env_vars = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     threads = cpu_threads(resources)
     if threads:
-        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+        env_vars["OMP_NUM_THREADS"] = str(threads)
+    options["runtime_env"] = {"env_vars": env_vars}
     return options
 
 
