@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtm_ray.engines.base import Engine, ScoreResult
+from dtm_ray.engines.base import DTYPES, Engine, ScoreResult
 
 ENGINE_KINDS = ("vllm", "hf")
-ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ENGINE_DTYPES = ("auto", *DTYPES)
 
 
 @dataclass

@@ -9,6 +9,26 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype an engine runs in, by name; a clear error for anything else."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} not supported; expected one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def continuation_length(sequences: Sequence[Sequence[int]], n_prefix: int) -> int:
+    """N for `score`: every sequence is n_prefix prompt tokens plus the same N >= 1 continuation."""
+    lengths = {len(s) for s in sequences}
+    if len(lengths) != 1:
+        raise ValueError(f"score needs sequences of one length, got lengths {sorted(lengths)}")
+    n_new = lengths.pop() - n_prefix
+    if n_prefix < 1 or n_new < 1:
+        raise ValueError(f"n_prefix={n_prefix} must leave >= 1 prefix and continuation token")
+    return n_new
+
 
 @dataclass
 class ScoreResult:

@@ -10,9 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from dtm_ray.engines.base import ScoreResult
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from dtm_ray.engines.base import ScoreResult, continuation_length, torch_dtype
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -38,13 +36,11 @@ class HFEngine:
         device: str = "auto",
         batch_size: int = 16,
     ) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} not supported; expected one of {list(DTYPES)}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
         self.model.to(self.device).eval()
         # Always produce exactly n_new tokens: no stopping at EOS.
         self.model.generation_config.eos_token_id = None
@@ -83,12 +79,7 @@ class HFEngine:
     # --- scoring --------------------------------------------------------------------------
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]], n_prefix: int) -> ScoreResult:
-        lengths = {len(s) for s in sequences}
-        if len(lengths) != 1:
-            raise ValueError(f"score needs sequences of one length, got lengths {sorted(lengths)}")
-        n_new = lengths.pop() - n_prefix
-        if n_prefix < 1 or n_new < 1:
-            raise ValueError(f"n_prefix={n_prefix} must leave >= 1 prefix and continuation token")
+        n_new = continuation_length(sequences, n_prefix)
         argmax, margin, ref_lp = [], [], []
         for batch in _batches(list(sequences), self.batch_size):
             ids = torch.as_tensor(np.asarray(batch), dtype=torch.long, device=self.device)

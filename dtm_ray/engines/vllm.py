@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtm_ray.engines.base import ScoreResult
+from dtm_ray.engines.base import ScoreResult, continuation_length, torch_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
 
 # Probes use prompts of a few hundred tokens; vLLM's default (the model's full context, 128k for
@@ -231,8 +230,7 @@ class VLLMEngine:
         original_cache_bytes: int = _ORIGINAL_CACHE_BYTES,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} not supported; expected one of {list(DTYPES)}")
+        torch_dtype(dtype)  # a bad name fails before vLLM starts
         self.model_dir = Path(model_dir)
         self.dtype = dtype
         config = json.loads((self.model_dir / "config.json").read_text())
@@ -264,7 +262,7 @@ class VLLMEngine:
         self._prefix_caching = bool(
             getattr(self.llm.llm_engine.vllm_config.cache_config, "enable_prefix_caching", True)
         )
-        self._checkpoint = _Checkpoint(self.model_dir, DTYPES[dtype], original_cache_bytes)
+        self._checkpoint = _Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
         self._edited: set[str] = set()
 
     def _device_kwargs(
@@ -283,7 +281,7 @@ class VLLMEngine:
         if self.on_cpu:
             _cpu_env_defaults()
             kv_cache_memory_bytes = kv_cache_memory_bytes or _cpu_kv_cache_bytes(
-                config, DTYPES[self.dtype], self.max_model_len
+                config, torch_dtype(self.dtype), self.max_model_len
             )
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
@@ -378,12 +376,7 @@ class VLLMEngine:
     def score(self, sequences: Sequence[Sequence[int]], n_prefix: int) -> ScoreResult:
         from vllm import SamplingParams
 
-        lengths = {len(s) for s in sequences}
-        if len(lengths) != 1:
-            raise ValueError(f"score needs sequences of one length, got lengths {sorted(lengths)}")
-        length = lengths.pop()
-        if n_prefix < 1 or length - n_prefix < 1:
-            raise ValueError(f"n_prefix={n_prefix} must leave >= 1 prefix and continuation token")
+        length = n_prefix + continuation_length(sequences, n_prefix)
         self._check_length(length, 1)  # vLLM must still generate one token after the prompt
         # prompt_logprobs=2 returns the top-2 tokens (ranks 1 and 2) plus the prompt's own token.
         params = SamplingParams(max_tokens=1, prompt_logprobs=2, detokenize=False)
@@ -411,7 +404,7 @@ class VLLMEngine:
                 raise ValueError(
                     f"{name}: new weight has shape {tuple(tensor.shape)}, expected {expected}"
                 )
-            batch.append((name, tensor.detach().to("cpu", DTYPES[self.dtype]).contiguous()))
+            batch.append((name, tensor.detach().to("cpu", torch_dtype(self.dtype)).contiguous()))
         if batch:
             self._load(batch)
             self._edited.update(name for name, _ in batch)
