@@ -1,4 +1,4 @@
-"""Divergent Token Metrics (DESIGN §1): pure numpy, no engine, no Ray.
+"""Divergent Token Metrics: pure numpy, no engine, no Ray.
 
 `reference` and `predicted` are integer token arrays of shape [P, N]: P prompts, N continuation
 positions. Torch tensors are accepted and converted.
@@ -6,6 +6,7 @@ positions. Torch tensors are accepted and converted.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -44,21 +45,60 @@ def share_of_divergent_tokens(reference: Any, predicted: Any) -> np.ndarray:
     return _divergence_mask(reference, predicted).sum(axis=1).astype(np.int64)
 
 
-def fdt_at(fdt: Any, q: float) -> int:
-    """The FDT value that at least q % of prompts reach (FDT@75 is the paper's "FDT75")."""
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be a percentage in [0, 100], got {q}")
+def _values(fdt: Any) -> np.ndarray:
     values = np.asarray(fdt.detach().cpu().numpy() if hasattr(fdt, "detach") else fdt)
     if values.size == 0:
-        raise ValueError("fdt_at needs at least one prompt's FDT")
-    return int(np.quantile(values, 1 - q / 100, method="lower"))
+        raise ValueError("FDT statistics need at least one prompt's FDT")
+    return values.reshape(-1)
+
+
+def _rank(prompts: int, q: float) -> int:
+    """Index into the ascending sort of `prompts` values of the largest value q % reach."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be a percentage in [0, 100], got {q}")
+    # ceil(q*P/100) prompts must reach the value; the tiny slack absorbs float noise in q*P/100.
+    needed = max(1, math.ceil(q * prompts / 100 - 1e-9))
+    return prompts - needed
+
+
+def fdt_at(fdt: Any, q: float) -> int:
+    """The largest FDT value that at least q % of prompts reach (FDT@75 is the paper's FDT75).
+
+    With the P values sorted ascending it is `sorted(fdt)[P - ceil(q*P/100)]`: for
+    [0, 10, 20, 30], FDT@75 = 10 (three of four prompts reach 10), FDT@100 = 0, FDT@50 = 20.
+    q = 0 gives the largest value.
+    """
+    values = np.sort(_values(fdt))
+    return int(values[_rank(values.size, q)])
+
+
+def fdt_at_interval(
+    fdt: Any, q: float = 75, level: float = 0.9, resamples: int = 1000, seed: int = 0
+) -> tuple[int, int]:
+    """A percentile bootstrap interval of FDT@q over prompts: (low, high) at `level` confidence.
+
+    Tells a user whether two components' FDT@q really differ or only by the luck of the prompts.
+    Seeded, so the same per-prompt values always give the same interval.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    values = _values(fdt)
+    rng = np.random.default_rng(seed)
+    samples = np.sort(values[rng.integers(0, values.size, size=(resamples, values.size))], axis=1)
+    stats = samples[:, _rank(values.size, q)]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail], method="lower")
+    return int(low), int(high)
 
 
 def summarize(fdt: np.ndarray, sdt: np.ndarray, n_new: int) -> dict[str, float]:
     """The aggregates stored with every probe row."""
+    low, high = fdt_at_interval(fdt, 75)
     return {
         "fdt_mean": float(np.mean(fdt)),
         "fdt_at_75": fdt_at(fdt, 75),
+        "fdt_at_75_low": low,
+        "fdt_at_75_high": high,
         "fdt_at_50": fdt_at(fdt, 50),
         "sdt_mean": float(np.mean(sdt)),
         "sdt_share": float(np.mean(sdt) / n_new),

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from dtm_ray.metrics import fdt_at, first_divergent_token, share_of_divergent_tokens, summarize
+from dtm_ray.metrics import (
+    fdt_at,
+    fdt_at_interval,
+    first_divergent_token,
+    share_of_divergent_tokens,
+    summarize,
+)
 
 
 def test_no_divergence_gives_n():
@@ -52,26 +58,39 @@ def test_bad_shapes_and_dtypes_rejected(ref, pred):
         first_divergent_token(ref, pred)
 
 
-def test_fdt_at_is_the_value_at_least_q_percent_reach():
+def test_fdt_at_is_the_largest_value_at_least_q_percent_reach():
     fdt = np.array([30, 0, 20, 10])
-    # quantile(1 - q/100, method="lower") over sorted [0, 10, 20, 30] (positions 0..3):
-    # q=75 -> position 0.75 -> 0; q=50 -> 1.5 -> 10; q=25 -> 2.25 -> 20; q=0 -> 30.
-    assert fdt_at(fdt, 75) == 0
-    assert fdt_at(fdt, 50) == 10
-    assert fdt_at(fdt, 25) == 20
-    assert fdt_at(fdt, 0) == 30
+    # sorted [0, 10, 20, 30], P = 4: index P - ceil(q*P/100).
+    # q=75 -> 4-3 = 1 -> 10 (0 is one rank too low: all four reach 0, but three reach 10);
+    # q=50 -> 4-2 = 2 -> 20; q=25 -> 4-1 = 3 -> 30; q=100 -> 0 -> 0; q=0 -> the largest, 30.
+    assert fdt_at(fdt, 75) == 10
+    assert fdt_at(fdt, 50) == 20
+    assert fdt_at(fdt, 25) == 30
     assert fdt_at(fdt, 100) == 0
+    assert fdt_at(fdt, 0) == 30
     assert fdt_at(np.array([0, 40, 40, 40, 40]), 75) == 40  # 4 of 5 prompts reach 40
-    for q in (0, 10, 25, 50, 75, 90, 100):
+    # P=5, q=75: ceil(3.75) = 4 prompts must reach it -> sorted [1,2,3,4,5][1] = 2.
+    assert fdt_at(np.array([5, 4, 3, 2, 1]), 75) == 2
+    for q in (1, 10, 25, 50, 75, 90, 100):
         v = fdt_at(fdt, q)
-        assert (fdt >= v).mean() >= q / 100
-        assert v == int(np.quantile(fdt, 1 - q / 100, method="lower"))
+        assert (fdt >= v).mean() >= q / 100  # at least q % reach it ...
+        assert (fdt > v).mean() < q / 100  # ... and no larger value is reached by q %
 
 
 def test_fdt_at_ties_and_single_prompt():
     assert fdt_at(np.array([5, 5, 5, 5]), 75) == 5
     assert fdt_at(np.array([3]), 75) == 3
-    assert fdt_at(torch.tensor([1, 2, 3, 4]), 50) == 2
+    assert fdt_at(torch.tensor([1, 2, 3, 4]), 50) == 3
+
+
+def test_fdt_at_interval_brackets_the_statistic_and_narrows_with_agreement():
+    spread = np.arange(0, 64, 2)  # 32 prompts, FDTs 0..62
+    low, high = fdt_at_interval(spread, 75)
+    assert low <= fdt_at(spread, 75) <= high and high - low >= 4
+    assert fdt_at_interval(spread, 75) == (low, high)  # seeded: reproducible
+    assert fdt_at_interval(np.full(32, 17), 75) == (17, 17)  # no spread, no uncertainty
+    with pytest.raises(ValueError, match="level"):
+        fdt_at_interval(spread, 75, level=1.5)
 
 
 def test_fdt_at_rejects_bad_q_and_empty():
@@ -84,7 +103,8 @@ def test_fdt_at_rejects_bad_q_and_empty():
 def test_summarize():
     s = summarize(np.array([64, 10, 0, 64]), np.array([0, 5, 64, 0]), 64)
     assert s["fdt_mean"] == pytest.approx(34.5)
-    assert s["fdt_at_75"] == 0
-    assert s["fdt_at_50"] == 10
+    assert s["fdt_at_75"] == 10  # sorted [0, 10, 64, 64]: index 4 - ceil(3) = 1
+    assert s["fdt_at_50"] == 64  # index 4 - 2 = 2
+    assert s["fdt_at_75_low"] <= 10 <= s["fdt_at_75_high"]
     assert s["sdt_mean"] == pytest.approx(17.25)
     assert s["sdt_share"] == pytest.approx(17.25 / 64)
