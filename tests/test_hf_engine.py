@@ -114,3 +114,36 @@ def test_input_norms_match_a_manual_computation(engine, prefixes):
     handle.remove()
     x = captured[0].reshape(-1, captured[0].shape[-1]).float()
     torch.testing.assert_close(norms, x.norm(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_input_norms_errors_leave_no_hooks(engine, prefixes):
+    name = "model.layers.1.mlp.down_proj.weight"
+    with pytest.raises(KeyError, match="no weight named"):
+        engine.input_norms(prefixes.tolist(), ["model.layers.1.mlp.nope.weight"])
+    with pytest.raises(ValueError, match="not the weight of a linear layer"):
+        engine.input_norms(prefixes.tolist(), [name, "model.norm.weight"])
+    # A pass that fails after the hooks are in place: ragged rows make no batch.
+    with pytest.raises(ValueError, match="inhomogeneous"):
+        engine.input_norms([[1, 2, 3], [1, 2]], [name])
+    assert not any(m._forward_hooks for m in engine.model.modules())
+    before = engine.input_norms(prefixes.tolist(), [name])[name]
+    torch.testing.assert_close(engine.input_norms(prefixes.tolist(), [name])[name], before)
+
+
+def test_close_is_idempotent_and_final(tiny_llama_dir):
+    engine = HFEngine(tiny_llama_dir)  # its own: the module's engine stays open
+    name = "model.layers.0.mlp.up_proj.weight"
+    engine.close()
+    engine.close()
+    calls = [
+        lambda: engine.generate_greedy([[1, 2]], 2),
+        lambda: engine.sample([[1, 2]], 2, seed=0),
+        lambda: engine.score([[1, 2, 3]], 1),
+        lambda: engine.original_weight(name),
+        lambda: engine.set_weights({name: torch.zeros(1)}),
+        lambda: engine.restore([name]),
+        lambda: engine.input_norms([[1, 2, 3]], [name]),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="closed"):
+            call()

@@ -1,6 +1,7 @@
 """The vLLM engine against the independent reference (the transformers `HFEngine`), on the real
 SmolLM2-135M-Instruct in float32: greedy tokens, probe FDT/SDT, live and exactly reversible edits,
-and the noise floor (DESIGN §1.6). Each engine loads once per module."""
+the noise floor, Wanda calibration norms and close(). Each engine loads once per
+module."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import torch
 
 pytest.importorskip("vllm")
 
+from vllm.exceptions import VLLMValidationError  # noqa: E402
+
 from dtm_ray.compress import compress  # noqa: E402
+from dtm_ray.engines import Engine  # noqa: E402
 from dtm_ray.engines.hf import HFEngine  # noqa: E402
-from dtm_ray.engines.vllm import VLLMEngine  # noqa: E402
+from dtm_ray.engines.vllm import VLLMEngine, _full_input_norm  # noqa: E402
 from dtm_ray.metrics import first_divergent_token, share_of_divergent_tokens  # noqa: E402
 from dtm_ray.prompts import load_prompts  # noqa: E402
 
@@ -27,6 +31,24 @@ N_NEW = 64
 # DTM_RAY_ACCEPTANCE=full scores all 32.
 N_PROBE_PROMPTS = 32 if os.environ.get("DTM_RAY_ACCEPTANCE") == "full" else 8
 N_EDIT_NEW = 24  # generation is the slow path; a shorter continuation still shows the edit
+# Wanda calibration: 8 model-written sequences of 48 tokens, rows the probes do not score.
+N_CALIBRATION = 8
+CALIBRATION_TOKENS = 48
+NORM_LAYERS = (0, 21)
+NORM_KINDS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+WANDA_PROBES = [  # fused (qkv, gate_up) and plain modules, shallow and deep
+    "model.layers.0.mlp.down_proj.weight",
+    "model.layers.21.self_attn.v_proj.weight",
+    "model.layers.21.mlp.gate_proj.weight",
+]
 
 # One probe per kind, across the depth, with every compression family; several must diverge.
 PROBES = [
@@ -53,7 +75,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def vllm_engine(smollm2_dir, one_thread):
-    return VLLMEngine(smollm2_dir, dtype="float32")
+    engine = VLLMEngine(smollm2_dir, dtype="float32")
+    yield engine
+    engine.close()  # frees the model and KV cache for later test modules
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +130,10 @@ def test_noise_floor_is_zero_in_fp32(base_scores, greedy):
     assert (vllm_scores.margin >= 0).all()
 
 
-def _probe(engine, name: str, spec: str, seqs: list[list[int]]) -> np.ndarray:
-    engine.set_weights({name: compress(engine.original_weight(name), spec)})
+def _probe(
+    engine, name: str, spec: str, seqs: list[list[int]], stats: dict | None = None
+) -> np.ndarray:
+    engine.set_weights({name: compress(engine.original_weight(name), spec, stats)})
     try:
         return engine.score(seqs, N_PREFIX).argmax
     finally:
@@ -201,3 +227,124 @@ def test_engine_leaves_process_state_alone(vllm_engine):
     assert torch.get_num_threads() == before + 1
     torch.set_num_threads(before)
     assert "vllm" not in os.environ.get("LD_PRELOAD", "")
+
+
+def test_satisfies_protocol(vllm_engine):
+    assert isinstance(vllm_engine, Engine)
+
+
+# --- Wanda calibration ----------------------------------------------------------------------------
+def _norm_name(layer: int, kind: str) -> str:
+    return f"model.layers.{layer}.{NORM_KINDS[kind]}.weight"
+
+
+@pytest.fixture(scope="module")
+def calibration(sequences):
+    rows = slice(N_PROBE_PROMPTS, N_PROBE_PROMPTS + N_CALIBRATION)
+    return sequences[rows, :CALIBRATION_TOKENS].tolist()
+
+
+@pytest.fixture(scope="module")
+def norms(vllm_engine, hf_engine, calibration):
+    names = [_norm_name(layer, kind) for layer in NORM_LAYERS for kind in NORM_KINDS]
+    return vllm_engine.input_norms(calibration, names), hf_engine.input_norms(calibration, names)
+
+
+def test_input_norms_match_transformers(vllm_engine, norms):
+    vllm_norms, hf_norms = norms
+    assert vllm_norms.keys() == hf_norms.keys()
+    worst = 0.0
+    for name, norm in vllm_norms.items():
+        in_features = vllm_engine.original_weight(name).shape[1]
+        assert norm.shape == (in_features,) and norm.dtype == torch.float32
+        assert norm.device.type == "cpu" and (norm > 0).all()
+        torch.testing.assert_close(norm, hf_norms[name], rtol=1e-4, atol=1e-6, msg=name)
+        worst = max(worst, ((norm - hf_norms[name]).abs() / hf_norms[name]).max().item())
+    print(f"\ninput norms, {len(vllm_norms)} weights: max relative difference vllm/hf {worst:.2e}")
+    for layer in NORM_LAYERS:
+        # q/k/v read the one input of the fused qkv_proj, gate/up that of gate_up_proj.
+        q = vllm_norms[_norm_name(layer, "q")]
+        assert torch.equal(q, vllm_norms[_norm_name(layer, "k")])
+        assert torch.equal(q, vllm_norms[_norm_name(layer, "v")])
+        assert torch.equal(
+            vllm_norms[_norm_name(layer, "gate")], vllm_norms[_norm_name(layer, "up")]
+        )
+
+
+def test_wanda_probe_fdt_matches_transformers(
+    vllm_engine, hf_engine, sequences, base_scores, norms
+):
+    seqs = sequences[:N_PROBE_PROMPTS].tolist()
+    engines = {
+        "vllm": (vllm_engine, base_scores[0], norms[0]),
+        "hf": (hf_engine, base_scores[1], norms[1]),
+    }
+    same = diverging = 0
+    for name in WANDA_PROBES:
+        fdt = {}
+        for label, (engine, base, engine_norms) in engines.items():
+            argmax = _probe(engine, name, "wanda:0.5", seqs, {"input_norm": engine_norms[name]})
+            fdt[label] = first_divergent_token(base.argmax[:N_PROBE_PROMPTS], argmax)
+        print(f"\n{name} wanda:0.5: FDT vllm {fdt['vllm'].tolist()} hf {fdt['hf'].tolist()}")
+        same += int((fdt["vllm"] == fdt["hf"]).sum())
+        np.testing.assert_array_equal(fdt["vllm"], fdt["hf"], err_msg=name)
+        diverging += bool((fdt["vllm"] < N_NEW).any())
+    print(f"wanda FDT equal for {same}/{len(WANDA_PROBES) * N_PROBE_PROMPTS} (probe, prompt)")
+    assert diverging >= 2, f"only {diverging} wanda probes diverge: the comparison is too weak"
+
+
+def test_input_norms_errors_leave_no_hooks(vllm_engine, calibration, norms):
+    def hooks() -> list[int]:  # forward hooks on the model, per worker rank
+        return vllm_engine.llm.apply_model(
+            lambda m: sum(len(x._forward_hooks) for x in m.modules())
+        )
+
+    name = _norm_name(0, "down")
+    with pytest.raises(KeyError, match="no weight named"):
+        vllm_engine.input_norms(calibration, ["model.layers.0.nope.weight"])
+    with pytest.raises(ValueError, match="not the weight of a linear layer"):
+        vllm_engine.input_norms(calibration, [name, "model.norm.weight"])
+    # A pass that fails after the hooks are in place: vLLM rejects a token id past the vocabulary.
+    with pytest.raises(VLLMValidationError, match="out of vocabulary"):
+        vllm_engine.input_norms([[10**9] * 4], [name])
+    assert hooks() == [0]
+    torch.testing.assert_close(vllm_engine.input_norms(calibration, [name])[name], norms[0][name])
+
+
+def test_rank_sums_combine_like_tensor_parallel_shards():
+    a, b = torch.tensor([1.0, 4.0]), torch.tensor([9.0, 16.0])
+    # Column-parallel: every rank saw the whole input; rank 0's sums are the answer.
+    torch.testing.assert_close(
+        _full_input_norm("w", [(a, 5, False), (a, 5, False)], 2, 5), a.sqrt()
+    )
+    # Row-parallel: each rank saw its slice of the input dimension, in rank order.
+    expected = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    torch.testing.assert_close(_full_input_norm("w", [(a, 5, True), (b, 5, True)], 4, 5), expected)
+    with pytest.raises(RuntimeError, match="in_features=3"):
+        _full_input_norm("w", [(a, 5, True), (b, 5, True)], 3, 5)
+    # Hooks that never fired (compiled graphs) or saw padded batches (CUDA graphs).
+    for rows in (0, 8):
+        with pytest.raises(RuntimeError, match="enforce_eager: true"):
+            _full_input_norm("w", [(a, rows, False)], 2, 5)
+
+
+# Must stay the last test: closing tears down the module's engine (and, in-process, vLLM's
+# process-wide distributed state), so no later test could use it.
+def test_close_is_idempotent_and_final(vllm_engine, sequences):
+    seqs = sequences[:2].tolist()
+    name = _norm_name(0, "q")
+    vllm_engine.close()
+    vllm_engine.close()
+    calls = [
+        lambda: vllm_engine.generate_greedy(seqs, 2),
+        lambda: vllm_engine.sample(seqs, 2, seed=0),
+        lambda: vllm_engine.score(seqs, N_PREFIX),
+        lambda: vllm_engine.original_weight(name),
+        lambda: vllm_engine.set_weights({name: torch.zeros(1)}),
+        lambda: vllm_engine.restore([name]),
+        lambda: vllm_engine.input_norms(seqs, [name]),
+        vllm_engine.params_digest,
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="closed"):
+            call()

@@ -1,4 +1,4 @@
-"""The engine protocol (DESIGN §3): everything a probe needs from the place the model runs."""
+"""The engine protocol: everything a probe needs from the place the model runs."""
 
 from __future__ import annotations
 
@@ -70,4 +70,22 @@ class Engine(Protocol):
 
     def restore(self, names: Iterable[str]) -> None:
         """Write back the bit-identical original of each named weight."""
+        ...
+
+    def input_norms(
+        self, sequences: Sequence[Sequence[int]], names: Iterable[str]
+    ) -> dict[str, torch.Tensor]:
+        """Wanda's calibration statistics: for each named linear weight (HF name, [out, in]),
+        ‖x_j‖₂ of its input over every token of every sequence, float32 [in] on CPU.
+
+        One forward pass of the current weights over `sequences`; q/k/v (gate/up) of a layer
+        share one input, so their norms are identical. An unknown name is a KeyError.
+        """
+        ...
+
+    def close(self) -> None:
+        """Free the model and everything the engine holds (GPU memory, worker processes).
+
+        Idempotent; any other method raises RuntimeError afterwards.
+        """
         ...

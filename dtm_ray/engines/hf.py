@@ -3,6 +3,7 @@ machines vLLM cannot serve."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -47,10 +48,28 @@ class HFEngine:
         self.pad_id = self.model.config.pad_token_id or 0
         self._params = dict(self.model.named_parameters())
         self._originals: dict[str, torch.Tensor] = {}
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this HFEngine is closed")
+
+    def close(self) -> None:
+        """Free the model; calling it again does nothing, any other method raises afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        del self.model
+        self._params.clear()
+        self._originals.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # --- generation -----------------------------------------------------------------------
     @torch.inference_mode()
     def _generate(self, prefixes: Sequence[Sequence[int]], n_new: int, **kwargs) -> np.ndarray:
+        self._check_open()
         out = []
         for batch in _batches(list(prefixes), self.batch_size):
             ids, mask = _left_pad(batch, self.pad_id)
@@ -79,6 +98,7 @@ class HFEngine:
     # --- scoring --------------------------------------------------------------------------
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[int]], n_prefix: int) -> ScoreResult:
+        self._check_open()
         n_new = continuation_length(sequences, n_prefix)
         argmax, margin, ref_lp = [], [], []
         for batch in _batches(list(sequences), self.batch_size):
@@ -105,6 +125,7 @@ class HFEngine:
             raise KeyError(f"the model has no weight named {name!r}") from None
 
     def original_weight(self, name: str) -> torch.Tensor:
+        self._check_open()
         original = self._originals.get(name)
         if original is None:
             original = self._param(name).detach()
@@ -112,6 +133,7 @@ class HFEngine:
 
     @torch.no_grad()
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self._check_open()
         for name, tensor in weights.items():
             param = self._param(name)
             if tuple(tensor.shape) != tuple(param.shape):
@@ -125,6 +147,7 @@ class HFEngine:
 
     @torch.no_grad()
     def restore(self, names: Iterable[str]) -> None:
+        self._check_open()
         for name in names:
             original = self._originals.pop(name, None)
             if original is not None:
@@ -136,18 +159,27 @@ class HFEngine:
         self, sequences: Sequence[Sequence[int]], names: Iterable[str]
     ) -> dict[str, torch.Tensor]:
         """‖x_j‖₂ over all calibration tokens of the input to each named linear weight (Wanda)."""
+        self._check_open()
+        if len(sequences) == 0:
+            raise ValueError("input_norms needs at least one calibration sequence")
         modules = dict(self.model.named_modules())
+        targets = {}
+        for name in names:
+            self._param(name)  # a clear KeyError for a name the model does not have
+            module = modules.get(name.removesuffix(".weight"))
+            if not isinstance(module, torch.nn.Linear):
+                raise ValueError(f"{name!r} is not the weight of a linear layer")
+            targets[name] = module
         sums: dict[str, torch.Tensor] = {}
         hooks = []
-        for name in names:
-            module_name = name.removesuffix(".weight")
-
-            def hook(_module, args, _out, key=name):
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                sums[key] = sums.get(key, 0) + (x * x).sum(dim=0).cpu()
-
-            hooks.append(modules[module_name].register_forward_hook(hook))
         try:
+            for name, module in targets.items():
+
+                def hook(_module, args, _out, key=name):
+                    x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                    sums[key] = sums.get(key, 0) + (x * x).sum(dim=0).cpu()
+
+                hooks.append(module.register_forward_hook(hook))
             for batch in _batches(list(sequences), self.batch_size):
                 ids = torch.as_tensor(np.asarray(batch), dtype=torch.long, device=self.device)
                 self.model(input_ids=ids, logits_to_keep=1)

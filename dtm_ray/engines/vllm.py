@@ -2,7 +2,8 @@
 
 Weights are edited inside vLLM's worker(s) by the `worker_extension_cls` in
 `dtm_ray.engines.vllm_worker`, through the model's own `load_weights`, so fused `qkv_proj` /
-`gate_up_proj` and tensor-parallel shards are vLLM's business. Originals come from the checkpoint's
+`gate_up_proj` and tensor-parallel shards are vLLM's business. Wanda's calibration hooks live there
+too, on vLLM's (fused, sharded) linear modules. Originals come from the checkpoint's
 safetensors files, read here in the engine process.
 
 The CPU build's traps are handled here, never in user config: in-process engine core, one torch
@@ -13,6 +14,7 @@ and a vLLM cache folder under dtm_ray's own cache.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 from collections import OrderedDict
@@ -89,6 +91,9 @@ class _Checkpoint:
         self._cache[name] = tensor
         self._evict()
         return tensor
+
+    def clear(self) -> None:
+        self._cache.clear()
 
     def _evict(self) -> None:
         total = sum(t.nbytes for t in self._cache.values())
@@ -201,6 +206,32 @@ def _score_rows(
     return argmax, margin, ref_lp
 
 
+def _full_input_norm(
+    name: str, ranks: Sequence[Sequence[Any]], in_features: int, tokens: int
+) -> torch.Tensor:
+    """‖x_j‖₂ of weight `name`'s input from each tensor-parallel rank's (Σx², rows, sharded).
+
+    Column-parallel layers see the whole input on every rank (rank 0's sums are the answer);
+    row-parallel layers see only their rank's slice of the input dimension, in rank order.
+    """
+    rows = sorted({int(rank[1]) for rank in ranks})
+    if rows != [tokens]:
+        raise RuntimeError(
+            f"{name}: calibration hooks saw {rows} input rows for the {tokens} tokens sent. "
+            "Compiled or CUDA-graph execution can skip forward hooks or pad batches: "
+            "calibration needs `enforce_eager: true` in engine_options."
+        )
+    sharded = bool(ranks[0][2])
+    sums = torch.cat([rank[0] for rank in ranks]) if sharded else ranks[0][0]
+    if sums.numel() != in_features:
+        raise RuntimeError(
+            f"{name}: calibration gave {sums.numel()} input sums "
+            f"({'concatenated over' if sharded else 'rank 0 of'} {len(ranks)} ranks), "
+            f"expected in_features={in_features}"
+        )
+    return sums.float().sqrt()
+
+
 # --- the engine ---------------------------------------------------------------------------------
 class VLLMEngine:
     """A vLLM `LLM` plus in-place weight edits through the worker extension.
@@ -265,6 +296,29 @@ class VLLMEngine:
         self._checkpoint = _Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
         self._edited: set[str] = set()
 
+    def _check_open(self) -> None:
+        if self.llm is None:
+            raise RuntimeError("this VLLMEngine is closed")
+
+    def close(self) -> None:
+        """Shut vLLM's engine core down (its worker processes with it) and free the model.
+
+        Calling it again does nothing; any other method raises RuntimeError afterwards.
+        """
+        if self.llm is None:
+            return
+        llm, self.llm = self.llm, None
+        self._checkpoint.clear()
+        try:
+            # The engine core's own teardown: workers, scheduler and (in-process) the
+            # distributed state; it does nothing if the core is already down.
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()  # the model and KV cache go with the last reference
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     def _device_kwargs(
         self,
         config: dict[str, Any],
@@ -286,7 +340,7 @@ class VLLMEngine:
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if backend is None and tensor_parallel_size > 1:
-            backend = "mp"  # inside a Ray placement group vLLM would pick "ray" (DESIGN §8)
+            backend = "mp"  # inside a Ray placement group vLLM would pick "ray"
         if backend is not None:
             kwargs["distributed_executor_backend"] = backend
         return kwargs
@@ -302,7 +356,7 @@ class VLLMEngine:
         """Run vLLM with `cpu_threads` torch threads, then give the process its count back.
 
         One thread per engine is far faster than torch's default (one per core) on a busy small
-        box: ~50x measured on 2 cores (DESIGN §7).
+        box: ~50x measured on 2 cores.
         torch._C.set_num_threads is the real setter even while vLLM has patched the alias.
         """
         if self.cpu_threads is None:
@@ -340,6 +394,7 @@ class VLLMEngine:
 
     # --- generation -----------------------------------------------------------------------
     def _generate(self, prefixes: Sequence[Sequence[int]], n_new: int, params: Any) -> np.ndarray:
+        self._check_open()
         prompts = [list(p) for p in prefixes]
         if not prompts:
             return np.empty((0, n_new), dtype=np.int64)
@@ -376,6 +431,7 @@ class VLLMEngine:
     def score(self, sequences: Sequence[Sequence[int]], n_prefix: int) -> ScoreResult:
         from vllm import SamplingParams
 
+        self._check_open()
         length = n_prefix + continuation_length(sequences, n_prefix)
         self._check_length(length, 1)  # vLLM must still generate one token after the prompt
         # prompt_logprobs=2 returns the top-2 tokens (ranks 1 and 2) plus the prompt's own token.
@@ -386,6 +442,7 @@ class VLLMEngine:
 
     # --- weights --------------------------------------------------------------------------
     def original_weight(self, name: str) -> torch.Tensor:
+        self._check_open()
         return self._checkpoint.get(name).clone()
 
     def _load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
@@ -397,6 +454,7 @@ class VLLMEngine:
                 self.llm.reset_prefix_cache()
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self._check_open()
         batch = []
         for name, tensor in weights.items():
             expected = self._checkpoint.shape(name)
@@ -412,6 +470,7 @@ class VLLMEngine:
     def restore(self, names: Iterable[str]) -> None:
         # The original goes back through the same loader (never a swapped tensor object: CUDA
         # graphs keep pointers), cast exactly as vLLM cast it at start-up, so bits match.
+        self._check_open()
         todo = [name for name in dict.fromkeys(names) if name in self._edited]
         if todo:
             self._load([(name, self._checkpoint.get(name)) for name in todo])
@@ -419,5 +478,42 @@ class VLLMEngine:
 
     def params_digest(self) -> list[str]:
         """sha256 of every live parameter (vLLM names, fused), one digest per worker rank."""
+        self._check_open()
         with self._threads():
             return self.llm.collective_rpc("dtm_params_digest")
+
+    # --- calibration ----------------------------------------------------------------------
+    def input_norms(
+        self, sequences: Sequence[Sequence[int]], names: Iterable[str]
+    ) -> dict[str, torch.Tensor]:
+        """‖x_j‖₂ over all calibration tokens of the input to each named linear weight (Wanda).
+
+        Forward hooks in vLLM's workers watch one prefill pass over `sequences`. Hooks do not fire
+        inside compiled graphs, so this needs eager execution (`enforce_eager`, the CPU default);
+        otherwise it raises rather than return norms of the wrong tokens.
+        """
+        from vllm import SamplingParams
+
+        self._check_open()
+        names = list(dict.fromkeys(names))
+        in_features = {name: self._checkpoint.shape(name)[-1] for name in names}
+        prompts = [[int(t) for t in s] for s in sequences]
+        if not prompts:
+            raise ValueError("input_norms needs at least one calibration sequence")
+        if not names:
+            return {}
+        self._check_length(max(len(p) for p in prompts), 1)
+        # One sampled token finishes each request: the prefill is the only forward pass.
+        params = SamplingParams(max_tokens=1, detokenize=False)
+        with self._threads():
+            try:
+                self.llm.collective_rpc("dtm_input_norms_begin", args=(names,))
+                self._run(prompts, params)
+            finally:
+                # Always, so no hook outlives the call, even when the pass failed.
+                ranks = self.llm.collective_rpc("dtm_input_norms_end")
+        tokens = sum(len(p) for p in prompts)
+        return {
+            name: _full_input_norm(name, [rank[name] for rank in ranks], in_features[name], tokens)
+            for name in names
+        }

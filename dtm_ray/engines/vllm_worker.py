@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from vllm import _custom_ops
 from vllm.model_executor.layers import utils as _layer_utils
+from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear
 
 # The CPU build packs each linear weight into a oneDNN handle at load and leaves `weight` empty;
 # an edit to the parameter would then never reach the matmul. With oneDNN off, CPU linears fall
@@ -56,3 +58,73 @@ class WeightEditExtension:
             digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
             digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+    # --- Wanda calibration ----------------------------------------------------------------
+    # The forward pass itself is an ordinary `llm.generate` in the engine process, between these
+    # two calls: a worker cannot schedule requests, so the hooks live on the worker in between.
+    def _dtm_linear_module(self, model: torch.nn.Module, name: str) -> tuple[str, LinearBase]:
+        """The vLLM linear module whose input is the input of HF weight `name`.
+
+        q/k/v share the fused `qkv_proj` (gate/up `gate_up_proj`): the model class's own
+        `packed_modules_mapping` says which fused module holds which HF projection.
+        """
+        modules = dict(model.named_modules())
+        prefix, _, leaf = name.removesuffix(".weight").rpartition(".")
+        candidates = [f"{prefix}.{leaf}"] + [
+            f"{prefix}.{fused}"
+            for fused, parts in getattr(model, "packed_modules_mapping", {}).items()
+            if leaf in parts
+        ]
+        for candidate in candidates:
+            module = modules.get(candidate)
+            if isinstance(module, LinearBase):
+                return candidate, module
+        raise ValueError(
+            f"{name!r} is not the weight of a linear layer of this vLLM model "
+            f"(looked for {candidates})"
+        )
+
+    def dtm_input_norms_begin(self, names: Sequence[str]) -> None:
+        """Hook the input of each named weight's linear module, summing x_j² and counting rows."""
+        self.dtm_input_norms_end()  # drop hooks a failed earlier call may have left
+        model = self._dtm_model()
+        targets = {name: self._dtm_linear_module(model, name) for name in names}
+        sums: dict[str, torch.Tensor] = {}
+        rows: dict[str, int] = {}
+        hooks: list[torch.utils.hooks.RemovableHandle] = []
+        # Kept before registering, so `dtm_input_norms_end` removes whatever got registered.
+        self._dtm_norms = (targets, sums, rows, hooks)
+        for module_name, module in dict(targets.values()).items():
+
+            def hook(_module: Any, args: tuple[Any, ...], _out: Any, key: str = module_name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                # Summed on the device; one copy to the CPU at the end.
+                sums[key] = sums.get(key, 0) + (x * x).sum(dim=0)
+                rows[key] = rows.get(key, 0) + x.shape[0]
+
+            hooks.append(module.register_forward_hook(hook))
+
+    def dtm_input_norms_end(self) -> dict[str, tuple[torch.Tensor, int, bool]]:
+        """Remove the hooks; per weight name: (Σx² over this rank's input, rows seen, sharded).
+
+        `sharded` marks a row-parallel layer whose input holds only this rank's slice of the
+        input dimension; column-parallel layers see the full input on every rank.
+        """
+        state = getattr(self, "_dtm_norms", None)
+        self._dtm_norms = None
+        if state is None:
+            return {}
+        targets, sums, rows, hooks = state
+        for handle in hooks:
+            handle.remove()
+        out = {}
+        for name, (module_name, module) in targets.items():
+            sharded = (
+                isinstance(module, RowParallelLinear)
+                and module.input_is_parallel
+                and module.tp_size > 1
+            )
+            total = sums.get(module_name)
+            total = torch.zeros(0) if total is None else total.cpu()
+            out[name] = (total, rows.get(module_name, 0), sharded)
+        return out
