@@ -1,5 +1,5 @@
 """Side-by-side throughput of the engines on the same work: greedy generation, teacher-forced
-scoring, one weight edit + restore, and the noise floor (DESIGN §1.6).
+scoring, one weight edit + restore, and the noise floor.
 
     python bench/engine_throughput.py --engines vllm hf --dtype float32
 

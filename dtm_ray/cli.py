@@ -19,7 +19,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.out:
         job.out = args.out
     plan = plan_job(job)
-    from dtm_ray.orchestrate import run_plan  # Ray starts only once the job is known to be good
+    from dtm_ray.driver import run_plan  # Ray starts only once the job is known to be good
 
     try:
         run_plan(plan)

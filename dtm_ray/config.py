@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,14 +12,19 @@ from typing import Any
 import yaml
 
 from dtm_ray.components import Component, check_selector, load_components, select
-from dtm_ray.compress import check_applicable, parse_spec
+from dtm_ray.compress import Spec, check_applicable, parse_spec
 from dtm_ray.engines import EngineConfig
+from dtm_ray.errors import ConfigError
 from dtm_ray.models import resolve_model
 from dtm_ray.prompts import check_source
 
+__all__ = ["ConfigError", "JobConfig", "Plan", "load_job", "plan_job"]
 
-class ConfigError(ValueError):
-    """A problem with the job file, reported as one line, before anything heavy starts."""
+DEFAULT_PROBE_SPECS = ["magnitude:0.5"]
+COMPRESS_METHODS = ("sparsify",)
+CRITERIA = ("magnitude", "wanda")
+GUIDES = ("fdt", "nll", "uniform")
+REFERENCES = ("current", "original")
 
 
 @dataclass
@@ -31,7 +38,32 @@ class PromptsConfig:
 @dataclass
 class ProbeConfig:
     components: Any = "all"  # "all" or a list of selectors (see dtm_ray.components.select)
-    specs: list[str] = field(default_factory=lambda: ["magnitude:0.5"])
+    # Probe-only jobs: the specs to probe every component at (default magnitude:0.5). With a
+    # `compress:` section the probes follow from it and `specs` must be left out.
+    specs: list[str] | None = None
+
+
+@dataclass
+class CompressConfig:
+    """Iterative compression of the selected components (see the README)."""
+
+    method: str = "sparsify"
+    target_sparsity: float = 0.5  # parameter-weighted over the selected components
+    step: float = 0.1  # relative added sparsity per round; the last one is cut to land on target
+    criterion: str = "magnitude"  # which weights a pruning step zeroes: magnitude | wanda
+    guide: str = "fdt"  # what decides per-component sparsity: fdt | nll | uniform
+    reference: str = "current"  # what a round measures against: current | original (dense)
+    calibration_count: int = 16  # wanda: calibration sequences, disjoint from scored prompts
+    max_rounds: int = 100  # a guard against a schedule that never reaches the target
+
+
+@dataclass
+class EvaluationConfig:
+    """The final evaluation of a compressing run against the dense model."""
+
+    text: str = "pydoc"  # real text for perplexity: a prompt-source file, hf:..., or pydoc
+    count: int = 16  # windows of real text
+    tokens: int = 128  # tokens per window
 
 
 @dataclass
@@ -45,6 +77,8 @@ class JobConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     new_tokens: int = 64
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    compress: CompressConfig | None = None
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     workers: int = 1
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     max_in_flight_per_worker: int = 2
@@ -58,7 +92,12 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
-_NESTED = {"prompts": PromptsConfig, "probe": ProbeConfig}
+_NESTED = {
+    "prompts": PromptsConfig,
+    "probe": ProbeConfig,
+    "compress": CompressConfig,
+    "evaluation": EvaluationConfig,
+}
 ENGINE_OPTION_KEYS = sorted({f.name for f in dataclasses.fields(EngineConfig)} - {"kind", "dtype"})
 
 
@@ -73,7 +112,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if cls is JobConfig:
         _check_engine_options(kwargs.get("engine_options", {}))
         for key, sub in _NESTED.items():
-            if key in kwargs:
+            if kwargs.get(key) is not None:
                 kwargs[key] = _build(sub, kwargs[key], f"{key}.")
     try:
         return cls(**kwargs)
@@ -116,10 +155,21 @@ def check_fields(job: JobConfig) -> None:
             f"resources_per_worker must map resource names to amounts >= 0, "
             f"e.g. {{GPU: 1}}, got {job.resources_per_worker!r}"
         )
-    if not isinstance(job.probe.specs, list) or not job.probe.specs:
-        raise ConfigError(f"probe.specs must be a non-empty list of specs, got {job.probe.specs!r}")
+    if job.compress is not None and job.probe.specs is not None:
+        raise ConfigError(
+            "probe.specs is not used with a compress: section (its probes follow from "
+            "compress.step and compress.criterion); remove probe.specs"
+        )
+    specs = job.probe.specs if job.probe.specs is not None else DEFAULT_PROBE_SPECS
+    if not isinstance(specs, list) or not specs:
+        raise ConfigError(f"probe.specs must be a non-empty list of specs, got {specs!r}")
+    if job.compress is not None:
+        _check_compress(job.compress)
+    _check_int(job.evaluation.count, "evaluation.count", 1)
+    _check_int(job.evaluation.tokens, "evaluation.tokens", 2)
     try:
-        for spec in job.probe.specs:
+        check_source(job.evaluation.text, "evaluation.text")
+        for spec in specs:
             parse_spec(str(spec))
         if job.probe.components != "all":
             if not isinstance(job.probe.components, list) or not job.probe.components:
@@ -134,9 +184,36 @@ def check_fields(job: JobConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} {value!r} unknown; expected one of {list(choices)}")
+
+
+def _check_fraction(value: Any, name: str, low_open: bool, high: float, high_open: bool) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and (value > 0 if low_open else value >= 0) and (
+        value < high if high_open else value <= high
+    )
+    if not ok:
+        interval = f"(0, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def _check_compress(compress: CompressConfig) -> None:
+    _check_choice(compress.method, "compress.method", COMPRESS_METHODS)
+    _check_choice(compress.criterion, "compress.criterion", CRITERIA)
+    _check_choice(compress.guide, "compress.guide", GUIDES)
+    _check_choice(compress.reference, "compress.reference", REFERENCES)
+    _check_fraction(compress.target_sparsity, "compress.target_sparsity", True, 1, True)
+    _check_fraction(compress.step, "compress.step", True, 1, False)
+    _check_int(compress.calibration_count, "compress.calibration_count", 1)
+    _check_int(compress.max_rounds, "compress.max_rounds", 1)
+
+
 @dataclass
 class Plan:
-    """A validated job: the model folder and the probes to run, in a fixed order."""
+    """A validated job: the model folder, the selected components and, for probe-only jobs, the
+    probes to run, in a fixed order."""
 
     job: JobConfig
     model_dir: Path
@@ -147,6 +224,10 @@ class Plan:
     def probes(self) -> list[tuple[Component, str]]:
         return [(c, s) for c in self.components for s in self.specs]
 
+    @property
+    def compress(self) -> CompressConfig | None:
+        return self.job.compress
+
 
 def plan_job(job: JobConfig) -> Plan:
     """Validate the whole job against the model's config.json; raises ConfigError."""
@@ -154,12 +235,13 @@ def plan_job(job: JobConfig) -> Plan:
     try:
         model_dir = resolve_model(job.model)
         components = select(load_components(model_dir), job.probe.components)
-        specs = [str(parse_spec(str(s))) for s in job.probe.specs]
-        for spec in specs:
-            if parse_spec(spec).needs_stats and job.engine != "hf":
-                raise ValueError(
-                    f"{spec!r} needs calibration activations, which only engine 'hf' collects"
-                )
+        if job.compress is None:
+            specs = [str(parse_spec(str(s))) for s in job.probe.specs or DEFAULT_PROBE_SPECS]
+            checked = specs
+        else:
+            specs = []  # a compressing run derives its probes round by round
+            checked = [str(Spec(job.compress.criterion, sparsity=0.5))]
+        for spec in checked:
             for component in components:
                 try:
                     check_applicable(spec, component.shape, has_stats=True)
@@ -168,6 +250,61 @@ def plan_job(job: JobConfig) -> Plan:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     return Plan(job, model_dir, components, specs)
+
+
+# --- resuming a run dir -----------------------------------------------------------------------
+# Keys that change how a run executes but not what it measures; they may differ on resume.
+OPERATIONAL_KEYS = frozenset(
+    {
+        "out",
+        "workers",
+        "resources_per_worker",
+        "max_in_flight_per_worker",
+        "max_probe_retries",
+        "engine_options.gpu_memory_utilization",
+    }
+)
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys: {"prompts": {"count": 8}} -> {"prompts.count": 8}."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and dotted not in OPERATIONAL_KEYS:
+            flat.update(flatten_config(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two resolved job configs, operational ones aside."""
+    # A JSON round trip makes tuples lists (and so on), as they are in a stored run.json.
+    old = flatten_config(json.loads(json.dumps(stored)))
+    new = flatten_config(json.loads(json.dumps(current)))
+    return sorted(
+        key
+        for key in set(old) | set(new)
+        if key not in OPERATIONAL_KEYS and old.get(key, "<missing>") != new.get(key, "<missing>")
+    )
+
+
+def check_same_config(stored: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+    """Raise ConfigError naming every differing key when a run dir is reused with another job."""
+    keys = config_differences(stored, current)
+    if not keys:
+        return
+    old = flatten_config(json.loads(json.dumps(stored)))
+    new = flatten_config(json.loads(json.dumps(current)))
+    missing = "<missing>"
+    details = "; ".join(
+        f"{k}: {old.get(k, missing)!r} in the run, {new.get(k, missing)!r} now" for k in keys
+    )
+    raise ConfigError(
+        f"run dir {where} was started with a different job ({details}); "
+        "resume with the original settings or choose another --out"
+    )
 
 
 def _set_dotted(data: dict[str, Any], assignment: str) -> None:

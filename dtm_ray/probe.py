@@ -1,9 +1,12 @@
-"""A probe, in-process: compress one component, score the reference, put the weight back.
+"""Building a reference and measuring a model against it.
 
-The reference of a round is built once with the current model (DESIGN §1): its greedy continuation
-`y` and its own teacher-forced argmax `a(F)` over `prefix ++ y`. A probe compares the compressed
-model's teacher-forced argmax `a(F')` with `a(F)`, both from the same scoring path, so kernel
-differences between decoding and prefill never count as compression damage.
+The reference of a round is built once with the current model: its greedy continuation `y` and
+its own teacher-forced argmax `a(F)` over `prefix ++ y`. A probe compares the compressed model's
+teacher-forced argmax `a(F')` with `a(F)`, both from the same scoring path, so kernel differences
+between decoding and prefill never count as compression damage.
+
+`run_probe` is the whole probe of one component in-process, for notebooks and tests; the engine
+session (`dtm_ray.session`) does the same for any set of components on top of a model state.
 """
 
 from __future__ import annotations
@@ -14,40 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from dtm_ray.compress import compress
-from dtm_ray.engines.base import Engine
+from dtm_ray.engines.base import Engine, ScoreResult
 from dtm_ray.metrics import first_divergent_token, share_of_divergent_tokens, summarize
-
-
-@dataclass
-class Reference:
-    prefixes: np.ndarray  # int64 [P, n]
-    continuation: np.ndarray  # int64 [P, N]: y, the current model's greedy tokens
-    base_argmax: np.ndarray  # int64 [P, N]: a(F), its teacher-forced argmax over prefix ++ y
-    base_margin: np.ndarray  # float32 [P, N]: top-1 minus top-2 log-probability of a(F)
-
-    @property
-    def n_prefix(self) -> int:
-        return self.prefixes.shape[1]
-
-    @property
-    def n_new(self) -> int:
-        return self.continuation.shape[1]
-
-    @property
-    def sequences(self) -> np.ndarray:
-        return np.concatenate([self.prefixes, self.continuation], axis=1)
-
-    @property
-    def noise_positions(self) -> np.ndarray:
-        """Per prompt, positions where the base model's scoring disagrees with its own greedy."""
-        return (self.base_argmax != self.continuation).sum(axis=1)
-
-    @property
-    def noise_floor(self) -> int:
-        return int(self.noise_positions.sum())
+from dtm_ray.state import Reference
 
 
 def build_reference(engine: Engine, prefixes: np.ndarray, n_new: int) -> Reference:
@@ -56,23 +30,25 @@ def build_reference(engine: Engine, prefixes: np.ndarray, n_new: int) -> Referen
     scored = engine.score(
         np.concatenate([prefixes, continuation], axis=1).tolist(), len(prefixes[0])
     )
-    return Reference(prefixes, continuation, scored.argmax, scored.margin)
+    return Reference(prefixes, continuation, scored.argmax, scored.margin, scored.ref_logprob)
 
 
 @dataclass
 class ProbeResult:
-    component: str
-    spec: str
     fdt: np.ndarray  # int64 [P]
     sdt: np.ndarray  # int64 [P]
-    nll_mean: float  # mean negative log-likelihood of y under the compressed model
+    nll: np.ndarray  # float64 [P]: mean negative log-likelihood of y per prompt
     seconds: float
-    margin: np.ndarray  # float32 [P, N]: the compressed model's top-1 minus top-2 log-probability
+    margin: np.ndarray  # float32 [P, N]: the scored model's top-1 minus top-2 log-probability
     summary: dict[str, float] = field(default_factory=dict)
 
     @property
+    def nll_mean(self) -> float:
+        return float(np.mean(self.nll))
+
+    @property
     def margin_at_fdt(self) -> np.ndarray:
-        """Per prompt, the compressed model's margin where it first diverges (NaN: no divergence).
+        """Per prompt, the scored model's margin where it first diverges (NaN: no divergence).
 
         A tiny margin marks a near-tie, where decode and prefill kernels may pick different tokens.
         """
@@ -82,38 +58,40 @@ class ProbeResult:
         return np.where(self.fdt < n_new, picked, np.nan).astype(np.float32)
 
 
+def measure(reference: Reference, scored: ScoreResult, seconds: float = 0.0) -> ProbeResult:
+    """FDT, SDT and NLL of a scoring pass over `reference.sequences` against its `a(F)`."""
+    fdt = first_divergent_token(reference.base_argmax, scored.argmax)
+    sdt = share_of_divergent_tokens(reference.base_argmax, scored.argmax)
+    return ProbeResult(
+        fdt=fdt,
+        sdt=sdt,
+        nll=-np.asarray(scored.ref_logprob, dtype=np.float64).mean(axis=1),
+        seconds=seconds,
+        margin=scored.margin,
+        summary=summarize(fdt, sdt, reference.n_new),
+    )
+
+
+def score_against(engine: Engine, reference: Reference) -> ProbeResult:
+    """Measure the model the engine holds right now against `reference`."""
+    start = time.perf_counter()
+    scored = engine.score(reference.sequences.tolist(), reference.n_prefix)
+    return measure(reference, scored, time.perf_counter() - start)
+
+
 def run_probe(
     engine: Engine,
     reference: Reference,
     component: str,
     spec: str,
     stats: Mapping[str, Any] | None = None,
-    current: torch.Tensor | None = None,
 ) -> ProbeResult:
-    """Apply `spec` to `component`, score, and put the component back as it was.
-
-    `current` is the component's value in the current model state when that is not the original
-    (a component compressed in an earlier round); the probe compresses from it and writes it back.
-    """
+    """Compress one component of an unedited engine, score, and restore the original."""
     start = time.perf_counter()
-    base = current if current is not None else engine.original_weight(component)
-    engine.set_weights({component: compress(base, spec, stats)})
+    engine.set_weights({component: compress(engine.original_weight(component), spec, stats)})
     try:
-        scored = engine.score(reference.sequences.tolist(), reference.n_prefix)
+        result = score_against(engine, reference)
     finally:
-        if current is None:
-            engine.restore([component])
-        else:
-            engine.set_weights({component: current})
-    fdt = first_divergent_token(reference.base_argmax, scored.argmax)
-    sdt = share_of_divergent_tokens(reference.base_argmax, scored.argmax)
-    return ProbeResult(
-        component=component,
-        spec=spec,
-        fdt=fdt,
-        sdt=sdt,
-        nll_mean=float(-np.mean(scored.ref_logprob)),
-        seconds=time.perf_counter() - start,
-        margin=scored.margin,
-        summary=summarize(fdt, sdt, reference.n_new),
-    )
+        engine.restore([component])
+    result.seconds = time.perf_counter() - start
+    return result

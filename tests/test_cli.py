@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dtm_ray import cli, orchestrate
+from dtm_ray import cli, driver
 
 
 def write_job(folder: Path, job: dict) -> Path:
@@ -25,7 +25,7 @@ def no_orchestration(monkeypatch):
     def forbidden(plan):
         raise AssertionError(f"a bad job reached run_plan: {plan.job}")
 
-    monkeypatch.setattr(orchestrate, "run_plan", forbidden)
+    monkeypatch.setattr(driver, "run_plan", forbidden)
 
 
 def tiny(model_dir: Path, **changes) -> dict:
@@ -63,9 +63,29 @@ BAD_JOBS = {
         lambda m: tiny(m, probe={"components": [{"layers": [7]}], "specs": ["int8"]}),
         "matches no component",
     ),
-    "wanda on vllm": (
-        lambda m: tiny(m, engine="vllm", probe={"specs": ["wanda:0.5"]}),
-        "needs calibration activations",
+    "probe specs beside a compress section": (
+        lambda m: tiny(m, compress={"target_sparsity": 0.4}),
+        "probe.specs is not used with a compress: section",
+    ),
+    "target sparsity out of range": (
+        lambda m: tiny(m, probe={"components": "all"}, compress={"target_sparsity": 1.5}),
+        "compress.target_sparsity must be a number in (0, 1), got 1.5",
+    ),
+    "unknown guide": (
+        lambda m: tiny(m, probe={"components": "all"}, compress={"guide": "perplexity"}),
+        "compress.guide 'perplexity' unknown; expected one of ['fdt', 'nll', 'uniform']",
+    ),
+    "unknown compress key": (
+        lambda m: tiny(m, probe={"components": "all"}, compress={"steps": 0.1}),
+        "unknown key compress.'steps'",
+    ),
+    "zero step": (
+        lambda m: tiny(m, probe={"components": "all"}, compress={"step": 0}),
+        "compress.step must be a number in (0, 1], got 0",
+    ),
+    "bad evaluation text": (
+        lambda m: tiny(m, evaluation={"text": "notes.csv"}),
+        "evaluation.text 'notes.csv' must be",
     ),
     "zero workers": (lambda m: tiny(m, workers=0), "workers must be an integer >= 1"),
 }

@@ -6,7 +6,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from dtm_ray.engines.hf import HFEngine
-from dtm_ray.prompts import check_source, cut_prefixes, load_prompts, read_texts
+from dtm_ray.prompts import (
+    check_source,
+    cut_calibration,
+    cut_prefixes,
+    load_calibration,
+    load_prompts,
+    read_texts,
+)
 
 PARAGRAPHS = [
     "The river rose through the night and by morning the lower fields were under water. "
@@ -79,3 +86,34 @@ def test_bad_sources(source, message):
 def test_hf_source_form_accepted_without_network():
     check_source("hf:wikitext:wikitext-2-raw-v1:test")
     check_source("hf:some/dataset:train")
+
+
+def test_calibration_windows_never_overlap_the_scored_prefixes():
+    # Two texts of 300 and 200 tokens whose token ids are their positions, offset per text.
+    tokens = [list(range(300)), list(range(1000, 1200))]
+    scored = cut_prefixes(tokens, 10, 6, seed=3)
+    calibration = cut_calibration(tokens, 25, 3, 3, scored_prefix_tokens=10, scored_count=6)
+    assert calibration.shape == (3, 25)
+    scored_tokens = set(scored.flatten().tolist())
+    for row in calibration.tolist():
+        assert not scored_tokens & set(row), (row, sorted(scored_tokens))
+    with pytest.raises(ValueError, match="calibration windows of 25 tokens"):
+        cut_calibration(tokens, 25, 19, 3, scored_prefix_tokens=10, scored_count=6)
+
+
+def test_pydoc_source_is_real_prose_that_ships_with_python(tiny_llama_dir):
+    texts = read_texts("pydoc")
+    assert len(texts) > 50 and sum(map(len, texts)) > 300_000
+    assert any("for" in t and "statement" in t for t in texts)
+    a = load_prompts("pydoc", tiny_llama_dir, count=8, prefix_tokens=16, seed=0)
+    assert a.shape == (8, 16) and len({tuple(r) for r in a.tolist()}) == 8
+    np.testing.assert_array_equal(a, load_prompts("pydoc", tiny_llama_dir, 8, 16, seed=0))
+    calibration = load_calibration("pydoc", tiny_llama_dir, 4, 48, 8, 16, seed=0)
+    assert calibration.shape == (4, 48)
+
+
+def test_self_calibration_uses_other_sampler_seeds(tiny_llama_dir):
+    engine = HFEngine(tiny_llama_dir)
+    scored = load_prompts("self", tiny_llama_dir, count=3, prefix_tokens=6, engine=engine)
+    calibration = load_calibration("self", tiny_llama_dir, 3, 6, 3, 6, engine=engine)
+    assert not {tuple(r) for r in scored.tolist()} & {tuple(r) for r in calibration.tolist()}

@@ -10,15 +10,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from dtm_ray import store as store_module
-from dtm_ray.config import ConfigError, JobConfig
-from dtm_ray.probe import Reference
-from dtm_ray.store import RunStore, config_differences, reference_from_table, reference_table
+from dtm_ray.config import ConfigError, JobConfig, check_same_config, config_differences
+from dtm_ray.schemas import reference_from_table, reference_table
+from dtm_ray.state import Reference
+from dtm_ray.store import RunStore
 
 
-def probe_row(component: str, spec: str = "int8", status: str = "ok", fdt0: int = 5) -> dict:
+def probe_row(
+    component: str, spec: str = "int8", status: str = "ok", fdt0: int = 5, round_: int = 0
+) -> dict:
     ok = status == "ok"
     return {
-        "round": 0,
+        "round": round_,
         "component": component,
         "layer": 0,
         "kind": "q",
@@ -40,7 +43,7 @@ def probe_row(component: str, spec: str = "int8", status: str = "ok", fdt0: int 
 
 def test_probe_rows_round_trip_with_their_types(tmp_path: Path) -> None:
     store = RunStore(str(tmp_path / "run"))
-    store.write_probe_rows([probe_row("a"), probe_row("b", status="failed")])
+    store.write_probe_rows([probe_row("a"), probe_row("b", status="failed")], 0)
     table = store.read_probes()
     assert table.num_rows == 2
     assert table.schema.field("fdt").type == pa.list_(pa.int32())
@@ -60,14 +63,14 @@ def test_a_file_is_invisible_until_it_is_complete(tmp_path: Path, monkeypatch) -
         real_write(table, where, **kwargs)
 
     monkeypatch.setattr(store_module.pq, "write_table", watching_write)
-    store.write_probe_rows([probe_row("a")])
+    store.write_probe_rows([probe_row("a")], 0)
     assert seen_while_writing == [[]]
     assert len(store.probe_files()) == 1
 
 
 def test_a_crash_during_write_leaves_nothing_visible(tmp_path: Path, monkeypatch) -> None:
     store = RunStore(str(tmp_path / "run"))
-    store.write_probe_rows([probe_row("a")])
+    store.write_probe_rows([probe_row("a")], 0)
 
     def dying_write(table, where, **kwargs):
         where.write(b"PAR1 half a file")
@@ -75,7 +78,7 @@ def test_a_crash_during_write_leaves_nothing_visible(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(store_module.pq, "write_table", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        store.write_probe_rows([probe_row("b")])
+        store.write_probe_rows([probe_row("b")], 0)
     assert [r["component"] for r in store.read_probes().to_pylist()] == ["a"]
     assert sorted(p.name for p in (tmp_path / "run" / "probes").iterdir()) == [
         Path(store.probe_files()[0]).name
@@ -84,7 +87,7 @@ def test_a_crash_during_write_leaves_nothing_visible(tmp_path: Path, monkeypatch
 
 def test_leftover_temp_files_are_ignored_by_the_store_and_by_other_readers(tmp_path: Path) -> None:
     store = RunStore(str(tmp_path / "run"))
-    store.write_probe_rows([probe_row("a"), probe_row("b")])
+    store.write_probe_rows([probe_row("a"), probe_row("b")], 0)
     # A SIGKILL between writing and renaming leaves a hidden temp file behind.
     probes = tmp_path / "run" / "probes"
     (probes / ".part-99-dead.parquet.1234abcd.tmp").write_bytes(b"PAR1 truncated")
@@ -94,8 +97,8 @@ def test_leftover_temp_files_are_ignored_by_the_store_and_by_other_readers(tmp_p
 
 def test_duplicates_are_dropped_on_read_ok_row_first(tmp_path: Path) -> None:
     store = RunStore(str(tmp_path / "run"))
-    store.write_probe_rows([probe_row("a", status="failed"), probe_row("b", fdt0=3)])
-    store.write_probe_rows([probe_row("a", fdt0=4), probe_row("b", fdt0=7)])
+    store.write_probe_rows([probe_row("a", status="failed"), probe_row("b", fdt0=3)], 0)
+    store.write_probe_rows([probe_row("a", fdt0=4), probe_row("b", fdt0=7)], 0)
     assert store.read_probes(dedupe=False).num_rows == 4
     rows = {r["component"]: r for r in store.read_probes().to_pylist()}
     assert set(rows) == {"a", "b"}
@@ -108,7 +111,7 @@ def test_duplicates_are_dropped_on_read_ok_row_first(tmp_path: Path) -> None:
 def test_an_empty_run_dir_has_no_probes(tmp_path: Path) -> None:
     store = RunStore(str(tmp_path / "nothing-yet"))
     assert store.read_probes().num_rows == 0
-    assert store.read_reference() is None
+    assert store.read_reference(0) is None
     assert store.read_run_info() is None
 
 
@@ -123,7 +126,7 @@ def job_dict(**changes) -> dict:
     return config
 
 
-def test_resuming_with_the_same_config_keeps_the_first_run_json(tmp_path: Path) -> None:
+def test_resuming_keeps_the_first_run_json(tmp_path: Path) -> None:
     store = RunStore(str(tmp_path / "run"))
     first = store.open_run(job_dict(), {"created": "first"})
     again = store.open_run(job_dict(), {"created": "second"})
@@ -131,27 +134,22 @@ def test_resuming_with_the_same_config_keeps_the_first_run_json(tmp_path: Path) 
     assert store.read_run_info()["config"] == job_dict()
 
 
-def test_operational_keys_may_change_on_resume(tmp_path: Path) -> None:
-    store = RunStore(str(tmp_path / "run"))
-    store.open_run(job_dict(), {})
-    store.open_run(
-        job_dict(
-            out="elsewhere",
-            workers=8,
-            resources_per_worker={"GPU": 1},
-            max_in_flight_per_worker=4,
-            max_probe_retries=0,
-        ),
-        {},
+def test_operational_keys_may_change_on_resume() -> None:
+    changed = job_dict(
+        out="elsewhere",
+        workers=8,
+        resources_per_worker={"GPU": 1},
+        max_in_flight_per_worker=4,
+        max_probe_retries=0,
     )
+    assert config_differences(job_dict(), changed) == []
+    check_same_config(job_dict(), changed, "run")
 
 
-def test_a_changed_config_names_every_differing_key(tmp_path: Path) -> None:
-    store = RunStore(str(tmp_path / "run"))
-    store.open_run(job_dict(), {})
+def test_a_changed_config_names_every_differing_key() -> None:
     changed = job_dict(new_tokens=16, prompts__count=8, probe__specs=["int8"], workers=3)
     with pytest.raises(ConfigError) as err:
-        store.open_run(changed, {})
+        check_same_config(job_dict(), changed, "run")
     message = str(err.value)
     assert "new_tokens: 64 in the run, 16 now" in message
     assert "prompts.count: 32 in the run, 8 now" in message
@@ -169,10 +167,13 @@ def test_reference_round_trips_through_its_table(tmp_path: Path) -> None:
         base_margin=np.array([[0.5, 0.25, 2.0], [1.0, 0.125, np.nan]], dtype=np.float32),
     )
     store = RunStore(f"file://{tmp_path}/run")  # the URI form goes through the same pyarrow.fs
-    store.write_reference(reference_table(reference))
-    table = RunStore(str(tmp_path / "run")).read_reference()
+    store.write_reference(reference_table(reference, 0), 0)
+    table = RunStore(str(tmp_path / "run")).read_reference(0)
     assert table.column("noise_positions").to_pylist() == [0, 2]
     assert table.column("min_margin").to_pylist() == [0.25, 0.125]
+    # Without a comparison the current model is the reference's own: FDT = N, SDT = 0.
+    assert table.column("current_fdt").to_pylist() == [3, 3]
+    assert table.column("current_sdt").to_pylist() == [0, 0]
     back = reference_from_table(table)
     for name in ("prefixes", "continuation", "base_argmax"):
         np.testing.assert_array_equal(getattr(back, name), getattr(reference, name))
@@ -183,6 +184,32 @@ def test_reference_round_trips_through_its_table(tmp_path: Path) -> None:
 def test_a_relative_run_dir_is_anchored_where_the_command_runs(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     store = RunStore("runs/demo")
-    store.write_probe_rows([probe_row("a")])
+    store.write_probe_rows([probe_row("a")], 0)
     assert store.location == str(tmp_path / "runs" / "demo")
     assert len(list((tmp_path / "runs" / "demo" / "probes").glob("part-*.parquet"))) == 1
+
+
+def test_compaction_merges_one_rounds_parts_and_a_kill_in_between_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    store.write_probe_rows([probe_row("a"), probe_row("b")], 0)
+    store.write_probe_rows([probe_row("c")], 0)
+    store.write_probe_rows([probe_row("a", round_=1)], 1)
+    assert len(store.probe_files()) == 3
+
+    # What a compaction killed after writing the round file, before deleting the parts, leaves.
+    store.write_round_table("probes", 0, store.read_probes(round_=0))
+    assert store.read_probes(dedupe=False, round_=0).num_rows == 3 + 3  # parts + round file
+    assert sorted(probe_keys_of(store.read_probes(round_=0))) == ["a", "b", "c"]
+
+    store.compact_probes(0)  # the resumed run compacts again
+    names = sorted(Path(p).name for p in store.probe_files())
+    assert names[-1] == "round-000.parquet" and len(names) == 2  # round 1's part remains
+    assert sorted(probe_keys_of(store.read_probes(round_=0))) == ["a", "b", "c"]
+    assert probe_keys_of(store.read_probes(round_=1)) == ["a"]
+    assert store.finished_probes(1) == {("a", "int8")}
+
+
+def probe_keys_of(table: pa.Table) -> list[str]:
+    return table.column("component").to_pylist()

@@ -1,4 +1,4 @@
-"""The Ray round end to end: real actors, real engines, real Parquet, checked against the
+"""The driver end to end: real actors, real engines, real Parquet, checked against the
 in-process probe; killed drivers and killed actors; resume."""
 
 from __future__ import annotations
@@ -13,16 +13,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
 from dtm_ray.components import Component
+from dtm_ray.compress import compress
 from dtm_ray.config import ConfigError, Plan, load_job, plan_job
+from dtm_ray.driver import run_plan
 from dtm_ray.engines.hf import HFEngine
-from dtm_ray.orchestrate import run_plan
-from dtm_ray.probe import build_reference, run_probe
-from dtm_ray.store import RunStore, probe_keys, reference_from_table
+from dtm_ray.probe import build_reference, run_probe, score_against
+from dtm_ray.schemas import probe_keys, reference_from_table
+from dtm_ray.store import RunStore
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 ALL_KINDS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -60,7 +63,7 @@ def in_process_values(
     The reference is rebuilt here from those prompts and must equal the stored one, so the run's
     greedy continuations and base argmax are checked as well as its probes.
     """
-    stored = reference_from_table(RunStore(run_dir).read_reference())
+    stored = reference_from_table(RunStore(run_dir).read_reference(0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each engine actor, so both take the same kernels
     try:
@@ -156,7 +159,7 @@ def test_tiny_run_matches_the_in_process_probe_and_resumes(
     assert table_values(str(out)) == expected
     assert any(fdt != [32] * 16 for fdt, _ in expected.values())  # something diverged at all
 
-    reference = RunStore(str(out)).read_reference()
+    reference = RunStore(str(out)).read_reference(0)
     assert reference.column("prompt_id").to_pylist() == list(range(16))
     assert len(reference.column("prefix_ids")[0].as_py()) == 16
     assert {"noise_positions", "min_margin", "base_argmax"} <= set(reference.column_names)
@@ -168,19 +171,21 @@ def test_tiny_run_matches_the_in_process_probe_and_resumes(
     assert "28 probes (28 ok, 0 failed) over 16 prompts x 32 tokens" in summary
     assert "noise floor:" in summary and "magnitude:0.5: 5 most robust by FDT@75" in summary
 
+    # The round's per-flush files were compacted into one file when it ended.
+    assert [p.name for p in visible_probe_files(out)] == ["round-000.parquet"]
+
     # Resume: nothing left to run; the reference is reused, not regenerated.
-    files = sorted(p.name for p in visible_probe_files(out))
     reference_mtime = (out / "reference" / "round-000.parquet").stat().st_mtime_ns
     again = run_plan(make_plan(tmp_path, tiny_job(tiny_llama_dir, out, workers=1)))
     assert again.ran == 0
-    assert sorted(p.name for p in visible_probe_files(out)) == files
     assert (out / "reference" / "round-000.parquet").stat().st_mtime_ns == reference_mtime
 
-    # Lose the newest file, as if the driver had died before writing it: only that is redone.
-    before = set(probe_keys(RunStore(str(out)).read_probes()))
-    max(visible_probe_files(out)).unlink()
-    lost = before - set(probe_keys(RunStore(str(out)).read_probes()))
-    assert lost
+    # Lose the last rows, as if the driver had died before writing them: only those are redone.
+    compacted = out / "probes" / "round-000.parquet"
+    rows = pq.read_table(compacted)
+    pq.write_table(rows.slice(0, rows.num_rows - 5), compacted)
+    lost = set(probe_keys(rows)) - set(probe_keys(RunStore(str(out)).read_probes()))
+    assert len(lost) == 5
     partial = run_plan(make_plan(tmp_path, tiny_job(tiny_llama_dir, out, workers=1)))
     assert partial.ran == len(lost)
     assert_every_probe_exactly_once(str(out), plan)
@@ -210,6 +215,43 @@ def test_a_probe_that_raises_is_recorded_as_failed_after_its_retries(
     # The failed probe left the engine clean: the good probe equals the in-process one.
     expected = in_process_values(tiny_llama_dir, str(out), [(good["component"], "int8")], 32)
     assert (good["fdt"], good["sdt"]) == expected[(good["component"], "int8")]
+
+
+def test_an_actor_scores_against_the_reference_each_call_brings(
+    ray_session, tiny_llama_dir: Path
+) -> None:
+    """Same round, same state, another reference (a resumed round, or reference: original):
+    the actor must score against the new one, not a reference it saw before."""
+    import ray
+
+    from dtm_ray.actor import RoundContext, start_engine_actors
+    from dtm_ray.engines import EngineConfig
+    from dtm_ray.state import Link, ModelState
+
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    state = ModelState({q0: (Link("magnitude:0.3"),)})
+    engine = HFEngine(tiny_llama_dir)
+    rng = np.random.default_rng(1)
+    references = [build_reference(engine, rng.integers(3, 900, (4, 8)), 12) for _ in range(2)]
+    (actor,) = start_engine_actors(str(tiny_llama_dir), EngineConfig(kind="hf"), 1, {"CPU": 1})
+    try:
+        got = [
+            ray.get(actor.probe.remote({q0: "magnitude:0.8"}, RoundContext(3, state, ref)))
+            for ref in references
+        ]
+    finally:
+        ray.kill(actor)
+    pruned = compress(compress(engine.original_weight(q0), "magnitude:0.3"), "magnitude:0.8")
+    engine.set_weights({q0: pruned})
+    expected = [score_against(engine, reference) for reference in references]
+    # A stale reference would show: the two references give different answers.
+    assert (expected[0].fdt.tolist(), expected[0].sdt.tolist()) != (
+        expected[1].fdt.tolist(),
+        expected[1].sdt.tolist(),
+    )
+    for scored, want in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(scored.result.fdt, want.fdt)
+        np.testing.assert_array_equal(scored.result.sdt, want.sdt)
 
 
 # --- crashes ----------------------------------------------------------------------------------
@@ -266,15 +308,19 @@ def test_a_killed_driver_resumes_with_every_probe_exactly_once(
         finally:
             driver.send_signal(signal.SIGKILL)
             driver.wait()
-    survived = RunStore(str(out)).read_probes(dedupe=False).num_rows
+    survived_rows = RunStore(str(out)).read_probes(dedupe=False)
+    survived = survived_rows.num_rows
     assert 0 < survived < len(plan.probes), (tmp_path / "first.log").read_text()[-2000:]
-    first_files = {p.name for p in visible_probe_files(out)}
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"probing: {len(plan.probes) - survived} to run, {survived} done before" in second.stderr
-    assert first_files <= {p.name for p in visible_probe_files(out)}
     assert_every_probe_exactly_once(str(out), plan)
+    # The rows the killed driver wrote were kept as they were, not redone.
+    final = {(r["component"], r["spec"]): r for r in RunStore(str(out)).read_probes().to_pylist()}
+    for row in survived_rows.to_pylist():
+        kept = final[(row["component"], row["spec"])]
+        assert (kept["worker"], kept["fdt"]) == (row["worker"], row["fdt"])
 
 
 # --- SmolLM2 acceptance -----------------------------------------------------------------------

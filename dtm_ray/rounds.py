@@ -1,0 +1,222 @@
+"""One round on a pool of engine actors: its reference, its calibration and its probes, each
+read back from the run directory when a previous invocation already wrote it (resume).
+
+Nothing here decides anything: the driver hands in the state and the probes to run, and gets
+tables back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dtm_ray.actor import RoundContext
+from dtm_ray.components import Component
+from dtm_ray.config import JobConfig
+from dtm_ray.metrics import fdt_at
+from dtm_ray.pool import EnginePool, Outcome, Task
+from dtm_ray.progress import ProbeWriter, Progress, Streaming, log
+from dtm_ray.schemas import (
+    CALIBRATION_SCHEMA,
+    calibration_from_table,
+    calibration_table,
+    probe_failed_row,
+    probe_ok_row,
+    reference_from_table,
+    reference_table,
+)
+from dtm_ray.state import ModelState, Reference, concat_references
+from dtm_ray.store import RunStore
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe of a round: `delta` (component -> spec) applied on top of the round's state."""
+
+    component: Component
+    spec: str
+    added: float | None = None  # the added sparsity, for sparsify probes
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.component.name, self.spec
+
+
+@dataclass
+class RoundReference:
+    reference: Reference
+    current_fdt: np.ndarray  # the round's current model against the reference, per prompt
+    current_nll: np.ndarray
+
+    @property
+    def base_fdt(self) -> float:
+        return float(fdt_at(self.current_fdt, 75))
+
+    @property
+    def base_nll(self) -> float:
+        return float(np.mean(self.current_nll))
+
+
+def source_for_actors(source: str) -> str:
+    # Actors may run in another working directory; a local file is passed by absolute path.
+    path = Path(source)
+    return str(path.resolve()) if path.is_file() else source
+
+
+def _read_round_reference(store: RunStore, round_: int) -> RoundReference | None:
+    table = store.read_reference(round_)
+    if table is None:
+        return None
+    return RoundReference(
+        reference_from_table(table),
+        np.asarray(table.column("current_fdt").to_pylist()),
+        np.asarray(table.column("current_nll").to_pylist(), dtype=np.float64),
+    )
+
+
+def load_scored_prompts(pool: EnginePool, job: JobConfig) -> np.ndarray:
+    p = job.prompts
+    return pool.call("load_prompts", source_for_actors(p.source), p.count, p.prefix_tokens, p.seed)
+
+
+def build_reference(
+    pool: EnginePool, store: RunStore, job: JobConfig, round_: int, state: ModelState
+) -> RoundReference:
+    """The round's reference from its current model: stored, or built and stored.
+
+    Round 0 draws the prompts; later rounds reuse round 0's prompts with the current model's own
+    greedy continuation.
+    """
+    stored = _read_round_reference(store, round_)
+    if stored is not None:
+        return stored
+    if round_ == 0:
+        log(f"building the reference: {job.prompts.count} prompts, {job.new_tokens} tokens")
+        prefixes = load_scored_prompts(pool, job)
+    else:
+        log(f"round {round_}: rebuilding the reference with the current model")
+        prefixes = reference_of(store, 0).prefixes
+    parts = pool.split("build_reference", prefixes, state, job.new_tokens)
+    reference = concat_references(parts)
+    table = reference_table(reference, round_)
+    store.write_reference(table, round_)
+    return _read_round_reference(store, round_)
+
+
+def reuse_reference(
+    pool: EnginePool, store: RunStore, round_: int, state: ModelState
+) -> RoundReference:
+    """Round `round_` measured against the dense model's reference (`reference: original`): the
+    round-0 reference, with the current model's own scores against it."""
+    stored = _read_round_reference(store, round_)
+    if stored is not None:
+        return stored
+    dense = reference_of(store, 0)
+    current = pool.call("score", state, dense)
+    table = reference_table(
+        dense, round_, current.fdt.tolist(), current.sdt.tolist(), current.nll.tolist()
+    )
+    store.write_reference(table, round_)
+    return _read_round_reference(store, round_)
+
+
+def reference_of(store: RunStore, round_: int) -> Reference:
+    table = store.read_reference(round_)
+    if table is None:
+        raise RuntimeError(f"the run has no reference for round {round_}")
+    return reference_from_table(table)
+
+
+def calibrate(
+    pool: EnginePool,
+    store: RunStore,
+    job: JobConfig,
+    round_: int,
+    state: ModelState,
+    names: Sequence[str],
+    count: int,
+) -> dict[str, np.ndarray]:
+    """Wanda's input norms of the round's current model on calibration sequences that overlap
+    none of the scored prompts; stored per round so every replay uses exactly these."""
+    stored = store.read_round_table("calibration", CALIBRATION_SCHEMA, round_)
+    if stored is not None:
+        return calibration_from_table(stored)
+    p = job.prompts
+    sequences = pool.call(
+        "load_calibration",
+        source_for_actors(p.source),
+        count,
+        p.prefix_tokens + job.new_tokens,
+        (p.count, p.prefix_tokens),
+        p.seed,
+    )
+    norms = pool.call("input_norms", state, sequences, list(names))
+    store.write_round_table("calibration", round_, calibration_table(round_, norms))
+    return norms
+
+
+def read_calibration(store: RunStore) -> dict[int, dict[str, np.ndarray]]:
+    """Every round's calibration norms: round -> component -> norm."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for round_ in store.rounds_written("calibration"):
+        table = store.read_round_table("calibration", CALIBRATION_SCHEMA, round_)
+        out[round_] = calibration_from_table(table)
+    return out
+
+
+def run_probes(
+    pool: EnginePool,
+    store: RunStore,
+    context: RoundContext,
+    probes: Sequence[Probe],
+    streaming: Streaming,
+) -> int:
+    """Run the probes of the round not yet in the run directory, streaming rows as they finish;
+    compact the round's files at the end. Returns how many ran."""
+    import ray
+
+    round_ = context.round
+    done = store.finished_probes(round_)
+    pending = [p for p in probes if p.key not in done]
+    log(f"round {round_}: probing: {len(pending)} to run, {len(probes) - len(pending)} done before")
+    writer = ProbeWriter(store, round_, streaming.flush_every, streaming.flush_seconds)
+    progress = Progress(len(probes), len(probes) - len(pending), streaming.progress_interval)
+    context_ref = ray.put(context)
+    ran = 0
+
+    def on_outcome(outcome: Outcome) -> None:
+        nonlocal ran
+        probe: Probe = outcome.task.key
+        attempts = outcome.task.attempts
+        if outcome.error is None:
+            scored = outcome.value
+            row = probe_ok_row(
+                round_,
+                probe.component,
+                probe.spec,
+                probe.added,
+                scored.result,
+                scored.worker,
+                attempts,
+            )
+        else:
+            row = probe_failed_row(
+                round_, probe.component, probe.spec, probe.added, outcome.error, attempts
+            )
+        writer.add(row)
+        progress.advance()
+        ran += 1
+
+    tasks = [Task(p, ({p.component.name: p.spec}, context_ref)) for p in pending]
+    try:
+        if tasks:
+            pool.run("probe", tasks, on_outcome, tick=writer.flush_if_due)
+    finally:
+        # Rows in the buffer are complete results; keep them even when the round is interrupted.
+        writer.flush()
+        progress.close()
+    store.compact_probes(round_)
+    return ran

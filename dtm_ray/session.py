@@ -1,0 +1,174 @@
+"""A loaded engine plus the model state it holds: the stateful part of an engine actor, Ray-free.
+
+`EngineSession` keeps three promises, each tested without Ray:
+- `apply_state(state)` makes the engine hold exactly `state` (chains replayed on the originals,
+  so any session anywhere holds bit-identical weights); it is all or nothing: the new weights are
+  computed before any is written, and a failed write puts the old state back.
+- `probe(delta, ...)` compresses a set of components on top of the state, scores, and puts those
+  components back as the state has them, whatever happened in between.
+- When putting weights back fails, the engine's weights are unknown: `EngineBroken` is raised and
+  the session must not be used again (the Ray actor exits so Ray restarts it clean).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from dtm_ray.compress import compress, parse_spec
+from dtm_ray.engines.base import Engine
+from dtm_ray.probe import ProbeResult, build_reference, score_against
+from dtm_ray.state import Chain, ModelState, Reference
+
+_CURRENT_CACHE_BYTES = 1 << 30  # current (compressed) weights kept for repeated probes
+
+
+class EngineBroken(RuntimeError):
+    """The engine's weights are in an unknown state; discard the process that holds it."""
+
+
+class EngineSession:
+    def __init__(self, engine: Engine, cache_bytes: int = _CURRENT_CACHE_BYTES) -> None:
+        self.engine = engine
+        self.state = ModelState()
+        self._cache_bytes = cache_bytes
+        self._current: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    # --- weights ----------------------------------------------------------------------------
+    def replay(self, component: str, chain: Chain) -> torch.Tensor:
+        """The weight `chain` makes of the component's original (the original for no chain)."""
+        weight = self.engine.original_weight(component)
+        for link in chain:
+            weight = compress(weight, link.spec, link.stats)
+        return weight
+
+    def current_weight(self, component: str) -> torch.Tensor:
+        """The component as the current state has it (cached: replaying a chain costs a sort)."""
+        chain = self.state.chain(component)
+        if not chain:
+            return self.engine.original_weight(component)
+        key = (component, tuple((link.spec, link.stats_round) for link in chain))
+        weight = self._current.get(key)
+        if weight is None:
+            weight = self.replay(component, chain)
+            self._current[key] = weight
+            while len(self._current) > 1 and self._cached_bytes() > self._cache_bytes:
+                self._current.popitem(last=False)
+        else:
+            self._current.move_to_end(key)
+        return weight
+
+    def _cached_bytes(self) -> int:
+        return sum(t.nbytes for t in self._current.values())
+
+    def _write(self, weights: Mapping[str, torch.Tensor], originals: Iterable[str]) -> None:
+        originals = list(originals)
+        if originals:
+            self.engine.restore(originals)
+        if weights:
+            self.engine.set_weights(dict(weights))
+
+    def apply_state(self, state: ModelState) -> None:
+        """Make the engine hold exactly `state`; unlisted components are original."""
+        if state.key == self.state.key:
+            return
+        changed = [
+            name
+            for name in sorted(set(self.state.components()) | set(state.components()))
+            if state.chain(name) != self.state.chain(name)
+        ]
+        # Everything that can fail for a bad state (a bad spec, missing stats) fails here,
+        # before the engine is touched.
+        new = {name: self.replay(name, state.chain(name)) for name in changed if state.chain(name)}
+        try:
+            self._write(new, [name for name in changed if not state.chain(name)])
+        except BaseException as err:
+            self._restore_state(changed, err)
+            raise
+        self.state = state
+
+    def _restore_state(self, names: list[str], cause: BaseException) -> None:
+        """Put `names` back as `self.state` has them after a failed write."""
+        try:
+            old = {name: self.current_weight(name) for name in names if self.state.chain(name)}
+            self._write(old, [name for name in names if not self.state.chain(name)])
+        except BaseException as err:
+            raise EngineBroken(f"could not put weights back after {cause!r}: {err!r}") from err
+
+    # --- probing ----------------------------------------------------------------------------
+    def compressed(
+        self,
+        delta: Mapping[str, str],
+        stats: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The delta's new weights: each spec applied to the component's current weight."""
+        weights = {}
+        for name, spec in delta.items():
+            needs = parse_spec(spec).needs_stats
+            norm = (stats or {}).get(name) if needs else None
+            if needs and norm is None:
+                raise ValueError(f"'{spec}' on {name} needs calibration input norms; none given")
+            link_stats = None if norm is None else {"input_norm": norm}
+            weights[name] = compress(self.current_weight(name), spec, link_stats)
+        return weights
+
+    def probe(
+        self,
+        delta: Mapping[str, str],
+        reference: Reference,
+        stats: Mapping[str, np.ndarray] | None = None,
+    ) -> ProbeResult:
+        """Score the state plus `delta` (component -> spec applied to its current weight)."""
+        start = time.perf_counter()
+        weights = self.compressed(delta, stats)
+        try:
+            self.engine.set_weights(weights)
+            result = score_against(self.engine, reference)
+        finally:
+            self._put_back(list(delta))
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _put_back(self, names: list[str]) -> None:
+        try:
+            keep = {name: self.current_weight(name) for name in names if self.state.chain(name)}
+            self._write(keep, [name for name in names if not self.state.chain(name)])
+        except BaseException as err:
+            raise EngineBroken(f"could not put {names} back after a probe: {err!r}") from err
+
+    # --- what a round needs besides probes ----------------------------------------------
+    def build_reference(self, prefixes: np.ndarray, n_new: int) -> Reference:
+        return build_reference(self.engine, prefixes, n_new)
+
+    def score(self, reference: Reference) -> ProbeResult:
+        """The current state measured against `reference` (e.g. the dense model's)."""
+        return score_against(self.engine, reference)
+
+    def input_norms(
+        self, sequences: np.ndarray, names: Iterable[str]
+    ) -> dict[str, np.ndarray]:
+        """Wanda's calibration statistics of the current state: ‖x_j‖₂ per input feature."""
+        norms = self.engine.input_norms(np.asarray(sequences).tolist(), list(names))
+        return {name: norm.float().numpy() for name, norm in norms.items()}
+
+    def text_nll(self, windows: np.ndarray) -> np.ndarray:
+        """Per-token negative log-likelihood of real-text windows [W, T] -> float64 [W, T-1]."""
+        scored = self.engine.score(np.asarray(windows).tolist(), 1)
+        return -np.asarray(scored.ref_logprob, dtype=np.float64)
+
+    def itemsize(self, component: str) -> int:
+        """Bytes per value of the engine's weights (the model's dtype as loaded)."""
+        return self.engine.original_weight(component).element_size()
+
+    def zero_shares(self, names: Iterable[str]) -> dict[str, tuple[float, int]]:
+        """Per component: (share of zeros, count of nonzeros) of its current weight."""
+        out = {}
+        for name in names:
+            weight = self.current_weight(name)
+            nonzero = int(torch.count_nonzero(weight))
+            out[name] = (1.0 - nonzero / weight.numel(), nonzero)
+        return out
