@@ -107,8 +107,9 @@ class EngineActor:
         self._guarded(self.session.apply_state, state)
         return self.session.zero_shares(names)
 
-    def itemsize(self, component: str) -> int:
-        return self.session.itemsize(component)
+    def dtype_of(self, component: str) -> tuple[int, str]:
+        """(bytes per value, dtype name) of the weights as this engine holds them."""
+        return self.session.itemsize(component), self.session.dtype_name(component)
 
     def probe(self, delta: Mapping[str, str], context: RoundContext) -> Scored:
         """Score the round's state plus `delta` against the round's reference.

@@ -21,7 +21,7 @@ from dtm_ray.prompts import check_source
 __all__ = ["ConfigError", "JobConfig", "Plan", "load_job", "plan_job"]
 
 DEFAULT_PROBE_SPECS = ["magnitude:0.5"]
-COMPRESS_METHODS = ("sparsify",)
+COMPRESS_METHODS = ("sparsify", "quantize")
 CRITERIA = ("magnitude", "wanda")
 GUIDES = ("fdt", "nll", "uniform")
 REFERENCES = ("current", "original")
@@ -45,16 +45,35 @@ class ProbeConfig:
 
 @dataclass
 class CompressConfig:
-    """Iterative compression of the selected components (see the README)."""
+    """Iterative compression of the selected components (see the README).
 
-    method: str = "sparsify"
-    target_sparsity: float = 0.5  # parameter-weighted over the selected components
-    step: float = 0.1  # relative added sparsity per round; the last one is cut to land on target
-    criterion: str = "magnitude"  # which weights a pruning step zeroes: magnitude | wanda
-    guide: str = "fdt"  # what decides per-component sparsity: fdt | nll | uniform
-    reference: str = "current"  # what a round measures against: current | original (dense)
-    calibration_count: int = 16  # wanda: calibration sequences, disjoint from scored prompts
+    Keys of the other method stay None; validation fills in this method's defaults, so run.json
+    records every value a run used.
+    """
+
+    method: str = "sparsify"  # sparsify | quantize
+    guide: str = "fdt"  # what decides: fdt | nll | uniform
     max_rounds: int = 100  # a guard against a schedule that never reaches the target
+    # sparsify
+    target_sparsity: float | None = None  # parameter-weighted over the selected components
+    step: float | None = None  # relative added sparsity per round; the last is cut to the target
+    criterion: str | None = None  # which weights a pruning step zeroes: magnitude | wanda
+    reference: str | None = None  # what a round measures against: current | original (dense)
+    calibration_count: int | None = None  # wanda: calibration sequences, disjoint from prompts
+    # quantize
+    levels: list[str] | None = None  # precisions, most aggressive first, e.g. [int4-g64, int8]
+    min_fdt: float | None = None  # FDT@75 of the combined model against the dense one
+    max_params_share: float | None = None  # at most this share of parameters at each level
+
+
+SPARSIFY_DEFAULTS = {
+    "target_sparsity": 0.5,
+    "step": 0.1,
+    "criterion": "magnitude",
+    "reference": "current",
+    "calibration_count": 16,
+}
+QUANTIZE_DEFAULTS = {"levels": None, "min_fdt": None, "max_params_share": 1.0}
 
 
 @dataclass
@@ -199,15 +218,54 @@ def _check_fraction(value: Any, name: str, low_open: bool, high: float, high_ope
         raise ConfigError(f"{name} must be a number in {interval}, got {value!r}")
 
 
+def _fill_defaults(compress: CompressConfig) -> None:
+    """This method's defaults for keys left out; a key of the other method is an error."""
+    own = SPARSIFY_DEFAULTS if compress.method == "sparsify" else QUANTIZE_DEFAULTS
+    other = QUANTIZE_DEFAULTS if compress.method == "sparsify" else SPARSIFY_DEFAULTS
+    for key in other:
+        if getattr(compress, key) is not None:
+            raise ConfigError(
+                f"compress.{key} does not apply to method {compress.method!r}; "
+                f"its keys are {sorted(own)}"
+            )
+    for key, default in own.items():
+        if getattr(compress, key) is None:
+            setattr(compress, key, default)
+
+
 def _check_compress(compress: CompressConfig) -> None:
     _check_choice(compress.method, "compress.method", COMPRESS_METHODS)
-    _check_choice(compress.criterion, "compress.criterion", CRITERIA)
+    _fill_defaults(compress)
     _check_choice(compress.guide, "compress.guide", GUIDES)
-    _check_choice(compress.reference, "compress.reference", REFERENCES)
-    _check_fraction(compress.target_sparsity, "compress.target_sparsity", True, 1, True)
-    _check_fraction(compress.step, "compress.step", True, 1, False)
-    _check_int(compress.calibration_count, "compress.calibration_count", 1)
     _check_int(compress.max_rounds, "compress.max_rounds", 1)
+    if compress.method == "sparsify":
+        _check_choice(compress.criterion, "compress.criterion", CRITERIA)
+        _check_choice(compress.reference, "compress.reference", REFERENCES)
+        _check_fraction(compress.target_sparsity, "compress.target_sparsity", True, 1, True)
+        _check_fraction(compress.step, "compress.step", True, 1, False)
+        _check_int(compress.calibration_count, "compress.calibration_count", 1)
+        return
+    levels = compress.levels
+    if not isinstance(levels, list) or not levels:
+        raise ConfigError(
+            f"compress.levels must be a non-empty list of precisions, most aggressive first "
+            f"(e.g. [int4-g64, int8]), got {levels!r}"
+        )
+    for level in levels:
+        try:
+            spec = parse_spec(str(level))
+        except ValueError as err:
+            raise ConfigError(f"compress.levels: {err}") from None
+        if spec.is_pruning:
+            raise ConfigError(
+                f"compress.levels holds {level!r}, a pruning spec; "
+                "expected int8, int8-tensor, int4-gG or fp8-e4m3"
+            )
+    compress.levels = [str(parse_spec(str(level))) for level in levels]
+    min_fdt = compress.min_fdt
+    if not isinstance(min_fdt, (int, float)) or isinstance(min_fdt, bool) or min_fdt < 0:
+        raise ConfigError(f"compress.min_fdt must be a number >= 0 (an FDT@75), got {min_fdt!r}")
+    _check_fraction(compress.max_params_share, "compress.max_params_share", True, 1, False)
 
 
 @dataclass
@@ -238,9 +296,17 @@ def plan_job(job: JobConfig) -> Plan:
         if job.compress is None:
             specs = [str(parse_spec(str(s))) for s in job.probe.specs or DEFAULT_PROBE_SPECS]
             checked = specs
-        else:
+        elif job.compress.method == "sparsify":
             specs = []  # a compressing run derives its probes round by round
             checked = [str(Spec(job.compress.criterion, sparsity=0.5))]
+        else:
+            specs = []
+            checked = list(job.compress.levels)
+            if job.compress.min_fdt > job.new_tokens:
+                raise ValueError(
+                    f"compress.min_fdt {job.compress.min_fdt} exceeds new_tokens "
+                    f"{job.new_tokens}, the largest FDT there is"
+                )
         for spec in checked:
             for component in components:
                 try:

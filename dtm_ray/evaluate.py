@@ -18,6 +18,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from dtm_ray.compress import parse_spec
+from dtm_ray.decisions.quantize import bits_per_parameter
 from dtm_ray.metrics import fdt_at, fdt_at_interval
 from dtm_ray.schemas import (
     FINAL_COMPONENTS_SCHEMA,
@@ -25,6 +27,12 @@ from dtm_ray.schemas import (
     FINAL_SUMMARY_SCHEMA,
 )
 from dtm_ray.state import Reference
+
+
+def _precision(chain: list[str], dtype_name: str) -> str:
+    """The last quantization spec of a chain (pruning keeps the dtype), else the dtype."""
+    quantized = [spec for spec in chain if not parse_spec(spec).is_pruning]
+    return quantized[-1] if quantized else dtype_name
 
 
 def perplexity(nll: np.ndarray) -> float:
@@ -43,9 +51,11 @@ def final_tables(
     rounds: int,
     text_source: str,
     itemsize: int,
+    dtype_name: str,
 ) -> dict[str, pa.Table]:
     """`fdt`, `sdt`, `nll` per prompt of the result against `dense`; `*_text_nll` per token of
-    the real-text windows; `states` the final round's rows of `states/`."""
+    the real-text windows; `states` the final round's rows of `states/`; `itemsize` and
+    `dtype_name` describe the weights as the engine held them."""
     if dense.base_logprob is None:
         raise ValueError("the dense reference has no base_logprob; it was built by an old version")
     dense_nll = -np.asarray(dense.base_logprob, dtype=np.float64).mean(axis=1)
@@ -65,6 +75,9 @@ def final_tables(
     share = np.asarray([r["sparsity"] for r in rows], dtype=np.float64)
     # The share was measured as 1 - nonzero/params, so rounding recovers the exact count.
     nonzero = params - np.rint(share * params).astype(np.int64)
+    precision = {r["component"]: _precision(r["chain"], dtype_name) for r in rows}
+    quantized = {n: p for n, p in precision.items() if p != dtype_name}
+    by_name = {r["component"]: r["params"] for r in rows}
     components = pa.Table.from_pydict(
         {
             "component": [r["component"] for r in rows],
@@ -72,6 +85,7 @@ def final_tables(
             "kind": [r["kind"] for r in rows],
             "params": params.tolist(),
             "chain": [r["chain"] for r in rows],
+            "precision": [precision[r["component"]] for r in rows],
             "sparsity": share.tolist(),
             "nonzero": nonzero.tolist(),
         },
@@ -103,6 +117,8 @@ def final_tables(
                 "nonzero_params": int(nonzero.sum()),
                 "dense_bytes": int(params.sum()) * itemsize,
                 "nonzero_bytes": int(nonzero.sum()) * itemsize,
+                "bits_per_param": bits_per_parameter(quantized, by_name, 8 * itemsize),
+                "quantized_share": sum(by_name[n] for n in quantized) / int(params.sum()),
             }
         ],
         schema=FINAL_SUMMARY_SCHEMA,

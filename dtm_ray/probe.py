@@ -46,17 +46,6 @@ class ProbeResult:
     def nll_mean(self) -> float:
         return float(np.mean(self.nll))
 
-    @property
-    def margin_at_fdt(self) -> np.ndarray:
-        """Per prompt, the scored model's margin where it first diverges (NaN: no divergence).
-
-        A tiny margin marks a near-tie, where decode and prefill kernels may pick different tokens.
-        """
-        n_new = self.margin.shape[1]
-        at = np.minimum(self.fdt, n_new - 1)
-        picked = self.margin[np.arange(len(self.fdt)), at]
-        return np.where(self.fdt < n_new, picked, np.nan).astype(np.float32)
-
 
 def measure(reference: Reference, scored: ScoreResult, seconds: float = 0.0) -> ProbeResult:
     """FDT, SDT and NLL of a scoring pass over `reference.sequences` against its `a(F)`."""

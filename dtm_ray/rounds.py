@@ -7,7 +7,7 @@ tables back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,15 +34,21 @@ from dtm_ray.store import RunStore
 
 @dataclass(frozen=True)
 class Probe:
-    """One probe of a round: `delta` (component -> spec) applied on top of the round's state."""
+    """One probe of a round: `spec` applied on top of the round's state to `component`, or to
+    every component of `delta` when given (a candidate set; `component` is its last member)."""
 
     component: Component
     spec: str
     added: float | None = None  # the added sparsity, for sparsify probes
+    delta: tuple[str, ...] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
         return self.component.name, self.spec
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.delta if self.delta is not None else (self.component.name,)
 
 
 @dataclass
@@ -168,14 +174,15 @@ def read_calibration(store: RunStore) -> dict[int, dict[str, np.ndarray]]:
 
 
 def run_probes(
-    pool: EnginePool,
+    get_pool: Callable[[], EnginePool],
     store: RunStore,
     context: RoundContext,
     probes: Sequence[Probe],
     streaming: Streaming,
 ) -> int:
     """Run the probes of the round not yet in the run directory, streaming rows as they finish;
-    compact the round's files at the end. Returns how many ran."""
+    compact the round's files at the end. Returns how many ran. `get_pool` is called only
+    when something is left to run, so a finished round needs no engines."""
     import ray
 
     round_ = context.round
@@ -184,7 +191,6 @@ def run_probes(
     log(f"round {round_}: probing: {len(pending)} to run, {len(probes) - len(pending)} done before")
     writer = ProbeWriter(store, round_, streaming.flush_every, streaming.flush_seconds)
     progress = Progress(len(probes), len(probes) - len(pending), streaming.progress_interval)
-    context_ref = ray.put(context)
     ran = 0
 
     def on_outcome(outcome: Outcome) -> None:
@@ -198,21 +204,30 @@ def run_probes(
                 probe.component,
                 probe.spec,
                 probe.added,
+                probe.names,
                 scored.result,
                 scored.worker,
                 attempts,
             )
         else:
             row = probe_failed_row(
-                round_, probe.component, probe.spec, probe.added, outcome.error, attempts
+                round_,
+                probe.component,
+                probe.spec,
+                probe.added,
+                probe.names,
+                outcome.error,
+                attempts,
             )
         writer.add(row)
         progress.advance()
         ran += 1
 
-    tasks = [Task(p, ({p.component.name: p.spec}, context_ref)) for p in pending]
     try:
-        if tasks:
+        if pending:
+            pool = get_pool()
+            context_ref = ray.put(context)
+            tasks = [Task(p, (dict.fromkeys(p.names, p.spec), context_ref)) for p in pending]
             pool.run("probe", tasks, on_outcome, tick=writer.flush_if_due)
     finally:
         # Rows in the buffer are complete results; keep them even when the round is interrupted.

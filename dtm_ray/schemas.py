@@ -34,6 +34,9 @@ PROBE_SCHEMA = pa.schema(
         ("kind", pa.string()),
         ("spec", pa.string()),
         ("added", pa.float64()),  # added sparsity of a sparsify probe; null for plain probes
+        # Every component the probe compressed on top of the round's state: [component] for a
+        # one-component probe, a whole candidate set in a quantize search.
+        ("delta", pa.list_(pa.string())),
         ("params", pa.int64()),
         ("fdt", pa.list_(pa.int32())),
         ("sdt", pa.list_(pa.int32())),
@@ -124,6 +127,7 @@ FINAL_COMPONENTS_SCHEMA = pa.schema(
         ("kind", pa.string()),
         ("params", pa.int64()),
         ("chain", pa.list_(pa.string())),
+        ("precision", pa.string()),  # its quantization spec, or the model's dtype
         ("sparsity", pa.float64()),
         ("nonzero", pa.int64()),
     ]
@@ -151,6 +155,8 @@ FINAL_SUMMARY_SCHEMA = pa.schema(
         ("nonzero_params", pa.int64()),
         ("dense_bytes", pa.int64()),  # selected weights in the model's dtype
         ("nonzero_bytes", pa.int64()),  # their nonzero values only (no index overhead)
+        ("bits_per_param", pa.float64()),  # over the selected weights, quantization scales included
+        ("quantized_share", pa.float64()),  # share of selected parameters held below the dtype
     ]
 )
 
@@ -161,6 +167,7 @@ def probe_ok_row(
     component: Any,
     spec: str,
     added: float | None,
+    delta: Sequence[str],
     result: Any,
     worker: str,
     attempts: int,
@@ -168,7 +175,7 @@ def probe_ok_row(
     """A finished probe: `component` a components.Component, `result` a probe.ProbeResult."""
     summary = result.summary
     return {
-        **_probe_key_columns(round_, component, spec, added),
+        **_probe_key_columns(round_, component, spec, added, delta),
         "fdt": result.fdt.astype(np.int32).tolist(),
         "sdt": result.sdt.astype(np.int32).tolist(),
         "fdt_mean": summary["fdt_mean"],
@@ -186,10 +193,16 @@ def probe_ok_row(
 
 
 def probe_failed_row(
-    round_: int, component: Any, spec: str, added: float | None, error: str, attempts: int
+    round_: int,
+    component: Any,
+    spec: str,
+    added: float | None,
+    delta: Sequence[str],
+    error: str,
+    attempts: int,
 ) -> dict[str, Any]:
     return {
-        **_probe_key_columns(round_, component, spec, added),
+        **_probe_key_columns(round_, component, spec, added, delta),
         "attempts": attempts,
         "status": STATUS_FAILED,
         "error": error,
@@ -197,7 +210,7 @@ def probe_failed_row(
 
 
 def _probe_key_columns(
-    round_: int, component: Any, spec: str, added: float | None
+    round_: int, component: Any, spec: str, added: float | None, delta: Sequence[str]
 ) -> dict[str, Any]:
     return {
         "round": round_,
@@ -206,6 +219,7 @@ def _probe_key_columns(
         "kind": component.kind,
         "spec": spec,
         "added": added,
+        "delta": list(delta),
         "params": component.params,
     }
 

@@ -164,6 +164,9 @@ class EngineSession:
         """Bytes per value of the engine's weights (the model's dtype as loaded)."""
         return self.engine.original_weight(component).element_size()
 
+    def dtype_name(self, component: str) -> str:
+        return str(self.engine.original_weight(component).dtype).removeprefix("torch.")
+
     def zero_shares(self, names: Iterable[str]) -> dict[str, tuple[float, int]]:
         """Per component: (share of zeros, count of nonzeros) of its current weight."""
         out = {}

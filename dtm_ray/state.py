@@ -122,6 +122,3 @@ class ModelState:
 
     def components(self) -> Iterable[str]:
         return self.chains.keys()
-
-    def __len__(self) -> int:
-        return len(self.chains)

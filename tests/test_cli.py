@@ -83,6 +83,42 @@ BAD_JOBS = {
         lambda m: tiny(m, probe={"components": "all"}, compress={"step": 0}),
         "compress.step must be a number in (0, 1], got 0",
     ),
+    "quantize without levels": (
+        lambda m: tiny(m, probe={"components": "all"}, compress={"method": "quantize"}),
+        "compress.levels must be a non-empty list of precisions",
+    ),
+    "a sparsify key on quantize": (
+        lambda m: tiny(
+            m,
+            probe={"components": "all"},
+            compress={"method": "quantize", "levels": ["int8"], "min_fdt": 4, "step": 0.1},
+        ),
+        "compress.step does not apply to method 'quantize'",
+    ),
+    "a pruning level": (
+        lambda m: tiny(
+            m,
+            probe={"components": "all"},
+            compress={"method": "quantize", "levels": ["magnitude:0.5"], "min_fdt": 4},
+        ),
+        "a pruning spec",
+    ),
+    "min_fdt above new_tokens": (
+        lambda m: tiny(
+            m,
+            probe={"components": "all"},
+            compress={"method": "quantize", "levels": ["int8"], "min_fdt": 9},
+        ),
+        "compress.min_fdt 9 exceeds new_tokens 8",
+    ),
+    "a level that does not fit a component": (
+        lambda m: tiny(
+            m,
+            probe={"components": "all"},
+            compress={"method": "quantize", "levels": ["int4-g100"], "min_fdt": 4},
+        ),
+        "not divisible by group size 100",
+    ),
     "bad evaluation text": (
         lambda m: tiny(m, evaluation={"text": "notes.csv"}),
         "evaluation.text 'notes.csv' must be",

@@ -252,3 +252,73 @@ def test_a_run_killed_between_rounds_and_mid_round_resumes_to_the_same_final_sta
     pd.testing.assert_frame_equal(read(run, "final/prompts"), read(straight, "final/prompts"))
     probes = read(run, "probes")
     assert not probes.duplicated(["round", "component", "spec"]).any()
+
+
+# --- quantize ---------------------------------------------------------------------------------
+def quantize_job(model_dir: Path, out: Path, **compress) -> dict:
+    job = compress_job(model_dir, out)
+    job["compress"] = {
+        "method": "quantize",
+        "levels": ["int4-g64", "int8"],
+        "min_fdt": 8,
+        **compress,
+    }
+    return job
+
+
+@pytest.mark.slow
+def test_quantize_search_keeps_min_fdt_and_resumes_to_the_same_assignment(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    run_job(tmp_path, quantize_job(tiny_llama_dir, run))
+    states, decisions = read(run, "states"), read(run, "decisions")
+    summary = read(run, "final/summary").iloc[0]
+    final = read(run, "final/components").set_index("component")
+    # The combined model was checked against the dense one at every accepted step.
+    assert summary["fdt_at_75"] >= 8
+    assert set(final["precision"]) <= {"int4-g64", "int8", "float32"}
+    assert (final["precision"] != "float32").any()
+    params = final["params"]
+    bits = {"int4-g64": 4 + 16 / 64, "int8": 8, "float32": 32}
+    expected_bits = sum(params[n] * bits[p] for n, p in final["precision"].items()) / params.sum()
+    assert summary["bits_per_param"] == pytest.approx(expected_bits)
+    # Rank rounds name every component once per level; search rows carry the threshold.
+    ranks = decisions[decisions["statistic"].str.startswith("rank")]
+    assert len(ranks[ranks["round"] == 0]) == 14
+    searched = decisions[decisions["threshold"] == 8]
+    assert len(searched) > 0 and set(searched["to_spec"].dropna()) <= {"int4-g64", "int8"}
+    # Every accepted step's candidate passed: its probe row has FDT@75 >= min_fdt.
+    probes = read(run, "probes")
+    chosen = searched[searched["reason"].str.endswith("accepted")]
+    for row in chosen.itertuples():
+        probe = probes[(probes["round"] == row.round) & (probes["component"] == row.component)]
+        assert probe["fdt_at_75"].iloc[0] >= 8
+
+    # Lose the last two rounds, as a killed run would: the resumed run gets the same answer.
+    last = int(states["round"].max())
+    for folder in ("states", "decisions", "probes"):
+        for r in (last, last - 1):
+            (run / folder / f"round-{r:03d}.parquet").unlink(missing_ok=True)
+    for name in ("summary", "prompts", "components"):
+        (run / "final" / name / "data.parquet").unlink()
+    run_job(tmp_path, quantize_job(tiny_llama_dir, run), "again.yaml")
+    pd.testing.assert_frame_equal(read(run, "final/components").set_index("component"), final)
+
+
+@pytest.mark.slow
+def test_quantize_uniform_baseline_fills_the_parameter_cap_in_model_order(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    run_job(
+        tmp_path,
+        quantize_job(tiny_llama_dir, run, levels=["int8"], guide="uniform", max_params_share=0.5),
+    )
+    final = read(run, "final/components")
+    quantized = final[final["precision"] == "int8"]
+    share = quantized["params"].sum() / final["params"].sum()
+    assert 0.4 < share <= 0.5
+    # Model order: the quantized ones are a prefix of the components.
+    assert list(quantized["component"]) == list(final["component"][: len(quantized)])
+    assert not (run / "probes").exists()

@@ -229,6 +229,7 @@ def test_an_actor_scores_against_the_reference_each_call_brings(
     from dtm_ray.state import Link, ModelState
 
     q0 = "model.layers.0.self_attn.q_proj.weight"
+    down1 = "model.layers.1.mlp.down_proj.weight"
     state = ModelState({q0: (Link("magnitude:0.3"),)})
     engine = HFEngine(tiny_llama_dir)
     rng = np.random.default_rng(1)
@@ -236,13 +237,17 @@ def test_an_actor_scores_against_the_reference_each_call_brings(
     (actor,) = start_engine_actors(str(tiny_llama_dir), EngineConfig(kind="hf"), 1, {"CPU": 1})
     try:
         got = [
-            ray.get(actor.probe.remote({q0: "magnitude:0.8"}, RoundContext(3, state, ref)))
+            ray.get(actor.probe.remote({down1: "magnitude:0.9"}, RoundContext(3, state, ref)))
             for ref in references
         ]
     finally:
         ray.kill(actor)
-    pruned = compress(compress(engine.original_weight(q0), "magnitude:0.3"), "magnitude:0.8")
-    engine.set_weights({q0: pruned})
+    engine.set_weights(
+        {
+            q0: compress(engine.original_weight(q0), "magnitude:0.3"),
+            down1: compress(engine.original_weight(down1), "magnitude:0.9"),
+        }
+    )
     expected = [score_against(engine, reference) for reference in references]
     # A stale reference would show: the two references give different answers.
     assert (expected[0].fdt.tolist(), expected[0].sdt.tolist()) != (
