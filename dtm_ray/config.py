@@ -349,10 +349,12 @@ def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) ->
     # A JSON round trip makes tuples lists (and so on), as they are in a stored run.json.
     old = flatten_config(json.loads(json.dumps(stored)))
     new = flatten_config(json.loads(json.dumps(current)))
+    # A key missing on one side counts as None: keys added to the config later (as None, "not
+    # set") do not make older runs unresumable.
     return sorted(
         key
         for key in set(old) | set(new)
-        if key not in OPERATIONAL_KEYS and old.get(key, "<missing>") != new.get(key, "<missing>")
+        if key not in OPERATIONAL_KEYS and old.get(key) != new.get(key)
     )
 
 
