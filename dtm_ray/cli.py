@@ -37,6 +37,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dtm_ray.export import export_run  # torch and safetensors load only for this command
+
+    print(export_run(args.run_dir, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtm-ray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a job key"
     )
     run.set_defaults(func=_cmd_run)
+
+    export = commands.add_parser(
+        "export", help="write a finished run's compressed model as a safetensors checkpoint"
+    )
+    export.add_argument("run_dir", help="run directory of a finished compressing run")
+    export.add_argument("--out", help="output folder (default: RUN_DIR/export)")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -228,9 +228,23 @@ def _compress(
     try:
         result = loop(plan, store, engines, streaming)
         final = _final(plan, store, engines, result.state, result.states, result.rounds)
-        return result.ran, final
     finally:
         engines.close()
+    _export(store)
+    return result.ran, final
+
+
+def _export(store: RunStore) -> None:
+    """Write `export/` beside the tables of a local run (once; `dtm-ray export` redoes it)."""
+    if "://" in store.uri:
+        log(f"run dir {store.uri} is not local: export with `dtm-ray export {store.uri} --out DIR`")
+        return
+    target = Path(store.root) / "export"
+    if (target / "export.json").is_file():
+        return
+    from dtm_ray.export import export_run
+
+    log(f"exported the compressed model to {export_run(store.root, str(target))}")
 
 
 # --- the final evaluation -------------------------------------------------------------------

@@ -4,6 +4,7 @@ transformers, and a run killed between rounds or mid-round resumes to the same f
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -150,6 +151,9 @@ def test_fdt_guided_sparsification_lands_on_the_target_and_is_checked_independen
     assert summary["fdt_at_75"] <= 16 and summary["ppl_text"] > 0
     assert summary["dense_bytes"] == summary["selected_params"] * 4
     assert outcome.final is not None
+    # The run exported the compressed model at its end.
+    sparsity_map = json.loads((run / "export" / "sparsity_map.json").read_text())
+    assert set(sparsity_map) == set(last["component"])
 
     # Independent check: rebuild with plain torch, generate freely with transformers.
     reference = read(run, "reference")
