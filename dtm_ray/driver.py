@@ -22,11 +22,10 @@ from typing import Any
 import pyarrow as pa
 
 import dtm_ray
-from dtm_ray.actor import RoundContext, start_engine_actors
+from dtm_ray.actor import RoundContext
 from dtm_ray.config import Plan, check_same_config
 from dtm_ray.evaluate import final_tables
-from dtm_ray.models import is_known
-from dtm_ray.pool import EnginePool
+from dtm_ray.pool import Engines
 from dtm_ray.progress import Streaming, log
 from dtm_ray.quantize_loop import run_quantize
 from dtm_ray.rounds import (
@@ -48,69 +47,6 @@ from dtm_ray.summary import format_compression_summary, format_probe_summary
 
 # A run has reached its target when the selected components' sparsity is this close to it.
 TARGET_TOLERANCE = 0.005
-
-
-# --- Ray and the engine actors ------------------------------------------------------------------
-def connect_ray() -> bool:
-    """Join the Ray the caller set up: an initialized one, RAY_ADDRESS, or a fresh local one.
-
-    Returns True when this call started or joined Ray (and so the caller should shut it down).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # joins the cluster RAY_ADDRESS names (set by `ray job submit`)
-    else:
-        ray.init(include_dashboard=False)
-    return True
-
-
-def _model_for_actors(plan: Plan) -> str:
-    """A known model name (each node materializes it) or the absolute local folder."""
-    if is_known(plan.job.model) and not Path(plan.job.model).is_dir():
-        return plan.job.model
-    return str(plan.model_dir.resolve())
-
-
-class Engines:
-    """The engine pool, started on first use (a finished run directory needs no actors)."""
-
-    def __init__(self, plan: Plan, workers: int) -> None:
-        self.plan, self.workers = plan, workers
-        self._pool: EnginePool | None = None
-        self._started_ray = False
-
-    @property
-    def pool(self) -> EnginePool:
-        if self._pool is None:
-            job = self.plan.job
-            self._started_ray = connect_ray()
-            resources = job.resources_per_worker
-            log(f"starting {self.workers} engine actor(s) ({job.engine}, {resources})")
-            actors = start_engine_actors(
-                _model_for_actors(self.plan),
-                job.engine_config(),
-                self.workers,
-                job.resources_per_worker,
-            )
-            self._pool = EnginePool(actors, job.max_in_flight_per_worker, job.max_probe_retries)
-            # Wait until every actor has loaded the model: a model that cannot load fails here,
-            # once, rather than inside the first round's calls.
-            workers = [info["worker"] for info in self._pool.broadcast("info")]
-            log(f"engines ready: {', '.join(workers)}")
-        return self._pool
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.kill()
-            self._pool = None
-        if self._started_ray:
-            import ray
-
-            ray.shutdown()
-            self._started_ray = False
 
 
 # --- run.json ---------------------------------------------------------------------------------
@@ -200,21 +136,18 @@ def run_plan(
 def _probe_only(plan: Plan, store: RunStore, streaming: Streaming) -> int:
     job = plan.job
     probes = [Probe(c, s) for c, s in plan.probes]
-    done = store.finished_probes(0)
-    pending = [p for p in probes if p.key not in done]
-    if not pending and store.read_reference(0) is not None:
-        store.compact_probes(0)  # a run killed while compacting
-        log(f"all {len(probes)} probes in {job.out} are done already")
-        return 0
     # The reference is split across every worker; probes alone never need more actors than probes.
-    has_reference = store.read_reference(0) is not None
-    workers = min(job.workers, max(1, len(pending))) if has_reference else job.workers
+    if store.read_reference(0) is None:
+        workers = job.workers
+    else:
+        done = store.finished_probes(0)
+        workers = min(job.workers, max(1, sum(p.key not in done for p in probes)))
     engines = Engines(plan, workers)
     try:
         state = ModelState()
-        reference = build_reference(engines.pool, store, job, 0, state)
+        reference = build_reference(engines, store, job, 0, state)
         context = RoundContext(0, state, reference.reference)
-        return run_probes(lambda: engines.pool, store, context, probes, streaming)
+        return run_probes(engines, store, context, probes, streaming)
     finally:
         engines.close()
 

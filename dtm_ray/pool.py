@@ -1,5 +1,6 @@
 """A pool of engine actors: broadcast a call, split work across actors, and fan out many small
 tasks with a bounded number in flight per actor and retries for tasks that fail on their own.
+`Engines` starts a job's pool on first use, so work read back from a run directory starts none.
 
 A task that raises inside the actor (a `RayTaskError`) is the task's own failure: it is retried
 up to `max_retries` times, then reported failed with the error. An actor that dies is not the
@@ -9,14 +10,21 @@ pool sees nothing. Only an actor gone for good (its node removed) stops the fan-
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 from ray.exceptions import RayError, RayTaskError
+
+from dtm_ray.actor import start_engine_actors
+from dtm_ray.config import Plan
+from dtm_ray.models import is_known
+from dtm_ray.progress import log
 
 
 @dataclass
@@ -123,3 +131,61 @@ class EnginePool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def connect_ray() -> bool:
+    """Join the Ray the caller set up: an initialized one, RAY_ADDRESS, or a fresh local one.
+
+    Returns True when this call started or joined Ray (and so the caller should shut it down).
+    """
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # joins the cluster RAY_ADDRESS names (set by `ray job submit`)
+    else:
+        ray.init(include_dashboard=False)
+    return True
+
+
+def _model_for_actors(plan: Plan) -> str:
+    """A known model name (each node materializes it) or the absolute local folder."""
+    if is_known(plan.job.model) and not Path(plan.job.model).is_dir():
+        return plan.job.model
+    return str(plan.model_dir.resolve())
+
+
+class Engines:
+    """The engine pool, started on first use (a finished run directory needs no actors)."""
+
+    def __init__(self, plan: Plan, workers: int) -> None:
+        self.plan, self.workers = plan, workers
+        self._pool: EnginePool | None = None
+        self._started_ray = False
+
+    @property
+    def pool(self) -> EnginePool:
+        if self._pool is None:
+            job = self.plan.job
+            self._started_ray = connect_ray()
+            resources = job.resources_per_worker
+            log(f"starting {self.workers} engine actor(s) ({job.engine}, {resources})")
+            actors = start_engine_actors(
+                _model_for_actors(self.plan),
+                job.engine_config(),
+                self.workers,
+                job.resources_per_worker,
+            )
+            self._pool = EnginePool(actors, job.max_in_flight_per_worker, job.max_probe_retries)
+            # Wait until every actor has loaded the model: a model that cannot load fails here,
+            # once, rather than inside the first round's calls.
+            workers = [info["worker"] for info in self._pool.broadcast("info")]
+            log(f"engines ready: {', '.join(workers)}")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.kill()
+            self._pool = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False

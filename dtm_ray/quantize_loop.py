@@ -33,21 +33,35 @@ from dtm_ray.decisions.quantize import (
     search_step,
     uniform_assignment,
 )
+from dtm_ray.pool import Engines
 from dtm_ray.progress import Streaming, log
 from dtm_ray.rounds import Probe, build_reference, run_probes
-from dtm_ray.schemas import STATE_SCHEMA, decision_table, reference_from_table, state_table
+from dtm_ray.schemas import STATE_SCHEMA, decision_table, state_table
 from dtm_ray.sparsify_loop import LoopResult
-from dtm_ray.state import Link, ModelState, Reference
+from dtm_ray.state import Link, ModelState
 from dtm_ray.store import RunStore
 
 
 class _Rounds:
-    """Numbers the loop's rounds and commits each one's decisions/ and states/ rows once."""
+    """What every round of the search shares: the run, its engines and the dense reference. It
+    numbers the rounds and commits each one's decisions/ and states/ rows once."""
 
-    def __init__(self, plan: Plan, store: RunStore, engines: Any) -> None:
-        self.plan, self.store, self.engines = plan, store, engines
+    def __init__(self, plan: Plan, store: RunStore, engines: Engines, streaming: Streaming) -> None:
+        self.plan, self.store, self.engines, self.streaming = plan, store, engines, streaming
+        # Every quantize round measures against the dense model: round 0's reference.
+        self.dense = build_reference(engines, store, plan.job, 0, ModelState()).reference
+        self.by_name = {c.name: c for c in plan.components}
+        self.params = {c.name: c.params for c in plan.components}
         self.next = 0
+        self.ran = 0
         self.sparsity: dict[str, float] = {}
+
+    def probe(self, state: ModelState, probes: list[Probe]) -> int:
+        """Run the next round's probes on top of `state`; returns the round number."""
+        round_ = self.next
+        context = RoundContext(round_, state, self.dense)
+        self.ran += run_probes(self.engines, self.store, context, probes, self.streaming)
+        return round_
 
     def commit(self, state: ModelState, rows: list[dict[str, Any]], changed: Sequence[str]) -> None:
         round_ = self.next
@@ -59,8 +73,7 @@ class _Rounds:
             return
         pool = self.engines.pool
         if not self.sparsity:
-            names = [c.name for c in self.plan.components]
-            self.sparsity = _shares(pool.call("zero_shares", ModelState(), names))
+            self.sparsity = _shares(pool.call("zero_shares", ModelState(), list(self.params)))
         if changed:  # quantization can round small weights to zero: measure, do not assume
             self.sparsity.update(_shares(pool.call("zero_shares", state, sorted(changed))))
         for row in rows:
@@ -92,19 +105,18 @@ def _row(component: str, state: ModelState, **values: Any) -> dict[str, Any]:
     }
 
 
-def run_quantize(plan: Plan, store: RunStore, engines: Any, streaming: Streaming) -> LoopResult:
+def run_quantize(
+    plan: Plan, store: RunStore, engines: Engines, streaming: Streaming
+) -> LoopResult:
     """Run (or resume) the search over every level; `engines.pool` starts actors when needed."""
     config = plan.compress
-    params = {c.name: c.params for c in plan.components}
-    cap = math.floor(config.max_params_share * sum(params.values()))
-    rounds = _Rounds(plan, store, engines)
+    rounds = _Rounds(plan, store, engines, streaming)
+    cap = math.floor(config.max_params_share * sum(rounds.params.values()))
     state = ModelState()
-    dense = _dense_reference(plan, store, engines)
-    ran = 0
     for level in config.levels:
         remaining = [c.name for c in plan.components if not state.chain(c.name)]
         if config.guide == "uniform":
-            chosen = uniform_assignment(remaining, params, cap)
+            chosen = uniform_assignment(remaining, rounds.params, cap)
             rows = [
                 _row(n, state, to_spec=level, statistic="uniform", reason="uniform")
                 for n in chosen
@@ -112,44 +124,18 @@ def run_quantize(plan: Plan, store: RunStore, engines: Any, streaming: Streaming
             state = state.extended({name: Link(level) for name in chosen})
             rounds.commit(state, rows, chosen)
             continue
-        ran_now, ranked = _rank(
-            plan, store, engines, rounds, state, dense, level, remaining, streaming
-        )
-        ran += ran_now
-        ran_now, state = _search(
-            plan, store, engines, rounds, state, dense, level, ranked, cap, streaming
-        )
-        ran += ran_now
+        ranked = _rank(rounds, state, level, remaining)
+        state = _search(rounds, state, level, ranked, cap)
     last = state_table(max(rounds.next - 1, 0), state, plan.components, rounds.sparsity)
-    return LoopResult(ran, state, last, rounds.next)
+    return LoopResult(rounds.ran, state, last, rounds.next)
 
 
-def _dense_reference(plan: Plan, store: RunStore, engines: Any) -> Reference:
-    stored = store.read_reference(0)
-    if stored is not None:
-        return reference_from_table(stored)
-    return build_reference(engines.pool, store, plan.job, 0, ModelState()).reference
-
-
-def _rank(
-    plan: Plan,
-    store: RunStore,
-    engines: Any,
-    rounds: _Rounds,
-    state: ModelState,
-    dense: Reference,
-    level: str,
-    remaining: list[str],
-    streaming: Streaming,
-) -> tuple[int, list[str]]:
+def _rank(rounds: _Rounds, state: ModelState, level: str, remaining: list[str]) -> list[str]:
     """The rank round: every remaining component alone at `level`."""
-    by_name = {c.name: c for c in plan.components}
-    round_ = rounds.next
-    probes = [Probe(by_name[name], level) for name in remaining]
-    context = RoundContext(round_, state, dense)
-    ran = run_probes(lambda: engines.pool, store, context, probes, streaming)
-    guide = plan.compress.guide
-    ranked = rank_components(store.read_probes(round_=round_), remaining, guide, spec=level)
+    guide = rounds.plan.compress.guide
+    round_ = rounds.probe(state, [Probe(rounds.by_name[name], level) for name in remaining])
+    probes = rounds.store.read_probes(round_=round_)
+    ranked = rank_components(probes, remaining, guide, spec=level)
     rows = [
         _row(
             name,
@@ -161,49 +147,36 @@ def _rank(
         for i, name in enumerate(ranked)
     ]
     rounds.commit(state, rows, [])
-    return ran, ranked
+    return ranked
 
 
 def _search(
-    plan: Plan,
-    store: RunStore,
-    engines: Any,
-    rounds: _Rounds,
-    state: ModelState,
-    dense: Reference,
-    level: str,
-    ranked: list[str],
-    cap: int,
-    streaming: Streaming,
-) -> tuple[int, ModelState]:
+    rounds: _Rounds, state: ModelState, level: str, ranked: list[str], cap: int
+) -> ModelState:
     """Search rounds until the ranked list is used up; returns the state with the level's
     accepted components."""
-    by_name = {c.name: c for c in plan.components}
-    params = {c.name: c.params for c in plan.components}
-    min_fdt = plan.compress.min_fdt
+    min_fdt = rounds.plan.compress.min_fdt
     accepted: tuple[str, ...] = ()
     rest: tuple[str, ...] = tuple(ranked)
     skipped: tuple[str, ...] = ()
-    k = plan.job.workers  # one candidate per engine actor
-    ran = 0
+    k = rounds.plan.job.workers  # one candidate per engine actor
     while rest:
-        sets = candidate_sets(accepted, rest, k, params, cap)
+        sets = candidate_sets(accepted, rest, k, rounds.params, cap)
         # The round's state holds what this level accepted so far; a probe adds the rest of
         # its candidate set, so one probe scores exactly the combined model S + R[:i].
-        probes = [Probe(by_name[s[-1]], level, delta=tuple(s[len(accepted) :])) for s in sets]
-        round_ = rounds.next
-        ran += run_probes(
-            lambda: engines.pool, store, RoundContext(round_, state, dense), probes, streaming
-        )
-        values = _fdt_values(store, round_, probes)
-        step = search_step(accepted, rest, skipped, values, min_fdt, params, cap, k=k)
+        probes = [
+            Probe(rounds.by_name[s[-1]], level, delta=tuple(s[len(accepted) :])) for s in sets
+        ]
+        round_ = rounds.probe(state, probes)
+        values = _fdt_values(rounds.store, round_, probes)
+        step = search_step(accepted, rest, skipped, values, min_fdt, rounds.params, cap, k=k)
         new = step.accepted[len(accepted) :]
         rows = _search_rows(step, level, state, new, min_fdt)
         state = state.extended({name: Link(level) for name in new})
         rounds.commit(state, rows, list(new))
         accepted, rest, skipped = step.accepted, step.rest, step.skipped
     log(f"{level}: {len(accepted)} components accepted, {len(skipped)} skipped")
-    return ran, state
+    return state
 
 
 def _fdt_values(store: RunStore, round_: int, probes: list[Probe]) -> list[float]:

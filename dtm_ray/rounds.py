@@ -1,13 +1,13 @@
 """One round on a pool of engine actors: its reference, its calibration and its probes, each
 read back from the run directory when a previous invocation already wrote it (resume).
 
-Nothing here decides anything: the driver hands in the state and the probes to run, and gets
-tables back.
+Nothing here decides anything: the loops hand in the state and the probes to run, and get
+tables back. Engine actors start only when something is left to compute (`Engines.pool`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from dtm_ray.actor import RoundContext
 from dtm_ray.components import Component
 from dtm_ray.config import JobConfig
 from dtm_ray.metrics import fdt_at
-from dtm_ray.pool import EnginePool, Outcome, Task
+from dtm_ray.pool import Engines, Outcome, Task
 from dtm_ray.progress import ProbeWriter, Progress, Streaming, log
 from dtm_ray.schemas import (
     CALIBRATION_SCHEMA,
@@ -83,13 +83,8 @@ def _read_round_reference(store: RunStore, round_: int) -> RoundReference | None
     )
 
 
-def load_scored_prompts(pool: EnginePool, job: JobConfig) -> np.ndarray:
-    p = job.prompts
-    return pool.call("load_prompts", source_for_actors(p.source), p.count, p.prefix_tokens, p.seed)
-
-
 def build_reference(
-    pool: EnginePool, store: RunStore, job: JobConfig, round_: int, state: ModelState
+    engines: Engines, store: RunStore, job: JobConfig, round_: int, state: ModelState
 ) -> RoundReference:
     """The round's reference from its current model: stored, or built and stored.
 
@@ -99,9 +94,12 @@ def build_reference(
     stored = _read_round_reference(store, round_)
     if stored is not None:
         return stored
+    pool = engines.pool
     if round_ == 0:
         log(f"building the reference: {job.prompts.count} prompts, {job.new_tokens} tokens")
-        prefixes = load_scored_prompts(pool, job)
+        p = job.prompts
+        source = source_for_actors(p.source)
+        prefixes = pool.call("load_prompts", source, p.count, p.prefix_tokens, p.seed)
     else:
         log(f"round {round_}: rebuilding the reference with the current model")
         prefixes = reference_of(store, 0).prefixes
@@ -113,7 +111,7 @@ def build_reference(
 
 
 def reuse_reference(
-    pool: EnginePool, store: RunStore, round_: int, state: ModelState
+    engines: Engines, store: RunStore, round_: int, state: ModelState
 ) -> RoundReference:
     """Round `round_` measured against the dense model's reference (`reference: original`): the
     round-0 reference, with the current model's own scores against it."""
@@ -121,7 +119,7 @@ def reuse_reference(
     if stored is not None:
         return stored
     dense = reference_of(store, 0)
-    current = pool.call("score", state, dense)
+    current = engines.pool.call("score", state, dense)
     table = reference_table(
         dense, round_, current.fdt.tolist(), current.sdt.tolist(), current.nll.tolist()
     )
@@ -137,7 +135,7 @@ def reference_of(store: RunStore, round_: int) -> Reference:
 
 
 def calibrate(
-    pool: EnginePool,
+    engines: Engines,
     store: RunStore,
     job: JobConfig,
     round_: int,
@@ -150,7 +148,7 @@ def calibrate(
     stored = store.read_round_table("calibration", CALIBRATION_SCHEMA, round_)
     if stored is not None:
         return calibration_from_table(stored)
-    p = job.prompts
+    pool, p = engines.pool, job.prompts
     sequences = pool.call(
         "load_calibration",
         source_for_actors(p.source),
@@ -174,15 +172,14 @@ def read_calibration(store: RunStore) -> dict[int, dict[str, np.ndarray]]:
 
 
 def run_probes(
-    get_pool: Callable[[], EnginePool],
+    engines: Engines,
     store: RunStore,
     context: RoundContext,
     probes: Sequence[Probe],
     streaming: Streaming,
 ) -> int:
     """Run the probes of the round not yet in the run directory, streaming rows as they finish;
-    compact the round's files at the end. Returns how many ran. `get_pool` is called only
-    when something is left to run, so a finished round needs no engines."""
+    compact the round's files at the end. Returns how many ran."""
     import ray
 
     round_ = context.round
@@ -225,7 +222,7 @@ def run_probes(
 
     try:
         if pending:
-            pool = get_pool()
+            pool = engines.pool
             context_ref = ray.put(context)
             tasks = [Task(p, (dict.fromkeys(p.names, p.spec), context_ref)) for p in pending]
             pool.run("probe", tasks, on_outcome, tick=writer.flush_if_due)

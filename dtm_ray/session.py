@@ -22,7 +22,7 @@ import torch
 from dtm_ray.compress import compress, parse_spec
 from dtm_ray.engines.base import Engine
 from dtm_ray.probe import ProbeResult, build_reference, score_against
-from dtm_ray.state import Chain, ModelState, Reference
+from dtm_ray.state import Chain, ModelState, Reference, chain_key
 
 _CURRENT_CACHE_BYTES = 1 << 30  # current (compressed) weights kept for repeated probes
 
@@ -51,15 +51,18 @@ class EngineSession:
         chain = self.state.chain(component)
         if not chain:
             return self.engine.original_weight(component)
-        key = (component, tuple((link.spec, link.stats_round) for link in chain))
+        key = (component, chain_key(chain))
         weight = self._current.get(key)
         if weight is None:
-            weight = self.replay(component, chain)
-            self._current[key] = weight
-            while len(self._current) > 1 and self._cached_bytes() > self._cache_bytes:
-                self._current.popitem(last=False)
+            weight = self._remember(key, self.replay(component, chain))
         else:
             self._current.move_to_end(key)
+        return weight
+
+    def _remember(self, key: tuple, weight: torch.Tensor) -> torch.Tensor:
+        self._current[key] = weight
+        while len(self._current) > 1 and self._cached_bytes() > self._cache_bytes:
+            self._current.popitem(last=False)
         return weight
 
     def _cached_bytes(self) -> int:
@@ -87,17 +90,21 @@ class EngineSession:
         try:
             self._write(new, [name for name in changed if not state.chain(name)])
         except BaseException as err:
-            self._restore_state(changed, err)
+            self._put_back(changed, f"a failed state change ({err!r})")
             raise
         self.state = state
+        # The first probe of each changed component would otherwise replay its chain again.
+        for name, weight in new.items():
+            self._remember((name, chain_key(state.chain(name))), weight)
 
-    def _restore_state(self, names: list[str], cause: BaseException) -> None:
-        """Put `names` back as `self.state` has them after a failed write."""
+    def _put_back(self, names: list[str], after: str) -> None:
+        """Write `names` back as `self.state` has them; when that fails the engine's weights are
+        unknown and the session must not be used again."""
         try:
-            old = {name: self.current_weight(name) for name in names if self.state.chain(name)}
-            self._write(old, [name for name in names if not self.state.chain(name)])
+            keep = {name: self.current_weight(name) for name in names if self.state.chain(name)}
+            self._write(keep, [name for name in names if not self.state.chain(name)])
         except BaseException as err:
-            raise EngineBroken(f"could not put weights back after {cause!r}: {err!r}") from err
+            raise EngineBroken(f"could not put {names} back after {after}: {err!r}") from err
 
     # --- probing ----------------------------------------------------------------------------
     def compressed(
@@ -129,16 +136,9 @@ class EngineSession:
             self.engine.set_weights(weights)
             result = score_against(self.engine, reference)
         finally:
-            self._put_back(list(delta))
+            self._put_back(list(delta), "a probe")
         result.seconds = time.perf_counter() - start
         return result
-
-    def _put_back(self, names: list[str]) -> None:
-        try:
-            keep = {name: self.current_weight(name) for name in names if self.state.chain(name)}
-            self._write(keep, [name for name in names if not self.state.chain(name)])
-        except BaseException as err:
-            raise EngineBroken(f"could not put {names} back after a probe: {err!r}") from err
 
     # --- what a round needs besides probes ----------------------------------------------
     def build_reference(self, prefixes: np.ndarray, n_new: int) -> Reference:

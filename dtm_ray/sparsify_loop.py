@@ -31,6 +31,7 @@ from dtm_ray.decisions.sparsify import (
     round_step,
     uniform_step,
 )
+from dtm_ray.pool import Engines
 from dtm_ray.progress import Streaming, log
 from dtm_ray.rounds import (
     Probe,
@@ -68,13 +69,16 @@ def _components_table(components: list[Component], sparsity: dict[str, float]) -
     )
 
 
-def run_sparsify(plan: Plan, store: RunStore, engines: Any, streaming: Streaming) -> LoopResult:
+def run_sparsify(
+    plan: Plan, store: RunStore, engines: Engines, streaming: Streaming
+) -> LoopResult:
     """Run (or resume) the loop to the target; `engines.pool` starts the actors when needed."""
     config = plan.compress
     params = {c.name: c.params for c in plan.components}
     names = [c.name for c in plan.components]
     ran = 0
     state, sparsity = ModelState(), None
+    calibration = read_calibration(store)
     for round_ in range(config.max_rounds + 1):
         committed = store.read_round_table("states", STATE_SCHEMA, round_)
         if committed is None:
@@ -89,8 +93,9 @@ def run_sparsify(plan: Plan, store: RunStore, engines: Any, streaming: Streaming
                 break
             ran += _sparsify_round(plan, store, engines, round_, state, sparsity, streaming)
             committed = store.read_round_table("states", STATE_SCHEMA, round_)
+            calibration = read_calibration(store)  # the round may have calibrated
         # Replay from the table, on resume and straight on alike: one path, one result.
-        state, sparsity = state_from_table(committed, read_calibration(store))
+        state, sparsity = state_from_table(committed, calibration)
     rounds = len(store.rounds_written("states"))
     states = state_table(max(rounds - 1, 0), state, plan.components, sparsity)
     return LoopResult(ran, state, states, rounds)
@@ -99,7 +104,7 @@ def run_sparsify(plan: Plan, store: RunStore, engines: Any, streaming: Streaming
 def _sparsify_round(
     plan: Plan,
     store: RunStore,
-    engines: Any,
+    engines: Engines,
     round_: int,
     state: ModelState,
     sparsity: dict[str, float],
@@ -107,7 +112,6 @@ def _sparsify_round(
 ) -> int:
     """One round of the sparsify loop, ending with its decisions/ and states/ rows."""
     job, config = plan.job, plan.compress
-    pool = engines.pool
     params = {c.name: c.params for c in plan.components}
     overall = overall_sparsity(params, sparsity)
     step = round_step(overall, config.target_sparsity, config.step)
@@ -117,26 +121,24 @@ def _sparsify_round(
     )
     # Round 0's reference is the dense model's, needed by the final evaluation in any case.
     if round_ == 0 or config.reference == "current":
-        current = build_reference(pool, store, job, round_, state)
+        current = build_reference(engines, store, job, round_, state)
     else:
-        current = reuse_reference(pool, store, round_, state)
+        current = reuse_reference(engines, store, round_, state)
     wanda = config.criterion == "wanda"
     stats = (
-        calibrate(pool, store, job, round_, state, list(params), config.calibration_count)
+        calibrate(engines, store, job, round_, state, list(params), config.calibration_count)
         if wanda
         else {}
     )
     ran = 0
     if config.guide == "uniform":
         decision = uniform_step(params, sparsity, config.target_sparsity)
-        probes_table = None
     else:
         probes = _sparsify_probes(plan.components, sparsity, step, config)
         context = RoundContext(round_, state, current.reference, stats)
-        ran = run_probes(lambda: pool, store, context, probes, streaming)
-        probes_table = store.read_probes(round_=round_)
+        ran = run_probes(engines, store, context, probes, streaming)
         candidates = candidates_from_table(
-            probes_table,
+            store.read_probes(round_=round_),
             _components_table(plan.components, sparsity),
             config.guide,
             current.base_fdt,
@@ -158,7 +160,7 @@ def _sparsify_round(
     new_state = state.extended(links)
     new_sparsity = dict(sparsity)
     if links:
-        shares = pool.call("zero_shares", new_state, sorted(links))
+        shares = engines.pool.call("zero_shares", new_state, sorted(links))
         new_sparsity.update({n: s for n, (s, _) in shares.items()})
     rows = _decision_rows(round_, config, state, sparsity, new_sparsity, links, decision)
     store.write_round_table("decisions", round_, decision_table(rows))
@@ -201,7 +203,6 @@ def _decision_rows(
     decision: SparsifyDecision,
 ) -> list[dict[str, Any]]:
     statistic = {"fdt": "fdt_at_75", "nll": "nll", "uniform": "uniform"}[config.guide]
-    reasons = getattr(decision, "reasons", {}) or {}
     rows = []
     for name in before:
         link = links.get(name)
@@ -217,7 +218,7 @@ def _decision_rows(
                 "added": decision.added.get(name, 0.0),
                 "sparsity_before": before[name],
                 "sparsity_after": after[name],
-                "reason": reasons.get(name, "pruned" if link else "kept"),
+                "reason": decision.reasons.get(name, "pruned" if link else "kept"),
             }
         )
     return rows

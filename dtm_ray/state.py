@@ -87,6 +87,11 @@ class Link:
 Chain = tuple[Link, ...]
 
 
+def chain_key(chain: Chain) -> tuple[tuple[str, int | None], ...]:
+    """Hashable identity of a chain: equal keys replay to the same weight."""
+    return tuple((link.spec, link.stats_round) for link in chain)
+
+
 @dataclass(frozen=True)
 class ModelState:
     """component -> chain of links applied to its original weight; untouched components absent."""
@@ -108,10 +113,7 @@ class ModelState:
     @property
     def key(self) -> tuple:
         """Hashable identity: equal keys mean the engines must hold the same weights."""
-        return tuple(
-            (name, tuple((link.spec, link.stats_round) for link in chain))
-            for name, chain in sorted(self.chains.items())
-        )
+        return tuple((name, chain_key(chain)) for name, chain in sorted(self.chains.items()))
 
     def extended(self, links: Mapping[str, Link]) -> ModelState:
         """A new state with one more link on each named component."""

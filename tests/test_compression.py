@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from transformers_check import dense_reference, first_divergence, free_running_greedy
 
 from dtm_ray.config import load_job, plan_job
 from dtm_ray.driver import run_plan
@@ -75,7 +76,8 @@ def prune_smallest(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return flat.view_as(weight)
 
 
-def rebuild_and_generate(model_dir: Path, chains: dict[str, list[str]], prefixes, n_new):
+def rebuild(model_dir: Path, chains: dict[str, list[str]]):
+    """The model with each magnitude chain applied by `prune_smallest`, link by link."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -86,23 +88,7 @@ def rebuild_and_generate(model_dir: Path, chains: dict[str, list[str]], prefixes
                 method, _, value = spec.partition(":")
                 assert method == "magnitude", spec
                 param.copy_(prune_smallest(param, float(value)))
-    ids = torch.as_tensor(np.asarray(prefixes.tolist()), dtype=torch.long)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n_new,
-            min_new_tokens=n_new,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[:, ids.shape[1] :].numpy(), model
-
-
-def first_divergence(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    diff = a != b
-    return np.where(diff.any(axis=1), diff.argmax(axis=1), a.shape[1])
+    return model
 
 
 # --- tests --------------------------------------------------------------------------------------
@@ -156,12 +142,9 @@ def test_fdt_guided_sparsification_lands_on_the_target_and_is_checked_independen
     assert set(sparsity_map) == set(last["component"])
 
     # Independent check: rebuild with plain torch, generate freely with transformers.
-    reference = read(run, "reference")
-    dense = reference[reference["round"] == 0].sort_values("prompt_id")
-    prefixes = np.stack(dense["prefix_ids"].to_numpy())
-    continuation = np.stack(dense["continuation_ids"].to_numpy())
-    assert (dense["noise_positions"] == 0).all()  # fp32 on CPU: decode and prefill agree
-    generated, model = rebuild_and_generate(tiny_llama_dir, final_state(run), prefixes, 16)
+    prefixes, continuation = dense_reference(run)
+    model = rebuild(tiny_llama_dir, final_state(run))
+    generated = free_running_greedy(model, prefixes, 16)
     np.testing.assert_array_equal(first_divergence(generated, continuation), final_prompts["fdt"])
     # ... and the zeros in those weights are the share states/ reports.
     for row in last.itertuples():

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers_check import dense_reference, first_divergence, free_running_greedy
 
 from dtm_ray.cli import main
 from dtm_ray.config import load_job, plan_job
@@ -91,17 +92,6 @@ def final_states(run: Path) -> pd.DataFrame:
     return states[states["round"] == states["round"].max()].set_index("component")
 
 
-def dense_reference(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    reference = pd.read_parquet(run / "reference")
-    dense = reference[reference["round"] == 0].sort_values("prompt_id")
-    return np.stack(dense["prefix_ids"].to_numpy()), np.stack(dense["continuation_ids"].to_numpy())
-
-
-def first_divergence(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    diff = a != b
-    return np.where(diff.any(axis=1), diff.argmax(axis=1), a.shape[1])
-
-
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
@@ -126,18 +116,7 @@ def test_exported_checkpoint_generates_the_runs_final_fdt_in_transformers(export
     run, export = exported(name)
     prefixes, continuation = dense_reference(run)
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-    ids = torch.as_tensor(prefixes, dtype=torch.long)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=N_NEW,
-            min_new_tokens=N_NEW,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    fdt = first_divergence(out[:, ids.shape[1] :].numpy(), continuation)
+    fdt = first_divergence(free_running_greedy(model, prefixes, N_NEW), continuation)
     final = pd.read_parquet(run / "final" / "prompts").sort_values("prompt_id")
     np.testing.assert_array_equal(fdt, final["fdt"].to_numpy())
 

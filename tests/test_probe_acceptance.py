@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers_check import free_running_greedy
 
 from dtm_ray.compress import compress
 from dtm_ray.engines.hf import HFEngine
@@ -59,21 +60,6 @@ def generator(smollm2_dir):
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype="float32").eval()
     model.generation_config.eos_token_id = None
     return model
-
-
-def free_running_greedy(model, prefixes: np.ndarray, n_new: int) -> np.ndarray:
-    ids = torch.as_tensor(prefixes)
-    with torch.inference_mode():
-        # An explicit all-ones mask: sampled prefixes may contain the pad/EOS id, which generate
-        # would otherwise mask out of the context.
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=n_new,
-            pad_token_id=2,
-        )
-    return out[:, prefixes.shape[1] :].numpy()
 
 
 def test_unmodified_model_has_no_divergence(engine, reference):
