@@ -23,6 +23,7 @@ from ray.exceptions import RayError, RayTaskError
 
 from dtm_ray.actor import start_engine_actors
 from dtm_ray.config import Plan
+from dtm_ray.logs import take_over_ray_output
 from dtm_ray.models import is_known
 from dtm_ray.progress import log
 
@@ -167,6 +168,7 @@ class Engines:
         if self._pool is None:
             job = self.plan.job
             self._started_ray = connect_ray()
+            take_over_ray_output()  # engine chatter to the run's log file (dtm_ray.logs)
             resources = job.resources_per_worker
             log(f"starting {self.workers} engine actor(s) ({job.engine}, {resources})")
             actors = start_engine_actors(

@@ -1,0 +1,147 @@
+"""Quiet output: the user sees dtm-ray's own lines; the engines' chatter goes to a log file.
+
+vLLM, transformers and Ray print dozens of start-up lines (Triton, tcmalloc, NUMA, deprecation
+notes, loading bars). Almost all of them are printed inside the engine actors, and Ray forwards
+every actor's stdout/stderr to the driver, where its printer ("ray_print_logs", installed by
+`ray.init(log_to_driver=True)`) writes them with a coloured "(EngineActor pid=…)" prefix. While
+`engine_logs(path)` is active that printer is swapped for one that writes each line, without
+colour, to `path`; lines the actors print with the `dtm-ray:` prefix (our own warnings, e.g. an
+actor restarting itself) still reach stderr, and `verbose=True` sends everything there as well.
+Ray's own driver-side logger ("Started a local Ray instance", token-auth notes) goes to the same
+file. Forwarding stays on (`log_to_driver`), so this works alike for a local Ray, for a cluster
+joined through RAY_ADDRESS and under `ray job submit`, whose `ray job logs` then show the same
+quiet stream.
+
+Ray's printer is private API (`ray._private.ray_logging`); if it moves, `engine_logs` leaves
+Ray's own printer in place and only the file handler on the "ray" logger is added.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+RAY_PRINTER = "ray_print_logs"  # the handler name ray.init gives its worker-log printer
+OUR_PRINTER = "dtm_ray_engine_log"
+OWN_PREFIX = "dtm-ray:"  # lines actors print for the user
+ENGINE_LOG = "engines.log"  # the file name inside the run's log folder
+
+
+class EngineLog:
+    """Receives Ray's batches of forwarded worker lines and writes them to one file."""
+
+    def __init__(self, path: Path, verbose: bool, echo: TextIO | None = None) -> None:
+        self.path = path
+        self.verbose = verbose
+        self.echo = echo  # where user-facing lines go (default: sys.stderr at call time)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def handle(self, data: dict[str, Any]) -> None:
+        """One batch from Ray: {"pid", "actor_name" | "task_name", "lines", "is_err", ...}."""
+        name = data.get("actor_name") or data.get("task_name") or ""
+        pid = data.get("pid", "?")
+        prefix = f"({name} pid={pid})" if name else f"({pid})"
+        with self._lock:
+            for line in data.get("lines", []):
+                if line.startswith("{") and "__ray_tqdm_magic_token__" in line:
+                    continue  # ray.experimental.tqdm_ray state, not text
+                self._file.write(f"{prefix} {line}\n")
+                if self.verbose or line.lstrip().startswith(OWN_PREFIX):
+                    print(f"{prefix} {line}", file=self.echo or sys.stderr, flush=True)
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def _dispatcher() -> Any | None:
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+    except ImportError:
+        return None
+    return global_worker_stdstream_dispatcher
+
+
+_active: EngineLog | None = None
+_ray_printer: tuple[str, Any] | None = None  # Ray's handler while ours replaces it
+
+
+def take_over_ray_output() -> None:
+    """Swap Ray's worker-log printer for the active EngineLog. Call after `ray.init` (which
+    installs Ray's printer); a no-op outside `engine_logs`."""
+    global _ray_printer
+    dispatcher = _dispatcher()
+    if _active is None or dispatcher is None:
+        return
+    with dispatcher._lock:
+        for pair in dispatcher.handlers:
+            if pair[0] == RAY_PRINTER:
+                _ray_printer = pair
+        handlers = [p for p in dispatcher.handlers if p[0] not in (RAY_PRINTER, OUR_PRINTER)]
+        dispatcher.handlers = [*handlers, (OUR_PRINTER, _active.handle)]
+
+
+def _give_back_ray_output() -> None:
+    global _ray_printer
+    dispatcher = _dispatcher()
+    if dispatcher is None:
+        return
+    with dispatcher._lock:
+        handlers = [p for p in dispatcher.handlers if p[0] != OUR_PRINTER]
+        # Ray removes its printer itself at ray.shutdown(); put it back only while Ray runs.
+        if _ray_printer is not None and _ray_connected():
+            handlers.append(_ray_printer)
+        dispatcher.handlers = handlers
+    _ray_printer = None
+
+
+def _ray_connected() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+@contextmanager
+def engine_logs(path: Path, verbose: bool = False) -> Iterator[EngineLog]:
+    """Within the block, forwarded actor output and Ray's driver logger go to `path`."""
+    global _active
+    import ray  # noqa: F401 - importing Ray sets up its "ray" logger, which is changed below
+
+    sink = EngineLog(path, verbose)
+    ray_logger = logging.getLogger("ray")
+    file_handler = logging.StreamHandler(sink._file)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved_handlers, saved_propagate = list(ray_logger.handlers), ray_logger.propagate
+    if verbose:
+        ray_logger.addHandler(file_handler)
+    else:
+        ray_logger.handlers = [file_handler]
+        ray_logger.propagate = False
+    _active = sink
+    take_over_ray_output()  # Ray may be running already (a notebook, the tests)
+    try:
+        yield sink
+    finally:
+        _give_back_ray_output()
+        _active = None
+        ray_logger.handlers, ray_logger.propagate = saved_handlers, saved_propagate
+        sink.close()
+
+
+def local_log_dir(run_uri: str) -> Path:
+    """Where a run's logs go: RUN/logs for a local run dir; for s3:// or gs:// a local folder
+    named after the run (logs are written line by line, which object stores do not do)."""
+    if "://" not in run_uri or run_uri.startswith("file://"):
+        return Path(run_uri.removeprefix("file://")) / "logs"
+    safe = run_uri.split("://", 1)[1].strip("/").replace("/", "_")
+    return Path("dtm-ray-logs") / safe
