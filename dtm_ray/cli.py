@@ -1,12 +1,26 @@
-"""`dtm-ray`: the command line. Thin: parse, validate, hand over; user errors end in one line."""
+"""dtm-ray: how far can each weight matrix of an LLM be pruned or quantized before its greedy
+text changes? Measured with Divergent Token Metrics (FDT: the first token where the compressed
+model's greedy output departs from the original's), fanned out over Ray, and used to compress
+the model round by round.
+
+typical use:
+  dtm-ray plan jobs/demo.yaml        what the job will run and cost
+  dtm-ray run jobs/demo.yaml         run (or resume) it; tables, report and export in its run dir
+  dtm-ray show runs/demo             its tables in the terminal, also while it runs
+  dtm-ray report runs/demo           plots and an HTML/Markdown report (written after every run)
+"""
+
+# The command line is thin: parse, validate, hand over; user errors end in one line.
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 from dtm_ray import models
-from dtm_ray.config import ConfigError, load_job, plan_job
+from dtm_ray.config import ConfigError, Plan, load_job, plan_job
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -14,15 +28,26 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _load_plan(args: argparse.Namespace) -> Plan:
     job = load_job(args.job, args.set)
     if args.out:
         job.out = args.out
-    plan = plan_job(job)
+    return plan_job(job)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    plan = _load_plan(args)
+    job = plan.job
+    if args.dry_run:
+        from dtm_ray.plan import estimate, flop_costs, format_estimate
+
+        print(f"{args.job}: valid; run dir {job.out}")
+        print(format_estimate(plan, estimate(plan, flop_costs(plan))))
+        return 0
     from dtm_ray.driver import run_plan  # Ray starts only once the job is known to be good
 
     try:
-        run_plan(plan)
+        run_plan(plan, verbose=args.verbose)
     except ConfigError:
         raise  # a run dir made by another job: a user error like the ones above
     except (ValueError, FileNotFoundError) as err:
@@ -37,6 +62,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dtm_ray.plan import calibrate, estimate, flop_costs, format_estimate
+
+    plan = _load_plan(args)
+    if args.no_calibrate:
+        costs = flop_costs(plan, args.worker_tflops * 1e12 if args.worker_tflops else None)
+    else:
+        from dtm_ray.logs import engine_logs
+        from dtm_ray.progress import log
+
+        log_file = Path(tempfile.gettempdir()) / "dtm-ray-plan" / "engines.log"
+        log(f"calibrating on one engine actor (engine output goes to {log_file})")
+        with engine_logs(log_file, args.verbose):
+            costs = calibrate(plan)
+    print(format_estimate(plan, estimate(plan, costs)))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from dtm_ray.show import format_show, load_run
+
+    print(format_show(load_run(args.run_dir), args.round, args.group, 0 if args.all else 15))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dtm_ray.report import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from dtm_ray.export import export_run  # torch and safetensors load only for this command
 
@@ -44,24 +101,116 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dtm-ray", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="job YAML file (see the README's job-file reference)")
+    parser.add_argument(
+        "--out", help="run directory (local path or s3://, gs://); overrides the job's 'out'"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job key, dotted for nested keys, value in YAML "
+        "(e.g. --set workers=4 --set compress.step=0.05); repeatable",
+    )
 
-    model = commands.add_parser("model", help="materialize a known model as an HF folder")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dtm-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = commands.add_parser(
+        "model",
+        help="print the local folder of a known model (materialized on first use)",
+        description="Print the Hugging Face folder of a model dtm-ray knows by name, converting "
+        "it on first use (from a weights file shipped in a Python package, no model hub "
+        "needed). Job files may name such a model instead of a folder.",
+    )
     model.add_argument("name", help=f"one of: {', '.join(models.KNOWN_MODELS)}")
     model.set_defaults(func=_cmd_model)
 
-    run = commands.add_parser("run", help="run a probing job")
-    run.add_argument("job", help="job YAML file")
-    run.add_argument("--out", help="run directory (local path or s3://, gs://); overrides 'out'")
+    run = commands.add_parser(
+        "run",
+        help="run or resume a job: probe, compress round by round, evaluate, report",
+        description="Run a job into its run directory, or resume it: finished probes and rounds "
+        "are read back, never redone. A compressing job ends with the final evaluation, "
+        "export/ and report/ (local run dirs). Progress and results go to the terminal; "
+        "vLLM, transformers and Ray output to RUN_DIR/logs/engines.log.",
+    )
+    _add_job_arguments(run)
     run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a job key"
+        "--dry-run",
+        action="store_true",
+        help="validate the job against the model's config and print the plan (FLOP estimate); "
+        "starts no Ray and loads no weights",
+    )
+    run.add_argument(
+        "--verbose", action="store_true", help="also show the engines' output (vLLM, Ray, ...)"
     )
     run.set_defaults(func=_cmd_run)
 
+    plan = commands.add_parser(
+        "plan",
+        help="estimate a job's rounds, probes, tokens and time before running it",
+        description="Print probes per round, rounds expected, tokens to score and the estimated "
+        "time per round and in total for the job's workers. By default the costs come from a "
+        "short calibration on one engine actor (start-up, the reference, one probe); "
+        "--no-calibrate uses 2 x parameters FLOPs per token at a stated throughput instead.",
+    )
+    _add_job_arguments(plan)
+    plan.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="estimate from FLOPs instead of timing one engine (no Ray, no weights loaded)",
+    )
+    plan.add_argument(
+        "--worker-tflops",
+        type=float,
+        help="throughput of one worker for --no-calibrate, in TFLOP/s "
+        "(default: 0.05 per CPU core, 100 per GPU)",
+    )
+    plan.add_argument("--verbose", action="store_true", help="show the engine's output")
+    plan.set_defaults(func=_cmd_plan)
+
+    show = commands.add_parser(
+        "show",
+        help="print a run's tables: rounds, final result, components, failed probes",
+        description="Print a run directory's tables in the terminal: one row per round (probes, "
+        "failures, noise floor, sparsity), the final result against the dense model, one "
+        "round's components by FDT@75 with 90%% intervals, and failed probes. Works while the "
+        "run is still going.",
+    )
+    show.add_argument("run_dir", help="run directory (local path or s3://, gs://)")
+    show.add_argument(
+        "--round", type=int, help="the round whose components to list (default: last)"
+    )
+    show.add_argument(
+        "--group", help="only this probe setting: a spec (int8) or added sparsity (+0.10)"
+    )
+    show.add_argument("--all", action="store_true", help="list every component, not both ends")
+    show.set_defaults(func=_cmd_show)
+
+    report = commands.add_parser(
+        "report",
+        help="write PNG plots and an HTML + Markdown report of a run",
+        description="Write report.html, report.md and PNG plots (FDT@75 heatmaps per round, FDT "
+        "against sparsity or precision per kind, perplexity against FDT, compression per round) "
+        "for a run directory, finished or not. Runs with a local run dir get one automatically.",
+    )
+    report.add_argument("run_dir", help="run directory (local path or s3://, gs://)")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/report; required for s3://)")
+    report.set_defaults(func=_cmd_report)
+
     export = commands.add_parser(
-        "export", help="write a finished run's compressed model as a safetensors checkpoint"
+        "export",
+        help="write a finished run's compressed model as a safetensors checkpoint",
+        description="Write a finished compressing run's model as a Hugging Face safetensors "
+        "checkpoint (each component's chain replayed on its original weight), with "
+        "sparsity_map.json, precision_map.json and an llm-compressor recipe.yaml. Local runs "
+        "get one at the end of the run; s3:// or gs:// runs need --out.",
     )
     export.add_argument("run_dir", help="run directory of a finished compressing run")
     export.add_argument("--out", help="output folder (default: RUN_DIR/export)")

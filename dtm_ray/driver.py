@@ -25,6 +25,7 @@ import dtm_ray
 from dtm_ray.actor import RoundContext
 from dtm_ray.config import Plan, check_same_config
 from dtm_ray.evaluate import final_tables
+from dtm_ray.logs import ENGINE_LOG, engine_logs, local_log_dir
 from dtm_ray.pool import Engines
 from dtm_ray.progress import Streaming, log
 from dtm_ray.quantize_loop import run_quantize
@@ -104,12 +105,45 @@ def run_plan(
     flush_seconds: float = 30.0,
     progress_interval: float = 15.0,
     print_summary: bool = True,
+    verbose: bool = False,
 ) -> RunOutcome:
     """Run (or resume) a validated plan into `plan.job.out`.
 
     Uses the Ray this process is already connected to; otherwise joins RAY_ADDRESS, or starts a
-    local Ray for the duration of the call.
+    local Ray for the duration of the call. Output of the engines (vLLM, transformers, Ray)
+    goes to `logs/engines.log` of the run (`verbose` shows it too); see `dtm_ray.logs`.
     """
+    log_file = local_log_dir(plan.job.out) / ENGINE_LOG
+    log(f"engine output goes to {log_file}" + ("" if verbose else " (--verbose shows it)"))
+    with engine_logs(log_file, verbose):
+        outcome = _run_plan(plan, flush_every, flush_seconds, progress_interval, print_summary)
+    _report(outcome.run_dir)
+    return outcome
+
+
+def _report(run_dir: str) -> None:
+    """Write `report/` beside the tables of a local run; a failed plot never fails the run."""
+    if "://" in run_dir:
+        log(f"run dir {run_dir} is not local: `dtm-ray report {run_dir} --out DIR` writes one")
+        return
+    from dtm_ray.report import write_report
+
+    try:
+        log(f"report: {write_report(run_dir)}")
+    except Exception as err:  # noqa: BLE001 - the run's tables are what matters
+        log(
+            f"warning: the report failed ({type(err).__name__}: {err}); "
+            f"retry with `dtm-ray report {run_dir}`"
+        )
+
+
+def _run_plan(
+    plan: Plan,
+    flush_every: int,
+    flush_seconds: float,
+    progress_interval: float,
+    print_summary: bool,
+) -> RunOutcome:
     start = time.monotonic()
     job = plan.job
     streaming = Streaming(flush_every, flush_seconds, progress_interval)
