@@ -1,0 +1,167 @@
+"""The files a newcomer touches: every job file validates, the cluster manifests parse and name
+what KubeRay and Ray require, the README documents every job key, and `plan`'s schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dtm_ray import cli
+from dtm_ray.config import (
+    CompressConfig,
+    EvaluationConfig,
+    JobConfig,
+    ProbeConfig,
+    PromptsConfig,
+    load_job,
+    plan_job,
+)
+from dtm_ray.plan import schedule, sparsify_steps, tokens_scored
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+JOB_FILES = [p for p in JOBS if p.name != "runtime_env.yaml"]
+
+# Llama-2's published config.json values: enough for validation without the weights.
+LLAMA2 = {
+    "7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+    },
+    "13b": {
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+    },
+}
+
+
+def llama2_folder(root: Path, size: str) -> Path:
+    folder = root / f"Llama-2-{size}-hf"
+    folder.mkdir()
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_key_value_heads": LLAMA2[size]["num_attention_heads"],
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "torch_dtype": "float16",
+        **LLAMA2[size],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def model_override(job: Path, tmp_path: Path) -> list[str]:
+    """Llama-2 jobs point at a folder on a cluster volume; validate them against its config."""
+    for size in LLAMA2:
+        if f"llama2-{size}" in job.name:
+            return ["--set", f"model={llama2_folder(tmp_path, size)}"]
+    return []
+
+
+@pytest.mark.parametrize("job", JOB_FILES, ids=lambda p: p.name)
+def test_every_job_file_passes_dry_run_without_starting_ray(job, tmp_path):
+    args = ["run", str(job), "--dry-run", *model_override(job, tmp_path)]
+    code = (
+        "import sys; from dtm_ray import cli; rc = cli.main(sys.argv[1:]); "
+        "assert 'ray' not in sys.modules, 'dry run imported ray'; sys.exit(rc)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout and "estimated total" in result.stdout
+    assert result.stderr == ""
+
+
+def test_llama2_jobs_select_every_linear_weight(tmp_path):
+    job = load_job(ROOT / "jobs/llama2-13b-int8.yaml", [f"model={llama2_folder(tmp_path, '13b')}"])
+    plan = plan_job(job)
+    assert len(plan.components) == 40 * 7
+    assert job.dtype == "bfloat16" and job.engine == "vllm"
+    assert job.prompts.source.startswith("hf:wikitext:wikitext-2")
+    assert job.compress.levels == ["int8"]
+
+
+def test_demo_schedule_is_two_rounds_of_two_probes_per_component():
+    plan = plan_job(load_job(ROOT / "jobs/demo.yaml"))
+    rounds = schedule(plan)
+    assert [r.label for r in rounds] == ["0", "1", "final"]
+    assert [r.probes for r in rounds] == [42, 42, 0]  # 3 layers x 7 kinds x 2 added sparsities
+    # 16 prompts x (16 + 32) tokens per probe, plus the reference generated and scored.
+    assert tokens_scored(plan, rounds[0]) == 42 * 16 * 48 + 16 * (48 + 32)
+
+
+def test_sparsify_steps_land_on_the_target():
+    assert sparsify_steps(0.25, 0.15) == pytest.approx([0.15, 0.1 / 0.85])
+    assert len(sparsify_steps(0.5, 0.1)) == 7  # 0.1, 0.19, 0.271, 0.344, 0.41, 0.469, then 0.5
+
+
+def test_kuberay_rayjob_names_what_kuberay_requires():
+    manifest = yaml.safe_load((ROOT / "deploy/kuberay-rayjob.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1"
+    assert manifest["kind"] == "RayJob"
+    assert manifest["metadata"]["name"]
+    spec = manifest["spec"]
+    assert "dtm_ray.cli run jobs/" in spec["entrypoint"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    yaml.safe_load(spec["runtimeEnvYAML"])  # a YAML string inside the manifest
+    cluster = spec["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    for container in head["template"]["spec"]["containers"]:
+        assert container["name"] and container["image"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["groupName"] and isinstance(group["rayStartParams"], dict)
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    (worker,) = group["template"]["spec"]["containers"]
+    assert worker["name"] and worker["image"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # Every volume a container mounts is defined in its pod.
+    for pod in (head["template"]["spec"], group["template"]["spec"]):
+        volumes = {v["name"] for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes
+
+
+def test_runtime_env_file_is_a_valid_ray_runtime_env():
+    from ray.runtime_env import RuntimeEnv
+
+    data = yaml.safe_load((ROOT / "jobs/runtime_env.yaml").read_text())
+    env = RuntimeEnv(**data)  # raises on unknown fields or malformed values
+    assert env["working_dir"] == "."
+    assert ".git" in env["excludes"]
+
+
+def test_readme_documents_every_job_key():
+    readme = (ROOT / "README.md").read_text()
+    classes = (JobConfig, PromptsConfig, ProbeConfig, CompressConfig, EvaluationConfig)
+    keys = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    missing = sorted(k for k in keys if f"`{k}`" not in readme)
+    assert not missing, f"README lacks job keys: {missing}"
+
+
+def test_readme_demo_command_is_the_demo_job():
+    readme = (ROOT / "README.md").read_text()
+    assert "./setup.sh && .venv/bin/dtm-ray run jobs/demo.yaml" in readme
+    assert "./setup.sh && .venv/bin/python -m pytest" in readme
+
+
+def test_every_subcommand_explains_itself(capsys):
+    for command in ("run", "plan", "show", "report", "export", "model"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert f"usage: dtm-ray {command}" in text and len(text) > 300
