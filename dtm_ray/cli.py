@@ -70,10 +70,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         costs = flop_costs(plan, args.worker_tflops * 1e12 if args.worker_tflops else None)
     else:
         from dtm_ray.logs import engine_logs
-        from dtm_ray.progress import log
 
         log_file = Path(tempfile.gettempdir()) / "dtm-ray-plan" / "engines.log"
-        log(f"calibrating on one engine actor (engine output goes to {log_file})")
         with engine_logs(log_file, args.verbose):
             costs = calibrate(plan)
     print(format_estimate(plan, estimate(plan, costs)))

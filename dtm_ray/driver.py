@@ -113,9 +113,7 @@ def run_plan(
     local Ray for the duration of the call. Output of the engines (vLLM, transformers, Ray)
     goes to `logs/engines.log` of the run (`verbose` shows it too); see `dtm_ray.logs`.
     """
-    log_file = local_log_dir(plan.job.out) / ENGINE_LOG
-    log(f"engine output goes to {log_file}" + ("" if verbose else " (--verbose shows it)"))
-    with engine_logs(log_file, verbose):
+    with engine_logs(local_log_dir(plan.job.out) / ENGINE_LOG, verbose):
         outcome = _run_plan(plan, flush_every, flush_seconds, progress_interval, print_summary)
     _report(outcome.run_dir)
     return outcome

@@ -33,33 +33,61 @@ ENGINE_LOG = "engines.log"  # the file name inside the run's log folder
 
 
 class EngineLog:
-    """Receives Ray's batches of forwarded worker lines and writes them to one file."""
+    """Receives Ray's batches of forwarded worker lines and writes them to one file, opened on
+    the first line (a run refused before any engine starts leaves no log behind)."""
 
     def __init__(self, path: Path, verbose: bool, echo: TextIO | None = None) -> None:
         self.path = path
         self.verbose = verbose
         self.echo = echo  # where user-facing lines go (default: sys.stderr at call time)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
+        self._file: TextIO | None = None
         self._lock = threading.Lock()
+        self.announced = False  # the user was told where the file is
 
     def handle(self, data: dict[str, Any]) -> None:
         """One batch from Ray: {"pid", "actor_name" | "task_name", "lines", "is_err", ...}."""
         name = data.get("actor_name") or data.get("task_name") or ""
         pid = data.get("pid", "?")
         prefix = f"({name} pid={pid})" if name else f"({pid})"
+        lines = [
+            line
+            for line in data.get("lines", [])
+            # ray.experimental.tqdm_ray sends its bar state as JSON lines: not text.
+            if not (line.startswith("{") and "__ray_tqdm_magic_token__" in line)
+        ]
+        self.write([f"{prefix} {line}" for line in lines])
+        for line in lines:
+            if self.verbose or line.lstrip().startswith(OWN_PREFIX):
+                print(f"{prefix} {line}", file=self.echo or sys.stderr, flush=True)
+
+    def write(self, lines: list[str]) -> None:
         with self._lock:
-            for line in data.get("lines", []):
-                if line.startswith("{") and "__ray_tqdm_magic_token__" in line:
-                    continue  # ray.experimental.tqdm_ray state, not text
-                self._file.write(f"{prefix} {line}\n")
-                if self.verbose or line.lstrip().startswith(OWN_PREFIX):
-                    print(f"{prefix} {line}", file=self.echo or sys.stderr, flush=True)
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = self.path.open("a", encoding="utf-8")
+            self._file.writelines(f"{line}\n" for line in lines)
             self._file.flush()
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+class _ToEngineLog(logging.Handler):
+    """Records of Ray's driver-side "ray" logger, written into the engine log."""
+
+    def __init__(self, sink: EngineLog) -> None:
+        super().__init__()
+        self.sink = sink
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sink.write([self.format(record)])
+        except Exception:  # noqa: BLE001 - logging must never break the run
+            self.handleError(record)
 
 
 def _dispatcher() -> Any | None:
@@ -74,9 +102,10 @@ _active: EngineLog | None = None
 _ray_printer: tuple[str, Any] | None = None  # Ray's handler while ours replaces it
 
 
-def take_over_ray_output() -> None:
+def take_over_ray_output(announce: bool = True) -> None:
     """Swap Ray's worker-log printer for the active EngineLog. Call after `ray.init` (which
-    installs Ray's printer); a no-op outside `engine_logs`."""
+    installs Ray's printer); a no-op outside `engine_logs`. `announce`: tell the user, once,
+    where the engine output goes (when engines start)."""
     global _ray_printer
     dispatcher = _dispatcher()
     if _active is None or dispatcher is None:
@@ -87,6 +116,10 @@ def take_over_ray_output() -> None:
                 _ray_printer = pair
         handlers = [p for p in dispatcher.handlers if p[0] not in (RAY_PRINTER, OUR_PRINTER)]
         dispatcher.handlers = [*handlers, (OUR_PRINTER, _active.handle)]
+    if announce and not _active.announced:
+        _active.announced = True
+        hint = "" if _active.verbose else " (--verbose shows it)"
+        print(f"dtm-ray: engine output goes to {_active.path}{hint}", file=sys.stderr, flush=True)
 
 
 def _give_back_ray_output() -> None:
@@ -119,8 +152,7 @@ def engine_logs(path: Path, verbose: bool = False) -> Iterator[EngineLog]:
 
     sink = EngineLog(path, verbose)
     ray_logger = logging.getLogger("ray")
-    file_handler = logging.StreamHandler(sink._file)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_handler = _ToEngineLog(sink)
     saved_handlers, saved_propagate = list(ray_logger.handlers), ray_logger.propagate
     if verbose:
         ray_logger.addHandler(file_handler)
@@ -128,7 +160,7 @@ def engine_logs(path: Path, verbose: bool = False) -> Iterator[EngineLog]:
         ray_logger.handlers = [file_handler]
         ray_logger.propagate = False
     _active = sink
-    take_over_ray_output()  # Ray may be running already (a notebook, the tests)
+    take_over_ray_output(announce=False)  # Ray may be running already (a notebook, the tests)
     try:
         yield sink
     finally:

@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 from dtm_ray.components import load_components
 from dtm_ray.config import DEFAULT_PROBE_SPECS, Plan
 from dtm_ray.decisions.sparsify import probe_points, round_step
+from dtm_ray.state import concat_references
 
 # Throughput per worker assumed by the FLOP estimate (FLOP/s), per unit of its resources.
 CPU_FLOPS_PER_CORE = 50e9  # fp32 matmul on one AVX2 core, about what the demo sees
 GPU_FLOPS_PER_GPU = 100e12  # bf16 prefill on an A100/H100-class GPU at moderate utilization
 TARGET_TOLERANCE = 0.005  # as the sparsify loop: the target counts as reached this close
+REPORT_SECONDS = 3.0  # the plots and pages at the end of a run
+EXPORT_BYTES_PER_SECOND = 200e6  # replaying chains and writing safetensors, on local disk
 
 
 @dataclass
@@ -77,7 +80,10 @@ def schedule(plan: Plan) -> list[RoundPlan]:
     compress = plan.compress
     if compress is None:
         specs = plan.specs or DEFAULT_PROBE_SPECS
-        return [RoundPlan("0", components * len(specs), "new", f"specs {', '.join(specs)}")]
+        return [
+            RoundPlan("0", components * len(specs), "new", f"specs {', '.join(specs)}"),
+            RoundPlan("finish", 0, "-", "report"),
+        ]
     rounds: list[RoundPlan] = []
     if compress.method == "sparsify":
         if compress.guide == "uniform":
@@ -113,6 +119,7 @@ def schedule(plan: Plan) -> list[RoundPlan]:
                 rounds.append(RoundPlan(str(index), workers, "-", f"{level}: search"))
                 index += 1
     rounds.append(RoundPlan("final", 0, "-", "scored against the dense model, perplexity on text"))
+    rounds.append(RoundPlan("finish", 0, "-", "export and report"))
     return rounds
 
 
@@ -140,6 +147,13 @@ def model_parameters(plan: Plan) -> int:
     return linear + int(config.get("vocab_size", 0)) * int(config.get("hidden_size", 0))
 
 
+def _bytes_per_value(plan: Plan) -> int:
+    dtype = plan.job.dtype
+    if dtype == "auto":
+        return 2 if plan.job.resources_per_worker.get("GPU", 0) > 0 else 4
+    return 4 if dtype == "float32" else 2
+
+
 def worker_flops(plan: Plan) -> float:
     resources = plan.job.resources_per_worker
     if resources.get("GPU", 0) > 0:
@@ -163,16 +177,27 @@ def flop_costs(plan: Plan, flops: float | None = None) -> Costs:
     )
 
 
+def calibration_actors(plan: Plan) -> int:
+    """Engines to calibrate on: one when each has its own GPU; all of the job's when they share
+    a machine's CPUs, because there each probe slows down the others (cores, memory bandwidth)."""
+    if plan.job.resources_per_worker.get("GPU", 0) > 0:
+        return 1
+    return min(plan.job.workers, len(plan.components))
+
+
 def calibrate(plan: Plan) -> Costs:
-    """Time start-up, the reference and one probe on a single engine actor."""
+    """Time start-up, the reference and a probe per actor on `calibration_actors` engines."""
+    import ray
+
     from dtm_ray.actor import RoundContext
     from dtm_ray.pool import Engines
     from dtm_ray.rounds import source_for_actors
     from dtm_ray.state import ModelState
 
     job = plan.job
+    actors = calibration_actors(plan)
     start = time.monotonic()
-    engines = Engines(plan, 1)
+    engines = Engines(plan, actors)
     try:
         pool = engines.pool
         startup = time.monotonic() - start
@@ -181,22 +206,29 @@ def calibrate(plan: Plan) -> Costs:
             "load_prompts", source_for_actors(p.source), p.count, p.prefix_tokens, p.seed
         )
         began = time.monotonic()
-        reference = pool.call("build_reference", prefixes, ModelState(), job.new_tokens)
+        parts = pool.split("build_reference", prefixes, ModelState(), job.new_tokens)
         reference_s = time.monotonic() - began
-        context = RoundContext(0, ModelState(), reference)
-        delta = {plan.components[0].name: _calibration_spec(plan)}
-        timings = []
+        reference = concat_references(parts)
+        context = ray.put(RoundContext(0, ModelState(), reference))
+        spec = _calibration_spec(plan)
+        waves = []
         for _ in range(2):  # the first probe of an engine may pay one-time costs
             began = time.monotonic()
-            pool.call("probe", delta, context)
-            timings.append(time.monotonic() - began)
+            ray.get(
+                [
+                    actor.probe.remote({component.name: spec}, context)
+                    for actor, component in zip(pool.actors, plan.components, strict=False)
+                ]
+            )
+            waves.append(time.monotonic() - began)
     finally:
         engines.close()
+    where = "one" if actors == 1 else f"{actors} concurrent"
     return Costs(
         startup,
-        reference_s,
-        min(timings),
-        f"calibrated on one {job.engine} actor ({job.resources_per_worker})",
+        reference_s * actors,  # as if on one actor; `estimate` divides by the workers
+        min(waves),
+        f"calibrated on {where} {job.engine} actor(s) ({job.resources_per_worker})",
     )
 
 
@@ -225,6 +257,10 @@ def estimate(plan: Plan, costs: Costs) -> Estimate:
             text = job.evaluation.count * job.evaluation.tokens
             scored = job.prompts.count * (job.prompts.prefix_tokens + job.new_tokens)
             s += costs.probe * (1 + text / scored * (1 if workers > 1 else 2))
+        if round_.label == "finish":
+            s += REPORT_SECONDS
+            if plan.compress is not None:  # writing the checkpoint
+                s += model_parameters(plan) * _bytes_per_value(plan) / EXPORT_BYTES_PER_SECOND
         seconds.append(s)
     return Estimate(rounds, costs, workers, seconds)
 
@@ -259,15 +295,16 @@ def format_estimate(plan: Plan, result: Estimate) -> str:
             f"{round_.label:>6} {round_.probes:>7} {round_.reference:>9} "
             f"{tokens_scored(plan, round_):>12,} {_duration(seconds):>12}  {round_.note}"
         )
-    rounds = [r for r in result.rounds if r.label != "final"]
+    rounds = [r for r in result.rounds if r.label not in ("final", "finish")]
     probes = sum(r.probes for r in result.rounds)
     tokens = sum(tokens_scored(plan, r) for r in result.rounds)
     c = result.costs
     lines += [
         "",
         f"{len(rounds)} round(s), {probes} probes, {tokens:,} tokens through the model",
-        f"costs: {c.source}: start-up {c.startup:.1f} s, reference {c.reference:.2f} s, "
-        f"one probe {c.probe:.2f} s",
+        f"costs: {c.source}: "
+        + (f"start-up {c.startup:.1f} s, " if c.startup else "")
+        + f"reference {c.reference:.2f} s on one actor, one probe {c.probe:.2f} s",
         f"estimated total: {_duration(result.total)} on {job.workers} worker(s)",
     ]
     if compress is not None and compress.method == "quantize" and compress.guide != "uniform":

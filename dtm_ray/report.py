@@ -26,7 +26,6 @@ from dtm_ray.schemas import STATUS_OK
 from dtm_ray.show import (
     RunTables,
     component_table,
-    final_lines,
     headline,
     kind_order,
     load_run,
@@ -65,21 +64,55 @@ def _save(fig, out: Path, name: str) -> str:
 
 
 # --- sections --------------------------------------------------------------------------------
+def key_numbers(run: RunTables) -> pd.DataFrame | None:
+    """The final result against the dense model, one row per number."""
+    if not run.finished:
+        return None
+    s = run.final["summary"].iloc[0]
+    noise = int(run.references["noise_positions"].sum()) if len(run.references) else 0
+    rows = [
+        (
+            "FDT@75 against the dense model",
+            f"{s['fdt_at_75']} (90% CI {s['fdt_at_75_low']}-{s['fdt_at_75_high']})",
+            str(run.new_tokens),
+        ),
+        ("mean FDT", f"{s['fdt_mean']:.2f}", str(run.new_tokens)),
+        ("share of divergent tokens (SDT)", f"{s['sdt_share']:.3f}", "0"),
+        (
+            "perplexity on the dense model's continuations",
+            f"{s['ppl_reference']:.3f}",
+            f"{s['dense_ppl_reference']:.3f}",
+        ),
+        (
+            f"perplexity on {s['text_source']} text",
+            f"{s['ppl_text']:.3f}",
+            f"{s['dense_ppl_text']:.3f}",
+        ),
+        ("sparsity of the selected weights", f"{s['sparsity']:.4f}", "0"),
+        ("bits per parameter (selected weights)", f"{s['bits_per_param']:.2f}", ""),
+        ("rounds", str(s["rounds"]), ""),
+        ("noise floor (positions, all rounds)", str(noise), ""),
+    ]
+    return pd.DataFrame(rows, columns=["", "compressed", "dense"])
+
+
 def summary_section(run: RunTables, out: Path) -> Section:
     versions = ", ".join(f"{k} {v}" for k, v in run.info.get("versions", {}).items())
     hardware = run.info.get("hardware", {})
-    paragraphs = [headline(run), *final_lines(run)]
     gpus = ", ".join(hardware.get("gpus", [])) or "none"
-    paragraphs.append(
+    paragraphs = [
+        headline(run),
         f"Created {run.info.get('created')} on {hardware.get('host')} "
-        f"({hardware.get('cpu_count')} CPUs, GPUs: {gpus}); {versions}."
-    )
-    paragraphs.append(
+        f"({hardware.get('cpu_count')} CPUs, GPUs: {gpus}); {versions}.",
         "FDT = first divergent token: how many greedy tokens the compressed model keeps in step "
         "with the reference model; FDT@75 = the largest value that 75 % of prompts reach. "
-        f"{run.new_tokens} means no divergence at all."
+        f"{run.new_tokens} means no divergence at all.",
+    ]
+    numbers = key_numbers(run)
+    tables = (
+        [] if numbers is None else [("key numbers: the result against the dense model", numbers)]
     )
-    return Section("Run", paragraphs)
+    return Section("Run", paragraphs, tables)
 
 
 def rounds_section(run: RunTables, out: Path) -> Section | None:

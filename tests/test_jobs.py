@@ -14,6 +14,7 @@ import yaml
 
 from dtm_ray import cli
 from dtm_ray.config import (
+    ENGINE_OPTION_KEYS,
     CompressConfig,
     EvaluationConfig,
     JobConfig,
@@ -96,8 +97,8 @@ def test_llama2_jobs_select_every_linear_weight(tmp_path):
 def test_demo_schedule_is_two_rounds_of_two_probes_per_component():
     plan = plan_job(load_job(ROOT / "jobs/demo.yaml"))
     rounds = schedule(plan)
-    assert [r.label for r in rounds] == ["0", "1", "final"]
-    assert [r.probes for r in rounds] == [42, 42, 0]  # 3 layers x 7 kinds x 2 added sparsities
+    assert [r.label for r in rounds] == ["0", "1", "final", "finish"]
+    assert [r.probes for r in rounds] == [42, 42, 0, 0]  # 3 layers x 7 kinds x 2 added sparsities
     # 16 prompts x (16 + 32) tokens per probe, plus the reference generated and scored.
     assert tokens_scored(plan, rounds[0]) == 42 * 16 * 48 + 16 * (48 + 32)
 
@@ -147,7 +148,7 @@ def test_runtime_env_file_is_a_valid_ray_runtime_env():
 def test_readme_documents_every_job_key():
     readme = (ROOT / "README.md").read_text()
     classes = (JobConfig, PromptsConfig, ProbeConfig, CompressConfig, EvaluationConfig)
-    keys = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    keys = {f.name for cls in classes for f in dataclasses.fields(cls)} | set(ENGINE_OPTION_KEYS)
     missing = sorted(k for k in keys if f"`{k}`" not in readme)
     assert not missing, f"README lacks job keys: {missing}"
 

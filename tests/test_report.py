@@ -124,7 +124,7 @@ def test_a_run_is_quiet_and_leaves_tables_plots_and_a_report(tmp_path, tiny_llam
         assert f"]({name})" in (report / "report.md").read_text()
         assert f'src="{name}"' in (report / "report.html").read_text()
     markdown = (report / "report.md").read_text()
-    assert "noise_positions" in markdown and "FDT@75" in markdown and "final, against" in markdown
+    assert "noise_positions" in markdown and "key numbers" in markdown and "FDT@75" in markdown
 
     # show: the rounds and the final result of a finished run.
     shown = dtm_ray("show", "run", cwd=tmp_path)
