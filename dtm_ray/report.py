@@ -134,8 +134,7 @@ def rounds_section(run: RunTables, out: Path) -> Section | None:
 
 
 def heatmap_section(run: RunTables, out: Path) -> Section | None:
-    probes = run.single_probes()
-    probes = probes[probes["status"] == STATUS_OK]
+    probes = _component_probes(run)
     if probes.empty:
         return None
     plt = _pyplot()
@@ -188,7 +187,8 @@ def heatmap_section(run: RunTables, out: Path) -> Section | None:
     for ax in axes.flat:
         if not any(ax is u for u in used):
             ax.axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.8, label=f"FDT@75 (of {run.new_tokens})")
+    shrink = 0.8 if len(rounds) <= 2 else 0.4  # a long bar over many rows reads badly
+    fig.colorbar(image, ax=axes, shrink=shrink, label=f"FDT@75 (of {run.new_tokens})")
     name = _save(fig, out, "fdt_heatmap.png")
     return Section(
         "FDT@75 per layer and kind",
@@ -200,6 +200,13 @@ def heatmap_section(run: RunTables, out: Path) -> Section | None:
     )
 
 
+def _component_probes(run: RunTables) -> pd.DataFrame:
+    """Finished one-component probes of the rounds that probed components one by one."""
+    probes = run.single_probes()
+    keep = (probes["status"] == STATUS_OK) & probes["round"].isin(run.component_rounds())
+    return probes[keep]
+
+
 def _probe_sparsity(spec: str) -> float | None:
     parsed = parse_spec(spec)
     return parsed.sparsity if parsed.is_pruning else None
@@ -208,8 +215,7 @@ def _probe_sparsity(spec: str) -> float | None:
 def curves_section(run: RunTables, out: Path) -> Section | None:
     """FDT@75 against the probe's sparsity (pruning) or its precision (quantization), per kind:
     the mean over the probed layers, one panel per round."""
-    probes = run.single_probes()
-    probes = probes[probes["status"] == STATUS_OK].copy()
+    probes = _component_probes(run).copy()
     if probes.empty:
         return None
     plt = _pyplot()
@@ -217,15 +223,19 @@ def curves_section(run: RunTables, out: Path) -> Section | None:
     rounds = sorted(probes["round"].unique())
     kinds = kind_order(probes["kind"])
     colors = _kind_colors(kinds)
+    columns = min(len(rounds), 4)
+    rows = -(-len(rounds) // columns)
     fig, axes = plt.subplots(
-        1,
-        len(rounds),
-        figsize=(4.6 * len(rounds) + 1.2, 3.8),
+        rows,
+        columns,
+        figsize=(4.6 * columns + 1.2, 3.6 * rows),
         squeeze=False,
         sharey=True,
         constrained_layout=True,
     )
-    for ax, round_ in zip(axes.flat, rounds, strict=True):
+    for ax in list(axes.flat)[len(rounds) :]:
+        ax.axis("off")
+    for ax, round_ in zip(axes.flat, rounds, strict=False):
         sub = probes[probes["round"] == round_]
         pruning = sub["sparsity"].notna().all()
         if pruning:
@@ -247,8 +257,10 @@ def curves_section(run: RunTables, out: Path) -> Section | None:
         ax.set_xlabel(label)
         ax.set_ylim(-1, run.new_tokens + 1)
         ax.grid(alpha=0.3)
-    axes.flat[0].set_ylabel(f"FDT@75 (of {run.new_tokens})")
-    axes.flat[-1].legend(title="kind", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for row in axes:
+        row[0].set_ylabel(f"FDT@75 (of {run.new_tokens})")
+    handles = [plt.Line2D([], [], color=colors[k], marker="o", label=k) for k in kinds]
+    fig.legend(handles=handles, title="kind", loc="outside right center")
     name = _save(fig, out, "fdt_vs_compression.png")
     return Section(
         "FDT@75 against compression, per kind",
@@ -381,9 +393,9 @@ def _start_sparsity(run: RunTables) -> float | None:
 
 
 def components_section(run: RunTables, out: Path) -> Section | None:
-    if not run.rounds:
+    last = run.component_round()
+    if last is None:
         return None
-    last = run.rounds[-1]
     table = component_table(run, last)
     if table.empty:
         return None

@@ -61,8 +61,24 @@ class RunTables:
 
     @property
     def rounds(self) -> list[int]:
-        found = set(self.probes["round"]) | set(self.references["round"])
+        found = (
+            set(self.probes["round"]) | set(self.references["round"]) | set(self.states["round"])
+        )
         return sorted(int(r) for r in found)
+
+    def component_rounds(self) -> list[int]:
+        """Rounds that probed components one by one: every sparsify or probe-only round, the
+        rank rounds of a quantize run (not its search rounds of candidate sets)."""
+        counts = self.single_probes().groupby("round")["component"].nunique()
+        return sorted(int(r) for r, n in counts.items() if n > 1)
+
+    def component_round(self) -> int | None:
+        """The round `show` lists by default: the last of `component_rounds`, else the last
+        round with any probe."""
+        ranked = self.component_rounds()
+        if ranked:
+            return ranked[-1]
+        return int(self.probes["round"].max()) if len(self.probes) else None
 
     def single_probes(self) -> pd.DataFrame:
         """Probe rows that compressed one component (not a quantize search's candidate sets),
@@ -133,8 +149,14 @@ def rounds_table(run: RunTables) -> pd.DataFrame:
             row["current_fdt75"] = _fdt75(ref["current_fdt"].to_numpy())
         states = run.states[run.states["round"] == round_]
         if len(states):
-            zeros = (states["sparsity"] * states["params"]).sum()
-            row["sparsity_after"] = float(zeros / states["params"].sum())
+            params = states["params"].sum()
+            if run.method == "quantize":
+                changed = states["chain"].map(len) > 0
+                row["quantized_after"] = float(states.loc[changed, "params"].sum() / params)
+            else:
+                row["sparsity_after"] = float(
+                    (states["sparsity"] * states["params"]).sum() / params
+                )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -226,8 +248,8 @@ def format_show(
     if not rounds.empty:
         lines += ["", "rounds:", _text(rounds)]
     lines += final_lines(run)
-    if run.rounds:
-        shown = run.rounds[-1] if round_ is None else round_
+    shown = run.component_round() if round_ is None else round_
+    if shown is not None:
         if shown not in run.rounds:
             raise ConfigError(f"round {shown} not in {run.uri}; it has rounds {run.rounds}")
         table = component_table(run, shown, group)
