@@ -253,8 +253,12 @@ def format_show(
         if shown not in run.rounds:
             raise ConfigError(f"round {shown} not in {run.uri}; it has rounds {run.rounds}")
         table = component_table(run, shown, group)
+        if table.empty and group is not None:
+            single = run.single_probes()
+            known = list(dict.fromkeys(single.loc[single["round"] == shown, "group"]))
+            raise ConfigError(f"round {shown} has no probes at {group}; it has {known}")
         if table.empty:
-            lines += ["", f"round {shown}: no finished probes" + (f" for {group}" if group else "")]
+            lines += ["", f"round {shown}: no finished probes yet"]
         else:
             groups = ", ".join(c.removeprefix("FDT@75 ") for c in table.columns[2:])
             lines += [
