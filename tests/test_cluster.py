@@ -485,6 +485,12 @@ def test_ray_job_submit_writes_run_directory(tmp_path: Path, smollm2_dir: Path):
     log = submit.stdout + submit.stderr
     assert submit.returncode == 0, log
     assert "succeeded" in log
+    # The streamed job log (`ray job logs`) holds the driver's own lines, no engine chatter.
+    assert "dtm-ray: round 0: probing" in log
+    assert "EngineActor" not in log and "Loading safetensors" not in log
+    # Ray's own CLI colours its status lines even into a pipe; the job's lines carry no colour.
+    job_lines = [line for line in log.splitlines() if " cli.py:" not in line]
+    assert not [line for line in job_lines if "\x1b" in line], job_lines
 
     run_info = json.loads((out / "run.json").read_text())
     assert run_info["config"]["model"] == "smollm2-135m"
