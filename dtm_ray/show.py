@@ -70,6 +70,9 @@ class RunTables:
         """Rounds that probed components one by one: every sparsify or probe-only round, the
         rank rounds of a quantize run (not its search rounds of candidate sets)."""
         counts = self.single_probes().groupby("round")["component"].nunique()
+        if self.method != "quantize":
+            return sorted(int(r) for r in counts.index)
+        # A search round scores a few candidate sets; a rank round every component alone.
         return sorted(int(r) for r, n in counts.items() if n > 1)
 
     def component_round(self) -> int | None:
