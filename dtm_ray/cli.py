@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from dtm_ray import models
-from dtm_ray.config import ConfigError, load_job, plan_job
+from dtm_ray.config import ConfigError, EvaluateConfig, load_job, plan_job
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -44,6 +44,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    config = EvaluateConfig(
+        tasks=args.tasks,
+        backend=args.backend,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+    )
+    from dtm_ray.tasks import evaluate_run, format_run_tasks  # Ray starts once the tasks are good
+
+    print(format_run_tasks(evaluate_run(args.run_dir, config)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtm-ray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="run directory of a finished compressing run")
     export.add_argument("--out", help="output folder (default: RUN_DIR/export)")
     export.set_defaults(func=_cmd_export)
+
+    defaults = EvaluateConfig.__dataclass_fields__
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="lm-eval tasks on a finished run's dense model and export: accuracy and flips",
+    )
+    evaluate.add_argument("run_dir", help="run directory of a finished compressing run")
+    evaluate.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["facts"],
+        help="lm-eval task names, task sets (facts, knowledge-qa, knowledge-mc, cloze, harness) "
+        "or local task YAML files (default: facts, shipped, offline)",
+    )
+    evaluate.add_argument("--backend", default=defaults["backend"].default, help="hf | vllm | auto")
+    evaluate.add_argument("--limit", type=int, help="examples per task (default: all)")
+    evaluate.add_argument("--num-fewshot", type=int, help="default: each task's own")
+    evaluate.add_argument("--batch-size", type=int, default=defaults["batch_size"].default)
+    evaluate.set_defaults(func=_cmd_evaluate)
     return parser
 
 
