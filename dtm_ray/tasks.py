@@ -55,6 +55,7 @@ TASK_SETS: dict[str, list[str]] = {
     "harness": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq"],
 }
 BACKENDS = ("auto", "hf", "vllm")
+ANSWERED = ("multiple_choice", "generate_until", "loglikelihood")  # output types with flips
 INSTALL_HINT = "install it with: pip install 'dtm-ray[eval]'"
 
 
@@ -208,7 +209,7 @@ def answer_of(sample: Mapping[str, Any], output_type: str) -> str:
         return str(responses[0])
     if output_type == "loglikelihood":
         return str(responses[0][1])
-    raise ValueError(f"flips are not defined for lm-eval output_type {output_type!r}")
+    raise ValueError(f"lm-eval output_type {output_type!r} gives no answer; expected {ANSWERED}")
 
 
 def flips(dense: Mapping[int, str], compressed: Mapping[int, str]) -> tuple[float, int, int]:
@@ -253,10 +254,11 @@ def evaluate_model(
     for task, samples in results["samples"].items():
         metric, filter_name = primary_metric(results["results"][task])
         output_type = results["configs"][task]["output_type"]
+        # A perplexity task (loglikelihood_rolling) has no answer to flip: no answers, NaN flips.
         answers = {
             int(s["doc_id"]): answer_of(s, output_type)
             for s in samples
-            if s["filter"] == filter_name
+            if s["filter"] == filter_name and output_type in ANSWERED
         }
         summary[task] = {
             "metric": metric,
@@ -273,15 +275,30 @@ def evaluate_model(
     return {"tasks": summary, "files": files, "seconds": time.monotonic() - start}
 
 
+def _evaluate_on_worker(
+    model: str,
+    backend: str,
+    dtype: str,
+    resources: Mapping[str, float],
+    engine_options: Mapping[str, Any],
+    *evaluation: Any,
+) -> dict[str, Any]:
+    """The Ray task: `evaluate_model` on a model folder, or a known model name materialized on
+    this node. `evaluation`: tasks, limit, num_fewshot, batch_size."""
+    from dtm_ray.models import resolve_model
+
+    folder = str(resolve_model(model).resolve())
+    return evaluate_model(
+        *lm_eval_model(backend, folder, dtype, resources, engine_options), *evaluation
+    )
+
+
 def _task_options(resources: Mapping[str, float]) -> dict[str, Any]:
     """Ray task options for an engine-sized task: the engine actors' resources and env."""
     from dtm_ray.actor import engine_actor_options
 
     actor_only = ("max_restarts", "max_task_retries")
-    options = {k: v for k, v in engine_actor_options(resources).items() if k not in actor_only}
-    # lm-eval's progress bars from both tasks would be forwarded into the driver's output.
-    options["runtime_env"]["env_vars"]["TQDM_DISABLE"] = "1"
-    return options
+    return {k: v for k, v in engine_actor_options(resources).items() if k not in actor_only}
 
 
 def tasks_table(
@@ -331,7 +348,7 @@ def evaluate_run(run_dir: str, config: EvaluateConfig) -> pa.Table:
     return `final/tasks/`. Uses the Ray this process is connected to, else starts one."""
     import ray
 
-    from dtm_ray.models import resolve_model
+    from dtm_ray.models import is_known, resolve_model
     from dtm_ray.pool import connect_ray
     from dtm_ray.schemas import FINAL_SUMMARY_SCHEMA
 
@@ -348,24 +365,33 @@ def evaluate_run(run_dir: str, config: EvaluateConfig) -> pa.Table:
     tasks = resolve_tasks(config.tasks)
     resources = job.get("resources_per_worker") or {"CPU": 1}
     backend = choose_backend(config.backend, resources)
-    dense_dir = str(resolve_model(job["model"]).resolve())
+    # A known model name is materialized by each worker on its own node; a folder must be
+    # readable there (so must the export: local runs, or a filesystem the nodes share).
+    model = job["model"]
+    local = not is_known(model) or Path(model).is_dir()
+    dense_model = str(resolve_model(model).resolve()) if local else model
     started = connect_ray()
     try:
         with tempfile.TemporaryDirectory() as scratch:
             export_dir = _export_folder(store, scratch)
             # Both models in the dtype the run measured in, so they differ only by compression.
             dtype = json.loads((export_dir / "export.json").read_text())["engine_dtype"]
-            remote = ray.remote(evaluate_model).options(**_task_options(resources))
-            refs = []
-            for model_dir in (dense_dir, str(export_dir.resolve())):
-                model, args = lm_eval_model(
-                    backend, model_dir, dtype, resources, job.get("engine_options") or {}
+            remote = ray.remote(_evaluate_on_worker).options(**_task_options(resources))
+            engine_options = job.get("engine_options") or {}
+            refs = [
+                remote.remote(
+                    m,
+                    backend,
+                    dtype,
+                    resources,
+                    engine_options,
+                    tasks,
+                    config.limit,
+                    config.num_fewshot,
+                    config.batch_size,
                 )
-                refs.append(
-                    remote.remote(
-                        model, args, tasks, config.limit, config.num_fewshot, config.batch_size
-                    )
-                )
+                for m in (dense_model, str(export_dir.resolve()))
+            ]
             log(f"lm-eval ({backend}) on the dense model and the export: {_names(tasks)}")
             dense, compressed = ray.get(refs)
     finally:
