@@ -22,12 +22,14 @@ from dtm_ray.driver import run_plan
 from dtm_ray.tasks import (
     LOCAL_TASKS,
     TASK_DIR,
+    TASK_SETS,
     choose_backend,
     expand_tasks,
     flips,
     lm_eval_model,
     load_task_yaml,
     plot_tasks,
+    registered_tasks,
     resolve_tasks,
     tasks_markdown,
 )
@@ -74,6 +76,9 @@ def test_lm_eval_task_names_are_checked_against_its_registry():
     assert [t["task"] for t in resolved[1:]] == ["dtm_facts_mc", "dtm_facts_cloze"]
     with pytest.raises(ConfigError, match="task 'arc_eazy' unknown"):
         EvaluateConfig(tasks=["arc_eazy"])
+    # Every named set resolves (its lm-eval tasks exist in this lm-eval) and shadows no task.
+    assert len(resolve_tasks(list(TASK_SETS))) == sum(len(t) for t in TASK_SETS.values())
+    assert not set(TASK_SETS) & registered_tasks()
 
 
 def test_a_missing_lm_eval_is_one_config_error(monkeypatch):
