@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from dtm_ray import models
-from dtm_ray.config import ConfigError, Plan, load_job, plan_job
+from dtm_ray.config import ConfigError, EvaluateConfig, Plan, load_job, plan_job
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -96,6 +96,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from dtm_ray.export import export_run  # torch and safetensors load only for this command
 
     print(export_run(args.run_dir, args.out))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    config = EvaluateConfig(
+        tasks=args.tasks,
+        backend=args.backend,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+    )
+    from dtm_ray.tasks import evaluate_run, format_run_tasks  # Ray starts once the tasks are good
+
+    print(format_run_tasks(evaluate_run(args.run_dir, config)))
     return 0
 
 
@@ -213,6 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="run directory of a finished compressing run")
     export.add_argument("--out", help="output folder (default: RUN_DIR/export)")
     export.set_defaults(func=_cmd_export)
+
+    defaults = EvaluateConfig.__dataclass_fields__
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="lm-eval tasks on a finished run's dense model and export: accuracy and flips",
+        description="Run lm-eval-harness tasks on the dense model and on a finished run's "
+        "export, as Ray tasks sized like an engine worker, and write final/tasks/: per task its "
+        "metric for both models, the flips (share of examples whose answer changed) and the "
+        "run's FDT@75 beside them.",
+    )
+    evaluate.add_argument("run_dir", help="run directory of a finished compressing run")
+    evaluate.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["facts"],
+        help="lm-eval task names, task sets (facts, knowledge-qa, knowledge-mc, cloze, harness) "
+        "or local task YAML files (default: facts, shipped, offline)",
+    )
+    evaluate.add_argument("--backend", default=defaults["backend"].default, help="hf | vllm | auto")
+    evaluate.add_argument("--limit", type=int, help="examples per task (default: all)")
+    evaluate.add_argument("--num-fewshot", type=int, help="default: each task's own")
+    evaluate.add_argument("--batch-size", type=int, default=defaults["batch_size"].default)
+    evaluate.set_defaults(func=_cmd_evaluate)
     return parser
 
 

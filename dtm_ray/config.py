@@ -86,6 +86,32 @@ class EvaluationConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """lm-eval tasks on the dense model and the exported result (`final/tasks/`, see
+    dtm_ray.tasks): run after the final round of a compressing job, or by `dtm-ray evaluate`.
+
+    Checked when built: lm-eval installed, every task known or its local files present.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["facts"])  # names, sets, task YAML files
+    backend: str = "auto"  # hf | vllm | auto (vllm when resources_per_worker holds a GPU)
+    limit: int | None = None  # examples per task (None: all); for smoke tests
+    num_fewshot: int | None = None  # None: each task's own default
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        from dtm_ray.tasks import BACKENDS, resolve_tasks
+
+        _check_choice(self.backend, "evaluate.backend", BACKENDS)
+        if self.limit is not None:
+            _check_int(self.limit, "evaluate.limit", 1)
+        if self.num_fewshot is not None:
+            _check_int(self.num_fewshot, "evaluate.num_fewshot", 0)
+        _check_int(self.batch_size, "evaluate.batch_size", 1)
+        resolve_tasks(self.tasks)
+
+
+@dataclass
 class JobConfig:
     model: str
     engine: str = "vllm"
@@ -98,6 +124,7 @@ class JobConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     compress: CompressConfig | None = None
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    evaluate: EvaluateConfig | None = None  # lm-eval tasks after the final round
     workers: int = 1
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     max_in_flight_per_worker: int = 2
@@ -116,6 +143,7 @@ _NESTED = {
     "probe": ProbeConfig,
     "compress": CompressConfig,
     "evaluation": EvaluationConfig,
+    "evaluate": EvaluateConfig,
 }
 ENGINE_OPTION_KEYS = sorted({f.name for f in dataclasses.fields(EngineConfig)} - {"kind", "dtype"})
 
@@ -184,6 +212,11 @@ def check_fields(job: JobConfig) -> None:
         raise ConfigError(f"probe.specs must be a non-empty list of specs, got {specs!r}")
     if job.compress is not None:
         _check_compress(job.compress)
+    if job.evaluate is not None and job.compress is None:
+        raise ConfigError(
+            "evaluate: compares the dense model with a run's compressed result; "
+            "it needs a compress: section"
+        )
     _check_int(job.evaluation.count, "evaluation.count", 1)
     _check_int(job.evaluation.tokens, "evaluation.tokens", 2)
     try:
@@ -328,6 +361,8 @@ OPERATIONAL_KEYS = frozenset(
         "max_in_flight_per_worker",
         "max_probe_retries",
         "engine_options.gpu_memory_utilization",
+        # Evaluating tasks reads a finished run; adding it to one must not make it unresumable.
+        "evaluate",
     }
 )
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 import dtm_ray
 from dtm_ray.actor import RoundContext
-from dtm_ray.config import Plan, check_same_config
+from dtm_ray.config import JobConfig, Plan, check_same_config
 from dtm_ray.evaluate import final_tables
 from dtm_ray.logs import ENGINE_LOG, engine_logs, local_log_dir
 from dtm_ray.pool import Engines
@@ -40,6 +40,7 @@ from dtm_ray.schemas import (
     FINAL_COMPONENTS_SCHEMA,
     FINAL_PROMPTS_SCHEMA,
     FINAL_SUMMARY_SCHEMA,
+    FINAL_TASKS_SCHEMA,
 )
 from dtm_ray.sparsify_loop import run_sparsify
 from dtm_ray.state import ModelState, Reference
@@ -155,6 +156,8 @@ def _run_plan(
         ran = _probe_only(plan, store, streaming)
     else:
         ran, final = _compress(plan, store, streaming)
+        if job.evaluate is not None:
+            final["tasks"] = _tasks(store, job)
     reference = reference_of(store, 0)
     table = store.read_probes()
     if print_summary:
@@ -210,6 +213,17 @@ def _export(store: RunStore) -> None:
     from dtm_ray.export import export_run
 
     log(f"exported the compressed model to {export_run(store.root, str(target))}")
+
+
+def _tasks(store: RunStore, job: JobConfig) -> pa.Table:
+    """`final/tasks/`: the job's lm-eval tasks on the dense model and the export (once)."""
+    from dtm_ray.tasks import evaluate_run  # lm-eval loads only for jobs that evaluate tasks
+
+    stored = store.read_final("tasks", FINAL_TASKS_SCHEMA)
+    if stored is not None:
+        return stored
+    log("lm-eval tasks on the dense model and the compressed export")
+    return evaluate_run(store.uri, job.evaluate)
 
 
 # --- the final evaluation -------------------------------------------------------------------

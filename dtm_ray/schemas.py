@@ -10,7 +10,8 @@ Tables (all carry `round` where they belong to one):
 - `calibration/` one row per (round, component): input-activation norms for wanda.
 - `decisions/`  one row per (round, component): what the decision did and why.
 - `states/`     one row per (round, component): the chain after the round's decision.
-- `final/`      `prompts/`, `components/`, `summary/`: the result against the dense model.
+- `final/`      `prompts/`, `components/`, `summary/`: the result against the dense model;
+                `tasks/`: lm-eval tasks on the dense model and the export (`dtm_ray.tasks`).
 """
 
 from __future__ import annotations
@@ -157,6 +158,20 @@ FINAL_SUMMARY_SCHEMA = pa.schema(
         ("nonzero_bytes", pa.int64()),  # their nonzero values only (no index overhead)
         ("bits_per_param", pa.float64()),  # over the selected weights, quantization scales included
         ("quantized_share", pa.float64()),  # share of selected parameters held below the dtype
+    ]
+)
+
+FINAL_TASKS_SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),  # an lm-eval task (a group's subtasks each get their own row)
+        ("metric", pa.string()),  # its first metric, e.g. acc or exact_match
+        ("examples", pa.int64()),  # examples both models answered
+        ("dense", pa.float64()),  # the metric on the dense model
+        ("compressed", pa.float64()),  # and on the exported result
+        ("flips", pa.float64()),  # share of examples whose answer differs between the two
+        ("flipped", pa.int64()),  # how many
+        ("fdt_at_75", pa.int32()),  # the run's, from final/summary, beside the task numbers
+        ("backend", pa.string()),  # lm-eval's model backend: hf | vllm
     ]
 )
 

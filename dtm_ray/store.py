@@ -11,6 +11,7 @@ Layout (every folder is one table, readable with `pandas.read_parquet(run_dir + 
     probes/part-r000-<time>-<id>.parquet  (while round 0 runs)  ->  probes/round-000.parquet
     decisions/round-000.parquet     states/round-000.parquet
     final/prompts/data.parquet      final/components/data.parquet   final/summary/data.parquet
+    final/tasks/data.parquet        final/lm-eval/{dense,compressed}/  (lm-eval's own output)
 
 Crash safety: every file is written under a hidden temporary name and then moved to its final
 name, so a reader never sees half a file. Probe results arrive as many small files, one per flush,
@@ -200,3 +201,12 @@ class RunStore:
     def read_final(self, name: str, schema: pa.Schema) -> pa.Table | None:
         path = self._path("final", name, "data.parquet")
         return self._read_file(path, schema) if self._exists(path) else None
+
+    def replace_files(self, folder: str, files: Mapping[str, str]) -> None:
+        """Make `folder` hold exactly `files` (name -> text), e.g. lm-eval's per-example output."""
+        path = self._path(folder)
+        if self._exists(path):
+            self.fs.delete_dir_contents(path)
+        for name, text in files.items():
+            data = text.encode()
+            self._write_atomically(self._path(folder, name), lambda stream, d=data: stream.write(d))

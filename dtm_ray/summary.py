@@ -63,6 +63,10 @@ def format_compression_summary(store: RunStore, final: dict[str, pa.Table]) -> s
         f"{s['dense_ppl_reference']:.3f}); on {s['text_source']} text {s['ppl_text']:.3f} "
         f"(dense {s['dense_ppl_text']:.3f})",
     ]
+    if "tasks" in final:
+        from dtm_ray.tasks import format_run_tasks
+
+        lines += ["lm-eval tasks, dense vs compressed:", format_run_tasks(final["tasks"])]
     return "\n".join(lines)
 
 
