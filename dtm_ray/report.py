@@ -411,6 +411,28 @@ def components_section(run: RunTables, out: Path) -> Section | None:
     )
 
 
+def tasks_section(run: RunTables, out: Path) -> Section | None:
+    """lm-eval tasks (`final/tasks/`, written by `dtm-ray evaluate` or a job's `evaluate:`)."""
+    tasks = run.final.get("tasks")
+    if tasks is None or tasks.empty:
+        return None
+    from dtm_ray.tasks import plot_tasks
+
+    table = tasks[["task", "metric", "examples", "dense", "compressed", "flips", "flipped"]]
+    plot_tasks([run.uri], out / "tasks.png")
+    return Section(
+        "Tasks (lm-eval)",
+        [
+            "Each task's metric on the dense model and on the compressed one, and the flips: the "
+            "share of examples whose answer changed. Equal accuracies can hide many flips, in "
+            f"both directions. The run's FDT@75 against the dense model: "
+            f"{int(tasks['fdt_at_75'].iloc[0])}."
+        ],
+        [("tasks", table)],
+        images=[("tasks.png", "task metric and flips against FDT@75, mean FDT and perplexity")],
+    )
+
+
 # The report, top to bottom. Each entry: (run tables, output folder) -> Section or None.
 SECTIONS: list[Callable[[RunTables, Path], Section | None]] = [
     summary_section,
@@ -419,6 +441,7 @@ SECTIONS: list[Callable[[RunTables, Path], Section | None]] = [
     heatmap_section,
     curves_section,
     progress_section,
+    tasks_section,
     components_section,
 ]
 

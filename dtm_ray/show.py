@@ -18,6 +18,7 @@ from dtm_ray.schemas import (
     FINAL_COMPONENTS_SCHEMA,
     FINAL_PROMPTS_SCHEMA,
     FINAL_SUMMARY_SCHEMA,
+    FINAL_TASKS_SCHEMA,
     REFERENCE_SCHEMA,
     STATE_SCHEMA,
     STATUS_OK,
@@ -28,6 +29,7 @@ FINAL_SCHEMAS = {
     "prompts": FINAL_PROMPTS_SCHEMA,
     "components": FINAL_COMPONENTS_SCHEMA,
     "summary": FINAL_SUMMARY_SCHEMA,
+    "tasks": FINAL_TASKS_SCHEMA,
 }
 KIND_ORDER = ["q", "k", "v", "o", "gate", "up", "down"]  # Llama-family order, others after
 
