@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ DEFAULT_MAX_MODEL_LEN = 2048
 _GIB = 1 << 30
 _CPU_KV_CACHE_BYTES = 1 * _GIB  # CPU only: vLLM's memory check fails on small VMs without it
 _ORIGINAL_CACHE_BYTES = 2 * _GIB
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 # --- checkpoint ---------------------------------------------------------------------------------
@@ -259,6 +261,7 @@ class VLLMEngine:
         cpu_threads: int | None = None,
         seed: int = 0,
         original_cache_bytes: int = _ORIGINAL_CACHE_BYTES,
+        residual_cache_bytes: int = 2 << 30,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         torch_dtype(dtype)  # a bad name fails before vLLM starts
@@ -295,6 +298,15 @@ class VLLMEngine:
         )
         self._checkpoint = _Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
         self._edited: set[str] = set()
+        # Layer skip needs eager execution (wrapped layers are Python calls) and no prefix cache
+        # (layers below the skip write no KV a later request could reuse).
+        self.residual_cache_bytes = residual_cache_bytes
+        compiled = not self.llm.llm_engine.vllm_config.model_config.enforce_eager
+        self._layer_skip = residual_cache_bytes > 0 and not compiled and not self._prefix_caching
+        self._hidden_size = config["hidden_size"]
+        self._num_layers = config["num_hidden_layers"]
+        self._kept: list[list[int]] | None = None
+        self.skip_counts: list[tuple[int, int]] = []
 
     def _check_open(self) -> None:
         if self.llm is None:
@@ -428,7 +440,20 @@ class VLLMEngine:
         return self._generate(prefixes, n_new, params)
 
     # --- scoring --------------------------------------------------------------------------
-    def score(self, sequences: Sequence[Sequence[int]], n_prefix: int) -> ScoreResult:
+    def score(
+        self,
+        sequences: Sequence[Sequence[int]],
+        n_prefix: int,
+        *,
+        keep_residuals: bool = False,
+        from_layer: int = 0,
+    ) -> ScoreResult:
+        """Teacher-forced argmax, margin and reference log-probability over the continuation.
+
+        Layer skip, as in the hf engine: `keep_residuals` records this pass's residual stream in
+        the workers; `from_layer` starts a pass over the same sequences at that decoder layer
+        from the record (the caller vouches that the layers below hold the weights they held).
+        """
         from vllm import SamplingParams
 
         self._check_open()
@@ -436,9 +461,49 @@ class VLLMEngine:
         self._check_length(length, 1)  # vLLM must still generate one token after the prompt
         # prompt_logprobs=2 returns the top-2 tokens (ranks 1 and 2) plus the prompt's own token.
         params = SamplingParams(max_tokens=1, prompt_logprobs=2, detokenize=False)
-        outputs = self._run([list(s) for s in sequences], params)
+        prompts = [[int(t) for t in s] for s in sequences]
+        if from_layer > 0:
+            outputs = self._run_skipping(prompts, params, from_layer)
+        elif keep_residuals:
+            outputs = self._run_keeping(prompts, params)
+        else:
+            outputs = self._run(prompts, params)
         argmax, margin, ref_lp = _score_rows(outputs, sequences, n_prefix)
         return ScoreResult(argmax=argmax, margin=margin, ref_logprob=ref_lp)
+
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer of HF weight `name`; None where layer skip is off (compiled or
+        CUDA-graph execution, prefix caching, `residual_cache_bytes=0`) or for other weights."""
+        match = _LAYER.match(name)
+        if match is None or not self._layer_skip:
+            return None
+        return int(match.group(1))
+
+    def _run_keeping(self, prompts: list[list[int]], params: Any) -> list[Any]:
+        self._kept = None
+        tokens = sum(len(p) for p in prompts)
+        per_layer = 2 * tokens * self._hidden_size * torch_dtype(self.dtype).itemsize
+        stride = max(1, -(-per_layer * self._num_layers // self.residual_cache_bytes))
+        with self._threads():
+            try:
+                self.llm.collective_rpc("dtm_keep_begin", args=(stride,))
+                outputs = self._run(prompts, params)
+            finally:
+                self.llm.collective_rpc("dtm_keep_end")
+        self._kept = prompts
+        return outputs
+
+    def _run_skipping(self, prompts: list[list[int]], params: Any, from_layer: int) -> list[Any]:
+        if self._kept != prompts:
+            raise ValueError("from_layer needs the residual stream kept for these same sequences")
+        with self._threads():
+            try:
+                self.llm.collective_rpc("dtm_skip_begin", args=(from_layer,))
+                outputs = self._run(prompts, params)
+            finally:
+                ranks = self.llm.collective_rpc("dtm_skip_end")
+        self.skip_counts = [tuple(rank) for rank in ranks]  # (steps skipped, steps run in full)
+        return outputs
 
     # --- weights --------------------------------------------------------------------------
     def original_weight(self, name: str) -> torch.Tensor:

@@ -128,3 +128,117 @@ class WeightEditExtension:
             total = torch.zeros(0) if total is None else total.cpu()
             out[name] = (total, rows.get(module_name, 0), sharded)
         return out
+
+    # --- layer skip -----------------------------------------------------------------------
+    # A probe on decoder layer L changes nothing before L. `dtm_keep_*` records, around one
+    # scoring pass of the unedited state, the input of every kept decoder layer for each model
+    # step; `dtm_skip_*` wraps layers 0..L-1 so that a later pass over the same requests hands
+    # layer L its recorded input instead of computing it. The wrapped layers are the model's
+    # own modules, so the layers that run see bit-identical tensors. A step whose token
+    # positions differ from the recorded step's (another batch split) runs every layer, so a
+    # skip can never use the wrong tokens. Needs eager execution: CUDA graphs replay recorded
+    # kernels and would not call the wrappers.
+    def _dtm_layers(self) -> torch.nn.ModuleList:
+        return self._dtm_model().model.layers
+
+    def dtm_keep_begin(self, stride: int) -> None:
+        """Record the inputs of layers 0, stride, 2*stride, ... during the next passes."""
+        self.dtm_keep_end()
+        layers = self._dtm_layers()
+        steps: list[dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]] = []
+        hooks = []
+
+        def first(_module: Any, args: tuple[Any, ...]) -> None:
+            steps.append({})  # layer 0 starts every model step
+
+        # Registered first, so it runs before layer 0's own recording hook.
+        hooks.append(layers[0].register_forward_pre_hook(first))
+        for index in range(0, len(layers), stride):
+
+            def hook(_module: Any, args: tuple[Any, ...], index: int = index) -> None:
+                # Cloned: the layer's fused add + norm updates its inputs in place.
+                positions, hidden, residual = args[:3]
+                kept = None if residual is None else residual.clone()
+                steps[-1][index] = (hidden.clone(), kept, positions.clone())
+
+            hooks.append(layers[index].register_forward_pre_hook(hook))
+        self._dtm_keeping = (steps, hooks)
+
+    def dtm_keep_end(self) -> int:
+        """Stop recording; keep what was recorded for `dtm_skip_begin`. Returns the steps seen."""
+        state = getattr(self, "_dtm_keeping", None)
+        self._dtm_keeping = None
+        if state is None:
+            return 0
+        steps, hooks = state
+        for handle in hooks:
+            handle.remove()
+        self._dtm_kept = steps
+        return len(steps)
+
+    def dtm_skip_begin(self, from_layer: int) -> int:
+        """Wrap layers below the nearest recorded layer <= from_layer; returns that layer."""
+        self.dtm_skip_end()
+        steps = getattr(self, "_dtm_kept", None) or []
+        if not steps:
+            raise RuntimeError("no recorded residual stream: call dtm_keep_begin/end first")
+        start = max(index for index in steps[0] if index <= from_layer)
+        layers = self._dtm_layers()
+        skip = _Skip(steps, start)
+        originals = [layers[i] for i in range(start)]
+        for i in range(start):
+            layers[i] = _SkippedLayer(originals[i], i, skip)
+        self._dtm_skipping = (originals, skip)
+        return start
+
+    def dtm_skip_end(self) -> tuple[int, int]:
+        """Put the real layers back; returns (steps skipped, steps run in full)."""
+        state = getattr(self, "_dtm_skipping", None)
+        self._dtm_skipping = None
+        if state is None:
+            return (0, 0)
+        originals, skip = state
+        layers = self._dtm_layers()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        return (skip.skipped, skip.full)
+
+
+class _Skip:
+    """Shared by the wrapped layers of one pass: which recorded step comes next, and whether
+    the running step matches it."""
+
+    def __init__(self, steps: list[dict], start: int) -> None:
+        self.steps, self.start = steps, start
+        self.step = -1
+        self.active = False
+        self.skipped = self.full = 0
+
+    def begin_step(self, positions: torch.Tensor) -> None:
+        self.step += 1
+        kept = self.steps[self.step] if self.step < len(self.steps) else None
+        self.active = kept is not None and torch.equal(kept[self.start][2], positions)
+        if self.active:
+            self.skipped += 1
+        else:
+            self.full += 1
+
+
+class _SkippedLayer(torch.nn.Module):
+    """Layer `index` < start: passes through while its step is skipped (the last one hands over
+    the recorded input of layer `start`), runs the real layer otherwise."""
+
+    def __init__(self, layer: torch.nn.Module, index: int, skip: _Skip) -> None:
+        super().__init__()
+        self.layer, self.index, self.skip = layer, index, skip
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Any, **kwargs: Any):
+        if self.index == 0:
+            self.skip.begin_step(positions)
+        if not self.skip.active:
+            return self.layer(positions, hidden, residual, **kwargs)
+        if self.index < self.skip.start - 1:
+            return hidden, hidden if residual is None else residual
+        kept_hidden, kept_residual, _ = self.skip.steps[self.skip.step][self.skip.start]
+        # Copies: layer `start` updates its inputs in place, and the record serves many probes.
+        return kept_hidden.clone(), kept_residual.clone()
