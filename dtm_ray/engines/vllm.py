@@ -234,6 +234,20 @@ def _full_input_norm(
     return sums.float().sqrt()
 
 
+def _hook_scores(ranks: Sequence[Any], positions: int) -> ScoreResult:
+    """The scoring hook's arrays from the rank that gathered the logits; every position must
+    have been seen (a compiled pass would call no hook)."""
+    scored = next((rank for rank in ranks if rank is not None), None)
+    seen = 0 if scored is None else int(scored[3].sum())
+    if seen != positions:
+        raise RuntimeError(
+            f"vLLM's scoring hook saw {seen} of {positions} positions; compiled or CUDA-graph "
+            "execution skips Python hooks (set enforce_eager, or leave it unset on CPU)"
+        )
+    argmax, margin, ref_lp = (t.numpy() for t in scored[:3])
+    return ScoreResult(argmax=argmax.astype(np.int64), margin=margin, ref_logprob=ref_lp)
+
+
 # --- the engine ---------------------------------------------------------------------------------
 class VLLMEngine:
     """A vLLM `LLM` plus in-place weight edits through the worker extension.
@@ -301,8 +315,10 @@ class VLLMEngine:
         # Layer skip needs eager execution (wrapped layers are Python calls) and no prefix cache
         # (layers below the skip write no KV a later request could reuse).
         self.residual_cache_bytes = residual_cache_bytes
-        compiled = not self.llm.llm_engine.vllm_config.model_config.enforce_eager
-        self._layer_skip = residual_cache_bytes > 0 and not compiled and not self._prefix_caching
+        # Hooks and wrapped layers are Python calls: eager execution only (CUDA graphs replay
+        # recorded kernels). Without them, scoring falls back to vLLM's prompt_logprobs.
+        self._eager = bool(self.llm.llm_engine.vllm_config.model_config.enforce_eager)
+        self._layer_skip = residual_cache_bytes > 0 and self._eager and not self._prefix_caching
         self._hidden_size = config["hidden_size"]
         self._num_layers = config["num_hidden_layers"]
         self._kept: list[list[int]] | None = None
@@ -459,17 +475,30 @@ class VLLMEngine:
         self._check_open()
         length = n_prefix + continuation_length(sequences, n_prefix)
         self._check_length(length, 1)  # vLLM must still generate one token after the prompt
-        # prompt_logprobs=2 returns the top-2 tokens (ranks 1 and 2) plus the prompt's own token.
-        params = SamplingParams(max_tokens=1, prompt_logprobs=2, detokenize=False)
         prompts = [[int(t) for t in s] for s in sequences]
+        if not self._eager:
+            # prompt_logprobs=2: the top-2 tokens (ranks 1 and 2) plus the prompt's own token.
+            params = SamplingParams(max_tokens=1, prompt_logprobs=2, detokenize=False)
+            argmax, margin, ref_lp = _score_rows(self._run(prompts, params), prompts, n_prefix)
+            return ScoreResult(argmax=argmax, margin=margin, ref_logprob=ref_lp)
+        if from_layer > 0 and self._kept != prompts:
+            raise ValueError("from_layer needs the residual stream kept for these same sequences")
+        # One sampled token ends each request: the prefill is the only forward pass, and the
+        # workers' scoring hook reads the metrics off it (see vllm_worker._Scoring).
+        params = SamplingParams(max_tokens=1, detokenize=False)
+        with contextlib.ExitStack() as stack:
+            if from_layer > 0:
+                skipped = stack.enter_context(self._in_workers("dtm_skip", (from_layer,)))
+            elif keep_residuals:
+                self._kept = None
+                stack.enter_context(self._in_workers("dtm_keep", (self._keep_stride(prompts),)))
+            scored = stack.enter_context(self._in_workers("dtm_score", (prompts, n_prefix)))
+            self._run(prompts, params)
         if from_layer > 0:
-            outputs = self._run_skipping(prompts, params, from_layer)
+            self.skip_counts = [tuple(rank) for rank in skipped]
         elif keep_residuals:
-            outputs = self._run_keeping(prompts, params)
-        else:
-            outputs = self._run(prompts, params)
-        argmax, margin, ref_lp = _score_rows(outputs, sequences, n_prefix)
-        return ScoreResult(argmax=argmax, margin=margin, ref_logprob=ref_lp)
+            self._kept = prompts
+        return _hook_scores(scored, len(prompts) * (length - n_prefix))
 
     def layer_of(self, name: str) -> int | None:
         """The decoder layer of HF weight `name`; None where layer skip is off (compiled or
@@ -479,31 +508,23 @@ class VLLMEngine:
             return None
         return int(match.group(1))
 
-    def _run_keeping(self, prompts: list[list[int]], params: Any) -> list[Any]:
-        self._kept = None
+    def _keep_stride(self, prompts: list[list[int]]) -> int:
+        """Record every layer's input when they fit in `residual_cache_bytes`, else every k-th."""
         tokens = sum(len(p) for p in prompts)
         per_layer = 2 * tokens * self._hidden_size * torch_dtype(self.dtype).itemsize
-        stride = max(1, -(-per_layer * self._num_layers // self.residual_cache_bytes))
-        with self._threads():
-            try:
-                self.llm.collective_rpc("dtm_keep_begin", args=(stride,))
-                outputs = self._run(prompts, params)
-            finally:
-                self.llm.collective_rpc("dtm_keep_end")
-        self._kept = prompts
-        return outputs
+        return max(1, -(-per_layer * self._num_layers // self.residual_cache_bytes))
 
-    def _run_skipping(self, prompts: list[list[int]], params: Any, from_layer: int) -> list[Any]:
-        if self._kept != prompts:
-            raise ValueError("from_layer needs the residual stream kept for these same sequences")
+    @contextlib.contextmanager
+    def _in_workers(self, name: str, args: tuple) -> Iterator[list[Any]]:
+        """`{name}_begin(*args)` in every worker, then always `{name}_end()`, whose per-rank
+        results fill the yielded list."""
+        results: list[Any] = []
         with self._threads():
+            self.llm.collective_rpc(f"{name}_begin", args=args)
             try:
-                self.llm.collective_rpc("dtm_skip_begin", args=(from_layer,))
-                outputs = self._run(prompts, params)
+                yield results
             finally:
-                ranks = self.llm.collective_rpc("dtm_skip_end")
-        self.skip_counts = [tuple(rank) for rank in ranks]  # (steps skipped, steps run in full)
-        return outputs
+                results.extend(self.llm.collective_rpc(f"{name}_end"))
 
     # --- weights --------------------------------------------------------------------------
     def original_weight(self, name: str) -> torch.Tensor:

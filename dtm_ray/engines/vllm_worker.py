@@ -204,6 +204,38 @@ class WeightEditExtension:
         return (skip.skipped, skip.full)
 
 
+    # --- scoring ----------------------------------------------------------------------------
+    def dtm_score_begin(self, sequences: list[list[int]], n_prefix: int) -> None:
+        """Score the next passes' tokens of `sequences` as the model runs (see `_Scoring`)."""
+        self.dtm_score_end()
+        model = self._dtm_model()
+        scoring = _Scoring(model, sequences, n_prefix)
+
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            positions = args[1] if len(args) > 1 else kwargs.get("positions")
+            if isinstance(out, torch.Tensor) and input_ids is not None:
+                scoring.step(input_ids, positions, out)
+
+        # On the whole model: the decoder inside is wrapped by vLLM's compile decorator, whose
+        # own __call__ bypasses module hooks.
+        handle = model.register_forward_hook(hook, with_kwargs=True)
+        self._dtm_scoring = (scoring, handle)
+
+    def dtm_score_end(self) -> tuple[torch.Tensor, ...] | None:
+        """(argmax, margin, ref_logprob, done) of the pass, or None on a rank that did not
+        gather logits."""
+        state = getattr(self, "_dtm_scoring", None)
+        self._dtm_scoring = None
+        if state is None:
+            return None
+        scoring, handle = state
+        handle.remove()
+        if not bool(scoring.done.any()):
+            return None
+        return scoring.argmax, scoring.margin, scoring.ref_logprob, scoring.done
+
+
 class _Skip:
     """Shared by the wrapped layers of one pass: which recorded step comes next, and whether
     the running step matches it."""
@@ -242,3 +274,78 @@ class _SkippedLayer(torch.nn.Module):
         kept_hidden, kept_residual, _ = self.skip.steps[self.skip.step][self.skip.start]
         # Copies: layer `start` updates its inputs in place, and the record serves many probes.
         return kept_hidden.clone(), kept_residual.clone()
+
+
+class _Scoring:
+    """Teacher-forced metrics of one scoring pass, computed in the worker as the model runs.
+
+    vLLM's `prompt_logprobs` runs the lm_head per request over every prompt position, prefix
+    included, and builds a Python object per position; a probe needs the logits of the N
+    continuation positions only. The hook on the decoder's output takes, from each model step,
+    the hidden states of the positions a metric needs (tokens are matched to our sequences by
+    their ids and positions, so any batching or chunking of the requests works), and one
+    `compute_logits` call per step (vLLM's own lm_head path: tensor-parallel gather, scaling)
+    gives their logits.
+    """
+
+    def __init__(self, model: torch.nn.Module, sequences: list[list[int]], n_prefix: int) -> None:
+        self.model = model
+        self.sequences = sequences
+        self.n_prefix = n_prefix
+        self.n_new = len(sequences[0]) - n_prefix
+        shape = (len(sequences), self.n_new)
+        self.argmax = torch.full(shape, -1, dtype=torch.int64)
+        self.margin = torch.full(shape, float("nan"), dtype=torch.float32)
+        self.ref_logprob = torch.full(shape, float("nan"), dtype=torch.float32)
+        self.done = torch.zeros(shape, dtype=torch.bool)
+        self.by_tokens: dict[tuple[int, ...], list[int]] = {}
+        for index, seq in enumerate(sequences):
+            self.by_tokens.setdefault(tuple(seq), []).append(index)
+
+    def _owner(self, start: int, tokens: list[int]) -> int | None:
+        """The sequence a chunk of one request's tokens (at positions start..) belongs to and
+        whose positions are not yet scored."""
+        end = start + len(tokens)
+        positions = slice(max(start, self.n_prefix - 1), min(end, len(self.sequences[0]) - 1))
+        if start == 0 and len(tokens) == len(self.sequences[0]):
+            candidates = self.by_tokens.get(tuple(tokens), [])
+        else:
+            candidates = [i for i, s in enumerate(self.sequences) if s[start:end] == tokens]
+        for index in candidates:
+            first = positions.start - (self.n_prefix - 1)
+            last = positions.stop - (self.n_prefix - 1)
+            if first >= last or not bool(self.done[index, first:last].any()):
+                return index
+        return None
+
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> None:
+        ids, pos = input_ids.tolist(), positions.tolist()
+        rows, targets = [], []  # hidden-state row, (sequence, continuation index)
+        start = 0
+        for end in range(1, len(ids) + 1):
+            if end < len(ids) and pos[end] == pos[end - 1] + 1:
+                continue
+            index = self._owner(pos[start], ids[start:end])
+            if index is not None:
+                for row in range(start, end):
+                    i = pos[row] - (self.n_prefix - 1)  # logits at position j predict token j+1
+                    if 0 <= i < self.n_new:
+                        rows.append(row)
+                        targets.append((index, i))
+            start = end
+        if not rows:
+            return
+        logits = self.model.compute_logits(hidden[torch.as_tensor(rows, device=hidden.device)])
+        if logits is None:  # a tensor-parallel rank other than the one that gathers
+            return
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top2 = logprobs.topk(2, dim=-1)
+        seq = torch.as_tensor([t[0] for t in targets])
+        col = torch.as_tensor([t[1] for t in targets])
+        next_tokens = torch.as_tensor(
+            [self.sequences[s][self.n_prefix + i] for s, i in targets], device=logits.device
+        )
+        self.argmax[seq, col] = top2.indices[:, 0].cpu()
+        self.margin[seq, col] = (top2.values[:, 0] - top2.values[:, 1]).cpu()
+        self.ref_logprob[seq, col] = logprobs.gather(-1, next_tokens[:, None])[:, 0].cpu()
+        self.done[seq, col] = True
