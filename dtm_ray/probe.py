@@ -61,10 +61,19 @@ def measure(reference: Reference, scored: ScoreResult, seconds: float = 0.0) -> 
     )
 
 
-def score_against(engine: Engine, reference: Reference) -> ProbeResult:
-    """Measure the model the engine holds right now against `reference`."""
+def score_against(
+    engine: Engine, reference: Reference, from_layer: int = 0, keep_residuals: bool = False
+) -> ProbeResult:
+    """Measure the model the engine holds right now against `reference`.
+
+    `from_layer` and `keep_residuals` are the hf engine's layer skip (see `dtm_ray.engines.hf`);
+    other engines are only ever called without them.
+    """
     start = time.perf_counter()
-    scored = engine.score(reference.sequences.tolist(), reference.n_prefix)
+    skip = {"from_layer": from_layer} if from_layer else {}
+    if keep_residuals:
+        skip["keep_residuals"] = True
+    scored = engine.score(reference.sequences.tolist(), reference.n_prefix, **skip)
     return measure(reference, scored, time.perf_counter() - start)
 
 

@@ -8,10 +8,15 @@
   components back as the state has them, whatever happened in between.
 - When putting weights back fails, the engine's weights are unknown: `EngineBroken` is raised and
   the session must not be used again (the Ray actor exits so Ray restarts it clean).
+
+A probe of components in decoder layers >= L scores from the state's residual stream at layer L
+where the engine can (the hf engine's layer skip): the session knows which state and reference the
+engine's kept stream belongs to, and that a probe's put-back leaves every other layer as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -37,6 +42,8 @@ class EngineSession:
         self.state = ModelState()
         self._cache_bytes = cache_bytes
         self._current: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # (state key, reference digest) of the residual stream the engine keeps, if any.
+        self._residuals: tuple | None = None
 
     # --- weights ----------------------------------------------------------------------------
     def replay(self, component: str, chain: Chain) -> torch.Tensor:
@@ -87,6 +94,7 @@ class EngineSession:
         # Everything that can fail for a bad state (a bad spec, missing stats) fails here,
         # before the engine is touched.
         new = {name: self.replay(name, state.chain(name)) for name in changed if state.chain(name)}
+        self._residuals = None
         try:
             self._write(new, [name for name in changed if not state.chain(name)])
         except BaseException as err:
@@ -132,12 +140,35 @@ class EngineSession:
         """Score the state plus `delta` (component -> spec applied to its current weight)."""
         start = time.perf_counter()
         weights = self.compressed(delta, stats)
+        from_layer = self._first_layer(delta, reference)
         try:
             self.engine.set_weights(weights)
-            result = score_against(self.engine, reference)
+            result = score_against(self.engine, reference, from_layer)
         finally:
             self._put_back(list(delta), "a probe")
         result.seconds = time.perf_counter() - start
+        return result
+
+    def _first_layer(self, delta: Mapping[str, str], reference: Reference) -> int:
+        """The decoder layer a probe's scoring pass can start at: the lowest layer the delta
+        touches, once the engine keeps the state's residual stream for `reference`; 0 (a full
+        pass) where the engine cannot skip layers or the delta touches layer 0 or no layer."""
+        layer_of = getattr(self.engine, "layer_of", None)
+        layers = [layer_of(name) for name in delta] if layer_of else [None]
+        if not layers or None in layers or min(layers) == 0:
+            return 0
+        if self._residuals != self._residual_key(reference):
+            self._score_keeping(reference)
+        return min(layers)
+
+    def _residual_key(self, reference: Reference) -> tuple:
+        return (self.state.key, hashlib.sha1(reference.sequences.tobytes()).hexdigest())
+
+    def _score_keeping(self, reference: Reference) -> ProbeResult:
+        """Score the state as it is, keeping its residual stream for later probes."""
+        self._residuals = None
+        result = score_against(self.engine, reference, keep_residuals=True)
+        self._residuals = self._residual_key(reference)
         return result
 
     # --- what a round needs besides probes ----------------------------------------------
@@ -146,6 +177,8 @@ class EngineSession:
 
     def score(self, reference: Reference) -> ProbeResult:
         """The current state measured against `reference` (e.g. the dense model's)."""
+        if hasattr(self.engine, "layer_of"):
+            return self._score_keeping(reference)
         return score_against(self.engine, reference)
 
     def input_norms(

@@ -160,6 +160,32 @@ def test_probe_fdt_sdt_match_transformers(vllm_engine, hf_engine, sequences, bas
     assert diverging >= 4, f"only {diverging} probes diverge: the comparison is too weak"
 
 
+def test_layer_skip_is_bit_identical_to_a_full_pass(vllm_engine, sequences):
+    """A pass from layer L on the kept residual stream scores exactly like a full pass, through
+    vLLM's fused qkv/gate_up weights and its in-place fused add + norm."""
+    seqs = sequences[:N_PROBE_PROMPTS].tolist()
+    dense = vllm_engine.score(seqs, N_PREFIX, keep_residuals=True)
+    changed = 0
+    for name, spec in PROBES[1:7]:  # layers 4..23; a layer-0 probe never skips
+        layer = vllm_engine.layer_of(name)
+        vllm_engine.set_weights({name: compress(vllm_engine.original_weight(name), spec)})
+        try:
+            full = vllm_engine.score(seqs, N_PREFIX)
+            skipped = vllm_engine.score(seqs, N_PREFIX, from_layer=layer)
+        finally:
+            vllm_engine.restore([name])
+        assert vllm_engine.skip_counts == [(1, 0)]  # one model step, and it skipped
+        for field in ("argmax", "margin", "ref_logprob"):
+            np.testing.assert_array_equal(getattr(full, field), getattr(skipped, field))
+        changed += int((full.argmax != dense.argmax).any())
+    assert changed >= 3  # the edits changed outputs, so equality is not trivial
+    with pytest.raises(ValueError, match="kept for these same sequences"):
+        vllm_engine.score(seqs[1:], N_PREFIX, from_layer=3)
+    # Probes left the kept stream intact: the unedited model from layer 20 is the dense one.
+    again = vllm_engine.score(seqs, N_PREFIX, from_layer=20)
+    np.testing.assert_array_equal(again.margin, dense.margin)
+
+
 def test_edit_is_live_and_restore_is_bit_identical(vllm_engine, sequences, base_scores):
     seqs = sequences[:N_PROBE_PROMPTS].tolist()
     prefixes = sequences[:N_PROBE_PROMPTS, :N_PREFIX].tolist()

@@ -1,10 +1,20 @@
 """The `hf` engine: transformers + torch. The reference in tests, and the fallback for models and
-machines vLLM cannot serve."""
+machines vLLM cannot serve.
+
+Layer skip. A probe that edits a weight of decoder layer L changes nothing before layer L, so its
+scoring pass can start from the residual stream entering layer L, taken from one pass of the
+model as it was before the edit. `score(..., keep_residuals=True)` keeps that stream (the input of
+every decoder layer, or of every k-th one when they do not all fit in `residual_cache_bytes`);
+`score(..., from_layer=L)` starts there. The layers that run are the same modules called with the
+same tensors as in a full pass, so the logits are bit-identical; on average a probe costs about
+half a pass. The caller (the engine session) decides when the kept stream is still valid.
+"""
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +39,16 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+@dataclass
+class _Residuals:
+    """The residual stream of one scoring pass: per batch, the input (args, kwargs) of each kept
+    decoder layer, and the sequences it belongs to."""
+
+    sequences: np.ndarray
+    layers: list[int]  # kept layer indices, ascending, always including 0
+    batches: list[dict[int, tuple[tuple, dict]]]
+
+
 class HFEngine:
     def __init__(
         self,
@@ -36,6 +56,7 @@ class HFEngine:
         dtype: str = "float32",
         device: str = "auto",
         batch_size: int = 16,
+        residual_cache_bytes: int = 2 << 30,
     ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,6 +70,27 @@ class HFEngine:
         self._params = dict(self.model.named_parameters())
         self._originals: dict[str, torch.Tensor] = {}
         self._closed = False
+        self.residual_cache_bytes = residual_cache_bytes
+        self._residuals: _Residuals | None = None
+        self._layers, self._layer_of = self._decoder_layers()
+
+    def _decoder_layers(self) -> tuple[list[torch.nn.Module], dict[str, int]]:
+        """The decoder layers, and the layer of each weight inside one; empty when the model is
+        not laid out as `model.layers` + `model.norm` + `lm_head` (then no layer skip)."""
+        decoder = getattr(self.model, "model", None)
+        layers = getattr(decoder, "layers", None)
+        if layers is None or not hasattr(decoder, "norm") or not hasattr(self.model, "lm_head"):
+            return [], {}
+        layer_of = {}
+        for index, layer in enumerate(layers):
+            for name, _ in layer.named_parameters():
+                layer_of[f"model.layers.{index}.{name}"] = index
+        return list(layers), layer_of
+
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer holding weight `name`, or None (embeddings, lm_head, or layer skip
+        off: `residual_cache_bytes=0`)."""
+        return self._layer_of.get(name) if self.residual_cache_bytes > 0 else None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -62,6 +104,8 @@ class HFEngine:
         del self.model
         self._params.clear()
         self._originals.clear()
+        self._residuals = None
+        self._layers = []
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -97,25 +141,100 @@ class HFEngine:
 
     # --- scoring --------------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, sequences: Sequence[Sequence[int]], n_prefix: int) -> ScoreResult:
+    def score(
+        self,
+        sequences: Sequence[Sequence[int]],
+        n_prefix: int,
+        *,
+        keep_residuals: bool = False,
+        from_layer: int = 0,
+    ) -> ScoreResult:
+        """Teacher-forced argmax, margin and reference log-probability over the continuation.
+
+        keep_residuals: keep this pass's residual stream (replacing any kept before).
+        from_layer: start at decoder layer `from_layer` from the kept stream of these same
+        sequences; the caller vouches that every layer below it holds the weights it held when
+        the stream was kept.
+        """
         self._check_open()
         n_new = continuation_length(sequences, n_prefix)
-        argmax, margin, ref_lp = [], [], []
-        for batch in _batches(list(sequences), self.batch_size):
-            ids = torch.as_tensor(np.asarray(batch), dtype=torch.long, device=self.device)
+        array = np.asarray(sequences, dtype=np.int64)
+        start = self._start_layer(array, from_layer)
+        kept = self._keep_plan(array) if keep_residuals else None
+        argmax, margin, ref_lp, batches = [], [], [], []
+        for index, rows in enumerate(_batches(array, self.batch_size)):
+            ids = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+            if start is None:
+                logits, inputs = self._full_pass(ids, n_new, kept)
+                batches.append(inputs)
+            else:
+                logits = self._pass_from(self._residuals.batches[index][start], start, n_new)
             # Logits at positions n_prefix-1 .. L-2 predict the N continuation tokens.
-            logits = self.model(input_ids=ids, logits_to_keep=n_new + 1).logits[:, :-1]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             top2 = logprobs.topk(2, dim=-1)
             argmax.append(top2.indices[..., 0].cpu())
             margin.append((top2.values[..., 0] - top2.values[..., 1]).cpu())
             targets = ids[:, n_prefix:].unsqueeze(-1)
             ref_lp.append(logprobs.gather(-1, targets).squeeze(-1).cpu())
+        if kept:
+            self._residuals = _Residuals(array, kept, batches)
         return ScoreResult(
             argmax=torch.cat(argmax).numpy().astype(np.int64),
             margin=torch.cat(margin).numpy(),
             ref_logprob=torch.cat(ref_lp).numpy(),
         )
+
+    def _start_layer(self, sequences: np.ndarray, from_layer: int) -> int | None:
+        """The kept layer a pass starts from (the nearest at or below `from_layer`), or None for
+        a full pass."""
+        if from_layer <= 0:
+            return None
+        kept = self._residuals
+        if kept is None or not np.array_equal(kept.sequences, sequences):
+            raise ValueError("from_layer needs the residual stream kept for these same sequences")
+        return max(layer for layer in kept.layers if layer <= from_layer)
+
+    def _keep_plan(self, sequences: np.ndarray) -> list[int]:
+        """Which layers' inputs to keep: all of them when they fit in `residual_cache_bytes`,
+        else every k-th (a probe then also reruns the unchanged layers above the kept one)."""
+        if not self._layers or self.residual_cache_bytes <= 0:
+            return []
+        width = self.model.config.hidden_size
+        itemsize = next(self.model.parameters()).element_size()
+        per_layer = sequences.size * width * itemsize
+        stride = max(1, -(-per_layer * len(self._layers) // self.residual_cache_bytes))
+        return list(range(0, len(self._layers), stride))
+
+    def _full_pass(
+        self, ids: torch.Tensor, n_new: int, keep: list[int] | None
+    ) -> tuple[torch.Tensor, dict[int, tuple[tuple, dict]]]:
+        """The model's own forward; with `keep`, the inputs of those decoder layers on the side."""
+        inputs: dict[int, tuple[tuple, dict]] = {}
+        hooks = []
+        for index in keep or []:
+
+            def hook(_module, args, kwargs, index=index):
+                inputs[index] = ((args[0].clone(), *args[1:]), dict(kwargs))
+
+            hooks.append(self._layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            # No KV cache: a kept layer input must not carry a cache this pass has filled.
+            logits = self.model(input_ids=ids, logits_to_keep=n_new + 1, use_cache=False).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        return logits, inputs
+
+    def _pass_from(self, layer_input: tuple[tuple, dict], start: int, n_new: int) -> torch.Tensor:
+        """Layers start.. , the final norm and the lm_head, as the model's forward runs them."""
+        args, kwargs = layer_input
+        hidden, rest = args[0], args[1:]
+        for layer in self._layers[start:]:
+            hidden = layer(hidden, *rest, **kwargs)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        hidden = self.model.model.norm(hidden)
+        return self.model.lm_head(hidden[:, -(n_new + 1) :, :])
 
     # --- weights --------------------------------------------------------------------------
     def _param(self, name: str) -> torch.nn.Parameter:

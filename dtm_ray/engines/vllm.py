@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ DEFAULT_MAX_MODEL_LEN = 2048
 _GIB = 1 << 30
 _CPU_KV_CACHE_BYTES = 1 * _GIB  # CPU only: vLLM's memory check fails on small VMs without it
 _ORIGINAL_CACHE_BYTES = 2 * _GIB
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 # --- checkpoint ---------------------------------------------------------------------------------
@@ -232,6 +234,20 @@ def _full_input_norm(
     return sums.float().sqrt()
 
 
+def _hook_scores(ranks: Sequence[Any], positions: int) -> ScoreResult:
+    """The scoring hook's arrays from the rank that gathered the logits; every position must
+    have been seen (a compiled pass would call no hook)."""
+    scored = next((rank for rank in ranks if rank is not None), None)
+    seen = 0 if scored is None else int(scored[3].sum())
+    if seen != positions:
+        raise RuntimeError(
+            f"vLLM's scoring hook saw {seen} of {positions} positions; compiled or CUDA-graph "
+            "execution skips Python hooks (set enforce_eager, or leave it unset on CPU)"
+        )
+    argmax, margin, ref_lp = (t.numpy() for t in scored[:3])
+    return ScoreResult(argmax=argmax.astype(np.int64), margin=margin, ref_logprob=ref_lp)
+
+
 # --- the engine ---------------------------------------------------------------------------------
 class VLLMEngine:
     """A vLLM `LLM` plus in-place weight edits through the worker extension.
@@ -259,6 +275,7 @@ class VLLMEngine:
         cpu_threads: int | None = None,
         seed: int = 0,
         original_cache_bytes: int = _ORIGINAL_CACHE_BYTES,
+        residual_cache_bytes: int = 2 << 30,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         torch_dtype(dtype)  # a bad name fails before vLLM starts
@@ -295,6 +312,17 @@ class VLLMEngine:
         )
         self._checkpoint = _Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
         self._edited: set[str] = set()
+        # Layer skip needs eager execution (wrapped layers are Python calls) and no prefix cache
+        # (layers below the skip write no KV a later request could reuse).
+        self.residual_cache_bytes = residual_cache_bytes
+        # Hooks and wrapped layers are Python calls: eager execution only (CUDA graphs replay
+        # recorded kernels). Without them, scoring falls back to vLLM's prompt_logprobs.
+        self._eager = bool(self.llm.llm_engine.vllm_config.model_config.enforce_eager)
+        self._layer_skip = residual_cache_bytes > 0 and self._eager and not self._prefix_caching
+        self._hidden_size = config["hidden_size"]
+        self._num_layers = config["num_hidden_layers"]
+        self._kept: list[list[int]] | None = None
+        self.skip_counts: list[tuple[int, int]] = []
 
     def _check_open(self) -> None:
         if self.llm is None:
@@ -428,17 +456,75 @@ class VLLMEngine:
         return self._generate(prefixes, n_new, params)
 
     # --- scoring --------------------------------------------------------------------------
-    def score(self, sequences: Sequence[Sequence[int]], n_prefix: int) -> ScoreResult:
+    def score(
+        self,
+        sequences: Sequence[Sequence[int]],
+        n_prefix: int,
+        *,
+        keep_residuals: bool = False,
+        from_layer: int = 0,
+    ) -> ScoreResult:
+        """Teacher-forced argmax, margin and reference log-probability over the continuation.
+
+        Layer skip, as in the hf engine: `keep_residuals` records this pass's residual stream in
+        the workers; `from_layer` starts a pass over the same sequences at that decoder layer
+        from the record (the caller vouches that the layers below hold the weights they held).
+        """
         from vllm import SamplingParams
 
         self._check_open()
         length = n_prefix + continuation_length(sequences, n_prefix)
         self._check_length(length, 1)  # vLLM must still generate one token after the prompt
-        # prompt_logprobs=2 returns the top-2 tokens (ranks 1 and 2) plus the prompt's own token.
-        params = SamplingParams(max_tokens=1, prompt_logprobs=2, detokenize=False)
-        outputs = self._run([list(s) for s in sequences], params)
-        argmax, margin, ref_lp = _score_rows(outputs, sequences, n_prefix)
-        return ScoreResult(argmax=argmax, margin=margin, ref_logprob=ref_lp)
+        prompts = [[int(t) for t in s] for s in sequences]
+        if not self._eager:
+            # prompt_logprobs=2: the top-2 tokens (ranks 1 and 2) plus the prompt's own token.
+            params = SamplingParams(max_tokens=1, prompt_logprobs=2, detokenize=False)
+            argmax, margin, ref_lp = _score_rows(self._run(prompts, params), prompts, n_prefix)
+            return ScoreResult(argmax=argmax, margin=margin, ref_logprob=ref_lp)
+        if from_layer > 0 and self._kept != prompts:
+            raise ValueError("from_layer needs the residual stream kept for these same sequences")
+        # One sampled token ends each request: the prefill is the only forward pass, and the
+        # workers' scoring hook reads the metrics off it (see vllm_worker._Scoring).
+        params = SamplingParams(max_tokens=1, detokenize=False)
+        with contextlib.ExitStack() as stack:
+            if from_layer > 0:
+                skipped = stack.enter_context(self._in_workers("dtm_skip", (from_layer,)))
+            elif keep_residuals:
+                self._kept = None
+                stack.enter_context(self._in_workers("dtm_keep", (self._keep_stride(prompts),)))
+            scored = stack.enter_context(self._in_workers("dtm_score", (prompts, n_prefix)))
+            self._run(prompts, params)
+        if from_layer > 0:
+            self.skip_counts = [tuple(rank) for rank in skipped]
+        elif keep_residuals:
+            self._kept = prompts
+        return _hook_scores(scored, len(prompts) * (length - n_prefix))
+
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer of HF weight `name`; None where layer skip is off (compiled or
+        CUDA-graph execution, prefix caching, `residual_cache_bytes=0`) or for other weights."""
+        match = _LAYER.match(name)
+        if match is None or not self._layer_skip:
+            return None
+        return int(match.group(1))
+
+    def _keep_stride(self, prompts: list[list[int]]) -> int:
+        """Record every layer's input when they fit in `residual_cache_bytes`, else every k-th."""
+        tokens = sum(len(p) for p in prompts)
+        per_layer = 2 * tokens * self._hidden_size * torch_dtype(self.dtype).itemsize
+        return max(1, -(-per_layer * self._num_layers // self.residual_cache_bytes))
+
+    @contextlib.contextmanager
+    def _in_workers(self, name: str, args: tuple) -> Iterator[list[Any]]:
+        """`{name}_begin(*args)` in every worker, then always `{name}_end()`, whose per-rank
+        results fill the yielded list."""
+        results: list[Any] = []
+        with self._threads():
+            self.llm.collective_rpc(f"{name}_begin", args=args)
+            try:
+                yield results
+            finally:
+                results.extend(self.llm.collective_rpc(f"{name}_end"))
 
     # --- weights --------------------------------------------------------------------------
     def original_weight(self, name: str) -> torch.Tensor:

@@ -128,3 +128,224 @@ class WeightEditExtension:
             total = torch.zeros(0) if total is None else total.cpu()
             out[name] = (total, rows.get(module_name, 0), sharded)
         return out
+
+    # --- layer skip -----------------------------------------------------------------------
+    # A probe on decoder layer L changes nothing before L. `dtm_keep_*` records, around one
+    # scoring pass of the unedited state, the input of every kept decoder layer for each model
+    # step; `dtm_skip_*` wraps layers 0..L-1 so that a later pass over the same requests hands
+    # layer L its recorded input instead of computing it. The wrapped layers are the model's
+    # own modules, so the layers that run see bit-identical tensors. A step whose token
+    # positions differ from the recorded step's (another batch split) runs every layer, so a
+    # skip can never use the wrong tokens. Needs eager execution: CUDA graphs replay recorded
+    # kernels and would not call the wrappers.
+    def _dtm_layers(self) -> torch.nn.ModuleList:
+        return self._dtm_model().model.layers
+
+    def dtm_keep_begin(self, stride: int) -> None:
+        """Record the inputs of layers 0, stride, 2*stride, ... during the next passes."""
+        self.dtm_keep_end()
+        layers = self._dtm_layers()
+        steps: list[dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]] = []
+        hooks = []
+
+        def first(_module: Any, args: tuple[Any, ...]) -> None:
+            steps.append({})  # layer 0 starts every model step
+
+        # Registered first, so it runs before layer 0's own recording hook.
+        hooks.append(layers[0].register_forward_pre_hook(first))
+        for index in range(0, len(layers), stride):
+
+            def hook(_module: Any, args: tuple[Any, ...], index: int = index) -> None:
+                # Cloned: the layer's fused add + norm updates its inputs in place.
+                positions, hidden, residual = args[:3]
+                kept = None if residual is None else residual.clone()
+                steps[-1][index] = (hidden.clone(), kept, positions.clone())
+
+            hooks.append(layers[index].register_forward_pre_hook(hook))
+        self._dtm_keeping = (steps, hooks)
+
+    def dtm_keep_end(self) -> int:
+        """Stop recording; keep what was recorded for `dtm_skip_begin`. Returns the steps seen."""
+        state = getattr(self, "_dtm_keeping", None)
+        self._dtm_keeping = None
+        if state is None:
+            return 0
+        steps, hooks = state
+        for handle in hooks:
+            handle.remove()
+        self._dtm_kept = steps
+        return len(steps)
+
+    def dtm_skip_begin(self, from_layer: int) -> int:
+        """Wrap layers below the nearest recorded layer <= from_layer; returns that layer."""
+        self.dtm_skip_end()
+        steps = getattr(self, "_dtm_kept", None) or []
+        if not steps:
+            raise RuntimeError("no recorded residual stream: call dtm_keep_begin/end first")
+        start = max(index for index in steps[0] if index <= from_layer)
+        layers = self._dtm_layers()
+        skip = _Skip(steps, start)
+        originals = [layers[i] for i in range(start)]
+        for i in range(start):
+            layers[i] = _SkippedLayer(originals[i], i, skip)
+        self._dtm_skipping = (originals, skip)
+        return start
+
+    def dtm_skip_end(self) -> tuple[int, int]:
+        """Put the real layers back; returns (steps skipped, steps run in full)."""
+        state = getattr(self, "_dtm_skipping", None)
+        self._dtm_skipping = None
+        if state is None:
+            return (0, 0)
+        originals, skip = state
+        layers = self._dtm_layers()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        return (skip.skipped, skip.full)
+
+
+    # --- scoring ----------------------------------------------------------------------------
+    def dtm_score_begin(self, sequences: list[list[int]], n_prefix: int) -> None:
+        """Score the next passes' tokens of `sequences` as the model runs (see `_Scoring`)."""
+        self.dtm_score_end()
+        model = self._dtm_model()
+        scoring = _Scoring(model, sequences, n_prefix)
+
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            positions = args[1] if len(args) > 1 else kwargs.get("positions")
+            if isinstance(out, torch.Tensor) and input_ids is not None:
+                scoring.step(input_ids, positions, out)
+
+        # On the whole model: the decoder inside is wrapped by vLLM's compile decorator, whose
+        # own __call__ bypasses module hooks.
+        handle = model.register_forward_hook(hook, with_kwargs=True)
+        self._dtm_scoring = (scoring, handle)
+
+    def dtm_score_end(self) -> tuple[torch.Tensor, ...] | None:
+        """(argmax, margin, ref_logprob, done) of the pass, or None on a rank that did not
+        gather logits."""
+        state = getattr(self, "_dtm_scoring", None)
+        self._dtm_scoring = None
+        if state is None:
+            return None
+        scoring, handle = state
+        handle.remove()
+        if not bool(scoring.done.any()):
+            return None
+        return scoring.argmax, scoring.margin, scoring.ref_logprob, scoring.done
+
+
+class _Skip:
+    """Shared by the wrapped layers of one pass: which recorded step comes next, and whether
+    the running step matches it."""
+
+    def __init__(self, steps: list[dict], start: int) -> None:
+        self.steps, self.start = steps, start
+        self.step = -1
+        self.active = False
+        self.skipped = self.full = 0
+
+    def begin_step(self, positions: torch.Tensor) -> None:
+        self.step += 1
+        kept = self.steps[self.step] if self.step < len(self.steps) else None
+        self.active = kept is not None and torch.equal(kept[self.start][2], positions)
+        if self.active:
+            self.skipped += 1
+        else:
+            self.full += 1
+
+
+class _SkippedLayer(torch.nn.Module):
+    """Layer `index` < start: passes through while its step is skipped (the last one hands over
+    the recorded input of layer `start`), runs the real layer otherwise."""
+
+    def __init__(self, layer: torch.nn.Module, index: int, skip: _Skip) -> None:
+        super().__init__()
+        self.layer, self.index, self.skip = layer, index, skip
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Any, **kwargs: Any):
+        if self.index == 0:
+            self.skip.begin_step(positions)
+        if not self.skip.active:
+            return self.layer(positions, hidden, residual, **kwargs)
+        if self.index < self.skip.start - 1:
+            return hidden, hidden if residual is None else residual
+        kept_hidden, kept_residual, _ = self.skip.steps[self.skip.step][self.skip.start]
+        # Copies: layer `start` updates its inputs in place, and the record serves many probes.
+        return kept_hidden.clone(), kept_residual.clone()
+
+
+class _Scoring:
+    """Teacher-forced metrics of one scoring pass, computed in the worker as the model runs.
+
+    vLLM's `prompt_logprobs` runs the lm_head per request over every prompt position, prefix
+    included, and builds a Python object per position; a probe needs the logits of the N
+    continuation positions only. The hook on the decoder's output takes, from each model step,
+    the hidden states of the positions a metric needs (tokens are matched to our sequences by
+    their ids and positions, so any batching or chunking of the requests works), and one
+    `compute_logits` call per step (vLLM's own lm_head path: tensor-parallel gather, scaling)
+    gives their logits.
+    """
+
+    def __init__(self, model: torch.nn.Module, sequences: list[list[int]], n_prefix: int) -> None:
+        self.model = model
+        self.sequences = sequences
+        self.n_prefix = n_prefix
+        self.n_new = len(sequences[0]) - n_prefix
+        shape = (len(sequences), self.n_new)
+        self.argmax = torch.full(shape, -1, dtype=torch.int64)
+        self.margin = torch.full(shape, float("nan"), dtype=torch.float32)
+        self.ref_logprob = torch.full(shape, float("nan"), dtype=torch.float32)
+        self.done = torch.zeros(shape, dtype=torch.bool)
+        self.by_tokens: dict[tuple[int, ...], list[int]] = {}
+        for index, seq in enumerate(sequences):
+            self.by_tokens.setdefault(tuple(seq), []).append(index)
+
+    def _owner(self, start: int, tokens: list[int]) -> int | None:
+        """The sequence a chunk of one request's tokens (at positions start..) belongs to and
+        whose positions are not yet scored."""
+        end = start + len(tokens)
+        positions = slice(max(start, self.n_prefix - 1), min(end, len(self.sequences[0]) - 1))
+        if start == 0 and len(tokens) == len(self.sequences[0]):
+            candidates = self.by_tokens.get(tuple(tokens), [])
+        else:
+            candidates = [i for i, s in enumerate(self.sequences) if s[start:end] == tokens]
+        for index in candidates:
+            first = positions.start - (self.n_prefix - 1)
+            last = positions.stop - (self.n_prefix - 1)
+            if first >= last or not bool(self.done[index, first:last].any()):
+                return index
+        return None
+
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> None:
+        ids, pos = input_ids.tolist(), positions.tolist()
+        rows, targets = [], []  # hidden-state row, (sequence, continuation index)
+        start = 0
+        for end in range(1, len(ids) + 1):
+            if end < len(ids) and pos[end] == pos[end - 1] + 1:
+                continue
+            index = self._owner(pos[start], ids[start:end])
+            if index is not None:
+                for row in range(start, end):
+                    i = pos[row] - (self.n_prefix - 1)  # logits at position j predict token j+1
+                    if 0 <= i < self.n_new:
+                        rows.append(row)
+                        targets.append((index, i))
+            start = end
+        if not rows:
+            return
+        logits = self.model.compute_logits(hidden[torch.as_tensor(rows, device=hidden.device)])
+        if logits is None:  # a tensor-parallel rank other than the one that gathers
+            return
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top2 = logprobs.topk(2, dim=-1)
+        seq = torch.as_tensor([t[0] for t in targets])
+        col = torch.as_tensor([t[1] for t in targets])
+        next_tokens = torch.as_tensor(
+            [self.sequences[s][self.n_prefix + i] for s, i in targets], device=logits.device
+        )
+        self.argmax[seq, col] = top2.indices[:, 0].cpu()
+        self.margin[seq, col] = (top2.values[:, 0] - top2.values[:, 1]).cpu()
+        self.ref_logprob[seq, col] = logprobs.gather(-1, next_tokens[:, None])[:, 0].cpu()
+        self.done[seq, col] = True
