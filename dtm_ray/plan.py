@@ -211,13 +211,17 @@ def calibrate(plan: Plan) -> Costs:
         reference = concat_references(parts)
         context = ray.put(RoundContext(0, ModelState(), reference))
         spec = _calibration_spec(plan)
+        # Components from across the selection: a probe's cost falls with its layer (a probe
+        # on layer L starts at L where the engine can), so the middle stands for the mean.
+        n = len(plan.components)
+        spread = [plan.components[(2 * i + 1) * n // (2 * actors)] for i in range(actors)]
         waves = []
         for _ in range(2):  # the first probe of an engine may pay one-time costs
             began = time.monotonic()
             ray.get(
                 [
                     actor.probe.remote({component.name: spec}, context)
-                    for actor, component in zip(pool.actors, plan.components, strict=False)
+                    for actor, component in zip(pool.actors, spread, strict=False)
                 ]
             )
             waves.append(time.monotonic() - began)
