@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from dtm_ray import models
@@ -19,7 +20,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.out:
         job.out = args.out
     plan = plan_job(job)
+    plan.retry_failed = not args.no_retry_failed
     from dtm_ray.driver import run_plan  # Ray starts only once the job is known to be good
+
+    # `kill` or a scheduler's timeout (SIGTERM) stops the run like Ctrl-C: the actors and a
+    # Ray started here are shut down and the run dir's lease is released.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     try:
         run_plan(plan)
@@ -46,6 +52,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtm-ray", description=__doc__)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error, not just its line"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     model = commands.add_parser("model", help="materialize a known model as an HF folder")
@@ -57,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (local path or s3://, gs://); overrides 'out'")
     run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a job key"
+    )
+    run.add_argument(
+        "--no-retry-failed",
+        action="store_true",
+        help="on resume, keep probes recorded failed as they are instead of running them again",
     )
     run.set_defaults(func=_cmd_run)
 
@@ -74,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
+        if args.debug:
+            raise
         print(f"dtm-ray: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
 
