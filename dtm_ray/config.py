@@ -308,6 +308,7 @@ def plan_job(job: JobConfig) -> Plan:
     """Validate the whole job against the model's config.json, read and cut its prompts, and check
     that `out` can be written; raises ConfigError. Nothing is created anywhere."""
     check_fields(job)
+    check_out(job.out)
     try:
         model_dir = resolve_model(job.model)
         model_config = read_model_config(model_dir)
@@ -336,7 +337,6 @@ def plan_job(job: JobConfig) -> Plan:
         prefixes = _prepare_prompts(job, model_dir, model_config)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
-    check_out(job.out)
     return Plan(job, model_dir, components, specs, prefixes)
 
 

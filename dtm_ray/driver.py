@@ -119,6 +119,9 @@ def run_plan(
     streaming = Streaming(flush_every, flush_seconds, progress_interval)
     store = RunStore(job.out)
     existed = store.exists()
+    stored = store.read_run_info()
+    if stored is not None:
+        _check_resume(plan, store, stored)  # before the lease: a refusal writes nothing
     # One driver at a time: a second one refuses here, naming the holder.
     lease = RunLease(store).acquire()
     created = False
@@ -161,15 +164,21 @@ def _open_run(plan: Plan, store: RunStore) -> bool:
         info = {**environment_info(), "config_fingerprint": fingerprint, "model_digest": digest}
         store.write_json("run.json", {"config": config, **info})
         return True
-    check_same_config(stored["config"], config, store.uri)
-    store.check_files(TABLE_SCHEMAS)  # a corrupt file is named now, not deep inside a round
+    _check_resume(plan, store, stored)  # again: another driver may have written it meanwhile
+    return False
+
+
+def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
+    """The run dir holds this job, on this model, and only files it can read."""
+    check_same_config(stored["config"], plan.job.to_dict(), store.uri)
+    digest = model_digest(plan.model_dir)
     if stored.get("model_digest", digest) != digest:
         raise ConfigError(
             f"run dir {store.uri} was measured on another model (digest "
             f"{stored['model_digest']}, now {digest}: its config.json or weights changed); "
             "resume with the original model or choose another --out"
         )
-    return False
+    store.check_files(TABLE_SCHEMAS)  # a corrupt file is named now, not deep inside a round
 
 
 def _record_actors(store: RunStore, infos: list[dict[str, Any]]) -> None:

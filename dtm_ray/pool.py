@@ -237,10 +237,16 @@ class _FanOut:
                 except Exception:  # noqa: BLE001 - it finished (or raised) on its own
                     continue
         suspect.crashes += 1
-        name, why = self.pool.name(index), error_text(err)
-        log(f"{name} died while running {suspect.key} (crash {suspect.crashes}): {why}")
+        what = getattr(suspect.key, "key", suspect.key)  # a probe's (component, spec)
+        log(
+            f"{self.pool.name(index)} died while running {what} (crash {suspect.crashes} of "
+            f"at most {self.pool.max_crashes + 1}); Ray restarts it"
+        )
         if suspect.crashes > self.pool.max_crashes:
-            text = f"its engine actor died under it {suspect.crashes} times (last: {why})"
+            text = (
+                f"its engine actor died under it {suspect.crashes} times (killed or crashed: "
+                f"out of memory, a signal or a native fault; {type(err).__name__})"
+            )
             return Outcome(suspect, error=text)
         self._again(suspect, ran=True)
         return None

@@ -1,0 +1,166 @@
+"""Faults a run must survive or report in one line: two drivers on one run directory, a probe that
+kills its actor every time, and a cluster that lacks the resources a job asks for."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from dtm_ray.actor import EngineActor, RoundContext
+from dtm_ray.config import load_job, plan_job
+from dtm_ray.pool import Engines
+from dtm_ray.progress import Streaming
+from dtm_ray.rounds import Probe, build_reference, run_probes
+from dtm_ray.state import ModelState
+from dtm_ray.store import RunStore
+
+POISON = "model.layers.0.self_attn.k_proj.weight"
+
+
+def write_job(tmp_path: Path, model_dir: Path, out: Path, **changes) -> Path:
+    job = {
+        "model": str(model_dir),
+        "engine": "hf",
+        "prompts": {"source": "pydoc", "count": 4, "prefix_tokens": 8},
+        "new_tokens": 8,
+        "probe": {"components": [{"kinds": ["q", "k", "v", "o"]}], "specs": ["int8"]},
+        "out": str(out),
+        **changes,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def probe_counts(out: Path) -> dict[tuple[str, str], int]:
+    """How often each probe appears in the raw table, as a user's pandas reads it."""
+    table = pd.read_parquet(out / "probes")
+    return table.groupby(["component", "spec"]).size().to_dict()
+
+
+# --- two drivers, one run directory -------------------------------------------------------------
+@pytest.mark.slow
+def test_two_drivers_on_one_out_one_runs_one_refuses(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    job = write_job(tmp_path, tiny_llama_dir, out)
+    # Both join this session's cluster, so neither pays for starting Ray.
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
+    start = time.monotonic()
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    drivers = [subprocess.Popen(command, env=env, **pipes) for _ in range(2)]
+    results = [(d.communicate(timeout=600), d.returncode) for d in drivers]
+    seconds = time.monotonic() - start
+    codes = sorted(code for _, code in results)
+    refused = next(err for (_, err), code in results if code == 2)
+    print(f"\ntwo drivers: exit codes {codes} after {seconds:.1f} s; refusal: {refused.strip()}")
+    assert codes == [0, 2]
+    assert refused.strip().splitlines()[-1].startswith("dtm-ray: error: run dir ")
+    assert "is in use by the driver" in refused and "Traceback" not in refused
+    counts = probe_counts(out)
+    assert len(counts) == 8 and set(counts.values()) == {1}, counts
+    assert not (out / "lease.json").exists()  # released by the driver that ran
+
+
+# --- a poison probe -----------------------------------------------------------------------------
+class PoisonActor(EngineActor):
+    """An engine actor whose process dies (SIGKILL) whenever it is asked to probe POISON."""
+
+    def probe(self, delta, context):  # noqa: ANN001, ANN201
+        if POISON in delta:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().probe(delta, context)
+
+
+@pytest.mark.slow
+def test_a_probe_that_kills_its_actor_is_recorded_failed_and_the_others_finish(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    out = tmp_path / "run"
+    plan = plan_job(load_job(write_job(tmp_path, tiny_llama_dir, out, max_probe_crashes=2)))
+    store = RunStore(str(out))
+    engines = Engines(plan, 1, actor_class=PoisonActor)
+    start = time.monotonic()
+    try:
+        reference = build_reference(engines, store, plan.job, 0, ModelState())
+        context = RoundContext(0, ModelState(), reference.reference)
+        probes = [Probe(c, s) for c, s in plan.probes]
+        ran = run_probes(engines, store, context, probes, Streaming())
+    finally:
+        engines.close()
+    seconds = time.monotonic() - start
+    rows = {r["component"]: r for r in store.read_probes().to_pylist()}
+    print(f"\npoison probe: {ran} probes in {seconds:.1f} s; {POISON}: {rows[POISON]['error']}")
+    assert ran == 8 and len(rows) == 8
+    poison = rows.pop(POISON)
+    assert poison["status"] == "failed" and poison["attempts"] == 3  # 1 try + 2 after crashes
+    assert "its engine actor died under it 3 times" in poison["error"]
+    # The others finished, and a probe queued behind the poison one was not charged a try.
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert {r["attempts"] for r in rows.values()} == {1}
+
+
+# --- a job asking for a GPU the cluster does not have --------------------------------------------
+def _processes_with(marker: str, names: tuple[str, ...]) -> list[tuple[int, str]]:
+    """(pid, name) of the processes called one of `names` whose environment holds `marker`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            name = Path(f"/proc/{entry}/comm").read_text().strip()
+            if name in names and marker.encode() in Path(f"/proc/{entry}/environ").read_bytes():
+                found.append((int(entry), name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_gpu_job_on_a_cpu_cluster_says_so_and_gives_up(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    job = write_job(
+        tmp_path, tiny_llama_dir, out, resources_per_worker={"GPU": 1}, startup_timeout_s=12
+    )
+    marker = f"DTM_RAY_TEST_MARK={uuid.uuid4().hex}"
+    key, value = marker.split("=")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    env.update({key: value, "RAY_AUTH_MODE": "disabled"})
+    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
+    start = time.monotonic()
+    driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[tuple[float, str]] = []
+    for line in driver.stderr:
+        lines.append((time.monotonic() - start, line.rstrip()))
+    driver.wait(timeout=60)
+    seconds = time.monotonic() - start
+    text = "\n".join(f"{t:6.1f} s  {line}" for t, line in lines)
+    print(f"\nGPU job on a CPU cluster, exit {driver.returncode} after {seconds:.1f} s:\n{text}")
+
+    asked = next(t for t, line in lines if "starting 1 engine actor(s)" in line)
+    waiting = [(t, line) for t, line in lines if "waiting" in line and "no node has GPU" in line]
+    assert waiting and waiting[0][0] - asked < 10
+    assert "the cluster offers: CPU" in waiting[0][1]
+    errors = [line for _, line in lines if line.startswith("dtm-ray: error:")]
+    assert driver.returncode == 2 and len(errors) == 1
+    assert "gave up after" in errors[0] and "never started" in errors[0]
+    assert "Traceback" not in text
+    assert not out.exists()  # nothing was measured, so nothing is left
+    time.sleep(2)  # Ray's processes exit as the driver shuts Ray down
+    assert _processes_with(marker, ("raylet", "gcs_server")) == []
