@@ -164,3 +164,28 @@ def test_a_gpu_job_on_a_cpu_cluster_says_so_and_gives_up(
     assert not out.exists()  # nothing was measured, so nothing is left
     time.sleep(2)  # Ray's processes exit as the driver shuts Ray down
     assert _processes_with(marker, ("raylet", "gcs_server")) == []
+
+
+# --- the lease on its own (no Ray) ----------------------------------------------------------------
+def test_a_lease_of_another_host_is_refused_while_fresh_and_taken_over_when_stale(
+    tmp_path: Path, capsys
+) -> None:
+    import json
+
+    from dtm_ray.errors import ConfigError
+    from dtm_ray.lease import LEASE_FILE, RunLease
+
+    store = RunStore(str(tmp_path / "run"))
+    holder = {"host": "elsewhere", "pid": 1, "token": "theirs", "heartbeat": time.time()}
+    store.write_json(LEASE_FILE, holder)
+    with pytest.raises(ConfigError, match="in use by the driver elsewhere:1"):
+        RunLease(store, settle_s=0.1).acquire()
+    store.write_json(LEASE_FILE, {**holder, "heartbeat": time.time() - 120})
+    lease = RunLease(store, heartbeat_s=0.2, settle_s=0.1).acquire()
+    assert "taking over the lease of the driver elsewhere:1" in capsys.readouterr().err
+    first = json.loads((tmp_path / "run" / LEASE_FILE).read_text())
+    time.sleep(0.6)  # the heartbeat renews it
+    again = json.loads((tmp_path / "run" / LEASE_FILE).read_text())
+    assert again["token"] == lease.token and again["heartbeat"] > first["heartbeat"]
+    lease.release()
+    assert not (tmp_path / "run" / LEASE_FILE).exists()
