@@ -189,3 +189,31 @@ def test_a_lease_of_another_host_is_refused_while_fresh_and_taken_over_when_stal
     assert again["token"] == lease.token and again["heartbeat"] > first["heartbeat"]
     lease.release()
     assert not (tmp_path / "run" / LEASE_FILE).exists()
+
+
+# --- a resume on actors that compute differently ------------------------------------------------
+@pytest.mark.slow
+def test_a_resume_whose_actors_resolve_another_dtype_is_refused(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from dtm_ray.driver import run_plan
+    from dtm_ray.errors import ConfigError
+
+    out = tmp_path / "run"
+    job = write_job(
+        tmp_path, tiny_llama_dir, out, probe={"components": [{"kinds": ["q"]}], "specs": ["int8"]}
+    )
+    run_plan(plan_job(load_job(job)), print_summary=False)
+    run = json.loads((out / "run.json").read_text())
+    assert run["engine_facts"] == {"engine": "hf", "dtype": "float32"}
+    assert run["actors"][0]["actors"][0]["hardware"]["cpu_count"] == os.cpu_count()
+    assert set(pd.read_parquet(out / "reference")["dtype"]) == {"float32"}
+    # As if the run had been measured on a GPU, where `dtype: auto` means bfloat16.
+    run["engine_facts"]["dtype"] = "bfloat16"
+    (out / "run.json").write_text(json.dumps(run))
+    shutil.rmtree(out / "probes")  # probes left to run, so the resume starts actors
+    with pytest.raises(ConfigError, match="was measured by hf in bfloat16; its actors now run hf"):
+        run_plan(plan_job(load_job(job)), print_summary=False)
