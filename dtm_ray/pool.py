@@ -74,13 +74,15 @@ def error_text(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def actor_failure(err: RayActorError, name: str) -> str:
+def actor_failure(err: RayActorError, name: str, starting: bool = False) -> str:
     """One line: which actor, on which node, and why (the last line of its traceback)."""
     text = _ANSI.sub("", str(err))
     node = re.search(r"\bip=([0-9a-fA-F.:]+)", text)
     where = f" on node {node[1]}" if node else ""
     if getattr(err, "actor_init_failed", False):
         return f"engine actor {name}{where} could not start: {error_text(err)}"
+    if starting:  # its process died while loading: out of memory, most often
+        return f"engine actor {name}{where} died while loading the model: {error_text(err)}"
     return f"engine actor {name}{where} is gone and cannot be restarted: {error_text(err)}"
 
 
@@ -326,7 +328,9 @@ def wait_for_actors(
 ) -> list[dict[str, Any]]:
     """Each actor's `info()`, once all have started; while they wait, say every few seconds what
     holds them up (missing resources, or loading the model); StartupError after `timeout_s`."""
-    pending = {actor.info.remote(): index for index, actor in enumerate(actors)}
+    # No retries: an actor that cannot start is reported once, not retried behind the scenes.
+    calls = [actor.info.options(max_task_retries=0).remote() for actor in actors]
+    pending = {ref: index for index, ref in enumerate(calls)}
     infos: list[dict[str, Any]] = [{} for _ in actors]
     start = time.monotonic()
     next_report = start + FIRST_REPORT_S
@@ -337,7 +341,7 @@ def wait_for_actors(
             try:
                 infos[index] = ray.get(ref)
             except RayActorError as err:
-                raise StartupError(actor_failure(err, f"engine-{index}")) from err
+                raise StartupError(actor_failure(err, f"engine-{index}", starting=True)) from err
         now = time.monotonic()
         if not pending:
             break

@@ -217,3 +217,30 @@ def test_a_resume_whose_actors_resolve_another_dtype_is_refused(
     shutil.rmtree(out / "probes")  # probes left to run, so the resume starts actors
     with pytest.raises(ConfigError, match="was measured by hf in bfloat16; its actors now run hf"):
         run_plan(plan_job(load_job(job)), print_summary=False)
+
+
+# --- an actor that cannot start -------------------------------------------------------------------
+@pytest.mark.slow
+def test_an_actor_that_cannot_load_the_model_ends_the_run_in_one_line(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from dtm_ray.driver import run_plan
+    from dtm_ray.errors import StartupError
+
+    broken = tmp_path / "model"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / name, broken / name)
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    out = tmp_path / "run"
+    plan = plan_job(load_job(write_job(tmp_path, broken, out)))  # valid: config.json is fine
+    start = time.monotonic()
+    with pytest.raises(StartupError) as caught:
+        run_plan(plan, print_summary=False)
+    message = str(caught.value)
+    print(f"\nbroken weights: {time.monotonic() - start:.1f} s: {message}")
+    assert message.startswith("engine actor engine-0 on node ") and " could not start: " in message
+    assert "\n" not in message
+    assert not out.exists()  # nothing measured, nothing left
