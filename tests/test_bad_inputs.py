@@ -147,7 +147,10 @@ def _case_broken_model_config(tmp: Path, m: Path):
 CASES: dict[str, Case] = {
     # 1. prompt data, found on the driver
     "empty .txt": lambda t, m: (
-        job_dict(m, prompts=prompts(_write(t / "p.txt", "\n\n  \n"))), [], "holds no text", None,
+        job_dict(m, prompts=prompts(_write(t / "p.txt", "\n\n  \n"))),
+        [],
+        "holds no text",
+        None,
     ),
     ".jsonl without a text field": lambda t, m: (
         job_dict(m, prompts=prompts(_write(t / "p.jsonl", '{"body": "x"}\n'))),
@@ -192,7 +195,10 @@ CASES: dict[str, Case] = {
         None,
     ),
     "run: source that is not a run": lambda t, m: (
-        job_dict(m, prompts=prompts(f"run:{t / 'nowhere'}")), [], "is not a run directory", None,
+        job_dict(m, prompts=prompts(f"run:{t / 'nowhere'}")),
+        [],
+        "is not a run directory",
+        None,
     ),
     "run: source with fewer prompts than count": lambda t, m: (
         job_dict(m, prompts=prompts(f"run:{_run_with_reference(t, m)}", count=9)),
@@ -249,14 +255,23 @@ CASES: dict[str, Case] = {
         None,
     ),
     "out under /proc": lambda t, m: (
-        job_dict(m), ["--out", "/proc/dtm-ray-run"], "is not writable", None,
+        job_dict(m),
+        ["--out", "/proc/dtm-ray-run"],
+        "is not writable",
+        None,
     ),
     "--set value that is not YAML": lambda t, m: (
-        job_dict(m), ["--set", "probe.specs=[int8"], "the value is not valid YAML", None,
+        job_dict(m),
+        ["--set", "probe.specs=[int8"],
+        "the value is not valid YAML",
+        None,
     ),
     "config.json that is not JSON": _case_broken_model_config,
     "startup_timeout_s of zero": lambda t, m: (
-        job_dict(m, startup_timeout_s=0), [], "startup_timeout_s must be a number", None,
+        job_dict(m, startup_timeout_s=0),
+        [],
+        "startup_timeout_s must be a number",
+        None,
     ),
     # 5. the run directory: corrupt or foreign files, a live lease, another model
     "corrupt Parquet file in probes/": _case_corrupt_probe_file,

@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -244,3 +245,65 @@ def test_an_actor_that_cannot_load_the_model_ends_the_run_in_one_line(
     assert message.startswith("engine actor engine-0 on node ") and " could not start: " in message
     assert "\n" not in message
     assert not out.exists()  # nothing measured, nothing left
+
+
+# --- failed probes on resume, fingerprints, prompts of another run (no Ray) ---------------------
+def _row(component: str, status: str, attempts: int) -> dict:
+    return {
+        "round": 0,
+        "component": component,
+        "spec": "int8",
+        "attempts": attempts,
+        "status": status,
+        "error": None if status == "ok" else "its engine actor died under it 3 times",
+    }
+
+
+def test_failed_probes_run_again_on_resume_and_keep_counting_their_tries(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    store.fingerprint = "f" * 16
+    store.write_probe_rows([_row("a", "ok", 1), _row("b", "failed", 3)], 0)
+    assert store.finished_probes(0) == {("a", "int8"), ("b", "int8")}  # --no-retry-failed
+    assert store.finished_probes(0, failed=False) == {("a", "int8")}  # the default: b again
+    assert store.failed_attempts(0) == {("b", "int8"): 3}
+    store.write_probe_rows([_row("b", "failed", 6)], 0)  # failed again: 3 more tries
+    rows = {r["component"]: r for r in store.read_probes().to_pylist()}
+    assert rows["b"]["attempts"] == 6  # the latest failed row counts every try
+    assert {r["config_fingerprint"] for r in rows.values()} == {"f" * 16}
+    store.write_probe_rows([_row("b", "ok", 7)], 0)
+    store.compact_probes(0)
+    rows = store.read_probes(dedupe=False).to_pylist()
+    assert [(r["component"], r["status"], r["attempts"]) for r in rows] == [
+        ("a", "ok", 1),
+        ("b", "ok", 7),
+    ]
+
+
+def test_the_fingerprint_changes_with_what_a_run_measures_only(tmp_path: Path) -> None:
+    from dtm_ray.config import config_fingerprint
+
+    job = load_job(write_job(tmp_path, Path("smollm2-135m"), tmp_path / "r")).to_dict()
+    same = {**job, "workers": 4, "out": "elsewhere", "startup_timeout_s": 5}
+    assert config_fingerprint(same) == config_fingerprint(job)
+    assert config_fingerprint({**job, "new_tokens": 9}) != config_fingerprint(job)
+
+
+def test_a_run_dir_as_prompt_source_gives_its_prompts(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from dtm_ray.schemas import reference_table
+    from dtm_ray.state import Reference
+
+    first = tmp_path / "first"
+    store = RunStore(str(first))
+    store.write_json("run.json", {"config": {"model": str(tiny_llama_dir)}})
+    prefixes = np.arange(4 * 8, dtype=np.int64).reshape(4, 8) + 100
+    zeros = np.zeros((4, 8), dtype=np.int64)
+    reference = Reference(prefixes, zeros, zeros, np.ones((4, 8), dtype=np.float32))
+    store.write_reference(reference_table(reference, 0), 0)
+    job = write_job(
+        tmp_path,
+        tiny_llama_dir,
+        tmp_path / "second",
+        prompts={"source": f"run:{first}", "count": 3, "prefix_tokens": 6},
+    )
+    plan = plan_job(load_job(job))
+    np.testing.assert_array_equal(plan.prefixes, prefixes[:3, :6])
