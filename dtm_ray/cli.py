@@ -25,7 +25,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     # `kill` or a scheduler's timeout (SIGTERM) stops the run like Ctrl-C: the actors and a
     # Ray started here are shut down and the run dir's lease is released.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     try:
         run_plan(plan)
@@ -40,6 +40,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -261,10 +263,15 @@ def connect_ray() -> bool:
     """
     if ray.is_initialized():
         return False
+    # ray.init installs its own SIGTERM handler, which aborts the process; keep the caller's
+    # (the CLI stops cleanly on SIGTERM: actors killed, Ray shut down, the lease released).
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # joins the cluster RAY_ADDRESS names (set by `ray job submit`)
     else:
         ray.init(include_dashboard=False)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
     return True
 
 

@@ -307,3 +307,30 @@ def test_a_run_dir_as_prompt_source_gives_its_prompts(tiny_llama_dir: Path, tmp_
     )
     plan = plan_job(load_job(job))
     np.testing.assert_array_equal(plan.prefixes, prefixes[:3, :6])
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_for_resources_stops_cleanly(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    job = write_job(
+        tmp_path, tiny_llama_dir, out, resources_per_worker={"GPU": 1}, startup_timeout_s=300
+    )
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    env.update({"DTM_RAY_TEST_MARK": marker, "RAY_AUTH_MODE": "disabled"})
+    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
+    driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in driver.stderr:
+        lines.append(line.rstrip())
+        if "no node has GPU" in line:
+            driver.send_signal(signal.SIGTERM)  # as `kill` or a scheduler's timeout would
+    driver.wait(timeout=60)
+    print(f"\nSIGTERM while waiting: exit {driver.returncode}; last line: {lines[-1]}")
+    assert driver.returncode == 130, "\n".join(lines)
+    assert "interrupted" in lines[-1]
+    assert not out.exists()
+    time.sleep(2)
+    assert _processes_with(marker, ("raylet", "gcs_server")) == []
