@@ -110,11 +110,17 @@ class NullContext:
     round: int = 0
 
 
+@dataclass
+class NullPlan:
+    retry_failed: bool = True
+
+
 class NullEngines:
-    """Stands in for `pool.Engines`: the same `pool` attribute, over null actors."""
+    """Stands in for `pool.Engines`: the same `pool` and `plan` attributes, over null actors."""
 
     def __init__(self, pool: EnginePool) -> None:
         self.pool = pool
+        self.plan = NullPlan()
 
 
 def probes(count: int) -> list[Probe]:

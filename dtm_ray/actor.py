@@ -1,8 +1,9 @@
 """The Ray engine actor: one loaded model serving many calls. It only forwards to its session.
 
 Create actors with `start_engine_actors`. Fault tolerance: actors are created with
-`max_restarts=-1, max_task_retries=-1`, so when an actor's process dies Ray restarts it (the
-constructor loads the model again) and re-runs its queued calls. Every call carries what it needs
+`max_restarts=-1` and a bounded `max_task_retries`, so when an actor's process dies Ray restarts
+it (the constructor loads the model again) and re-runs its queued calls; the probe fan-out counts
+crashes per probe itself (`dtm_ray.pool`). Every call carries what it needs
 (the round's `RoundContext`, or the state to score), so a fresh actor brings itself up to date
 before it answers. When the session reports its weights unknown (`EngineBroken`), the actor kills
 its own process: Ray then restarts it clean instead of letting it score a half-patched model.
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dtm_ray.engines import EngineConfig, make_engine
+from dtm_ray.engines import EngineConfig, make_engine, resolve_dtype
 from dtm_ray.models import resolve_model
 from dtm_ray.probe import ProbeResult
 from dtm_ray.prompts import load_calibration, load_prompts
@@ -60,6 +61,8 @@ class EngineActor:
             torch.set_num_threads(threads)
         _quiet_transformers()
         self.model_dir = resolve_model(model)
+        self.engine_kind = engine_config.kind
+        self.dtype = resolve_dtype(engine_config.dtype)  # what `auto` means on this actor's device
         self.session = EngineSession(make_engine(self.model_dir, engine_config))
         self.worker = f"engine-{index}@{socket.gethostname()}:{os.getpid()}"
 
@@ -73,7 +76,23 @@ class EngineActor:
 
     # --- remote methods ---------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        return {"worker": self.worker, "pid": os.getpid(), "host": socket.gethostname()}
+        """Who this actor is and what it runs on, recorded in run.json and checked on resume."""
+        import platform
+
+        import ray
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        hardware = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "gpus": gpus}
+        return {
+            "worker": self.worker,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "engine": self.engine_kind,
+            "dtype": self.dtype,
+            "hardware": hardware,
+        }
 
     def load_prompts(self, source: str, count: int, prefix_tokens: int, seed: int) -> np.ndarray:
         return load_prompts(source, self.model_dir, count, prefix_tokens, self.session.engine, seed)
@@ -142,10 +161,16 @@ def cpu_threads(resources: Mapping[str, float]) -> int | None:
     return max(1, int(resources.get("CPU", 1)))
 
 
-def engine_actor_options(resources: Mapping[str, float]) -> dict[str, Any]:
-    """`.options(...)` for an EngineActor holding `resources` ({GPU: 1}, {CPU: 1}, custom...)."""
+def engine_actor_options(
+    resources: Mapping[str, float], call_retries: int = 3
+) -> dict[str, Any]:
+    """`.options(...)` for an EngineActor holding `resources` ({GPU: 1}, {CPU: 1}, custom...).
+
+    A dead actor is always restarted; a call it was running or held queued is re-run up to
+    `call_retries` times (bounded: a call that kills its actor every time must end). The probe
+    fan-out submits with no retries and counts crashes itself (`dtm_ray.pool`)."""
     custom = {k: float(v) for k, v in resources.items() if k not in ("CPU", "GPU")}
-    options: dict[str, Any] = {"max_restarts": -1, "max_task_retries": -1}
+    options: dict[str, Any] = {"max_restarts": -1, "max_task_retries": call_retries}
     if "CPU" in resources:
         options["num_cpus"] = resources["CPU"]
     if "GPU" in resources:
@@ -162,11 +187,18 @@ def engine_actor_options(resources: Mapping[str, float]) -> dict[str, Any]:
 
 
 def start_engine_actors(
-    model: str, engine_config: EngineConfig, count: int, resources: Mapping[str, float]
+    model: str,
+    engine_config: EngineConfig,
+    count: int,
+    resources: Mapping[str, float],
+    actor_class: type | None = None,
+    call_retries: int = 3,
 ) -> list[Any]:
-    """`count` EngineActors, each holding `resources`; they load the model in the background."""
+    """`count` actors of `actor_class` (EngineActor or a subclass), each holding `resources`;
+    they load the model in the background."""
     import ray
 
-    actor_class = ray.remote(EngineActor).options(**engine_actor_options(resources))
+    options = engine_actor_options(resources, call_retries)
+    actor_class = ray.remote(actor_class or EngineActor).options(**options)
     threads = cpu_threads(resources)
     return [actor_class.remote(model, engine_config, i, threads) for i in range(count)]

@@ -15,6 +15,7 @@ typical use:
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +38,7 @@ def _load_plan(args: argparse.Namespace) -> Plan:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     plan = _load_plan(args)
+    plan.retry_failed = not args.no_retry_failed
     job = plan.job
     if args.dry_run:
         from dtm_ray.plan import estimate, flop_costs, format_estimate
@@ -45,6 +47,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_estimate(plan, estimate(plan, flop_costs(plan))))
         return 0
     from dtm_ray.driver import run_plan  # Ray starts only once the job is known to be good
+
+    # `kill` or a scheduler's timeout (SIGTERM) stops the run like Ctrl-C: the actors and a
+    # Ray started here are shut down and the run dir's lease is released.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     try:
         run_plan(plan, verbose=args.verbose)
@@ -59,6 +65,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -132,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dtm-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error, not just its line"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     model = commands.add_parser(
@@ -161,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--verbose", action="store_true", help="also show the engines' output (vLLM, Ray, ...)"
+    )
+    run.add_argument(
+        "--no-retry-failed",
+        action="store_true",
+        help="on resume, keep probes recorded failed as they are instead of running them again",
     )
     run.set_defaults(func=_cmd_run)
 
@@ -258,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
+        if args.debug:
+            raise
         print(f"dtm-ray: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
 

@@ -7,12 +7,13 @@ run without loading any weights.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dtm_ray.models import read_model_config
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -90,10 +91,7 @@ def components_from_config(config: Mapping[str, Any]) -> list[Component]:
 
 
 def load_components(model_dir: str | Path) -> list[Component]:
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in model folder {model_dir}")
-    return components_from_config(json.loads(config_path.read_text()))
+    return components_from_config(read_model_config(model_dir))
 
 
 def _matches(component: Component, selector: str | Mapping[str, Any]) -> bool:

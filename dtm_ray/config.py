@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from dtm_ray.components import Component, check_selector, load_components, select
 from dtm_ray.compress import Spec, check_applicable, parse_spec
-from dtm_ray.engines import EngineConfig
+from dtm_ray.engines import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from dtm_ray.errors import ConfigError
-from dtm_ray.models import resolve_model
-from dtm_ray.prompts import check_source
+from dtm_ray.models import read_model_config, resolve_model
+from dtm_ray.prompts import RUN_PREFIX, check_source, load_calibration, load_prompts
 
 __all__ = ["ConfigError", "JobConfig", "Plan", "load_job", "plan_job"]
 
@@ -128,7 +132,11 @@ class JobConfig:
     workers: int = 1
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     max_in_flight_per_worker: int = 2
-    max_probe_retries: int = 2
+    max_probe_retries: int = 2  # a probe that raises is run again this often
+    max_probe_crashes: int = 2  # a probe whose actor dies under it is run again this often
+    # Seconds to wait for the engine actors to be placed and loaded before giving up; the wait is
+    # reported every few seconds, naming the missing resources (an autoscaler may add nodes).
+    startup_timeout_s: float = 600.0
     out: str = "runs/default"
 
     def engine_config(self) -> EngineConfig:
@@ -192,6 +200,10 @@ def check_fields(job: JobConfig) -> None:
     _check_int(job.workers, "workers", 1)
     _check_int(job.max_in_flight_per_worker, "max_in_flight_per_worker", 1)
     _check_int(job.max_probe_retries, "max_probe_retries", 0)
+    _check_int(job.max_probe_crashes, "max_probe_crashes", 0)
+    timeout = job.startup_timeout_s
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise ConfigError(f"startup_timeout_s must be a number of seconds > 0, got {timeout!r}")
     _check_int(job.prompts.count, "prompts.count", 1)
     _check_int(job.prompts.prefix_tokens, "prompts.prefix_tokens", 1)
     _check_int(job.prompts.seed, "prompts.seed", 0)
@@ -220,7 +232,7 @@ def check_fields(job: JobConfig) -> None:
     _check_int(job.evaluation.count, "evaluation.count", 1)
     _check_int(job.evaluation.tokens, "evaluation.tokens", 2)
     try:
-        check_source(job.evaluation.text, "evaluation.text")
+        check_source(job.evaluation.text, "evaluation.text", allow_run=False)
         for spec in specs:
             parse_spec(str(spec))
         if job.probe.components != "all":
@@ -234,6 +246,8 @@ def check_fields(job: JobConfig) -> None:
         check_source(job.prompts.source)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
+    if not isinstance(job.out, str) or not job.out:
+        raise ConfigError(f"out must be a run directory (a path or URI), got {job.out!r}")
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -310,6 +324,9 @@ class Plan:
     model_dir: Path
     components: list[Component]
     specs: list[str]
+    # The scored prompts, cut on the driver; None for `self`, which only an engine can sample.
+    prefixes: np.ndarray | None = None
+    retry_failed: bool = True  # probe again, on resume, the probes a previous run recorded failed
 
     @property
     def probes(self) -> list[tuple[Component, str]]:
@@ -321,10 +338,13 @@ class Plan:
 
 
 def plan_job(job: JobConfig) -> Plan:
-    """Validate the whole job against the model's config.json; raises ConfigError."""
+    """Validate the whole job against the model's config.json, read and cut its prompts, and check
+    that `out` can be written; raises ConfigError. Nothing is created anywhere."""
     check_fields(job)
+    check_out(job.out)
     try:
         model_dir = resolve_model(job.model)
+        model_config = read_model_config(model_dir)
         components = select(load_components(model_dir), job.probe.components)
         if job.compress is None:
             specs = [str(parse_spec(str(s))) for s in job.probe.specs or DEFAULT_PROBE_SPECS]
@@ -346,9 +366,94 @@ def plan_job(job: JobConfig) -> Plan:
                     check_applicable(spec, component.shape, has_stats=True)
                 except ValueError as err:
                     raise ValueError(f"{component.name}: {err}") from None
+        check_token_budget(job, model_config)
+        prefixes = _prepare_prompts(job, model_dir, model_config)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
-    return Plan(job, model_dir, components, specs)
+    return Plan(job, model_dir, components, specs, prefixes)
+
+
+def check_token_budget(job: JobConfig, model_config: Mapping[str, Any]) -> None:
+    """The longest sequence an engine sees must fit its context, for both engines alike (hf has
+    no limit of its own and would run past the model's positions)."""
+    needs = {"prompts.prefix_tokens + new_tokens": job.prompts.prefix_tokens + job.new_tokens}
+    if job.compress is not None:
+        needs["evaluation.tokens"] = job.evaluation.tokens
+    model_max = model_config.get("max_position_embeddings")
+    asked = job.engine_options.get("max_model_len")
+    if asked is not None:
+        if model_max and asked > model_max:
+            raise ValueError(
+                f"engine_options.max_model_len {asked} exceeds the model's "
+                f"max_position_embeddings {model_max}"
+            )
+        limit, where = asked, "engine_options.max_model_len"
+    elif job.engine == "vllm" and (not model_max or model_max > DEFAULT_MAX_MODEL_LEN):
+        limit = DEFAULT_MAX_MODEL_LEN
+        where = "the vllm engine's default max_model_len (raise engine_options.max_model_len)"
+    elif model_max:
+        limit, where = model_max, "the model's max_position_embeddings"
+    else:
+        return
+    for what, need in needs.items():
+        if need > limit:
+            raise ValueError(f"{what} = {need} tokens exceed {limit}, {where}")
+
+
+def _prepare_prompts(
+    job: JobConfig, model_dir: Path, model_config: Mapping[str, Any]
+) -> np.ndarray | None:
+    """The scored prefixes from the prompt source, and a check that the calibration and
+    evaluation texts are there too: a bad source is found here, not inside an actor."""
+    p = job.prompts
+    prefixes = None
+    if p.source != "self":
+        prefixes = load_prompts(p.source, model_dir, p.count, p.prefix_tokens, seed=p.seed)
+        vocab = model_config.get("vocab_size")
+        if vocab and int(prefixes.max()) >= vocab:
+            raise ValueError(
+                f"prompt source {p.source} holds token id {int(prefixes.max())}, beyond this "
+                f"model's vocabulary of {vocab}: it was made with another tokenizer"
+            )
+    compress = job.compress
+    if compress is None:
+        return prefixes
+    if compress.method == "sparsify" and compress.criterion == "wanda" and p.source != "self":
+        if p.source.startswith(RUN_PREFIX):
+            raise ValueError(
+                f"compress.criterion wanda calibrates on text, and prompt source {p.source} "
+                "holds only token prefixes; use a text source or criterion magnitude"
+            )
+        length = p.prefix_tokens + job.new_tokens
+        load_calibration(
+            p.source, model_dir, compress.calibration_count, length, p.count, p.prefix_tokens,
+            seed=p.seed,
+        )
+    e = job.evaluation
+    load_prompts(e.text, model_dir, e.count, e.tokens, seed=0)
+    return prefixes
+
+
+def check_out(out: str) -> None:
+    """A local run directory must be creatable and writable; URIs are checked when opened."""
+    if "://" in out and not out.startswith("file://"):
+        return
+    path = Path(out.removeprefix("file://")).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out {out} is a file, not a directory; choose another --out")
+    existing = path
+    while not existing.exists():  # the nearest ancestor there is (/ at worst)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"out {out} cannot be created: {existing} is a file, not a directory")
+    try:  # the only sure test of writability (a root user passes os.access even under /proc)
+        handle, probe = tempfile.mkstemp(prefix=".dtm-ray-write-check-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(
+            f"out {out} is not writable: cannot create files in {existing} ({err.strerror})"
+        ) from None
 
 
 # --- resuming a run dir -----------------------------------------------------------------------
@@ -360,6 +465,8 @@ OPERATIONAL_KEYS = frozenset(
         "resources_per_worker",
         "max_in_flight_per_worker",
         "max_probe_retries",
+        "max_probe_crashes",
+        "startup_timeout_s",
         "engine_options.gpu_memory_utilization",
         # Evaluating tasks reads a finished run; adding it to one must not make it unresumable.
         "evaluate",
@@ -393,6 +500,16 @@ def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) ->
     )
 
 
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """A short digest of what a run measures (operational keys aside); every probe row carries it,
+    so rows of two different jobs can never pass for one run. Unset keys are left out, as a
+    missing key counts as unset on resume."""
+    flat = flatten_config(json.loads(json.dumps(config)))
+    measured = {k: v for k, v in flat.items() if k not in OPERATIONAL_KEYS and v is not None}
+    text = json.dumps(measured, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def check_same_config(stored: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
     """Raise ConfigError naming every differing key when a run dir is reused with another job."""
     keys = config_differences(stored, current)
@@ -420,7 +537,14 @@ def _set_dotted(data: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: {part!r} is not a mapping")
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(
+            f"--set {assignment!r}: the value is not valid YAML ({problem}); quote strings "
+            "that hold YAML syntax"
+        ) from None
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:

@@ -23,9 +23,12 @@ import pyarrow as pa
 
 import dtm_ray
 from dtm_ray.actor import RoundContext
-from dtm_ray.config import JobConfig, Plan, check_same_config
+from dtm_ray.config import JobConfig, Plan, check_same_config, config_fingerprint
+from dtm_ray.errors import ConfigError
 from dtm_ray.evaluate import final_tables
+from dtm_ray.lease import RunLease
 from dtm_ray.logs import ENGINE_LOG, engine_logs, local_log_dir
+from dtm_ray.models import model_digest
 from dtm_ray.pool import Engines
 from dtm_ray.progress import Streaming, log
 from dtm_ray.quantize_loop import run_quantize
@@ -41,6 +44,7 @@ from dtm_ray.schemas import (
     FINAL_PROMPTS_SCHEMA,
     FINAL_SUMMARY_SCHEMA,
     FINAL_TASKS_SCHEMA,
+    TABLE_SCHEMAS,
 )
 from dtm_ray.sparsify_loop import run_sparsify
 from dtm_ray.state import ModelState, Reference
@@ -147,17 +151,33 @@ def _run_plan(
     job = plan.job
     streaming = Streaming(flush_every, flush_seconds, progress_interval)
     store = RunStore(job.out)
-    stored = store.open_run(job.to_dict(), environment_info())
-    check_same_config(stored.get("config", {}), job.to_dict(), store.uri)
-    # Under `ray job submit` a relative path lands in the job's working directory copy.
-    log(f"run dir {store.location}")
-    final = None
-    if plan.compress is None:
-        ran = _probe_only(plan, store, streaming)
-    else:
-        ran, final = _compress(plan, store, streaming)
-        if job.evaluate is not None:
-            final["tasks"] = _tasks(store, job)
+    existed = store.exists()
+    stored = store.read_run_info()
+    if stored is not None:
+        _check_resume(plan, store, stored)  # before the lease: a refusal writes nothing
+    # One driver at a time: a second one refuses here, naming the holder.
+    lease = RunLease(store).acquire()
+    created = False
+    try:
+        created = _open_run(plan, store)
+        # Under `ray job submit` a relative path lands in the job's working directory copy.
+        log(f"run dir {store.location}")
+        final = None
+        if plan.compress is None:
+            ran = _probe_only(plan, store, streaming)
+        else:
+            ran, final = _compress(plan, store, streaming)
+            if job.evaluate is not None:
+                final["tasks"] = _tasks(store, job)
+    finally:
+        lease.release()
+        # A run that measured nothing (its actors never started) leaves nothing behind, so
+        # the user can change the job and start again without cleaning up.
+        if not store.holds_results():
+            if created:
+                store.delete("run.json")
+            if not existed:
+                store.remove_root_if_empty()
     reference = reference_of(store, 0)
     table = store.read_probes()
     if print_summary:
@@ -168,6 +188,64 @@ def _run_plan(
     return RunOutcome(job.out, table, reference, ran, time.monotonic() - start, final)
 
 
+def _open_run(plan: Plan, store: RunStore) -> bool:
+    """Create run.json, or check the stored one against this job; True when created here."""
+    job = plan.job
+    config = job.to_dict()
+    fingerprint, digest = config_fingerprint(config), model_digest(plan.model_dir)
+    store.fingerprint = fingerprint
+    stored = store.read_run_info()
+    if stored is None:
+        info = {**environment_info(), "config_fingerprint": fingerprint, "model_digest": digest}
+        store.write_json("run.json", {"config": config, **info})
+        return True
+    _check_resume(plan, store, stored)  # again: another driver may have written it meanwhile
+    return False
+
+
+def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
+    """The run dir holds this job, on this model, and only files it can read."""
+    check_same_config(stored["config"], plan.job.to_dict(), store.uri)
+    digest = model_digest(plan.model_dir)
+    if stored.get("model_digest", digest) != digest:
+        raise ConfigError(
+            f"run dir {store.uri} was measured on another model (digest "
+            f"{stored['model_digest']}, now {digest}: its config.json or weights changed); "
+            "resume with the original model or choose another --out"
+        )
+    store.check_files(TABLE_SCHEMAS)  # a corrupt file is named now, not deep inside a round
+
+
+def _record_actors(store: RunStore, infos: list[dict[str, Any]]) -> None:
+    """Add the started actors to run.json; refuse when they compute differently from the actors
+    that measured the run so far (e.g. `dtype: auto` resolving to another dtype on a GPU)."""
+    kinds = sorted({(info["engine"], info["dtype"]) for info in infos})
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"the engine actors run different engines or dtypes ({kinds}): their devices "
+            "resolve `dtype: auto` differently; set dtype explicitly (e.g. dtype: float32)"
+        )
+    engine, dtype = kinds[0]
+    run = store.read_run_info() or {}
+    measured = run.get("engine_facts")
+    if measured and (measured["engine"], measured["dtype"]) != (engine, dtype):
+        raise ConfigError(
+            f"run dir {store.uri} was measured by {measured['engine']} in {measured['dtype']}; "
+            f"its actors now run {engine} in {dtype} (`dtype: auto` resolves per device); "
+            f"resume on the same kind of hardware or choose another --out"
+        )
+    run["engine_facts"] = {"engine": engine, "dtype": dtype}
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run.setdefault("actors", []).append({"started": started, "actors": infos})
+    store.write_json("run.json", run)
+
+
+def _engines(plan: Plan, store: RunStore, workers: int) -> Engines:
+    engines = Engines(plan, workers)
+    engines.on_start = lambda infos: _record_actors(store, infos)
+    return engines
+
+
 def _probe_only(plan: Plan, store: RunStore, streaming: Streaming) -> int:
     job = plan.job
     probes = [Probe(c, s) for c, s in plan.probes]
@@ -175,9 +253,9 @@ def _probe_only(plan: Plan, store: RunStore, streaming: Streaming) -> int:
     if store.read_reference(0) is None:
         workers = job.workers
     else:
-        done = store.finished_probes(0)
+        done = store.finished_probes(0, failed=not plan.retry_failed)
         workers = min(job.workers, max(1, sum(p.key not in done for p in probes)))
-    engines = Engines(plan, workers)
+    engines = _engines(plan, store, workers)
     try:
         state = ModelState()
         reference = build_reference(engines, store, job, 0, state)
@@ -191,7 +269,7 @@ def _probe_only(plan: Plan, store: RunStore, streaming: Streaming) -> int:
 def _compress(
     plan: Plan, store: RunStore, streaming: Streaming
 ) -> tuple[int, dict[str, pa.Table]]:
-    engines = Engines(plan, plan.job.workers)
+    engines = _engines(plan, store, plan.job.workers)
     loop = run_sparsify if plan.compress.method == "sparsify" else run_quantize
     try:
         result = loop(plan, store, engines, streaming)

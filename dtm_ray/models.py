@@ -7,6 +7,8 @@ on machines with no access to a model hub.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import sys
@@ -107,6 +109,30 @@ def resolve_model(model: str) -> Path:
     raise FileNotFoundError(
         f"model {model!r} is neither a local folder nor a known name ({', '.join(KNOWN_MODELS)})"
     )
+
+
+def read_model_config(model_dir: str | Path) -> dict:
+    """The model folder's config.json; a missing or broken one is named in the error."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in model folder {model_dir}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore the model's file") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def model_digest(model_dir: str | Path) -> str:
+    """A cheap fingerprint of a model folder: its config.json and its weight files' names and
+    sizes. A resume on a different model under the same name is refused with it."""
+    folder = Path(model_dir)
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for weights in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> int:

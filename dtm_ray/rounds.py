@@ -97,15 +97,23 @@ def build_reference(
     pool = engines.pool
     if round_ == 0:
         log(f"building the reference: {job.prompts.count} prompts, {job.new_tokens} tokens")
-        p = job.prompts
-        source = source_for_actors(p.source)
-        prefixes = pool.call("load_prompts", source, p.count, p.prefix_tokens, p.seed)
+        prefixes = engines.plan.prefixes  # cut on the driver; only `self` needs an engine
+        if prefixes is None:
+            p = job.prompts
+            source = source_for_actors(p.source)
+            prefixes = pool.call("load_prompts", source, p.count, p.prefix_tokens, p.seed)
     else:
         log(f"round {round_}: rebuilding the reference with the current model")
         prefixes = reference_of(store, 0).prefixes
     parts = pool.split("build_reference", prefixes, state, job.new_tokens)
     reference = concat_references(parts)
-    table = reference_table(reference, round_)
+    # pool.split gives actor i the i-th chunk; each prompt row names the actor that built it.
+    built_by = [
+        info
+        for info, part in zip(engines.infos, parts, strict=False)
+        for _ in range(len(part.prefixes))
+    ]
+    table = reference_table(reference, round_, built_by=built_by)
     store.write_reference(table, round_)
     return _read_round_reference(store, round_)
 
@@ -183,8 +191,11 @@ def run_probes(
     import ray
 
     round_ = context.round
-    done = store.finished_probes(round_)
+    retry_failed = engines.plan.retry_failed
+    done = store.finished_probes(round_, failed=not retry_failed)
     pending = [p for p in probes if p.key not in done]
+    # A failed probe tried again keeps counting its tries from where the last run left it.
+    spent = store.failed_attempts(round_) if retry_failed else {}
     log(f"round {round_}: probing: {len(pending)} to run, {len(probes) - len(pending)} done before")
     writer = ProbeWriter(store, round_, streaming.flush_every, streaming.flush_seconds)
     progress = Progress(len(probes), len(probes) - len(pending), streaming.progress_interval)
@@ -193,7 +204,7 @@ def run_probes(
     def on_outcome(outcome: Outcome) -> None:
         nonlocal ran
         probe: Probe = outcome.task.key
-        attempts = outcome.task.attempts
+        attempts = outcome.task.tries
         if outcome.error is None:
             scored = outcome.value
             row = probe_ok_row(
@@ -224,7 +235,10 @@ def run_probes(
         if pending:
             pool = engines.pool
             context_ref = ray.put(context)
-            tasks = [Task(p, (dict.fromkeys(p.names, p.spec), context_ref)) for p in pending]
+            tasks = [
+                Task(p, (dict.fromkeys(p.names, p.spec), context_ref), earlier=spent.get(p.key, 0))
+                for p in pending
+            ]
             pool.run("probe", tasks, on_outcome, tick=writer.flush_if_due)
     finally:
         # Rows in the buffer are complete results; keep them even when the round is interrupted.

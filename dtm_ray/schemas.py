@@ -52,6 +52,9 @@ PROBE_SCHEMA = pa.schema(
         ("attempts", pa.int32()),
         ("status", pa.string()),
         ("error", pa.string()),
+        # The run's config fingerprint (`dtm_ray.config.config_fingerprint`): rows of another
+        # job can never pass for this run's.
+        ("config_fingerprint", pa.string()),
     ]
 )
 
@@ -71,6 +74,10 @@ REFERENCE_SCHEMA = pa.schema(
         ("current_fdt", pa.int32()),
         ("current_sdt", pa.int32()),
         ("current_nll", pa.float64()),
+        # Who generated this prompt's continuation: the actor, its engine and resolved dtype.
+        ("worker", pa.string()),
+        ("engine", pa.string()),
+        ("dtype", pa.string()),
     ]
 )
 
@@ -246,15 +253,16 @@ def probe_keys(table: pa.Table) -> list[tuple[int, str, str]]:
 
 
 def dedupe_probes(table: pa.Table) -> pa.Table:
-    """One row per (round, component, spec): an `ok` row wins over a `failed` one, then the
-    earliest. A safety net: the driver never writes a probe twice, but a killed compaction can
-    leave a round's rows both in its parts and in its compacted file."""
+    """One row per (round, component, spec): the earliest `ok` row, else the latest `failed`
+    one (a failed probe tried again on resume and failed again: its row counts every try).
+    Compaction keeps only these; before it, a round's files may hold a retried probe's failed
+    row beside its new one, and a killed compaction leaves rows both in parts and compacted."""
     keys = probe_keys(table)
     statuses = table.column("status").to_pylist()
     chosen: dict[tuple[int, str, str], int] = {}
     for row, key in enumerate(keys):
         kept = chosen.get(key)
-        if kept is None or (statuses[kept] != STATUS_OK and statuses[row] == STATUS_OK):
+        if kept is None or statuses[kept] != STATUS_OK:
             chosen[key] = row
     return table.take(pa.array(sorted(chosen.values()), type=pa.int64()))
 
@@ -274,8 +282,10 @@ def reference_table(
     current_fdt: Sequence[int] | None = None,
     current_sdt: Sequence[int] | None = None,
     current_nll: Sequence[float] | None = None,
+    built_by: Sequence[Mapping[str, Any]] | None = None,
 ) -> pa.Table:
-    """The reference's rows; `current_*` default to the reference model's own scores."""
+    """The reference's rows; `current_*` default to the reference model's own scores;
+    `built_by` is, per prompt, the info of the actor that generated it (worker, engine, dtype)."""
     prompts = reference.prompts
     margin = np.asarray(reference.base_margin, dtype=np.float32)
     logprob = reference.base_logprob
@@ -304,6 +314,10 @@ def reference_table(
             else [reference.n_new] * prompts,
             "current_sdt": list(current_sdt) if current_sdt is not None else [0] * prompts,
             "current_nll": list(current_nll) if current_nll is not None else own_nll,
+            **{
+                key: [info.get(key) for info in built_by] if built_by else [None] * prompts
+                for key in ("worker", "engine", "dtype")
+            },
         },
         schema=REFERENCE_SCHEMA,
     )
@@ -389,3 +403,16 @@ def state_from_table(
 # --- decisions -----------------------------------------------------------------------------------
 def decision_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([dict(r) for r in rows], schema=DECISION_SCHEMA)
+
+
+# Each folder of a run directory and the schema of its files.
+TABLE_SCHEMAS = {
+    "reference": REFERENCE_SCHEMA,
+    "probes": PROBE_SCHEMA,
+    "calibration": CALIBRATION_SCHEMA,
+    "decisions": DECISION_SCHEMA,
+    "states": STATE_SCHEMA,
+    "final/prompts": FINAL_PROMPTS_SCHEMA,
+    "final/components": FINAL_COMPONENTS_SCHEMA,
+    "final/summary": FINAL_SUMMARY_SCHEMA,
+}

@@ -35,7 +35,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dtm_ray.schemas import PROBE_SCHEMA, REFERENCE_SCHEMA, dedupe_probes, probe_keys
+from dtm_ray.errors import ConfigError
+from dtm_ray.schemas import (
+    PROBE_SCHEMA,
+    REFERENCE_SCHEMA,
+    STATUS_OK,
+    dedupe_probes,
+    probe_keys,
+)
 
 _TEMP_PREFIX = "."
 _ROUND_OF_FILE = re.compile(r"(?:part-r|round-)(\d+)")
@@ -52,6 +59,11 @@ def _is_visible_data_file(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith((_TEMP_PREFIX, "_"))
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def _round_file(round_: int) -> str:
     return f"round-{round_:03d}.parquet"
 
@@ -62,6 +74,7 @@ class RunStore:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.fs, self.root = _split_uri(uri)
+        self.fingerprint: str | None = None  # the run's config fingerprint, stamped on rows
 
     @property
     def location(self) -> str:
@@ -97,9 +110,34 @@ class RunStore:
         files = (i for i in infos if i.type == pafs.FileType.File)
         return sorted(i.path for i in files if _is_visible_data_file(i.base_name))
 
-    def _read_file(self, path: str, schema: pa.Schema) -> pa.Table:
-        with self.fs.open_input_file(path) as handle:
-            return pq.read_table(handle, schema=schema)
+    def _read_file(self, path: str, schema: pa.Schema, rows: bool = True) -> pa.Table:
+        """One table file (only its schema checked when not `rows`); a corrupt or foreign file
+        is a one-line error naming it."""
+        try:
+            with self.fs.open_input_file(path) as handle:
+                names = pq.read_schema(handle).names
+                # A file of this table has at least its key columns; read with the table's
+                # schema, a foreign file would otherwise come back as rows of nulls.
+                missing = [n for n in schema.names[:2] if n not in names]
+                if missing:
+                    raise ValueError(f"it has no {missing[0]!r} column")
+                if not rows:
+                    return schema.empty_table()
+                handle.seek(0)
+                return pq.read_table(handle, schema=schema)
+        except (pa.ArrowException, ValueError, OSError) as err:
+            raise ConfigError(
+                f"{path} is not a readable table of this run ({_first_line(err)}); "
+                "move it out of the run directory and run again (a probe file's probes then "
+                "run again)"
+            ) from None
+
+    def check_files(self, schemas: Mapping[str, pa.Schema]) -> None:
+        """Open every table file of the folders in `schemas` (folder -> schema), footers only,
+        so a corrupt or foreign file is found before any work starts."""
+        for folder, schema in schemas.items():
+            for path in self._data_files(folder):
+                self._read_file(path, schema, rows=False)
 
     def _read_files(self, paths: Sequence[str], schema: pa.Schema) -> pa.Table:
         tables = [self._read_file(p, schema) for p in paths]
@@ -107,11 +145,59 @@ class RunStore:
 
     # --- run.json ---------------------------------------------------------------------------
     def read_run_info(self) -> dict[str, Any] | None:
-        path = self._path("run.json")
+        info = self.read_json("run.json")
+        if info is not None and not isinstance(info.get("config"), dict):
+            raise ConfigError(
+                f"{self._path('run.json')} is not a dtm-ray run.json (no 'config'); "
+                "choose another --out, or move the file away"
+            )
+        return info
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """A JSON object file at the run's root (None when absent); a broken one is a one-line
+        error naming it."""
+        path = self._path(name)
         if not self._exists(path):
             return None
-        with self.fs.open_input_stream(path) as stream:
-            return json.loads(stream.read().decode())
+        try:
+            with self.fs.open_input_stream(path) as stream:
+                data = json.loads(stream.read().decode())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                f"{path} is not valid JSON ({_first_line(err)}); restore it, or move the run "
+                "directory away and choose another --out"
+            ) from None
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise ConfigError(f"{path} holds a JSON {kind}, not an object; move it away")
+        return data
+
+    def write_json(self, name: str, data: Mapping[str, Any]) -> None:
+        text = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+        self._write_atomically(self._path(name), lambda stream: stream.write(text))
+
+    def delete(self, name: str) -> None:
+        """Remove a file at the run's root, if there."""
+        path = self._path(name)
+        if self._exists(path):
+            self.fs.delete_file(path)
+
+    def exists(self) -> bool:
+        return self._exists(self.root)
+
+    def holds_results(self) -> bool:
+        """Whether anything was measured here: any table file at all."""
+        selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        return any(
+            i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+            for i in self.fs.get_file_info(selector)
+        )
+
+    def remove_root_if_empty(self) -> None:
+        """Delete the run directory itself when nothing is left in it."""
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        if self._exists(self.root) and not self.fs.get_file_info(selector):
+            self.fs.delete_dir(self.root)
 
     def open_run(self, config: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
         """run.json of this run: the stored one on resume (comparing configs is the caller's
@@ -120,8 +206,7 @@ class RunStore:
         if stored is not None:
             return stored
         run_info = {"config": dict(config), **info}
-        text = json.dumps(run_info, indent=2, sort_keys=True, default=str).encode()
-        self._write_atomically(self._path("run.json"), lambda stream: stream.write(text))
+        self.write_json("run.json", run_info)
         return run_info
 
     # --- one file per round: reference, calibration, decisions, states -------------------
@@ -150,10 +235,12 @@ class RunStore:
 
     # --- probes ----------------------------------------------------------------------------
     def write_probe_rows(self, rows: Sequence[Mapping[str, Any]], round_: int) -> str | None:
-        """Write one new Parquet file holding `rows` of `round_`; returns its path."""
+        """Write one new Parquet file holding `rows` of `round_`; returns its path. Rows carry
+        the run's `fingerprint` (set by the driver once the run is open)."""
         if not rows:
             return None
-        table = pa.Table.from_pylist([dict(r) for r in rows], schema=PROBE_SCHEMA)
+        stamp = {"config_fingerprint": self.fingerprint} if self.fingerprint else {}
+        table = pa.Table.from_pylist([{**r, **stamp} for r in rows], schema=PROBE_SCHEMA)
         # Round and time first, so names sort in write order; the random tail keeps writers apart.
         name = f"part-r{round_:03d}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         path = self._path("probes", name)
@@ -179,9 +266,27 @@ class RunStore:
         table = self._read_files(files, PROBE_SCHEMA)
         return dedupe_probes(table) if dedupe else table
 
-    def finished_probes(self, round_: int) -> set[tuple[str, str]]:
-        """(component, spec) of every probe of `round_` already in the table, ok or failed."""
-        return {(c, s) for r, c, s in probe_keys(self.read_probes(round_=round_)) if r == round_}
+    def finished_probes(self, round_: int, failed: bool = True) -> set[tuple[str, str]]:
+        """(component, spec) of every probe of `round_` already in the table: ok ones, and
+        failed ones too unless `failed` is False (then a resume probes those again)."""
+        table = self.read_probes(round_=round_)
+        statuses = table.column("status").to_pylist()
+        return {
+            (c, s)
+            for (r, c, s), status in zip(probe_keys(table), statuses, strict=True)
+            if r == round_ and (failed or status == STATUS_OK)
+        }
+
+    def failed_attempts(self, round_: int) -> dict[tuple[str, str], int]:
+        """Tries already spent on each failed probe of `round_`, so a retry keeps counting."""
+        table = self.read_probes(round_=round_)
+        rows = zip(
+            probe_keys(table),
+            table.column("status").to_pylist(),
+            table.column("attempts").to_pylist(),
+            strict=True,
+        )
+        return {(c, s): a or 0 for (r, c, s), status, a in rows if status != STATUS_OK}
 
     def compact_probes(self, round_: int) -> None:
         """Merge a round's part files into `probes/round-NNN.parquet` (deduped), then delete

@@ -320,6 +320,9 @@ def test_a_killed_driver_resumes_with_every_probe_exactly_once(
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"probing: {len(plan.probes) - survived} to run, {survived} done before" in second.stderr
+    assert "taking over the lease of the driver" in second.stderr  # its process is gone
+    takeover = next(ln for ln in second.stderr.splitlines() if "taking over the lease" in ln)
+    print(f"\nkilled driver: {survived} of {len(plan.probes)} rows survived; {takeover}")
     assert_every_probe_exactly_once(str(out), plan)
     # The rows the killed driver wrote were kept as they were, not redone.
     final = {(r["component"], r["spec"]): r for r in RunStore(str(out)).read_probes().to_pylist()}

@@ -8,6 +8,10 @@ from pathlib import Path
 from dtm_ray.engines.base import DTYPES, Engine, ScoreResult
 
 ENGINE_KINDS = ("vllm", "hf")
+# Probes use prompts of a few hundred tokens; vLLM's default (the model's full context, 128k for
+# Llama 3) makes start-up reserve KV cache for one full-length sequence and fail on small devices.
+# The vllm engine's max_model_len when the job leaves it unset (and the model allows this much).
+DEFAULT_MAX_MODEL_LEN = 2048
 ENGINE_DTYPES = ("auto", *DTYPES)
 
 
@@ -68,4 +72,12 @@ def make_engine(model_dir: str | Path, config: EngineConfig | None = None) -> En
     )
 
 
-__all__ = ["ENGINE_KINDS", "Engine", "EngineConfig", "ScoreResult", "make_engine", "resolve_dtype"]
+__all__ = [
+    "DEFAULT_MAX_MODEL_LEN",
+    "ENGINE_KINDS",
+    "Engine",
+    "EngineConfig",
+    "ScoreResult",
+    "make_engine",
+    "resolve_dtype",
+]

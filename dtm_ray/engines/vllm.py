@@ -26,13 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dtm_ray.engines import DEFAULT_MAX_MODEL_LEN
 from dtm_ray.engines.base import ScoreResult, continuation_length, torch_dtype
 
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
 
-# Probes use prompts of a few hundred tokens; vLLM's default (the model's full context, 128k for
-# Llama 3) makes start-up reserve KV cache for one full-length sequence and fail on small devices.
-DEFAULT_MAX_MODEL_LEN = 2048
 _GIB = 1 << 30
 _CPU_KV_CACHE_BYTES = 1 * _GIB  # CPU only: vLLM's memory check fails on small VMs without it
 _ORIGINAL_CACHE_BYTES = 2 * _GIB

@@ -1,0 +1,336 @@
+"""Faults a run must survive or report in one line: two drivers on one run directory, a probe that
+kills its actor every time, and a cluster that lacks the resources a job asks for."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from dtm_ray.actor import EngineActor, RoundContext
+from dtm_ray.config import load_job, plan_job
+from dtm_ray.pool import Engines
+from dtm_ray.progress import Streaming
+from dtm_ray.rounds import Probe, build_reference, run_probes
+from dtm_ray.state import ModelState
+from dtm_ray.store import RunStore
+
+POISON = "model.layers.0.self_attn.k_proj.weight"
+
+
+def write_job(tmp_path: Path, model_dir: Path, out: Path, **changes) -> Path:
+    job = {
+        "model": str(model_dir),
+        "engine": "hf",
+        "prompts": {"source": "pydoc", "count": 4, "prefix_tokens": 8},
+        "new_tokens": 8,
+        "probe": {"components": [{"kinds": ["q", "k", "v", "o"]}], "specs": ["int8"]},
+        "out": str(out),
+        **changes,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def probe_counts(out: Path) -> dict[tuple[str, str], int]:
+    """How often each probe appears in the raw table, as a user's pandas reads it."""
+    table = pd.read_parquet(out / "probes")
+    return table.groupby(["component", "spec"]).size().to_dict()
+
+
+# --- two drivers, one run directory -------------------------------------------------------------
+@pytest.mark.slow
+def test_two_drivers_on_one_out_one_runs_one_refuses(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    job = write_job(tmp_path, tiny_llama_dir, out)
+    # Both join this session's cluster, so neither pays for starting Ray.
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
+    start = time.monotonic()
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    drivers = [subprocess.Popen(command, env=env, **pipes) for _ in range(2)]
+    results = [(d.communicate(timeout=600), d.returncode) for d in drivers]
+    seconds = time.monotonic() - start
+    codes = sorted(code for _, code in results)
+    refused = next(err for (_, err), code in results if code == 2)
+    print(f"\ntwo drivers: exit codes {codes} after {seconds:.1f} s; refusal: {refused.strip()}")
+    assert codes == [0, 2]
+    assert refused.strip().splitlines()[-1].startswith("dtm-ray: error: run dir ")
+    assert "is in use by the driver" in refused and "Traceback" not in refused
+    counts = probe_counts(out)
+    assert len(counts) == 8 and set(counts.values()) == {1}, counts
+    assert not (out / "lease.json").exists()  # released by the driver that ran
+
+
+# --- a poison probe -----------------------------------------------------------------------------
+class PoisonActor(EngineActor):
+    """An engine actor whose process dies (SIGKILL) whenever it is asked to probe POISON."""
+
+    def probe(self, delta, context):  # noqa: ANN001, ANN201
+        if POISON in delta:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().probe(delta, context)
+
+
+@pytest.mark.slow
+def test_a_probe_that_kills_its_actor_is_recorded_failed_and_the_others_finish(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    out = tmp_path / "run"
+    plan = plan_job(load_job(write_job(tmp_path, tiny_llama_dir, out, max_probe_crashes=2)))
+    store = RunStore(str(out))
+    engines = Engines(plan, 1, actor_class=PoisonActor)
+    start = time.monotonic()
+    try:
+        reference = build_reference(engines, store, plan.job, 0, ModelState())
+        context = RoundContext(0, ModelState(), reference.reference)
+        probes = [Probe(c, s) for c, s in plan.probes]
+        ran = run_probes(engines, store, context, probes, Streaming())
+    finally:
+        engines.close()
+    seconds = time.monotonic() - start
+    rows = {r["component"]: r for r in store.read_probes().to_pylist()}
+    print(f"\npoison probe: {ran} probes in {seconds:.1f} s; {POISON}: {rows[POISON]['error']}")
+    assert ran == 8 and len(rows) == 8
+    poison = rows.pop(POISON)
+    assert poison["status"] == "failed" and poison["attempts"] == 3  # 1 try + 2 after crashes
+    assert "its engine actor died under it 3 times" in poison["error"]
+    # The others finished, and a probe queued behind the poison one was not charged a try.
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert {r["attempts"] for r in rows.values()} == {1}
+
+
+# --- a job asking for a GPU the cluster does not have --------------------------------------------
+def _processes_with(marker: str, names: tuple[str, ...]) -> list[tuple[int, str]]:
+    """(pid, name) of the processes called one of `names` whose environment holds `marker`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            name = Path(f"/proc/{entry}/comm").read_text().strip()
+            if name in names and marker.encode() in Path(f"/proc/{entry}/environ").read_bytes():
+                found.append((int(entry), name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_gpu_job_on_a_cpu_cluster_says_so_and_gives_up(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    job = write_job(
+        tmp_path, tiny_llama_dir, out, resources_per_worker={"GPU": 1}, startup_timeout_s=12
+    )
+    marker = f"DTM_RAY_TEST_MARK={uuid.uuid4().hex}"
+    key, value = marker.split("=")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    env.update({key: value, "RAY_AUTH_MODE": "disabled"})
+    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
+    start = time.monotonic()
+    driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[tuple[float, str]] = []
+    for line in driver.stderr:
+        lines.append((time.monotonic() - start, line.rstrip()))
+    driver.wait(timeout=60)
+    seconds = time.monotonic() - start
+    text = "\n".join(f"{t:6.1f} s  {line}" for t, line in lines)
+    print(f"\nGPU job on a CPU cluster, exit {driver.returncode} after {seconds:.1f} s:\n{text}")
+
+    asked = next(t for t, line in lines if "starting 1 engine actor(s)" in line)
+    waiting = [(t, line) for t, line in lines if "waiting" in line and "no node has GPU" in line]
+    assert waiting and waiting[0][0] - asked < 10
+    assert "the cluster offers: CPU" in waiting[0][1]
+    errors = [line for _, line in lines if line.startswith("dtm-ray: error:")]
+    assert driver.returncode == 2 and len(errors) == 1
+    assert "gave up after" in errors[0] and "never started" in errors[0]
+    assert "Traceback" not in text
+    assert not out.exists()  # nothing was measured, so nothing is left
+    time.sleep(2)  # Ray's processes exit as the driver shuts Ray down
+    assert _processes_with(marker, ("raylet", "gcs_server")) == []
+
+
+# --- the lease on its own (no Ray) ----------------------------------------------------------------
+def test_a_lease_of_another_host_is_refused_while_fresh_and_taken_over_when_stale(
+    tmp_path: Path, capsys
+) -> None:
+    import json
+
+    from dtm_ray.errors import ConfigError
+    from dtm_ray.lease import LEASE_FILE, RunLease
+
+    store = RunStore(str(tmp_path / "run"))
+    holder = {"host": "elsewhere", "pid": 1, "token": "theirs", "heartbeat": time.time()}
+    store.write_json(LEASE_FILE, holder)
+    with pytest.raises(ConfigError, match="in use by the driver elsewhere:1"):
+        RunLease(store, settle_s=0.1).acquire()
+    store.write_json(LEASE_FILE, {**holder, "heartbeat": time.time() - 120})
+    lease = RunLease(store, heartbeat_s=0.2, settle_s=0.1).acquire()
+    assert "taking over the lease of the driver elsewhere:1" in capsys.readouterr().err
+    first = json.loads((tmp_path / "run" / LEASE_FILE).read_text())
+    time.sleep(0.6)  # the heartbeat renews it
+    again = json.loads((tmp_path / "run" / LEASE_FILE).read_text())
+    assert again["token"] == lease.token and again["heartbeat"] > first["heartbeat"]
+    lease.release()
+    assert not (tmp_path / "run" / LEASE_FILE).exists()
+
+
+# --- a resume on actors that compute differently ------------------------------------------------
+@pytest.mark.slow
+def test_a_resume_whose_actors_resolve_another_dtype_is_refused(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from dtm_ray.driver import run_plan
+    from dtm_ray.errors import ConfigError
+
+    out = tmp_path / "run"
+    job = write_job(
+        tmp_path, tiny_llama_dir, out, probe={"components": [{"kinds": ["q"]}], "specs": ["int8"]}
+    )
+    run_plan(plan_job(load_job(job)), print_summary=False)
+    run = json.loads((out / "run.json").read_text())
+    assert run["engine_facts"] == {"engine": "hf", "dtype": "float32"}
+    assert run["actors"][0]["actors"][0]["hardware"]["cpu_count"] == os.cpu_count()
+    assert set(pd.read_parquet(out / "reference")["dtype"]) == {"float32"}
+    # As if the run had been measured on a GPU, where `dtype: auto` means bfloat16.
+    run["engine_facts"]["dtype"] = "bfloat16"
+    (out / "run.json").write_text(json.dumps(run))
+    shutil.rmtree(out / "probes")  # probes left to run, so the resume starts actors
+    with pytest.raises(ConfigError, match="was measured by hf in bfloat16; its actors now run hf"):
+        run_plan(plan_job(load_job(job)), print_summary=False)
+
+
+# --- an actor that cannot start -------------------------------------------------------------------
+@pytest.mark.slow
+def test_an_actor_that_cannot_load_the_model_ends_the_run_in_one_line(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from dtm_ray.driver import run_plan
+    from dtm_ray.errors import StartupError
+
+    broken = tmp_path / "model"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / name, broken / name)
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    out = tmp_path / "run"
+    plan = plan_job(load_job(write_job(tmp_path, broken, out)))  # valid: config.json is fine
+    start = time.monotonic()
+    with pytest.raises(StartupError) as caught:
+        run_plan(plan, print_summary=False)
+    message = str(caught.value)
+    print(f"\nbroken weights: {time.monotonic() - start:.1f} s: {message}")
+    assert message.startswith("engine actor engine-0 on node ") and " could not start: " in message
+    assert "\n" not in message
+    assert not out.exists()  # nothing measured, nothing left
+
+
+# --- failed probes on resume, fingerprints, prompts of another run (no Ray) ---------------------
+def _row(component: str, status: str, attempts: int) -> dict:
+    return {
+        "round": 0,
+        "component": component,
+        "spec": "int8",
+        "attempts": attempts,
+        "status": status,
+        "error": None if status == "ok" else "its engine actor died under it 3 times",
+    }
+
+
+def test_failed_probes_run_again_on_resume_and_keep_counting_their_tries(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "run"))
+    store.fingerprint = "f" * 16
+    store.write_probe_rows([_row("a", "ok", 1), _row("b", "failed", 3)], 0)
+    assert store.finished_probes(0) == {("a", "int8"), ("b", "int8")}  # --no-retry-failed
+    assert store.finished_probes(0, failed=False) == {("a", "int8")}  # the default: b again
+    assert store.failed_attempts(0) == {("b", "int8"): 3}
+    store.write_probe_rows([_row("b", "failed", 6)], 0)  # failed again: 3 more tries
+    rows = {r["component"]: r for r in store.read_probes().to_pylist()}
+    assert rows["b"]["attempts"] == 6  # the latest failed row counts every try
+    assert {r["config_fingerprint"] for r in rows.values()} == {"f" * 16}
+    store.write_probe_rows([_row("b", "ok", 7)], 0)
+    store.compact_probes(0)
+    rows = store.read_probes(dedupe=False).to_pylist()
+    assert [(r["component"], r["status"], r["attempts"]) for r in rows] == [
+        ("a", "ok", 1),
+        ("b", "ok", 7),
+    ]
+
+
+def test_the_fingerprint_changes_with_what_a_run_measures_only(tmp_path: Path) -> None:
+    from dtm_ray.config import config_fingerprint
+
+    job = load_job(write_job(tmp_path, Path("smollm2-135m"), tmp_path / "r")).to_dict()
+    same = {**job, "workers": 4, "out": "elsewhere", "startup_timeout_s": 5}
+    assert config_fingerprint(same) == config_fingerprint(job)
+    assert config_fingerprint({**job, "new_tokens": 9}) != config_fingerprint(job)
+
+
+def test_a_run_dir_as_prompt_source_gives_its_prompts(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from dtm_ray.schemas import reference_table
+    from dtm_ray.state import Reference
+
+    first = tmp_path / "first"
+    store = RunStore(str(first))
+    store.write_json("run.json", {"config": {"model": str(tiny_llama_dir)}})
+    prefixes = np.arange(4 * 8, dtype=np.int64).reshape(4, 8) + 100
+    zeros = np.zeros((4, 8), dtype=np.int64)
+    reference = Reference(prefixes, zeros, zeros, np.ones((4, 8), dtype=np.float32))
+    store.write_reference(reference_table(reference, 0), 0)
+    job = write_job(
+        tmp_path,
+        tiny_llama_dir,
+        tmp_path / "second",
+        prompts={"source": f"run:{first}", "count": 3, "prefix_tokens": 6},
+    )
+    plan = plan_job(load_job(job))
+    np.testing.assert_array_equal(plan.prefixes, prefixes[:3, :6])
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_for_resources_stops_cleanly(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    job = write_job(
+        tmp_path, tiny_llama_dir, out, resources_per_worker={"GPU": 1}, startup_timeout_s=300
+    )
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    env.update({"DTM_RAY_TEST_MARK": marker, "RAY_AUTH_MODE": "disabled"})
+    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
+    driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in driver.stderr:
+        lines.append(line.rstrip())
+        if "no node has GPU" in line:
+            driver.send_signal(signal.SIGTERM)  # as `kill` or a scheduler's timeout would
+    driver.wait(timeout=60)
+    print(f"\nSIGTERM while waiting: exit {driver.returncode}; last line: {lines[-1]}")
+    assert driver.returncode == 130, "\n".join(lines)
+    assert "interrupted" in lines[-1]
+    assert not out.exists()
+    time.sleep(2)
+    assert _processes_with(marker, ("raylet", "gcs_server")) == []
