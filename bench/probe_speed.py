@@ -354,6 +354,15 @@ def per_machine(
     start = time.perf_counter()
     naive_fdt = {n: naive_probe(model, n, args.spec, prefixes, base, len(prefixes)) for n in names}
     out["naive"] = {"s_per_probe": (time.perf_counter() - start) / len(names), "threads": workers}
+    if "single" in args.methods:
+        probed = names[: args.single_probes]
+        start = time.perf_counter()
+        for name in probed:
+            naive_probe(model, name, args.spec, prefixes, base, 1)
+        out["single"] = {
+            "s_per_probe": (time.perf_counter() - start) / len(probed),
+            "threads": workers,
+        }
     torch.set_num_threads(args.threads)
     context = multiprocessing.get_context("spawn")
     for method in [m for m in args.methods if m in ("hf", "vllm")]:
@@ -381,6 +390,8 @@ def per_machine(
             "fdt_equal_naive": f"{same}/{len(names)}",
         }
         out[method]["x_naive"] = out["naive"]["s_per_probe"] / out[method]["s_per_probe"]
+        if "single" in out:
+            out[method]["x_single"] = out["single"]["s_per_probe"] / out[method]["s_per_probe"]
     return out
 
 
@@ -541,12 +552,15 @@ def main(argv: list[str] | None = None) -> int:
         base = greedy(load_hf_model(model_dir), prefixes, args.new, args.prompts)
         report["per_machine"] = per_machine(args, model_dir, prefixes, base, report["probes"])
         print(
-            f"\nper machine ({args.workers} cores): method | s/probe wall | x naive | FDT = naive"
+            f"\nper machine ({args.workers} cores): method | s/probe wall | x naive | x single "
+            "| FDT = naive"
         )
         for method, r in report["per_machine"].items():
             if isinstance(r, dict):
+                x_naive = f"{r['x_naive']:.1f}" if "x_naive" in r else "-"
+                x_single = f"{r['x_single']:.1f}" if "x_single" in r else "-"
                 print(
-                    f"{method} | {r['s_per_probe']:.2f} | {r.get('x_naive', 1.0):.1f} | "
+                    f"{method} | {r['s_per_probe']:.2f} | {x_naive} | {x_single} | "
                     f"{r.get('fdt_equal_naive', '-')}"
                 )
     if args.grid:

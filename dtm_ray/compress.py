@@ -127,11 +127,17 @@ def check_applicable(spec: Spec | str, shape: tuple[int, int], has_stats: bool =
 
 def _magnitude(w: torch.Tensor, spec: Spec, stats: Mapping[str, Any] | None) -> torch.Tensor:
     k = round(spec.sparsity * w.numel())
-    # Stable sort: equal |w| are pruned in flat-index order, so every engine gets the same mask;
-    # existing zeros sort first, so pruning composes across sparsity levels.
-    order = torch.sort(w.abs().flatten(), stable=True).indices
-    pruned = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    pruned[order[:k]] = True
+    if k == 0:
+        return w.clone()
+    # The k smallest |w| in (|w|, flat index) order, as a stable sort would give them: equal
+    # |w| are pruned in flat-index order, so every engine gets the same mask; existing zeros
+    # come first, so pruning composes across sparsity levels. A selection instead of a sort:
+    # everything below the k-th value, then the first of the ties at it.
+    magnitude = w.abs().flatten()
+    threshold = magnitude.kthvalue(k).values
+    pruned = magnitude < threshold
+    ties = torch.nonzero(magnitude == threshold).flatten()
+    pruned[ties[: k - int(pruned.sum())]] = True
     return w.masked_fill(pruned.view(w.shape), 0)
 
 

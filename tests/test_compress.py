@@ -335,3 +335,30 @@ def test_fp8_matches_formula():
     expected = scale * (w / scale).to(torch.float8_e4m3fn).to(torch.float32)
     assert torch.equal(compress(w, "fp8-e4m3"), expected)
     assert compress(w, "fp8-e4m3").abs().amax(dim=1).allclose(w.abs().amax(dim=1))
+
+
+def test_magnitude_prunes_the_k_smallest_in_stable_sort_order() -> None:
+    """The selection picks exactly what a stable sort of |w| would: ties in flat-index order,
+    existing zeros first — on matrices full of ties, with zeros, at every sparsity."""
+
+    def by_sort(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+        k = round(sparsity * w.numel())
+        order = torch.sort(w.abs().flatten(), stable=True).indices
+        pruned = torch.zeros(w.numel(), dtype=torch.bool)
+        pruned[order[:k]] = True
+        return w.masked_fill(pruned.view(w.shape), 0)
+
+    generator = torch.Generator().manual_seed(0)
+    checked = 0
+    for trial in range(60):
+        shape = tuple(torch.randint(1, 40, (2,), generator=generator).tolist())
+        if trial % 2:  # few distinct values: many ties at the threshold
+            w = torch.randint(-3, 4, shape, generator=generator).float() * 0.5
+        else:
+            w = torch.randn(shape, generator=generator)
+        if trial % 3 == 0:
+            w = by_sort(w, 0.3)  # zeros already there
+        for sparsity in (0.0, 0.1, 0.33, 0.5, 0.9, 1.0):
+            assert torch.equal(compress(w, f"magnitude:{sparsity}"), by_sort(w, sparsity))
+            checked += 1
+    assert checked == 360
