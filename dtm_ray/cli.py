@@ -29,21 +29,25 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_plan(args: argparse.Namespace) -> Plan:
+def _load_plan(args: argparse.Namespace, read_hub: bool = True) -> Plan:
     job = load_job(args.job, args.set)
     if args.out:
         job.out = args.out
-    return plan_job(job)
+    return plan_job(job, read_hub)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    plan = _load_plan(args)
+    plan = _load_plan(args, read_hub=not args.dry_run)
     plan.retry_failed = not args.no_retry_failed
     job = plan.job
     if args.dry_run:
         from dtm_ray.plan import estimate, flop_costs, format_estimate
 
+        texts = (job.prompts.source, job.evaluation.text)
+        unread = sorted({text for text in texts if text.startswith("hf:")})
         print(f"{args.job}: valid; run dir {job.out}")
+        if unread:
+            print(f"not read in a dry run (the run reads them first): {', '.join(unread)}")
         print(format_estimate(plan, estimate(plan, flop_costs(plan))))
         return 0
     from dtm_ray.driver import run_plan  # Ray starts only once the job is known to be good

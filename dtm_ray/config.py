@@ -337,9 +337,13 @@ class Plan:
         return self.job.compress
 
 
-def plan_job(job: JobConfig) -> Plan:
+def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
     """Validate the whole job against the model's config.json, read and cut its prompts, and check
-    that `out` can be written; raises ConfigError. Nothing is created anywhere."""
+    that `out` can be written; raises ConfigError. Nothing is created anywhere.
+
+    `read_hub=False` leaves `hf:` text sources unread (a dry run on a machine without the hub);
+    a run reads them here, so a bad one still fails before any actor starts.
+    """
     check_fields(job)
     check_out(job.out)
     try:
@@ -367,7 +371,7 @@ def plan_job(job: JobConfig) -> Plan:
                 except ValueError as err:
                     raise ValueError(f"{component.name}: {err}") from None
         check_token_budget(job, model_config)
-        prefixes = _prepare_prompts(job, model_dir, model_config)
+        prefixes = _prepare_prompts(job, model_dir, model_config, read_hub)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     return Plan(job, model_dir, components, specs, prefixes)
@@ -401,13 +405,17 @@ def check_token_budget(job: JobConfig, model_config: Mapping[str, Any]) -> None:
 
 
 def _prepare_prompts(
-    job: JobConfig, model_dir: Path, model_config: Mapping[str, Any]
+    job: JobConfig, model_dir: Path, model_config: Mapping[str, Any], read_hub: bool = True
 ) -> np.ndarray | None:
     """The scored prefixes from the prompt source, and a check that the calibration and
     evaluation texts are there too: a bad source is found here, not inside an actor."""
+
+    def unread(source: str) -> bool:
+        return source == "self" or (not read_hub and source.startswith("hf:"))
+
     p = job.prompts
     prefixes = None
-    if p.source != "self":
+    if not unread(p.source):
         prefixes = load_prompts(p.source, model_dir, p.count, p.prefix_tokens, seed=p.seed)
         vocab = model_config.get("vocab_size")
         if vocab and int(prefixes.max()) >= vocab:
@@ -418,7 +426,7 @@ def _prepare_prompts(
     compress = job.compress
     if compress is None:
         return prefixes
-    if compress.method == "sparsify" and compress.criterion == "wanda" and p.source != "self":
+    if compress.method == "sparsify" and compress.criterion == "wanda" and not unread(p.source):
         if p.source.startswith(RUN_PREFIX):
             raise ValueError(
                 f"compress.criterion wanda calibrates on text, and prompt source {p.source} "
@@ -430,7 +438,8 @@ def _prepare_prompts(
             seed=p.seed,
         )
     e = job.evaluation
-    load_prompts(e.text, model_dir, e.count, e.tokens, seed=0)
+    if not unread(e.text):
+        load_prompts(e.text, model_dir, e.count, e.tokens, seed=0)
     return prefixes
 
 

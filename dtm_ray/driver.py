@@ -177,6 +177,8 @@ def _run_plan(
             if created:
                 store.delete("run.json")
             if not existed:
+                # The engines' start-up output goes with it: the error line names the cause.
+                store.remove_logs()
                 store.remove_root_if_empty()
     reference = reference_of(store, 0)
     table = store.read_probes()

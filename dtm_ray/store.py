@@ -193,6 +193,12 @@ class RunStore:
             for i in self.fs.get_file_info(selector)
         )
 
+    def remove_logs(self) -> None:
+        """Delete `logs/` (the engines' output of a run that measured nothing)."""
+        path = self._path("logs")
+        if self._exists(path):
+            self.fs.delete_dir(path)
+
     def remove_root_if_empty(self) -> None:
         """Delete the run directory itself when nothing is left in it."""
         selector = pafs.FileSelector(self.root, allow_not_found=True)
