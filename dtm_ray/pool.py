@@ -358,12 +358,12 @@ def wait_for_actors(
         if waited >= timeout_s:
             raise StartupError(
                 f"gave up after {waited:.0f} s (startup_timeout_s): {len(pending)} of "
-                f"{len(actors)} engine actor(s) never started; {_holdup(resources)}"
+                f"{len(actors)} engine actor(s) never started; {_holdup(resources, len(actors))}"
             )
         if now >= next_report:
             log(
                 f"waiting {waited:.0f} s for {len(pending)} engine actor(s): "
-                f"{_holdup(resources)}; giving up after {timeout_s:g} s"
+                f"{_holdup(resources, len(actors))}; giving up after {timeout_s:g} s"
             )
             next_report = now + REPORT_S
     return infos
@@ -380,8 +380,8 @@ def _amounts(resources: dict[str, float]) -> str:
     return ", ".join(shown) or "nothing"
 
 
-def _holdup(resources: dict[str, float]) -> str:
-    """Why actors asking for `resources` each have not started yet, in words."""
+def _holdup(resources: dict[str, float], count: int) -> str:
+    """Why `count` actors asking for `resources` each have not all started yet, in words."""
     wanted = {k: float(v) for k, v in resources.items() if v > 0}
     ask = "{" + ", ".join(f"{k}: {v:g}" for k, v in wanted.items()) + "}"
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -396,6 +396,10 @@ def _holdup(resources: dict[str, float]) -> str:
             f"(the cluster offers: {offers}); an autoscaler may still add a node"
         )
     free = ray.available_resources()
-    if not all(free.get(k, 0) >= v for k, v in wanted.items()):
+    total = ray.cluster_resources()
+    # What is in use beyond what these actors hold themselves once placed (they hold their
+    # resources while they load the model) is held by other work.
+    others = any(total.get(k, 0) - free.get(k, 0) > count * v + 1e-9 for k, v in wanted.items())
+    if others and not all(free.get(k, 0) >= v for k, v in wanted.items()):
         return f"each needs {ask}, now in use by other work (free: {_amounts(free)})"
     return "loading the model"
