@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from dtm_ray.compress import compress
+from dtm_ray.engines.base import RESIDUAL_CACHE_BYTES
 from dtm_ray.models import resolve_model
 from dtm_ray.prompts import load_prompts
 from dtm_ray.session import EngineSession
@@ -141,7 +142,7 @@ def naive_probe(
 
 # --- dtm_ray -----------------------------------------------------------------------------------
 def session_for(method: str, model_dir: Path, prompts: int, threads: int) -> EngineSession:
-    budget = 0 if method.endswith("-full") else 2 << 30  # 0 turns layer skip off
+    budget = 0 if method.endswith("-full") else RESIDUAL_CACHE_BYTES  # 0 turns layer skip off
     if method.startswith("hf"):
         from dtm_ray.engines.hf import HFEngine
 
@@ -419,7 +420,9 @@ def probe_cpu_seconds(
 ) -> float:
     from dtm_ray.engines.hf import HFEngine
 
-    engine = HFEngine(model_dir, batch_size=prompts, residual_cache_bytes=(2 << 30) if skip else 0)
+    engine = HFEngine(
+        model_dir, batch_size=prompts, residual_cache_bytes=RESIDUAL_CACHE_BYTES if skip else 0
+    )
     session = EngineSession(engine)
     rng = np.random.default_rng(0)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dtm_ray.compress import compress
 from dtm_ray.engines.hf import HFEngine
 from dtm_ray.probe import build_reference
 from dtm_ray.session import EngineSession
 from dtm_ray.state import Link, ModelState
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROBES = [  # layer, weight, spec: shallow to deep, attention and MLP
     (1, "model.layers.1.mlp.down_proj.weight", "magnitude:0.9"),
@@ -26,14 +27,6 @@ PROBES = [  # layer, weight, spec: shallow to deep, attention and MLP
 
 def fields(scored) -> tuple[np.ndarray, ...]:
     return scored.argmax, scored.margin, scored.ref_logprob
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

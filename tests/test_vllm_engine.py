@@ -22,7 +22,7 @@ from dtm_ray.engines.vllm import VLLMEngine, _full_input_norm  # noqa: E402
 from dtm_ray.metrics import first_divergent_token, share_of_divergent_tokens  # noqa: E402
 from dtm_ray.prompts import load_prompts  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 N_PROMPTS = 32
 N_PREFIX = 32
@@ -62,15 +62,6 @@ PROBES = [
     ("model.layers.2.mlp.down_proj.weight", "int4-g128"),
     ("model.layers.12.mlp.down_proj.weight", "magnitude:0.9"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On this busy 2-core box torch's default 2 threads run the reference engine ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

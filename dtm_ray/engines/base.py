@@ -30,6 +30,27 @@ def continuation_length(sequences: Sequence[Sequence[int]], n_prefix: int) -> in
     return n_new
 
 
+# Layer skip: the bytes an engine may spend keeping the current model's residual stream.
+RESIDUAL_CACHE_BYTES = 2 << 30
+
+
+def residual_stride(per_layer_bytes: int, layers: int, budget: int) -> int:
+    """Keep the input of every k-th decoder layer, k the smallest that fits `budget` bytes."""
+    return max(1, -(-per_layer_bytes * layers // budget))
+
+
+def token_stats(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position of `logits` [..., V]: the argmax, the top-1 minus top-2 log-probability and
+    the log-probability of `targets` [...] — what `ScoreResult` holds, computed one way for
+    every engine."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top2 = logprobs.topk(2, dim=-1)
+    margin = top2.values[..., 0] - top2.values[..., 1]
+    return top2.indices[..., 0], margin, logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 @dataclass
 class ScoreResult:
     """Teacher-forced scoring of `prefix ++ continuation` over the N continuation positions.

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from dtm_ray.engines.base import ScoreResult, continuation_length, torch_dtype
+from dtm_ray.engines.base import (
+    RESIDUAL_CACHE_BYTES,
+    ScoreResult,
+    continuation_length,
+    residual_stride,
+    token_stats,
+    torch_dtype,
+)
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -56,7 +63,7 @@ class HFEngine:
         dtype: str = "float32",
         device: str = "auto",
         batch_size: int = 16,
-        residual_cache_bytes: int = 2 << 30,
+        residual_cache_bytes: int = RESIDUAL_CACHE_BYTES,
     ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,12 +177,10 @@ class HFEngine:
             else:
                 logits = self._pass_from(self._residuals.batches[index][start], start, n_new)
             # Logits at positions n_prefix-1 .. L-2 predict the N continuation tokens.
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            top2 = logprobs.topk(2, dim=-1)
-            argmax.append(top2.indices[..., 0].cpu())
-            margin.append((top2.values[..., 0] - top2.values[..., 1]).cpu())
-            targets = ids[:, n_prefix:].unsqueeze(-1)
-            ref_lp.append(logprobs.gather(-1, targets).squeeze(-1).cpu())
+            top, gap, own = token_stats(logits[:, :-1], ids[:, n_prefix:])
+            argmax.append(top.cpu())
+            margin.append(gap.cpu())
+            ref_lp.append(own.cpu())
         if kept:
             self._residuals = _Residuals(array, kept, batches)
         return ScoreResult(
@@ -202,7 +207,7 @@ class HFEngine:
         width = self.model.config.hidden_size
         itemsize = next(self.model.parameters()).element_size()
         per_layer = sequences.size * width * itemsize
-        stride = max(1, -(-per_layer * len(self._layers) // self.residual_cache_bytes))
+        stride = residual_stride(per_layer, len(self._layers), self.residual_cache_bytes)
         return list(range(0, len(self._layers), stride))
 
     def _full_pass(

@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from dtm_ray.engines import DEFAULT_MAX_MODEL_LEN
-from dtm_ray.engines.base import ScoreResult, continuation_length, torch_dtype
+from dtm_ray.engines.base import (
+    RESIDUAL_CACHE_BYTES,
+    ScoreResult,
+    continuation_length,
+    residual_stride,
+    torch_dtype,
+)
 
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
 
@@ -273,7 +279,7 @@ class VLLMEngine:
         cpu_threads: int | None = None,
         seed: int = 0,
         original_cache_bytes: int = _ORIGINAL_CACHE_BYTES,
-        residual_cache_bytes: int = 2 << 30,
+        residual_cache_bytes: int = RESIDUAL_CACHE_BYTES,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         torch_dtype(dtype)  # a bad name fails before vLLM starts
@@ -510,7 +516,7 @@ class VLLMEngine:
         """Record every layer's input when they fit in `residual_cache_bytes`, else every k-th."""
         tokens = sum(len(p) for p in prompts)
         per_layer = 2 * tokens * self._hidden_size * torch_dtype(self.dtype).itemsize
-        return max(1, -(-per_layer * self._num_layers // self.residual_cache_bytes))
+        return residual_stride(per_layer, self._num_layers, self.residual_cache_bytes)
 
     @contextlib.contextmanager
     def _in_workers(self, name: str, args: tuple) -> Iterator[list[Any]]:

@@ -17,6 +17,8 @@ from vllm import _custom_ops
 from vllm.model_executor.layers import utils as _layer_utils
 from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear
 
+from dtm_ray.engines.base import token_stats
+
 # The CPU build packs each linear weight into a oneDNN handle at load and leaves `weight` empty;
 # an edit to the parameter would then never reach the matmul. With oneDNN off, CPU linears fall
 # back to F.linear on the live parameter. Must run before the model loads, hence at import.
@@ -203,7 +205,6 @@ class WeightEditExtension:
             layers[i] = layer
         return (skip.skipped, skip.full)
 
-
     # --- scoring ----------------------------------------------------------------------------
     def dtm_score_begin(self, sequences: list[list[int]], n_prefix: int) -> None:
         """Score the next passes' tokens of `sequences` as the model runs (see `_Scoring`)."""
@@ -338,14 +339,13 @@ class _Scoring:
         logits = self.model.compute_logits(hidden[torch.as_tensor(rows, device=hidden.device)])
         if logits is None:  # a tensor-parallel rank other than the one that gathers
             return
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top2 = logprobs.topk(2, dim=-1)
         seq = torch.as_tensor([t[0] for t in targets])
         col = torch.as_tensor([t[1] for t in targets])
         next_tokens = torch.as_tensor(
             [self.sequences[s][self.n_prefix + i] for s, i in targets], device=logits.device
         )
-        self.argmax[seq, col] = top2.indices[:, 0].cpu()
-        self.margin[seq, col] = (top2.values[:, 0] - top2.values[:, 1]).cpu()
-        self.ref_logprob[seq, col] = logprobs.gather(-1, next_tokens[:, None])[:, 0].cpu()
+        top, gap, own = token_stats(logits, next_tokens)
+        self.argmax[seq, col] = top.cpu()
+        self.margin[seq, col] = gap.cpu()
+        self.ref_logprob[seq, col] = own.cpu()
         self.done[seq, col] = True
