@@ -490,17 +490,19 @@ class VLLMEngine:
         # One sampled token ends each request: the prefill is the only forward pass, and the
         # workers' scoring hook reads the metrics off it (see vllm_worker._Scoring).
         params = SamplingParams(max_tokens=1, detokenize=False)
+        # With layer skip off nothing would ever start from a kept stream: keep none.
+        keeping = keep_residuals and self._layer_skip and from_layer == 0
         with contextlib.ExitStack() as stack:
             if from_layer > 0:
                 skipped = stack.enter_context(self._in_workers("dtm_skip", (from_layer,)))
-            elif keep_residuals:
+            elif keeping:
                 self._kept = None
                 stack.enter_context(self._in_workers("dtm_keep", (self._keep_stride(prompts),)))
             scored = stack.enter_context(self._in_workers("dtm_score", (prompts, n_prefix)))
             self._run(prompts, params)
         if from_layer > 0:
             self.skip_counts = [tuple(rank) for rank in skipped]
-        elif keep_residuals:
+        elif keeping:
             self._kept = prompts
         return _hook_scores(scored, len(prompts) * (length - n_prefix))
 
