@@ -191,7 +191,7 @@ def calibrate(plan: Plan) -> Costs:
 
     from dtm_ray.actor import RoundContext
     from dtm_ray.pool import Engines
-    from dtm_ray.rounds import source_for_actors
+    from dtm_ray.rounds import scored_prefixes
     from dtm_ray.state import ModelState
 
     job = plan.job
@@ -201,10 +201,7 @@ def calibrate(plan: Plan) -> Costs:
     try:
         pool = engines.pool
         startup = time.monotonic() - start
-        p = job.prompts
-        prefixes = pool.call(
-            "load_prompts", source_for_actors(p.source), p.count, p.prefix_tokens, p.seed
-        )
+        prefixes = scored_prefixes(engines)
         began = time.monotonic()
         parts = pool.split("build_reference", prefixes, ModelState(), job.new_tokens)
         reference_s = time.monotonic() - began

@@ -83,6 +83,16 @@ def _read_round_reference(store: RunStore, round_: int) -> RoundReference | None
     )
 
 
+def scored_prefixes(engines: Engines) -> np.ndarray:
+    """The job's prompt prefixes: cut on the driver when the plan was made; only `self` (the
+    model's own samples) needs an engine to draw them."""
+    if engines.plan.prefixes is not None:
+        return engines.plan.prefixes
+    p = engines.plan.job.prompts
+    source = source_for_actors(p.source)
+    return engines.pool.call("load_prompts", source, p.count, p.prefix_tokens, p.seed)
+
+
 def build_reference(
     engines: Engines, store: RunStore, job: JobConfig, round_: int, state: ModelState
 ) -> RoundReference:
@@ -97,11 +107,7 @@ def build_reference(
     pool = engines.pool
     if round_ == 0:
         log(f"building the reference: {job.prompts.count} prompts, {job.new_tokens} tokens")
-        prefixes = engines.plan.prefixes  # cut on the driver; only `self` needs an engine
-        if prefixes is None:
-            p = job.prompts
-            source = source_for_actors(p.source)
-            prefixes = pool.call("load_prompts", source, p.count, p.prefix_tokens, p.seed)
+        prefixes = scored_prefixes(engines)
     else:
         log(f"round {round_}: rebuilding the reference with the current model")
         prefixes = reference_of(store, 0).prefixes
