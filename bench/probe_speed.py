@@ -1,11 +1,14 @@
 """Probes per hour: dtm_ray's engine sessions against the loop people write today, side by side.
 
     python bench/probe_speed.py                       # SmolLM2, 16 prompts x (16 + 32), 1 thread
-    python bench/probe_speed.py --engines hf --threads 2
+    python bench/probe_speed.py --methods naive hf --threads 2
 
 Per thread: every method on one thread, one after the other. Per machine (`--workers W`, default
 the core count): the naive loop with W threads against W dtm_ray sessions of one thread each in
-W processes at once, as `dtm-ray run` places W engine actors on this machine.
+W processes at once, as `dtm-ray run` places W engine actors on this machine. The engines tell
+malloc to keep freed memory (`keep_freed_memory`); the naive loops run with the C library's
+defaults, as people run them (per thread: before any engine starts in this process; per machine:
+in fresh processes), and per machine once more with that setting (`naive+heap`).
 
 The same probes (one weight each, `--spec`), prompts and N for every method, in one invocation:
 - naive:   copy the model, compress one weight, batched `generate(do_sample=False)`, compare with
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from dtm_ray.compress import compress
-from dtm_ray.engines.base import RESIDUAL_CACHE_BYTES
+from dtm_ray.engines.base import RESIDUAL_CACHE_BYTES, keep_freed_memory, token_stats
 from dtm_ray.models import resolve_model
 from dtm_ray.prompts import load_prompts
 from dtm_ray.session import EngineSession
@@ -172,14 +175,14 @@ def timed_probe(session: EngineSession, name: str, spec: str, reference: Any) ->
 
 
 def extraction_seconds(vocab: int, prompts: int, n_new: int) -> float:
-    """Log-softmax, top-2 and gather over N+1 positions: the hf engine's result extraction."""
-    logits = torch.randn(prompts, n_new + 1, vocab)
-    targets = torch.randint(0, vocab, (prompts, n_new, 1))
+    """The engines' result extraction (`token_stats`: log-softmax, top-2, gather) on logits of
+    the N scored positions, as the hf engine's lm_head returns them."""
+    logits = torch.randn(prompts, n_new, vocab)
+    targets = torch.randint(0, vocab, (prompts, n_new))
+    token_stats(logits, targets)
     with Clock() as clock:
         for _ in range(3):
-            lp = torch.log_softmax(logits[:, :-1], dim=-1)
-            lp.topk(2, dim=-1)
-            lp.gather(-1, targets)
+            token_stats(logits, targets)
     return clock.cpu / 3
 
 
@@ -337,6 +340,28 @@ def _session_worker(
     return {"wall": wall, "fdt": fdt}
 
 
+def _naive_worker(
+    model_dir: str,
+    prefixes: np.ndarray,
+    base: np.ndarray,
+    names: list[str],
+    spec: str,
+    threads: int,
+    batch: int,
+    heap: bool,
+) -> dict[str, Any]:
+    """The naive loop in a fresh process: glibc's default malloc settings, or (`heap`) the ones
+    dtm_ray's engines set, to show how much of the difference that setting is."""
+    torch.set_num_threads(threads)
+    if heap:
+        keep_freed_memory()
+    model = load_hf_model(Path(model_dir))
+    naive_probe(model, names[0], spec, prefixes[:2], base[:2], batch)  # warm-up
+    start = time.perf_counter()
+    fdt = {n: naive_probe(model, n, spec, prefixes, base, batch) for n in names}
+    return {"s_per_probe": (time.perf_counter() - start) / len(names), "fdt": fdt}
+
+
 def per_machine(
     args: argparse.Namespace,
     model_dir: Path,
@@ -349,21 +374,26 @@ def per_machine(
 
     workers = args.workers
     out: dict[str, Any] = {"workers": workers}
-    torch.set_num_threads(workers)
-    model = load_hf_model(model_dir)
-    naive_probe(model, names[0], args.spec, prefixes[:2], base[:2], len(prefixes))  # warm-up
-    start = time.perf_counter()
-    naive_fdt = {n: naive_probe(model, n, args.spec, prefixes, base, len(prefixes)) for n in names}
-    out["naive"] = {"s_per_probe": (time.perf_counter() - start) / len(names), "threads": workers}
+    context = multiprocessing.get_context("spawn")
+    loops = [("naive", names, len(prefixes), False), ("naive+heap", names, len(prefixes), True)]
     if "single" in args.methods:
-        probed = names[: args.single_probes]
-        start = time.perf_counter()
-        for name in probed:
-            naive_probe(model, name, args.spec, prefixes, base, 1)
-        out["single"] = {
-            "s_per_probe": (time.perf_counter() - start) / len(probed),
-            "threads": workers,
-        }
+        loops.append(("single", names[: args.single_probes], 1, False))
+    naive_fdt = {}
+    for label, probed, batch, heap in loops:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            done = pool.submit(
+                _naive_worker,
+                str(model_dir),
+                prefixes,
+                base,
+                probed,
+                args.spec,
+                workers,
+                batch,
+                heap,
+            ).result()
+        out[label] = {"s_per_probe": done["s_per_probe"], "threads": workers}
+        naive_fdt = naive_fdt or done["fdt"]
     torch.set_num_threads(args.threads)
     context = multiprocessing.get_context("spawn")
     for method in [m for m in args.methods if m in ("hf", "vllm")]:
@@ -391,6 +421,7 @@ def per_machine(
             "fdt_equal_naive": f"{same}/{len(names)}",
         }
         out[method]["x_naive"] = out["naive"]["s_per_probe"] / out[method]["s_per_probe"]
+        out[method]["x_naive_heap"] = out["naive+heap"]["s_per_probe"] / out[method]["s_per_probe"]
         if "single" in out:
             out[method]["x_single"] = out["single"]["s_per_probe"] / out[method]["s_per_probe"]
     return out
@@ -555,15 +586,16 @@ def main(argv: list[str] | None = None) -> int:
         base = greedy(load_hf_model(model_dir), prefixes, args.new, args.prompts)
         report["per_machine"] = per_machine(args, model_dir, prefixes, base, report["probes"])
         print(
-            f"\nper machine ({args.workers} cores): method | s/probe wall | x naive | x single "
-            "| FDT = naive"
+            f"\nper machine ({args.workers} cores): method | s/probe wall | x naive "
+            "| x naive+heap | x single | FDT = naive"
         )
         for method, r in report["per_machine"].items():
             if isinstance(r, dict):
                 x_naive = f"{r['x_naive']:.1f}" if "x_naive" in r else "-"
+                x_heap = f"{r['x_naive_heap']:.1f}" if "x_naive_heap" in r else "-"
                 x_single = f"{r['x_single']:.1f}" if "x_single" in r else "-"
                 print(
-                    f"{method} | {r['s_per_probe']:.2f} | {x_naive} | {x_single} | "
+                    f"{method} | {r['s_per_probe']:.2f} | {x_naive} | {x_heap} | {x_single} | "
                     f"{r.get('fdt_equal_naive', '-')}"
                 )
     if args.grid:

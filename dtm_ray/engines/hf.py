@@ -25,6 +25,7 @@ from dtm_ray.engines.base import (
     RESIDUAL_CACHE_BYTES,
     ScoreResult,
     continuation_length,
+    keep_freed_memory,
     residual_stride,
     token_stats,
     torch_dtype,
@@ -44,6 +45,12 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
         ids[i, width - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
         mask[i, width - len(row) :] = 1
     return ids, mask
+
+
+def _predicting(length: int, n_new: int) -> torch.Tensor:
+    """The positions whose logits predict the last n_new tokens: length-n_new-1 .. length-2.
+    Only these reach the lm_head, whose output is then one contiguous block."""
+    return torch.arange(length - n_new - 1, length - 1)
 
 
 @dataclass
@@ -71,6 +78,8 @@ class HFEngine:
         self.batch_size = batch_size
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
         self.model.to(self.device).eval()
+        if self.device.type == "cpu":
+            keep_freed_memory()
         # Always produce exactly n_new tokens: no stopping at EOS.
         self.model.generation_config.eos_token_id = None
         self.pad_id = self.model.config.pad_token_id or 0
@@ -176,8 +185,7 @@ class HFEngine:
                 batches.append(inputs)
             else:
                 logits = self._pass_from(self._residuals.batches[index][start], start, n_new)
-            # Logits at positions n_prefix-1 .. L-2 predict the N continuation tokens.
-            top, gap, own = token_stats(logits[:, :-1], ids[:, n_prefix:])
+            top, gap, own = token_stats(logits, ids[:, n_prefix:])
             argmax.append(top.cpu())
             margin.append(gap.cpu())
             ref_lp.append(own.cpu())
@@ -224,7 +232,9 @@ class HFEngine:
             hooks.append(self._layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         try:
             # No KV cache: a kept layer input must not carry a cache this pass has filled.
-            logits = self.model(input_ids=ids, logits_to_keep=n_new + 1, use_cache=False).logits
+            logits = self.model(
+                input_ids=ids, logits_to_keep=_predicting(ids.shape[1], n_new), use_cache=False
+            ).logits
         finally:
             for h in hooks:
                 h.remove()
@@ -239,7 +249,7 @@ class HFEngine:
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
         hidden = self.model.model.norm(hidden)
-        return self.model.lm_head(hidden[:, -(n_new + 1) :, :])
+        return self.model.lm_head(hidden[:, _predicting(hidden.shape[1], n_new), :])
 
     # --- weights --------------------------------------------------------------------------
     def _param(self, name: str) -> torch.nn.Parameter:

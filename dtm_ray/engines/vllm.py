@@ -31,6 +31,7 @@ from dtm_ray.engines.base import (
     RESIDUAL_CACHE_BYTES,
     ScoreResult,
     continuation_length,
+    keep_freed_memory,
     residual_stride,
     torch_dtype,
 )
@@ -310,6 +311,7 @@ class VLLMEngine:
         self.llm = self._build(kwargs)
         if self.on_cpu:
             self._check_weights_editable()
+            keep_freed_memory()  # the in-process engine core runs the model in this process
         # Off unless a user turned it back on through llm_kwargs; then every edit must reset it.
         self._prefix_caching = bool(
             getattr(self.llm.llm_engine.vllm_config.cache_config, "enable_prefix_caching", True)
