@@ -45,6 +45,7 @@ import torch
 
 from dtm_ray.compress import compress
 from dtm_ray.engines.base import RESIDUAL_CACHE_BYTES, keep_freed_memory, token_stats
+from dtm_ray.metrics import first_divergent_token
 from dtm_ray.models import resolve_model
 from dtm_ray.prompts import load_prompts
 from dtm_ray.session import EngineSession
@@ -97,12 +98,6 @@ class Clock:
         self.cpu += time.process_time() - self._cpu
 
 
-def first_divergence(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per row, the first position where a and b differ (their length where they never do)."""
-    differs = a != b
-    return np.where(differs.any(axis=1), differs.argmax(axis=1), a.shape[1])
-
-
 # --- the loops people write today -----------------------------------------------------------------
 def load_hf_model(model_dir: Path) -> Any:
     from transformers import AutoModelForCausalLM
@@ -138,7 +133,7 @@ def naive_probe(
     weight = dict(probe.named_parameters())[name]
     with torch.no_grad():
         weight.copy_(compress(weight.detach(), spec))
-    fdt = first_divergence(greedy(probe, prefixes, base.shape[1], batch), base)
+    fdt = first_divergent_token(base, greedy(probe, prefixes, base.shape[1], batch))
     del probe
     return fdt
 
@@ -393,9 +388,8 @@ def per_machine(
                 heap,
             ).result()
         out[label] = {"s_per_probe": done["s_per_probe"], "threads": workers}
-        naive_fdt = naive_fdt or done["fdt"]
-    torch.set_num_threads(args.threads)
-    context = multiprocessing.get_context("spawn")
+        if label == "naive":
+            naive_fdt = done["fdt"]
     for method in [m for m in args.methods if m in ("hf", "vllm")]:
         with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
             barrier = manager.Barrier(workers)

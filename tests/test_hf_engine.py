@@ -10,6 +10,7 @@ import torch
 
 from dtm_ray.compress import compress
 from dtm_ray.engines import Engine
+from dtm_ray.engines.base import keep_freed_memory
 from dtm_ray.engines.hf import HFEngine
 
 
@@ -157,7 +158,6 @@ def test_close_is_idempotent_and_final(tiny_llama_dir):
 def test_keep_freed_memory_reuses_large_blocks_warm():
     """After keep_freed_memory (which CPU engines call), a large tensor freed and allocated again
     reuses warm memory instead of page-faulting a fresh mapping: 64 MiB is 16,384 pages."""
-    from dtm_ray.engines.base import keep_freed_memory
 
     def page_faults_of_one_block() -> int:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
