@@ -157,7 +157,10 @@ def test_close_is_idempotent_and_final(tiny_llama_dir):
 )
 def test_keep_freed_memory_reuses_large_blocks_warm():
     """After keep_freed_memory (which CPU engines call), a large tensor freed and allocated again
-    reuses warm memory instead of page-faulting a fresh mapping: 64 MiB is 16,384 pages."""
+    reuses warm memory instead of page-faulting a fresh mapping: 64 MiB is 16,384 pages, which
+    glibc's defaults fault in again for every such block, however many came before. With the
+    setting the heap first grows (a handful of blocks land on fresh pages until freed ones
+    coalesce); from then on every block comes warm."""
 
     def page_faults_of_one_block() -> int:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -165,5 +168,5 @@ def test_keep_freed_memory_reuses_large_blocks_warm():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     keep_freed_memory()
-    page_faults_of_one_block(), page_faults_of_one_block()  # the first ones grow the heap
-    assert page_faults_of_one_block() < 1_000
+    faults = [page_faults_of_one_block() for _ in range(24)]
+    assert max(faults[-8:]) < 1_000, faults
