@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from dtm_ray.components import Component
-from dtm_ray.metrics import summarize
-from dtm_ray.pool import EnginePool
-from dtm_ray.progress import ProbeWriter, Streaming
-from dtm_ray.rounds import Probe, run_probes
-from dtm_ray.schemas import probe_ok_row
-from dtm_ray.store import RunStore
+from dtm_ray.cluster.pool import EnginePool
+from dtm_ray.core.components import Component
+from dtm_ray.core.metrics import summarize
+from dtm_ray.loop.progress import ProbeWriter, Streaming
+from dtm_ray.loop.rounds import Probe, run_probes
+from dtm_ray.records.schemas import probe_ok_row
+from dtm_ray.records.store import RunStore
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,7 +116,7 @@ class NullPlan:
 
 
 class NullEngines:
-    """Stands in for `pool.Engines`: the same `pool` and `plan` attributes, over null actors."""
+    """Stands in for `rounds.JobEngines`: its `pool` and `plan` attributes, over null actors."""
 
     def __init__(self, pool: EnginePool) -> None:
         self.pool = pool

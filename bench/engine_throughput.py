@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtm_ray.compress import compress
-from dtm_ray.engines import Engine
-from dtm_ray.models import resolve_model
-from dtm_ray.prompts import load_prompts
+from dtm_ray.core.compress import compress
+from dtm_ray.engines.base import Engine
+from dtm_ray.engines.models import resolve_model
+from dtm_ray.engines.prompts import load_prompts
 
 EDIT_SPEC = "magnitude:0.5"
 EDIT_REPEATS = 5

@@ -43,12 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtm_ray.compress import compress
-from dtm_ray.engines.base import RESIDUAL_CACHE_BYTES, keep_freed_memory, token_stats
-from dtm_ray.metrics import first_divergent_token
-from dtm_ray.models import resolve_model
-from dtm_ray.prompts import load_prompts
-from dtm_ray.session import EngineSession
+from dtm_ray.core.compress import compress
+from dtm_ray.core.metrics import first_divergent_token
+from dtm_ray.engines.base import keep_freed_memory, token_stats
+from dtm_ray.engines.config import RESIDUAL_CACHE_BYTES
+from dtm_ray.engines.models import resolve_model
+from dtm_ray.engines.prompts import load_prompts
+from dtm_ray.engines.session import EngineSession
 
 KIND_NAMES = {"q": "self_attn.q_proj", "down": "mlp.down_proj", "up": "mlp.up_proj"}
 METHODS = ["naive", "single", "hf-full", "hf", "vllm-full", "vllm"]
@@ -155,7 +156,7 @@ def session_for(method: str, model_dir: Path, prompts: int, threads: int) -> Eng
 def timed_probe(session: EngineSession, name: str, spec: str, reference: Any) -> dict[str, Any]:
     """One probe through the session's public steps, each timed (the same steps as `probe`)."""
     parts = {k: Clock() for k in ("compress", "write", "score", "put_back")}
-    from dtm_ray.probe import score_against
+    from dtm_ray.engines.probe import score_against
 
     with parts["compress"]:
         weights = session.compressed({name: spec})

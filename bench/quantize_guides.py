@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 import ray
 
-from dtm_ray.config import load_job, plan_job
-from dtm_ray.driver import run_plan
+from dtm_ray.job.checks import plan_job
+from dtm_ray.job.spec import load_job
+from dtm_ray.loop.driver import run_plan
 
 
 def run(job_file: str, overrides: list[str], folder: Path) -> dict:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import ray
 
-from dtm_ray.config import load_job, plan_job
-from dtm_ray.driver import run_plan
+from dtm_ray.job.checks import plan_job
+from dtm_ray.job.spec import load_job
+from dtm_ray.loop.driver import run_plan
 
 VARIANTS = {
     "fdt": ["compress.guide=fdt", "compress.reference=current"],

@@ -15,13 +15,19 @@ typical use:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import signal
 import sys
 import tempfile
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-from dtm_ray import models
-from dtm_ray.config import ConfigError, EvaluateConfig, Plan, load_job, plan_job
+from dtm_ray.engines import models
+from dtm_ray.errors import UserError
+from dtm_ray.job.checks import Plan, plan_job
+from dtm_ray.job.spec import EvaluateConfig, load_job
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -41,7 +47,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     plan.retry_failed = not args.no_retry_failed
     job = plan.job
     if args.dry_run:
-        from dtm_ray.plan import estimate, flop_costs, format_estimate
+        from dtm_ray.loop.estimate import estimate, flop_costs, format_estimate
 
         texts = (job.prompts.source, job.evaluation.text)
         unread = sorted({text for text in texts if text.startswith("hf:")})
@@ -50,7 +56,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"not read in a dry run (the run reads them first): {', '.join(unread)}")
         print(format_estimate(plan, estimate(plan, flop_costs(plan))))
         return 0
-    from dtm_ray.driver import run_plan  # Ray starts only once the job is known to be good
+    from dtm_ray.loop.driver import run_plan  # Ray starts only once the job is known to be good
 
     # `kill` or a scheduler's timeout (SIGTERM) stops the run like Ctrl-C: the actors and a
     # Ray started here are shut down and the run dir's lease is released.
@@ -58,11 +64,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         run_plan(plan, verbose=args.verbose)
-    except ConfigError:
-        raise  # a run dir made by another job: a user error like the ones above
-    except (ValueError, FileNotFoundError) as err:
-        # Past validation, these are failures inside the run; keep their traceback.
-        raise RuntimeError(f"the run failed with {type(err).__name__}") from err
     except KeyboardInterrupt:
         print(
             f"dtm-ray: interrupted; run the same command again to resume {job.out}",
@@ -75,13 +76,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from dtm_ray.plan import calibrate, estimate, flop_costs, format_estimate
+    from dtm_ray.loop.estimate import calibrate, estimate, flop_costs, format_estimate
 
     plan = _load_plan(args)
     if args.no_calibrate:
         costs = flop_costs(plan, args.worker_tflops * 1e12 if args.worker_tflops else None)
     else:
-        from dtm_ray.logs import engine_logs
+        from dtm_ray.cluster.logs import engine_logs
 
         log_file = Path(tempfile.gettempdir()) / "dtm-ray-plan" / "engines.log"
         with engine_logs(log_file, args.verbose):
@@ -91,21 +92,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from dtm_ray.show import format_show, load_run
+    from dtm_ray.results.show import format_show, load_run
 
     print(format_show(load_run(args.run_dir), args.round, args.group, 0 if args.all else 15))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dtm_ray.report import write_report
+    from dtm_ray.results.report import write_report
 
     print(write_report(args.run_dir, args.out))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dtm_ray.export import export_run  # torch and safetensors load only for this command
+    from dtm_ray.results.export import (
+        export_run,  # torch and safetensors load only for this command
+    )
 
     print(export_run(args.run_dir, args.out))
     return 0
@@ -119,7 +122,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         num_fewshot=args.num_fewshot,
         batch_size=args.batch_size,
     )
-    from dtm_ray.tasks import evaluate_run, format_run_tasks  # Ray starts once the tasks are good
+    from dtm_ray.results.tasks import (  # Ray starts once the tasks are good
+        evaluate_run,
+        format_run_tasks,
+    )
 
     print(format_run_tasks(evaluate_run(args.run_dir, config)))
     return 0
@@ -140,6 +146,160 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help=f"one of: {', '.join(models.KNOWN_MODELS)}")
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_job_arguments(parser)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the job against the model's config and print the plan (FLOP estimate); "
+        "starts no Ray and loads no weights",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show the engines' output (vLLM, Ray, ...)"
+    )
+    parser.add_argument(
+        "--no-retry-failed",
+        action="store_true",
+        help="on resume, keep probes recorded failed as they are instead of running them again",
+    )
+
+
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_job_arguments(parser)
+    parser.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="estimate from FLOPs instead of timing one engine (no Ray, no weights loaded)",
+    )
+    parser.add_argument(
+        "--worker-tflops",
+        type=float,
+        help="throughput of one worker for --no-calibrate, in TFLOP/s "
+        "(default: 0.05 per CPU core, 100 per GPU)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show the engine's output")
+
+
+def _show_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory (local path or s3://, gs://)")
+    parser.add_argument(
+        "--round", type=int, help="the round whose components to list (default: last)"
+    )
+    parser.add_argument(
+        "--group", help="only this probe setting: a spec (int8) or added sparsity (+0.10)"
+    )
+    parser.add_argument("--all", action="store_true", help="list every component, not both ends")
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory (local path or s3://, gs://)")
+    parser.add_argument("--out", help="output folder (default: RUN_DIR/report; required for s3://)")
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory of a finished compressing run")
+    parser.add_argument("--out", help="output folder (default: RUN_DIR/export)")
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = {f.name: f for f in dataclasses.fields(EvaluateConfig)}
+    parser.add_argument("run_dir", help="run directory of a finished compressing run")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=defaults["tasks"].default_factory(),
+        help="lm-eval task names, task sets (facts, knowledge-qa, knowledge-mc, cloze, harness) "
+        "or local task YAML files (default: facts, shipped, offline)",
+    )
+    parser.add_argument("--backend", default=defaults["backend"].default, help="hf | vllm | auto")
+    parser.add_argument("--limit", type=int, help="examples per task (default: all)")
+    parser.add_argument("--num-fewshot", type=int, help="default: each task's own")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults["batch_size"].default,
+        help="lm-eval batch size (default: %(default)s)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None]
+    help: str
+    description: str
+
+
+# The subcommands, in the order `dtm-ray --help` lists them.
+COMMANDS = {
+    "model": Command(
+        _cmd_model,
+        _model_arguments,
+        "print the local folder of a known model (materialized on first use)",
+        "Print the Hugging Face folder of a model dtm-ray knows by name, converting it on first "
+        "use (from a weights file shipped in a Python package, no model hub needed). Job files "
+        "may name such a model instead of a folder.",
+    ),
+    "run": Command(
+        _cmd_run,
+        _run_arguments,
+        "run or resume a job: probe, compress round by round, evaluate, report",
+        "Run a job into its run directory, or resume it: finished probes and rounds are read "
+        "back, never redone. A compressing job ends with the final evaluation, export/ and "
+        "report/ (local run dirs). Progress and results go to the terminal; vLLM, transformers "
+        "and Ray output to RUN_DIR/logs/engines.log.",
+    ),
+    "plan": Command(
+        _cmd_plan,
+        _plan_arguments,
+        "estimate a job's rounds, probes, tokens and time before running it",
+        "Print probes per round, rounds expected, tokens to score and the estimated time per "
+        "round and in total for the job's workers. By default the costs come from a short "
+        "calibration on one engine actor (start-up, the reference, one probe); --no-calibrate "
+        "uses 2 x parameters FLOPs per token at a stated throughput instead.",
+    ),
+    "show": Command(
+        _cmd_show,
+        _show_arguments,
+        "print a run's tables: rounds, final result, components, failed probes",
+        "Print a run directory's tables in the terminal: one row per round (probes, failures, "
+        "noise floor, sparsity), the final result against the dense model, one round's "
+        "components by FDT@75 with 90% intervals, and failed probes. Works while the run is "
+        "still going.",
+    ),
+    "report": Command(
+        _cmd_report,
+        _report_arguments,
+        "write PNG plots and an HTML + Markdown report of a run",
+        "Write report.html, report.md and PNG plots (FDT@75 heatmaps per round, FDT against "
+        "sparsity or precision per kind, perplexity against FDT, compression per round) for a "
+        "run directory, finished or not. Runs with a local run dir get one automatically.",
+    ),
+    "export": Command(
+        _cmd_export,
+        _export_arguments,
+        "write a finished run's compressed model as a safetensors checkpoint",
+        "Write a finished compressing run's model as a Hugging Face safetensors checkpoint "
+        "(each component's chain replayed on its original weight), with sparsity_map.json, "
+        "precision_map.json and an llm-compressor recipe.yaml. Local runs get one at the end of "
+        "the run; s3:// or gs:// runs need --out.",
+    ),
+    "evaluate": Command(
+        _cmd_evaluate,
+        _evaluate_arguments,
+        "lm-eval tasks on a finished run's dense model and export: accuracy and flips",
+        "Run lm-eval-harness tasks on the dense model and on a finished run's export, as Ray "
+        "tasks sized like an engine worker, and write final/tasks/: per task its metric for "
+        "both models, the flips (share of examples whose answer changed) and the run's FDT@75 "
+        "beside them.",
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dtm-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -148,128 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show the traceback of an error, not just its line"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    model = commands.add_parser(
-        "model",
-        help="print the local folder of a known model (materialized on first use)",
-        description="Print the Hugging Face folder of a model dtm-ray knows by name, converting "
-        "it on first use (from a weights file shipped in a Python package, no model hub "
-        "needed). Job files may name such a model instead of a folder.",
-    )
-    model.add_argument("name", help=f"one of: {', '.join(models.KNOWN_MODELS)}")
-    model.set_defaults(func=_cmd_model)
-
-    run = commands.add_parser(
-        "run",
-        help="run or resume a job: probe, compress round by round, evaluate, report",
-        description="Run a job into its run directory, or resume it: finished probes and rounds "
-        "are read back, never redone. A compressing job ends with the final evaluation, "
-        "export/ and report/ (local run dirs). Progress and results go to the terminal; "
-        "vLLM, transformers and Ray output to RUN_DIR/logs/engines.log.",
-    )
-    _add_job_arguments(run)
-    run.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="validate the job against the model's config and print the plan (FLOP estimate); "
-        "starts no Ray and loads no weights",
-    )
-    run.add_argument(
-        "--verbose", action="store_true", help="also show the engines' output (vLLM, Ray, ...)"
-    )
-    run.add_argument(
-        "--no-retry-failed",
-        action="store_true",
-        help="on resume, keep probes recorded failed as they are instead of running them again",
-    )
-    run.set_defaults(func=_cmd_run)
-
-    plan = commands.add_parser(
-        "plan",
-        help="estimate a job's rounds, probes, tokens and time before running it",
-        description="Print probes per round, rounds expected, tokens to score and the estimated "
-        "time per round and in total for the job's workers. By default the costs come from a "
-        "short calibration on one engine actor (start-up, the reference, one probe); "
-        "--no-calibrate uses 2 x parameters FLOPs per token at a stated throughput instead.",
-    )
-    _add_job_arguments(plan)
-    plan.add_argument(
-        "--no-calibrate",
-        action="store_true",
-        help="estimate from FLOPs instead of timing one engine (no Ray, no weights loaded)",
-    )
-    plan.add_argument(
-        "--worker-tflops",
-        type=float,
-        help="throughput of one worker for --no-calibrate, in TFLOP/s "
-        "(default: 0.05 per CPU core, 100 per GPU)",
-    )
-    plan.add_argument("--verbose", action="store_true", help="show the engine's output")
-    plan.set_defaults(func=_cmd_plan)
-
-    show = commands.add_parser(
-        "show",
-        help="print a run's tables: rounds, final result, components, failed probes",
-        description="Print a run directory's tables in the terminal: one row per round (probes, "
-        "failures, noise floor, sparsity), the final result against the dense model, one "
-        "round's components by FDT@75 with 90%% intervals, and failed probes. Works while the "
-        "run is still going.",
-    )
-    show.add_argument("run_dir", help="run directory (local path or s3://, gs://)")
-    show.add_argument(
-        "--round", type=int, help="the round whose components to list (default: last)"
-    )
-    show.add_argument(
-        "--group", help="only this probe setting: a spec (int8) or added sparsity (+0.10)"
-    )
-    show.add_argument("--all", action="store_true", help="list every component, not both ends")
-    show.set_defaults(func=_cmd_show)
-
-    report = commands.add_parser(
-        "report",
-        help="write PNG plots and an HTML + Markdown report of a run",
-        description="Write report.html, report.md and PNG plots (FDT@75 heatmaps per round, FDT "
-        "against sparsity or precision per kind, perplexity against FDT, compression per round) "
-        "for a run directory, finished or not. Runs with a local run dir get one automatically.",
-    )
-    report.add_argument("run_dir", help="run directory (local path or s3://, gs://)")
-    report.add_argument("--out", help="output folder (default: RUN_DIR/report; required for s3://)")
-    report.set_defaults(func=_cmd_report)
-
-    export = commands.add_parser(
-        "export",
-        help="write a finished run's compressed model as a safetensors checkpoint",
-        description="Write a finished compressing run's model as a Hugging Face safetensors "
-        "checkpoint (each component's chain replayed on its original weight), with "
-        "sparsity_map.json, precision_map.json and an llm-compressor recipe.yaml. Local runs "
-        "get one at the end of the run; s3:// or gs:// runs need --out.",
-    )
-    export.add_argument("run_dir", help="run directory of a finished compressing run")
-    export.add_argument("--out", help="output folder (default: RUN_DIR/export)")
-    export.set_defaults(func=_cmd_export)
-
-    defaults = EvaluateConfig.__dataclass_fields__
-    evaluate = commands.add_parser(
-        "evaluate",
-        help="lm-eval tasks on a finished run's dense model and export: accuracy and flips",
-        description="Run lm-eval-harness tasks on the dense model and on a finished run's "
-        "export, as Ray tasks sized like an engine worker, and write final/tasks/: per task its "
-        "metric for both models, the flips (share of examples whose answer changed) and the "
-        "run's FDT@75 beside them.",
-    )
-    evaluate.add_argument("run_dir", help="run directory of a finished compressing run")
-    evaluate.add_argument(
-        "--tasks",
-        nargs="+",
-        default=["facts"],
-        help="lm-eval task names, task sets (facts, knowledge-qa, knowledge-mc, cloze, harness) "
-        "or local task YAML files (default: facts, shipped, offline)",
-    )
-    evaluate.add_argument("--backend", default=defaults["backend"].default, help="hf | vllm | auto")
-    evaluate.add_argument("--limit", type=int, help="examples per task (default: all)")
-    evaluate.add_argument("--num-fewshot", type=int, help="default: each task's own")
-    evaluate.add_argument("--batch-size", type=int, default=defaults["batch_size"].default)
-    evaluate.set_defaults(func=_cmd_evaluate)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.description)
+        command.arguments(sub)
+        sub.set_defaults(func=command.run)
     return parser
 
 
@@ -277,11 +319,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except UserError as err:
         if args.debug:
             raise
         print(f"dtm-ray: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, not a user mistake: say so, and keep the traceback
+        if args.debug:
+            raise
+        where = _save_traceback()
+        print(
+            f"dtm-ray: internal error: {type(err).__name__}: {_one_line(str(err))} "
+            f"(a bug; traceback in {where}, or run again with --debug)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _save_traceback() -> str:
+    """Write the current exception's traceback to a fresh file in the temp folder; its path."""
+    handle, path = tempfile.mkstemp(prefix="dtm-ray-traceback-", suffix=".txt")
+    with os.fdopen(handle, "w") as out:
+        traceback.print_exc(file=out)
+    return path
 
 
 def _one_line(message: str) -> str:

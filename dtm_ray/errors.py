@@ -1,7 +1,14 @@
-"""Errors that mean "the user asked for something wrong": reported as one line, no traceback."""
+"""Errors that mean "the user asked for something wrong": the CLI reports them as one line with
+exit code 2 and no traceback. Any other exception is a bug: the CLI says so in one line and
+keeps its traceback (see `dtm_ray.cli`)."""
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user gave (a job, a run directory, a name) is wrong; the message says what
+    and what was expected."""
+
+
+class ConfigError(UserError, ValueError):
     """A problem with the job file or run directory, reported before anything heavy starts."""
 
 

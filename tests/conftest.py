@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from dtm_ray.models import materialize
+    from dtm_ray.engines.models import materialize
 
     return materialize("smollm2-135m")
 

@@ -20,12 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dtm_ray import cli, pool
-from dtm_ray.config import load_job
-from dtm_ray.models import model_digest
-from dtm_ray.schemas import reference_table
-from dtm_ray.state import Reference
-from dtm_ray.store import RunStore
+from dtm_ray import cli
+from dtm_ray.cluster import pool
+from dtm_ray.core.state import Reference
+from dtm_ray.engines.models import model_digest
+from dtm_ray.job.spec import load_job
+from dtm_ray.records.schemas import reference_table
+from dtm_ray.records.store import RunStore
 
 BEFORE_RAY_S = 3.0  # in-process cases, all checked before Ray would start
 SUBPROCESS_S = 30.0  # the installed command pays for importing the package in a fresh process
@@ -292,7 +293,7 @@ def warm(tiny_llama_dir: Path) -> Path:
     process's first imports (the subprocess cases below pay those)."""
     from transformers import AutoTokenizer
 
-    import dtm_ray.driver  # noqa: F401
+    import dtm_ray.loop.driver  # noqa: F401
 
     AutoTokenizer.from_pretrained(tiny_llama_dir)
     return tiny_llama_dir

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dtm_ray import cli, driver
+from dtm_ray import cli
+from dtm_ray.loop import driver
 
 
 def write_job(folder: Path, job: dict) -> Path:
@@ -188,8 +189,8 @@ def test_invalid_yaml_is_one_line(tmp_path: Path, capsys, no_orchestration) -> N
 def test_a_run_dir_made_by_another_job_is_refused_in_one_line(
     tiny_llama_dir: Path, tmp_path: Path, capsys
 ) -> None:
-    from dtm_ray.config import load_job
-    from dtm_ray.store import RunStore
+    from dtm_ray.job.spec import load_job
+    from dtm_ray.records.store import RunStore
 
     out = tmp_path / "run"
     job = write_job(tmp_path, tiny(tiny_llama_dir, out=str(out)))

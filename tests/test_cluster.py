@@ -292,7 +292,7 @@ AUTOSCALE_DRIVER = textwrap.dedent(
     import json, sys, time
     import ray
     from dtm_ray.engines import EngineConfig
-    from dtm_ray.actor import start_engine_actors
+    from dtm_ray.cluster.actor import start_engine_actors
 
     address, model_dir, n_actors = sys.argv[1], sys.argv[2], int(sys.argv[3])
     ray.init(address=address, log_to_driver=False)

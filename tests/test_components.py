@@ -1,12 +1,12 @@
 import pytest
 
-from dtm_ray.components import (
+from dtm_ray.core.components import (
     KINDS,
     UnsupportedArchitecture,
     components_from_config,
-    load_components,
     select,
 )
+from dtm_ray.engines.models import load_components
 
 LLAMA_7B = {
     "architectures": ["LlamaForCausalLM"],

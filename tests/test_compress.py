@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dtm_ray.compress import Spec, check_applicable, compress, parse_spec
+from dtm_ray.core.compress import compress
+from dtm_ray.core.specs import Spec, check_applicable, parse_spec
 
 ALL_SPECS = [
     "magnitude:0.5",

@@ -20,8 +20,9 @@ import torch
 import yaml
 from transformers_check import dense_reference, first_divergence, free_running_greedy
 
-from dtm_ray.config import load_job, plan_job
-from dtm_ray.driver import run_plan
+from dtm_ray.job.checks import plan_job
+from dtm_ray.job.spec import load_job
+from dtm_ray.loop.driver import run_plan
 
 TARGET = 0.3
 

@@ -7,7 +7,7 @@ import math
 import pyarrow as pa
 import pytest
 
-from dtm_ray.decisions.quantize import (
+from dtm_ray.core.decisions.quantize import (
     SearchStep,
     bits_per_parameter,
     candidate_sets,

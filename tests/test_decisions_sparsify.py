@@ -7,7 +7,7 @@ import math
 import pyarrow as pa
 import pytest
 
-from dtm_ray.decisions.sparsify import (
+from dtm_ray.core.decisions.sparsify import (
     Candidate,
     absolute_sparsity,
     candidates_from_table,

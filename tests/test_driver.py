@@ -18,14 +18,17 @@ import pytest
 import torch
 import yaml
 
-from dtm_ray.components import Component
-from dtm_ray.compress import compress
-from dtm_ray.config import ConfigError, Plan, load_job, plan_job
-from dtm_ray.driver import run_plan
+from dtm_ray.core.components import Component
+from dtm_ray.core.compress import compress
 from dtm_ray.engines.hf import HFEngine
-from dtm_ray.probe import build_reference, run_probe, score_against
-from dtm_ray.schemas import probe_keys, reference_from_table
-from dtm_ray.store import RunStore
+from dtm_ray.engines.probe import build_reference, run_probe, score_against
+from dtm_ray.errors import ConfigError
+from dtm_ray.job.checks import Plan, plan_job
+from dtm_ray.job.spec import load_job
+from dtm_ray.loop.driver import run_plan
+from dtm_ray.loop.progress import Streaming
+from dtm_ray.records.schemas import probe_keys, reference_from_table
+from dtm_ray.records.store import RunStore
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 ALL_KINDS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -224,9 +227,9 @@ def test_an_actor_scores_against_the_reference_each_call_brings(
     the actor must score against the new one, not a reference it saw before."""
     import ray
 
-    from dtm_ray.actor import RoundContext, start_engine_actors
+    from dtm_ray.cluster.actor import RoundContext, start_engine_actors
+    from dtm_ray.core.state import Link, ModelState
     from dtm_ray.engines import EngineConfig
-    from dtm_ray.state import Link, ModelState
 
     q0 = "model.layers.0.self_attn.q_proj.weight"
     down1 = "model.layers.1.mlp.down_proj.weight"
@@ -277,7 +280,7 @@ def test_a_killed_engine_actor_is_restarted_and_no_probe_is_lost(
 
     killer = threading.Thread(target=kill_one_actor_mid_run, daemon=True)
     killer.start()
-    run_plan(plan, flush_every=2, print_summary=False)
+    run_plan(plan, Streaming(flush_every=2), print_summary=False)
     killer.join(timeout=5)
 
     assert killed, "no actor was killed"

@@ -24,10 +24,11 @@ from safetensors.torch import load_file
 from transformers_check import dense_reference, first_divergence, free_running_greedy
 
 from dtm_ray.cli import main
-from dtm_ray.config import load_job, plan_job
-from dtm_ray.driver import run_plan
-from dtm_ray.schemas import STATE_SCHEMA
-from dtm_ray.store import RunStore
+from dtm_ray.job.checks import plan_job
+from dtm_ray.job.spec import load_job
+from dtm_ray.loop.driver import run_plan
+from dtm_ray.records.schemas import STATE_SCHEMA
+from dtm_ray.records.store import RunStore
 
 N_NEW = 16
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dtm_ray.compress import compress
-from dtm_ray.engines import Engine
-from dtm_ray.engines.base import keep_freed_memory
+from dtm_ray.core.compress import compress
+from dtm_ray.engines.base import Engine, keep_freed_memory
 from dtm_ray.engines.hf import HFEngine
 
 

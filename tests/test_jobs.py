@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from dtm_ray import cli
-from dtm_ray.config import (
+from dtm_ray.job.checks import plan_job
+from dtm_ray.job.spec import (
     ENGINE_OPTION_KEYS,
     CompressConfig,
     EvaluationConfig,
@@ -21,9 +22,8 @@ from dtm_ray.config import (
     ProbeConfig,
     PromptsConfig,
     load_job,
-    plan_job,
 )
-from dtm_ray.plan import schedule, sparsify_steps, tokens_scored
+from dtm_ray.loop.estimate import schedule, sparsify_steps, tokens_scored
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))

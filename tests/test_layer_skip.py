@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dtm_ray.compress import compress
+from dtm_ray.core.compress import compress
+from dtm_ray.core.state import Link, ModelState
 from dtm_ray.engines.hf import HFEngine
-from dtm_ray.probe import build_reference
-from dtm_ray.session import EngineSession
-from dtm_ray.state import Link, ModelState
+from dtm_ray.engines.probe import build_reference
+from dtm_ray.engines.session import EngineSession
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtm_ray.metrics import (
+from dtm_ray.core.metrics import (
     fdt_at,
     fdt_at_interval,
     first_divergent_token,

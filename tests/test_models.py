@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from dtm_ray import models
+from dtm_ray.engines import models
+from dtm_ray.errors import ConfigError
 
 
 def test_smollm2_materializes_as_hf_folder(smollm2_dir):
@@ -34,7 +35,7 @@ def test_unknown_model_is_a_clear_error(capsys):
 
 def test_resolve_model(tmp_path, smollm2_dir):
     assert models.resolve_model(str(smollm2_dir)) == smollm2_dir
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ConfigError, match="no config.json"):
         models.resolve_model(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="neither a local folder"):
+    with pytest.raises(ConfigError, match="neither a local folder"):
         models.resolve_model("no-such-model")

@@ -13,11 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers_check import free_running_greedy
 
-from dtm_ray.compress import compress
+from dtm_ray.core.compress import compress
+from dtm_ray.core.metrics import first_divergent_token
 from dtm_ray.engines.hf import HFEngine
-from dtm_ray.metrics import first_divergent_token
-from dtm_ray.probe import build_reference, run_probe
-from dtm_ray.prompts import load_prompts
+from dtm_ray.engines.probe import build_reference, run_probe
+from dtm_ray.engines.prompts import load_prompts
 
 FULL = os.environ.get("DTM_RAY_ACCEPTANCE") == "full"
 PROMPTS, PREFIX, NEW = (32, 32, 64) if FULL else (16, 32, 32)

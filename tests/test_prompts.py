@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dtm_ray.engines.hf import HFEngine
-from dtm_ray.prompts import (
+from dtm_ray.engines.prompts import (
     check_source,
     cut_calibration,
     cut_prefixes,

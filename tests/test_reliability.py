@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from dtm_ray.actor import EngineActor, RoundContext
-from dtm_ray.config import load_job, plan_job
-from dtm_ray.pool import Engines
-from dtm_ray.progress import Streaming
-from dtm_ray.rounds import Probe, build_reference, run_probes
-from dtm_ray.state import ModelState
-from dtm_ray.store import RunStore
+from dtm_ray.cluster.actor import EngineActor, RoundContext
+from dtm_ray.core.state import ModelState
+from dtm_ray.job.checks import plan_job
+from dtm_ray.job.spec import load_job
+from dtm_ray.loop.progress import Streaming
+from dtm_ray.loop.rounds import JobEngines, Probe, build_reference, run_probes
+from dtm_ray.records.store import RunStore
 
 POISON = "model.layers.0.self_attn.k_proj.weight"
 
@@ -94,7 +94,7 @@ def test_a_probe_that_kills_its_actor_is_recorded_failed_and_the_others_finish(
     out = tmp_path / "run"
     plan = plan_job(load_job(write_job(tmp_path, tiny_llama_dir, out, max_probe_crashes=2)))
     store = RunStore(str(out))
-    engines = Engines(plan, 1, actor_class=PoisonActor)
+    engines = JobEngines(plan, 1, actor_class=PoisonActor)
     start = time.monotonic()
     try:
         reference = build_reference(engines, store, plan.job, 0, ModelState())
@@ -174,7 +174,7 @@ def test_a_lease_of_another_host_is_refused_while_fresh_and_taken_over_when_stal
     import json
 
     from dtm_ray.errors import ConfigError
-    from dtm_ray.lease import LEASE_FILE, RunLease
+    from dtm_ray.records.lease import LEASE_FILE, RunLease
 
     store = RunStore(str(tmp_path / "run"))
     holder = {"host": "elsewhere", "pid": 1, "token": "theirs", "heartbeat": time.time()}
@@ -200,8 +200,8 @@ def test_a_resume_whose_actors_resolve_another_dtype_is_refused(
     import json
     import shutil
 
-    from dtm_ray.driver import run_plan
     from dtm_ray.errors import ConfigError
+    from dtm_ray.loop.driver import run_plan
 
     out = tmp_path / "run"
     job = write_job(
@@ -227,8 +227,8 @@ def test_an_actor_that_cannot_load_the_model_ends_the_run_in_one_line(
 ) -> None:
     import shutil
 
-    from dtm_ray.driver import run_plan
     from dtm_ray.errors import StartupError
+    from dtm_ray.loop.driver import run_plan
 
     broken = tmp_path / "model"
     broken.mkdir()
@@ -280,7 +280,7 @@ def test_failed_probes_run_again_on_resume_and_keep_counting_their_tries(tmp_pat
 
 
 def test_the_fingerprint_changes_with_what_a_run_measures_only(tmp_path: Path) -> None:
-    from dtm_ray.config import config_fingerprint
+    from dtm_ray.job.resume import config_fingerprint
 
     job = load_job(write_job(tmp_path, Path("smollm2-135m"), tmp_path / "r")).to_dict()
     same = {**job, "workers": 4, "out": "elsewhere", "startup_timeout_s": 5}
@@ -289,8 +289,8 @@ def test_the_fingerprint_changes_with_what_a_run_measures_only(tmp_path: Path) -
 
 
 def test_a_run_dir_as_prompt_source_gives_its_prompts(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from dtm_ray.schemas import reference_table
-    from dtm_ray.state import Reference
+    from dtm_ray.core.state import Reference
+    from dtm_ray.records.schemas import reference_table
 
     first = tmp_path / "first"
     store = RunStore(str(first))

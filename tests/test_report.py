@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dtm_ray.logs import EngineLog, local_log_dir
+from dtm_ray.cluster.logs import EngineLog, local_log_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from dtm_ray.compress import compress
+from dtm_ray.core.compress import compress
+from dtm_ray.core.metrics import first_divergent_token
+from dtm_ray.core.state import Link, ModelState
 from dtm_ray.engines.hf import HFEngine
-from dtm_ray.metrics import first_divergent_token
-from dtm_ray.probe import build_reference, run_probe
-from dtm_ray.session import EngineBroken, EngineSession
-from dtm_ray.state import Link, ModelState
+from dtm_ray.engines.probe import build_reference, run_probe
+from dtm_ray.engines.session import EngineBroken, EngineSession
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 DOWN1 = "model.layers.1.mlp.down_proj.weight"

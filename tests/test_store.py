@@ -9,11 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dtm_ray import store as store_module
-from dtm_ray.config import ConfigError, JobConfig, check_same_config, config_differences
-from dtm_ray.schemas import reference_from_table, reference_table
-from dtm_ray.state import Reference
-from dtm_ray.store import RunStore
+from dtm_ray.core.state import Reference
+from dtm_ray.errors import ConfigError
+from dtm_ray.job.resume import check_same_config, config_differences
+from dtm_ray.job.spec import JobConfig
+from dtm_ray.records import store as store_module
+from dtm_ray.records.schemas import reference_from_table, reference_table
+from dtm_ray.records.store import RunStore
 
 
 def probe_row(

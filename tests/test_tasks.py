@@ -1,4 +1,4 @@
-"""lm-eval tasks on the dense model and a run's export (`dtm_ray.tasks`, `final/tasks/`).
+"""lm-eval tasks on the dense model and a run's export (`dtm_ray.results.tasks`, `final/tasks/`).
 
 The end-to-end test runs a real compressing job with an `evaluate:` section (real Ray, real
 lm-eval, the shipped task set) and recomputes the flips from the per-example files lm-eval wrote.
@@ -17,22 +17,21 @@ import pytest
 import yaml
 
 from dtm_ray.cli import main
-from dtm_ray.config import ConfigError, EvaluateConfig, load_job, plan_job
-from dtm_ray.driver import run_plan
-from dtm_ray.tasks import (
+from dtm_ray.errors import ConfigError
+from dtm_ray.job.checks import plan_job
+from dtm_ray.job.spec import EvaluateConfig, load_job
+from dtm_ray.job.tasks import (
     LOCAL_TASKS,
     TASK_DIR,
     TASK_SETS,
-    choose_backend,
     expand_tasks,
-    flips,
-    lm_eval_model,
     load_task_yaml,
-    plot_tasks,
     registered_tasks,
     resolve_tasks,
-    tasks_markdown,
 )
+from dtm_ray.loop.driver import run_plan
+from dtm_ray.results.task_compare import plot_tasks, tasks_markdown
+from dtm_ray.results.tasks import choose_backend, flips, lm_eval_model
 
 
 # --- task names and local files ----------------------------------------------------------------
@@ -75,7 +74,7 @@ def test_lm_eval_task_names_are_checked_against_its_registry():
     assert resolved[0] == "arc_easy"
     assert [t["task"] for t in resolved[1:]] == ["dtm_facts_mc", "dtm_facts_cloze"]
     with pytest.raises(ConfigError, match="task 'arc_eazy' unknown"):
-        EvaluateConfig(tasks=["arc_eazy"])
+        resolve_tasks(["arc_eazy"])
     # Every named set resolves (its lm-eval tasks exist in this lm-eval) and shadows no task.
     assert len(resolve_tasks(list(TASK_SETS))) == sum(len(t) for t in TASK_SETS.values())
     assert not set(TASK_SETS) & registered_tasks()
@@ -84,7 +83,7 @@ def test_lm_eval_task_names_are_checked_against_its_registry():
 def test_a_missing_lm_eval_is_one_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` sees uninstalled
     with pytest.raises(ConfigError, match=r"needs lm-eval-harness .*pip install 'dtm-ray\[eval\]'"):
-        EvaluateConfig(tasks=["facts"])
+        resolve_tasks(["facts"])
 
 
 def test_job_and_cli_report_task_mistakes_in_one_line(tmp_path: Path, capsys):
@@ -92,13 +91,15 @@ def test_job_and_cli_report_task_mistakes_in_one_line(tmp_path: Path, capsys):
     base = {"model": "smollm2-135m", "compress": {"target_sparsity": 0.2}}
     job.write_text(yaml.safe_dump({**base, "evaluate": {"tasks": ["facts", "no_such_task"]}}))
     with pytest.raises(ConfigError, match="task 'no_such_task' unknown"):
-        load_job(job)
+        plan_job(load_job(job))  # task names are checked with the model, before any actor
     job.write_text(yaml.safe_dump({"model": "smollm2-135m", "evaluate": {}}))
     with pytest.raises(ConfigError, match="needs a compress: section"):
         load_job(job)
     job.write_text(yaml.safe_dump({**base, "evaluate": {"backend": "tgi"}}))
     with pytest.raises(ConfigError, match="evaluate.backend 'tgi' unknown"):
         load_job(job)
+    with pytest.raises(ConfigError, match="evaluate.tasks must be a non-empty list"):
+        EvaluateConfig(tasks=[])
 
     assert main(["evaluate", str(tmp_path), "--tasks", "missing.yaml"]) == 2
     err = capsys.readouterr().err
@@ -206,7 +207,7 @@ def test_a_job_with_evaluate_writes_tasks_whose_flips_match_lm_evals_samples(
 @pytest.mark.slow
 def test_smollm2_answers_the_shipped_facts_often(smollm2_dir: Path):
     """The shipped set is informative for a 135M model: well above chance, below perfect."""
-    from dtm_ray.tasks import evaluate_model
+    from dtm_ray.results.tasks import evaluate_model
 
     model, args = lm_eval_model("hf", str(smollm2_dir), "float32", {"CPU": 1}, {})
     result = evaluate_model(model, args, resolve_tasks(["facts"]), 12, None, 16)

@@ -15,12 +15,12 @@ pytest.importorskip("vllm")
 
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
-from dtm_ray.compress import compress  # noqa: E402
-from dtm_ray.engines import Engine  # noqa: E402
+from dtm_ray.core.compress import compress  # noqa: E402
+from dtm_ray.core.metrics import first_divergent_token, share_of_divergent_tokens  # noqa: E402
+from dtm_ray.engines.base import Engine  # noqa: E402
 from dtm_ray.engines.hf import HFEngine  # noqa: E402
+from dtm_ray.engines.prompts import load_prompts  # noqa: E402
 from dtm_ray.engines.vllm import VLLMEngine, _full_input_norm  # noqa: E402
-from dtm_ray.metrics import first_divergent_token, share_of_divergent_tokens  # noqa: E402
-from dtm_ray.prompts import load_prompts  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -10,7 +10,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from dtm_ray.engines.config import DTYPE_NAMES
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -29,10 +31,6 @@ def continuation_length(sequences: Sequence[Sequence[int]], n_prefix: int) -> in
     if n_prefix < 1 or n_new < 1:
         raise ValueError(f"n_prefix={n_prefix} must leave >= 1 prefix and continuation token")
     return n_new
-
-
-# Layer skip: the bytes an engine may spend keeping the current model's residual stream.
-RESIDUAL_CACHE_BYTES = 2 << 30
 
 
 def residual_stride(per_layer_bytes: int, layers: int, budget: int) -> int:

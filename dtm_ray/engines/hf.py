@@ -22,7 +22,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dtm_ray.engines.base import (
-    RESIDUAL_CACHE_BYTES,
     ScoreResult,
     continuation_length,
     keep_freed_memory,
@@ -30,6 +29,7 @@ from dtm_ray.engines.base import (
     token_stats,
     torch_dtype,
 )
+from dtm_ray.engines.config import RESIDUAL_CACHE_BYTES
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -26,21 +26,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtm_ray.engines import DEFAULT_MAX_MODEL_LEN
 from dtm_ray.engines.base import (
-    RESIDUAL_CACHE_BYTES,
     ScoreResult,
     continuation_length,
     keep_freed_memory,
     residual_stride,
     torch_dtype,
 )
+from dtm_ray.engines.config import (
+    CPU_KV_CACHE_BYTES,
+    DEFAULT_MAX_MODEL_LEN,
+    ORIGINAL_CACHE_BYTES,
+    RESIDUAL_CACHE_BYTES,
+)
 
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
 
-_GIB = 1 << 30
-_CPU_KV_CACHE_BYTES = 1 * _GIB  # CPU only: vLLM's memory check fails on small VMs without it
-_ORIGINAL_CACHE_BYTES = 2 * _GIB
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -123,7 +124,7 @@ def _cpu_env_defaults() -> None:
     # the model, and entry scripts need no `if __name__ == "__main__"` guard.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # vLLM writes compile caches and model info under ~/.cache/vllm otherwise.
-    from dtm_ray.models import cache_dir
+    from dtm_ray.engines.models import cache_dir
 
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir().parent / "vllm"))
 
@@ -165,9 +166,11 @@ def _kv_bytes_per_token(config: dict[str, Any], dtype: torch.dtype) -> int:
     return 2 * layers * kv_heads * head_dim * itemsize
 
 
-def _cpu_kv_cache_bytes(config: dict[str, Any], dtype: torch.dtype, max_model_len: int) -> int:
+def _cpu_kv_cache_bytes(
+    config: dict[str, Any], dtype: torch.dtype, max_model_len: int, budget: int
+) -> int:
     # At least two full-length sequences, so a big model's start-up check still passes.
-    return max(_CPU_KV_CACHE_BYTES, 2 * max_model_len * _kv_bytes_per_token(config, dtype))
+    return max(budget, 2 * max_model_len * _kv_bytes_per_token(config, dtype))
 
 
 def _default_max_model_len(config: dict[str, Any]) -> int:
@@ -258,8 +261,8 @@ class VLLMEngine:
     """A vLLM `LLM` plus in-place weight edits through the worker extension.
 
     `enforce_eager=None` means eager on CPU and CUDA graphs on GPU. Extra keyword options:
-    `kv_cache_memory_bytes` (default on CPU: 1 GiB or two full-length sequences, whichever is
-    larger; on GPU vLLM sizes it from `gpu_memory_utilization`),
+    `cpu_kv_cache_bytes` (the KV cache on CPU: this budget or two full-length sequences,
+    whichever is larger; on GPU vLLM sizes it from `gpu_memory_utilization`),
     `distributed_executor_backend` (default "mp" when tensor_parallel_size > 1: vLLM would pick
     "ray" inside a Ray placement group), `cpu_threads` (torch threads while vLLM runs on CPU;
     default OMP_NUM_THREADS if set, else 1), `seed`, `original_cache_bytes` (LRU of checkpoint
@@ -275,11 +278,11 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         enforce_eager: bool | None = None,
         *,
-        kv_cache_memory_bytes: int | None = None,
+        cpu_kv_cache_bytes: int = CPU_KV_CACHE_BYTES,
         distributed_executor_backend: str | None = None,
         cpu_threads: int | None = None,
         seed: int = 0,
-        original_cache_bytes: int = _ORIGINAL_CACHE_BYTES,
+        original_cache_bytes: int = ORIGINAL_CACHE_BYTES,
         residual_cache_bytes: int = RESIDUAL_CACHE_BYTES,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -302,7 +305,7 @@ class VLLMEngine:
             **self._device_kwargs(
                 config,
                 enforce_eager,
-                kv_cache_memory_bytes,
+                cpu_kv_cache_bytes,
                 distributed_executor_backend,
                 tensor_parallel_size,
             ),
@@ -357,7 +360,7 @@ class VLLMEngine:
         self,
         config: dict[str, Any],
         enforce_eager: bool | None,
-        kv_cache_memory_bytes: int | None,
+        cpu_kv_cache_bytes: int,
         backend: str | None,
         tensor_parallel_size: int,
     ) -> dict[str, Any]:
@@ -368,11 +371,9 @@ class VLLMEngine:
         kwargs["enforce_eager"] = self.on_cpu if enforce_eager is None else enforce_eager
         if self.on_cpu:
             _cpu_env_defaults()
-            kv_cache_memory_bytes = kv_cache_memory_bytes or _cpu_kv_cache_bytes(
-                config, torch_dtype(self.dtype), self.max_model_len
+            kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(
+                config, torch_dtype(self.dtype), self.max_model_len, cpu_kv_cache_bytes
             )
-        if kv_cache_memory_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if backend is None and tensor_parallel_size > 1:
             backend = "mp"  # inside a Ray placement group vLLM would pick "ray"
         if backend is not None:

@@ -1,0 +1,210 @@
+"""The Ray engine actor: one loaded model serving many calls. It only forwards to its session.
+
+Create actors with `start_engine_actors`. Fault tolerance: actors are created with
+`max_restarts=-1` and a bounded `max_task_retries`, so when an actor's process dies Ray restarts
+it (the constructor loads the model again) and re-runs its queued calls; the probe fan-out counts
+crashes per probe itself (`dtm_ray.cluster.pool`). Every call carries what it needs
+(the round's `RoundContext`, or the state to score), so a fresh actor brings itself up to date
+before it answers. When the session reports its weights unknown (`EngineBroken`), the actor kills
+its own process: Ray then restarts it clean instead of letting it score a half-patched model.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dtm_ray.core.state import ModelState, Reference
+from dtm_ray.engines import EngineConfig, make_engine, resolve_dtype
+from dtm_ray.engines.models import resolve_model
+from dtm_ray.engines.probe import ProbeResult
+from dtm_ray.engines.prompts import load_calibration, load_prompts
+from dtm_ray.engines.session import EngineBroken, EngineSession
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """Everything an actor needs to score probes of one round; shipped once via the object store.
+
+    `stats` are the round's calibration input norms (wanda), so every actor compresses a probe
+    with the same statistics the decision will commit.
+    """
+
+    round: int
+    state: ModelState
+    reference: Reference
+    stats: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Scored:
+    result: ProbeResult
+    worker: str
+
+
+class EngineActor:
+    def __init__(
+        self, model: str, engine_config: EngineConfig, index: int = 0, threads: int | None = None
+    ) -> None:
+        if threads:
+            # Ray workers may inherit a thread count sized for the whole node; several engines
+            # on one CPU box each spinning that many threads thrash (measured ~50x for vLLM).
+            import torch
+
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
+        _quiet_transformers()
+        self.model_dir = resolve_model(model)
+        self.engine_kind = engine_config.kind
+        self.dtype = resolve_dtype(engine_config.dtype)  # what `auto` means on this actor's device
+        self.session = EngineSession(
+            make_engine(self.model_dir, engine_config), engine_config.state_cache_bytes
+        )
+        self.worker = f"engine-{index}@{socket.gethostname()}:{os.getpid()}"
+
+    def _guarded(self, call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except EngineBroken as err:
+            print(f"dtm-ray: {self.worker}: {err}; restarting this actor", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(1)  # a crash, not a clean exit, so that Ray restarts the actor
+
+    # --- remote methods ---------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Who this actor is and what it runs on, recorded in run.json and checked on resume."""
+        import platform
+
+        import ray
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        hardware = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "gpus": gpus}
+        return {
+            "worker": self.worker,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "engine": self.engine_kind,
+            "dtype": self.dtype,
+            "hardware": hardware,
+        }
+
+    def load_prompts(self, source: str, count: int, prefix_tokens: int, seed: int) -> np.ndarray:
+        return load_prompts(source, self.model_dir, count, prefix_tokens, self.session.engine, seed)
+
+    def load_calibration(
+        self, source: str, count: int, length: int, scored: tuple[int, int], seed: int
+    ) -> np.ndarray:
+        """Calibration sequences disjoint from the scored prompts, `scored` = (count, tokens)."""
+        engine = self.session.engine
+        return load_calibration(source, self.model_dir, count, length, *scored, engine, seed)
+
+    def build_reference(self, prefixes: np.ndarray, state: ModelState, n_new: int) -> Reference:
+        self._guarded(self.session.apply_state, state)
+        return self.session.build_reference(prefixes, n_new)
+
+    def score(self, state: ModelState, reference: Reference) -> ProbeResult:
+        self._guarded(self.session.apply_state, state)
+        return self.session.score(reference)
+
+    def input_norms(
+        self, state: ModelState, sequences: np.ndarray, names: list[str]
+    ) -> dict[str, np.ndarray]:
+        self._guarded(self.session.apply_state, state)
+        return self.session.input_norms(sequences, names)
+
+    def text_nll(self, state: ModelState, windows: np.ndarray) -> np.ndarray:
+        self._guarded(self.session.apply_state, state)
+        return self.session.text_nll(windows)
+
+    def zero_shares(self, state: ModelState, names: list[str]) -> dict[str, tuple[float, int]]:
+        self._guarded(self.session.apply_state, state)
+        return self.session.zero_shares(names)
+
+    def dtype_of(self, component: str) -> tuple[int, str]:
+        """(bytes per value, dtype name) of the weights as this engine holds them."""
+        return self.session.itemsize(component), self.session.dtype_name(component)
+
+    def probe(self, delta: Mapping[str, str], context: RoundContext) -> Scored:
+        """Score the round's state plus `delta` against the round's reference.
+
+        Nothing of the round is cached here: the state is applied (a no-op when the session
+        holds it already, whatever other calls did in between) and the reference and
+        statistics come with the call, so a changed reference can never be missed.
+        """
+        self._guarded(self.session.apply_state, context.state)
+        result = self._guarded(self.session.probe, delta, context.reference, context.stats)
+        return Scored(result, self.worker)
+
+
+def _quiet_transformers() -> None:
+    # Load-time progress bars from every actor would be forwarded into the driver's output.
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+# --- creating actors -----------------------------------------------------------------------------
+def cpu_threads(resources: Mapping[str, float]) -> int | None:
+    """Threads for an engine on CPU: its CPU share (at least 1); None when it has a GPU."""
+    if resources.get("GPU", 0) > 0:
+        return None
+    return max(1, int(resources.get("CPU", 1)))
+
+
+# Calls other than the pool's fan-out are re-run by Ray when their actor restarts, this often.
+CALL_RETRIES = 3
+
+
+def engine_actor_options(
+    resources: Mapping[str, float], call_retries: int = CALL_RETRIES
+) -> dict[str, Any]:
+    """`.options(...)` for an EngineActor holding `resources` ({GPU: 1}, {CPU: 1}, custom...).
+
+    A dead actor is always restarted; a call it was running or held queued is re-run up to
+    `call_retries` times (bounded: a call that kills its actor every time must end). The probe
+    fan-out submits with no retries and counts crashes itself (`dtm_ray.cluster.pool`)."""
+    custom = {k: float(v) for k, v in resources.items() if k not in ("CPU", "GPU")}
+    options: dict[str, Any] = {"max_restarts": -1, "max_task_retries": call_retries}
+    if "CPU" in resources:
+        options["num_cpus"] = resources["CPU"]
+    if "GPU" in resources:
+        options["num_gpus"] = resources["GPU"]
+    if custom:
+        options["resources"] = custom
+    # vLLM's per-engine INFO lines would be forwarded from every actor into the driver's output.
+    env_vars = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    threads = cpu_threads(resources)
+    if threads:
+        env_vars["OMP_NUM_THREADS"] = str(threads)
+    options["runtime_env"] = {"env_vars": env_vars}
+    return options
+
+
+def start_engine_actors(
+    model: str,
+    engine_config: EngineConfig,
+    count: int,
+    resources: Mapping[str, float],
+    actor_class: type | None = None,
+    call_retries: int = CALL_RETRIES,
+) -> list[Any]:
+    """`count` actors of `actor_class` (EngineActor or a subclass), each holding `resources`;
+    they load the model in the background."""
+    import ray
+
+    options = engine_actor_options(resources, call_retries)
+    actor_class = ray.remote(actor_class or EngineActor).options(**options)
+    threads = cpu_threads(resources)
+    return [actor_class.remote(model, engine_config, i, threads) for i in range(count)]

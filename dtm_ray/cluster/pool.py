@@ -1,0 +1,406 @@
+"""A pool of engine actors: broadcast a call, split work across actors, and fan out many small
+tasks with a bounded number in flight per actor and retries for tasks that fail on their own.
+`Engines` starts a job's pool on first use, so work read back from a run directory starts none.
+
+A task that raises inside the actor (a `RayTaskError`) is the task's own failure: it is retried
+up to `max_retries` times, then reported failed with the error. When an actor dies under a fan-out
+task, Ray restarts the actor and the pool runs the task again, up to `max_crashes` times: a probe
+that kills its actor every time (a poison probe) is then reported failed and the others go on.
+The calls queued behind it on the same actor were not run and are resubmitted without blame.
+
+Starting actors is watched: while they wait to be placed the pool says which resources are
+missing and what the cluster offers, and gives up after `startup_timeout_s`; an actor that
+cannot start (its constructor raised: the model does not fit, or is missing) ends the run with
+one line naming the actor, its node and the cause (`StartupError`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+from dtm_ray.cluster.actor import EngineActor, start_engine_actors
+from dtm_ray.cluster.logs import take_over_ray_output
+from dtm_ray.engines.config import EngineConfig
+from dtm_ray.errors import StartupError
+from dtm_ray.log import log
+
+# While actors wait to start: the first report after this many seconds, then one every REPORT_S.
+FIRST_REPORT_S = 3.0
+REPORT_S = 15.0
+
+
+@dataclass
+class Task:
+    key: Hashable
+    args: tuple  # positional arguments of the actor method
+    attempts: int = 0  # tries that ran in this call, retries and crashes included
+    crashes: int = 0  # tries whose actor died under them
+    earlier: int = 0  # tries spent by earlier runs (a failed probe run again on resume)
+
+    @property
+    def tries(self) -> int:
+        return self.earlier + self.attempts
+
+
+@dataclass
+class Outcome:
+    task: Task
+    value: Any = None  # the method's return value when ok
+    error: str | None = None  # the error text when the task failed for good
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_text(err: Exception) -> str:
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"
+    lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def actor_failure(err: RayActorError, name: str, starting: bool = False) -> str:
+    """One line: which actor, on which node, and why (the last line of its traceback)."""
+    text = _ANSI.sub("", str(err))
+    node = re.search(r"\bip=([0-9a-fA-F.:]+)", text)
+    where = f" on node {node[1]}" if node else ""
+    if getattr(err, "actor_init_failed", False):
+        return f"engine actor {name}{where} could not start: {error_text(err)}"
+    if starting:  # its process died while loading: out of memory, most often
+        return f"engine actor {name}{where} died while loading the model: {error_text(err)}"
+    return f"engine actor {name}{where} is gone and cannot be restarted: {error_text(err)}"
+
+
+@dataclass
+class EnginePool:
+    actors: list[Any]
+    max_in_flight: int = 2
+    max_retries: int = 2
+    max_crashes: int = 2
+    names: list[str] | None = None  # the actors' worker names, for messages
+
+    def name(self, index: int) -> str:
+        return self.names[index] if self.names else f"engine-{index}"
+
+    def _get(self, refs: Any) -> Any:
+        """ray.get; an actor dead for good becomes one line naming it."""
+        try:
+            return ray.get(refs)
+        except ActorDiedError as err:
+            raise StartupError(actor_failure(err, self._name_of(err))) from err
+
+    def _name_of(self, err: RayActorError) -> str:
+        for index, actor in enumerate(self.actors):
+            if actor._actor_id.hex() == getattr(err, "actor_id", None):
+                return self.name(index)
+        return "engine"
+
+    def call(self, method: str, *args: Any) -> Any:
+        """One call on the first actor."""
+        return self._get(getattr(self.actors[0], method).remote(*args))
+
+    def broadcast(self, method: str, *args: Any) -> list[Any]:
+        return self._get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def split(self, method: str, items: np.ndarray, *args: Any) -> list[Any]:
+        """`items` cut into one chunk per actor, in order, each chunk the method's first
+        argument; returns the per-chunk results in order."""
+        chunks = [c for c in np.array_split(items, len(self.actors)) if len(c)]
+        calls = [
+            getattr(actor, method).remote(chunk, *args)
+            for actor, chunk in zip(self.actors, chunks, strict=False)
+        ]
+        return self._get(calls)
+
+    def spread(self, calls: Sequence[tuple[str, tuple]]) -> list[Any]:
+        """Independent calls (method, args) spread over the actors round-robin, in parallel."""
+        refs = [
+            getattr(self.actors[i % len(self.actors)], method).remote(*args)
+            for i, (method, args) in enumerate(calls)
+        ]
+        return self._get(refs)
+
+    def run(
+        self,
+        method: str,
+        tasks: Sequence[Task],
+        on_outcome: Callable[[Outcome], None],
+        tick: Callable[[], None] | None = None,
+    ) -> None:
+        """Every task once (retrying its own failures and its actor's crashes, both bounded);
+        `on_outcome` as each finishes.
+
+        `tick` runs about once a second while tasks are in flight (e.g. a timed flush).
+        """
+        fan_out = _FanOut(self, method, tasks)
+        fan_out.fill()
+        while fan_out.in_flight:
+            done, _ = ray.wait(list(fan_out.in_flight), num_returns=1, timeout=1.0)
+            for ref in done:
+                if ref in fan_out.in_flight:  # a crash may have settled it already
+                    outcome = fan_out.settle(ref)
+                    if outcome is not None:
+                        on_outcome(outcome)
+            if tick is not None:
+                tick()
+            fan_out.fill()
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+class _FanOut:
+    """The bookkeeping of one `EnginePool.run`: what waits, what runs where, in which order."""
+
+    def __init__(self, pool: EnginePool, method: str, tasks: Sequence[Task]) -> None:
+        self.pool, self.method = pool, method
+        self.queue = deque(tasks)
+        # ref -> (actor index, submission number, task); an actor runs its calls in that order.
+        self.in_flight: dict[ray.ObjectRef, tuple[int, int, Task]] = {}
+        self.load = [0] * len(pool.actors)
+        self.numbers = itertools.count()
+        # Per actor, the last submission number its latest crash took down: a call numbered at
+        # or below it that failed with the actor was queued behind the crashing one, not run.
+        self.crashed_upto = [-1] * len(pool.actors)
+
+    def fill(self) -> None:
+        for index, actor in enumerate(self.pool.actors):
+            while self.queue and self.load[index] < self.pool.max_in_flight:
+                task = self.queue.popleft()
+                task.attempts += 1
+                # No retries by Ray: the pool itself counts a crash against the call that ran.
+                call = getattr(actor, self.method).options(max_task_retries=0)
+                self.in_flight[call.remote(*task.args)] = (index, next(self.numbers), task)
+                self.load[index] += 1
+
+    def _take(self, ref: ray.ObjectRef) -> tuple[int, int, Task]:
+        index, number, task = self.in_flight.pop(ref)
+        self.load[index] -= 1
+        return index, number, task
+
+    def _again(self, task: Task, ran: bool) -> None:
+        if not ran:
+            task.attempts -= 1
+        self.queue.appendleft(task)
+
+    def settle(self, ref: ray.ObjectRef) -> Outcome | None:
+        """The outcome of a finished call, or None when its task was queued to run again."""
+        index, number, task = self._take(ref)
+        try:
+            return Outcome(task, value=ray.get(ref))
+        except RayTaskError as err:  # the task itself raised
+            if task.attempts <= self.pool.max_retries:
+                self._again(task, ran=True)
+                return None
+            return Outcome(task, error=error_text(err))
+        except ActorDiedError as err:  # gone for good: its node was removed, or it cannot start
+            raise StartupError(actor_failure(err, self.pool.name(index))) from err
+        except RayActorError as err:  # the actor died and Ray is restarting it
+            if number <= self.crashed_upto[index]:
+                self._again(task, ran=False)  # queued behind the call that crashed
+                return None
+            return self._crashed(index, number, task, err)
+
+    def _crashed(self, index: int, number: int, task: Task, err: RayActorError) -> Outcome | None:
+        """The actor died under one of its calls: blame the earliest submitted one that failed
+        (the one it was running), requeue the rest, and record the blamed task failed once it
+        has taken its actor down more than `max_crashes` times."""
+        mine = sorted((n, ref) for ref, (i, n, _) in self.in_flight.items() if i == index)
+        self.crashed_upto[index] = max([number, *(n for n, _ in mine)])
+        suspect = task
+        earlier = [ref for n, ref in mine if n < number]
+        if earlier:
+            # Calls submitted before this one either finished before the crash or died with it.
+            ray.wait(earlier, num_returns=len(earlier), timeout=5.0)
+            for ref in earlier:
+                try:
+                    ray.get(ref, timeout=0)
+                except RayActorError:
+                    suspect = self._take(ref)[2]
+                    self._again(task, ran=False)  # this call was queued behind the suspect
+                    break
+                except Exception:  # noqa: BLE001 - it finished (or raised) on its own
+                    continue
+        suspect.crashes += 1
+        what = getattr(suspect.key, "key", suspect.key)  # a probe's (component, spec)
+        log(
+            f"{self.pool.name(index)} died while running {what} (crash {suspect.crashes} of "
+            f"at most {self.pool.max_crashes + 1}); Ray restarts it"
+        )
+        if suspect.crashes > self.pool.max_crashes:
+            text = (
+                f"its engine actor died under it {suspect.crashes} times (killed or crashed: "
+                f"out of memory, a signal or a native fault; {type(err).__name__})"
+            )
+            return Outcome(suspect, error=text)
+        self._again(suspect, ran=True)
+        return None
+
+
+def connect_ray() -> bool:
+    """Join the Ray the caller set up: an initialized one, RAY_ADDRESS, or a fresh local one.
+
+    Returns True when this call started or joined Ray (and so the caller should shut it down).
+    """
+    if ray.is_initialized():
+        return False
+    # ray.init installs its own SIGTERM handler, which aborts the process; keep the caller's
+    # (the CLI stops cleanly on SIGTERM: actors killed, Ray shut down, the lease released).
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # joins the cluster RAY_ADDRESS names (set by `ray job submit`)
+    else:
+        ray.init(include_dashboard=False)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
+    return True
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What a pool needs to start its engine actors and drive them; nothing about the job."""
+
+    model: str  # what each node loads: a known name, or a folder every node can read
+    engine: EngineConfig
+    resources: dict[str, float]  # Ray resources of one actor
+    max_in_flight: int  # calls queued per actor
+    max_retries: int  # a task that raises is run again this often
+    max_crashes: int  # a task whose actor dies under it is run again this often
+    startup_timeout_s: float
+
+
+class Engines:
+    """The engine pool, started on first use (a finished run directory needs no actors)."""
+
+    def __init__(self, spec: PoolSpec, workers: int, actor_class: type = EngineActor) -> None:
+        self.spec, self.workers = spec, workers
+        self.actor_class = actor_class
+        self.infos: list[dict[str, Any]] = []  # each actor's `info()` once started
+        self.on_start: Callable[[list[dict[str, Any]]], None] | None = None
+        self._pool: EnginePool | None = None
+        self._started_ray = False
+
+    @property
+    def pool(self) -> EnginePool:
+        if self._pool is None:
+            spec = self.spec
+            self._started_ray = connect_ray()
+            take_over_ray_output()  # engine chatter to the run's log file (dtm_ray.cluster.logs)
+            resources = spec.resources
+            log(f"starting {self.workers} engine actor(s) ({spec.engine.kind}, {resources})")
+            actors = start_engine_actors(
+                spec.model,
+                spec.engine,
+                self.workers,
+                resources,
+                self.actor_class,
+            )
+            self._pool = EnginePool(
+                actors, spec.max_in_flight, spec.max_retries, spec.max_crashes
+            )
+            # Wait until every actor has loaded the model: a model that cannot load fails here,
+            # once, rather than inside the first round's calls.
+            self.infos = wait_for_actors(actors, resources, spec.startup_timeout_s)
+            self._pool.names = [info["worker"] for info in self.infos]
+            log(f"engines ready: {', '.join(self._pool.names)}")
+            if self.on_start is not None:
+                self.on_start(self.infos)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.kill()
+            self._pool = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+
+# --- waiting for actors to start -------------------------------------------------------------
+def wait_for_actors(
+    actors: Sequence[Any], resources: dict[str, float], timeout_s: float
+) -> list[dict[str, Any]]:
+    """Each actor's `info()`, once all have started; while they wait, say every few seconds what
+    holds them up (missing resources, or loading the model); StartupError after `timeout_s`."""
+    # No retries: an actor that cannot start is reported once, not retried behind the scenes.
+    calls = [actor.info.options(max_task_retries=0).remote() for actor in actors]
+    pending = {ref: index for index, ref in enumerate(calls)}
+    infos: list[dict[str, Any]] = [{} for _ in actors]
+    start = time.monotonic()
+    next_report = start + FIRST_REPORT_S
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        for ref in done:
+            index = pending.pop(ref)
+            try:
+                infos[index] = ray.get(ref)
+            except RayActorError as err:
+                raise StartupError(actor_failure(err, f"engine-{index}", starting=True)) from err
+        now = time.monotonic()
+        if not pending:
+            break
+        waited = now - start
+        if waited >= timeout_s:
+            raise StartupError(
+                f"gave up after {waited:.0f} s (startup_timeout_s): {len(pending)} of "
+                f"{len(actors)} engine actor(s) never started; {_holdup(resources, len(actors))}"
+            )
+        if now >= next_report:
+            log(
+                f"waiting {waited:.0f} s for {len(pending)} engine actor(s): "
+                f"{_holdup(resources, len(actors))}; giving up after {timeout_s:g} s"
+            )
+            next_report = now + REPORT_S
+    return infos
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    """Resources as a user reads them: memory in GiB, Ray's internal node labels left out."""
+    shown = []
+    for key in sorted(resources):
+        if key.startswith(("node:", "accelerator_type:")) or key == "object_store_memory":
+            continue
+        value = resources[key]
+        shown.append(f"{key} {value / 2**30:.1f} GiB" if key == "memory" else f"{key} {value:g}")
+    return ", ".join(shown) or "nothing"
+
+
+def _holdup(resources: dict[str, float], count: int) -> str:
+    """Why `count` actors asking for `resources` each have not all started yet, in words."""
+    wanted = {k: float(v) for k, v in resources.items() if v > 0}
+    ask = "{" + ", ".join(f"{k}: {v:g}" for k, v in wanted.items()) + "}"
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wanted.items())]
+    if not fits:
+        offers = "; ".join(_amounts(n["Resources"]) for n in nodes) or "no node"
+        missing = sorted(
+            {k for k, v in wanted.items() if not any(n["Resources"].get(k, 0) >= v for n in nodes)}
+        )
+        return (
+            f"each needs {ask} and no node has {', '.join(missing) or 'all of it at once'} "
+            f"(the cluster offers: {offers}); an autoscaler may still add a node"
+        )
+    free = ray.available_resources()
+    total = ray.cluster_resources()
+    # What is in use beyond what these actors hold themselves once placed (they hold their
+    # resources while they load the model) is held by other work.
+    others = any(total.get(k, 0) - free.get(k, 0) > count * v + 1e-9 for k, v in wanted.items())
+    if others and not all(free.get(k, 0) >= v for k, v in wanted.items()):
+        return f"each needs {ask}, now in use by other work (free: {_amounts(free)})"
+    return "loading the model"

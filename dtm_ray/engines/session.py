@@ -1,0 +1,207 @@
+"""A loaded engine plus the model state it holds: the stateful part of an engine actor, Ray-free.
+
+`EngineSession` keeps three promises, each tested without Ray:
+- `apply_state(state)` makes the engine hold exactly `state` (chains replayed on the originals,
+  so any session anywhere holds bit-identical weights); it is all or nothing: the new weights are
+  computed before any is written, and a failed write puts the old state back.
+- `probe(delta, ...)` compresses a set of components on top of the state, scores, and puts those
+  components back as the state has them, whatever happened in between.
+- When putting weights back fails, the engine's weights are unknown: `EngineBroken` is raised and
+  the session must not be used again (the Ray actor exits so Ray restarts it clean).
+
+A probe of components in decoder layers >= L scores from the state's residual stream at layer L
+where the engine can (the hf engine's layer skip): the session knows which state and reference the
+engine's kept stream belongs to, and that a probe's put-back leaves every other layer as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from dtm_ray.core.compress import compress, replay
+from dtm_ray.core.specs import parse_spec
+from dtm_ray.core.state import Chain, ModelState, Reference, chain_key
+from dtm_ray.engines.base import Engine
+from dtm_ray.engines.config import STATE_CACHE_BYTES
+from dtm_ray.engines.probe import ProbeResult, build_reference, score_against
+
+
+class EngineBroken(RuntimeError):
+    """The engine's weights are in an unknown state; discard the process that holds it."""
+
+
+class EngineSession:
+    def __init__(self, engine: Engine, cache_bytes: int = STATE_CACHE_BYTES) -> None:
+        self.engine = engine
+        self.state = ModelState()
+        self._cache_bytes = cache_bytes
+        self._current: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # (state key, reference digest) of the residual stream the engine keeps, if any.
+        self._residuals: tuple | None = None
+
+    # --- weights ----------------------------------------------------------------------------
+    def replay(self, component: str, chain: Chain) -> torch.Tensor:
+        """The weight `chain` makes of the component's original (the original for no chain)."""
+        return replay(self.engine.original_weight(component), chain)
+
+    def current_weight(self, component: str) -> torch.Tensor:
+        """The component as the current state has it (cached: replaying a chain costs a sort)."""
+        chain = self.state.chain(component)
+        if not chain:
+            return self.engine.original_weight(component)
+        key = (component, chain_key(chain))
+        weight = self._current.get(key)
+        if weight is None:
+            weight = self._remember(key, self.replay(component, chain))
+        else:
+            self._current.move_to_end(key)
+        return weight
+
+    def _remember(self, key: tuple, weight: torch.Tensor) -> torch.Tensor:
+        self._current[key] = weight
+        while len(self._current) > 1 and self._cached_bytes() > self._cache_bytes:
+            self._current.popitem(last=False)
+        return weight
+
+    def _cached_bytes(self) -> int:
+        return sum(t.nbytes for t in self._current.values())
+
+    def _write(self, weights: Mapping[str, torch.Tensor], originals: Iterable[str]) -> None:
+        originals = list(originals)
+        if originals:
+            self.engine.restore(originals)
+        if weights:
+            self.engine.set_weights(dict(weights))
+
+    def apply_state(self, state: ModelState) -> None:
+        """Make the engine hold exactly `state`; unlisted components are original."""
+        if state.key == self.state.key:
+            return
+        changed = [
+            name
+            for name in sorted(set(self.state.components()) | set(state.components()))
+            if state.chain(name) != self.state.chain(name)
+        ]
+        # Everything that can fail for a bad state (a bad spec, missing stats) fails here,
+        # before the engine is touched.
+        new = {name: self.replay(name, state.chain(name)) for name in changed if state.chain(name)}
+        self._residuals = None
+        try:
+            self._write(new, [name for name in changed if not state.chain(name)])
+        except BaseException as err:
+            self._put_back(changed, f"a failed state change ({err!r})")
+            raise
+        self.state = state
+        # The first probe of each changed component would otherwise replay its chain again.
+        for name, weight in new.items():
+            self._remember((name, chain_key(state.chain(name))), weight)
+
+    def _put_back(self, names: list[str], after: str) -> None:
+        """Write `names` back as `self.state` has them; when that fails the engine's weights are
+        unknown and the session must not be used again."""
+        try:
+            keep = {name: self.current_weight(name) for name in names if self.state.chain(name)}
+            self._write(keep, [name for name in names if not self.state.chain(name)])
+        except BaseException as err:
+            raise EngineBroken(f"could not put {names} back after {after}: {err!r}") from err
+
+    # --- probing ----------------------------------------------------------------------------
+    def compressed(
+        self,
+        delta: Mapping[str, str],
+        stats: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The delta's new weights: each spec applied to the component's current weight."""
+        weights = {}
+        for name, spec in delta.items():
+            needs = parse_spec(spec).needs_stats
+            norm = (stats or {}).get(name) if needs else None
+            if needs and norm is None:
+                raise ValueError(f"'{spec}' on {name} needs calibration input norms; none given")
+            link_stats = None if norm is None else {"input_norm": norm}
+            weights[name] = compress(self.current_weight(name), spec, link_stats)
+        return weights
+
+    def probe(
+        self,
+        delta: Mapping[str, str],
+        reference: Reference,
+        stats: Mapping[str, np.ndarray] | None = None,
+    ) -> ProbeResult:
+        """Score the state plus `delta` (component -> spec applied to its current weight)."""
+        start = time.perf_counter()
+        weights = self.compressed(delta, stats)
+        from_layer = self._first_layer(delta, reference)
+        try:
+            self.engine.set_weights(weights)
+            result = score_against(self.engine, reference, from_layer)
+        finally:
+            self._put_back(list(delta), "a probe")
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _first_layer(self, delta: Mapping[str, str], reference: Reference) -> int:
+        """The decoder layer a probe's scoring pass can start at: the lowest layer the delta
+        touches, once the engine keeps the state's residual stream for `reference`; 0 (a full
+        pass) where the engine cannot skip layers or the delta touches layer 0 or no layer."""
+        layer_of = getattr(self.engine, "layer_of", None)
+        layers = [layer_of(name) for name in delta] if layer_of else [None]
+        if not layers or None in layers or min(layers) == 0:
+            return 0
+        if self._residuals != self._residual_key(reference):
+            self._score_keeping(reference)
+        return min(layers)
+
+    def _residual_key(self, reference: Reference) -> tuple:
+        return (self.state.key, hashlib.sha1(reference.sequences.tobytes()).hexdigest())
+
+    def _score_keeping(self, reference: Reference) -> ProbeResult:
+        """Score the state as it is, keeping its residual stream for later probes."""
+        self._residuals = None
+        result = score_against(self.engine, reference, keep_residuals=True)
+        self._residuals = self._residual_key(reference)
+        return result
+
+    # --- what a round needs besides probes ----------------------------------------------
+    def build_reference(self, prefixes: np.ndarray, n_new: int) -> Reference:
+        return build_reference(self.engine, prefixes, n_new)
+
+    def score(self, reference: Reference) -> ProbeResult:
+        """The current state measured against `reference` (e.g. the dense model's)."""
+        if hasattr(self.engine, "layer_of"):
+            return self._score_keeping(reference)
+        return score_against(self.engine, reference)
+
+    def input_norms(
+        self, sequences: np.ndarray, names: Iterable[str]
+    ) -> dict[str, np.ndarray]:
+        """Wanda's calibration statistics of the current state: ‖x_j‖₂ per input feature."""
+        norms = self.engine.input_norms(np.asarray(sequences).tolist(), list(names))
+        return {name: norm.float().numpy() for name, norm in norms.items()}
+
+    def text_nll(self, windows: np.ndarray) -> np.ndarray:
+        """Per-token negative log-likelihood of real-text windows [W, T] -> float64 [W, T-1]."""
+        scored = self.engine.score(np.asarray(windows).tolist(), 1)
+        return -np.asarray(scored.ref_logprob, dtype=np.float64)
+
+    def itemsize(self, component: str) -> int:
+        """Bytes per value of the engine's weights (the model's dtype as loaded)."""
+        return self.engine.original_weight(component).element_size()
+
+    def dtype_name(self, component: str) -> str:
+        return str(self.engine.original_weight(component).dtype).removeprefix("torch.")
+
+    def zero_shares(self, names: Iterable[str]) -> dict[str, tuple[float, int]]:
+        """Per component: (share of zeros, count of nonzeros) of its current weight."""
+        out = {}
+        for name in names:
+            weight = self.current_weight(name)
+            nonzero = int(torch.count_nonzero(weight))
+            out[name] = (1.0 - nonzero / weight.numel(), nonzero)
+        return out

@@ -1,0 +1,177 @@
+"""The checks that read the model: a job against the model's config.json, its prompt sources cut
+with the model's tokenizer, the token budget, the task names and a writable `out`. What passes
+becomes a `Plan`, the validated job everything after this layer runs from. Nothing is created."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtm_ray.core.components import Component, select
+from dtm_ray.core.specs import Spec, check_applicable, parse_spec
+from dtm_ray.engines.config import DEFAULT_MAX_MODEL_LEN
+from dtm_ray.engines.models import load_components, read_model_config, resolve_model
+from dtm_ray.engines.prompts import RUN_PREFIX, load_calibration, load_prompts
+from dtm_ray.errors import ConfigError
+from dtm_ray.job.spec import DEFAULT_PROBE_SPECS, CompressConfig, JobConfig, check_fields
+from dtm_ray.job.tasks import resolve_tasks
+
+
+@dataclass
+class Plan:
+    """A validated job: the model folder, the selected components and, for probe-only jobs, the
+    probes to run, in a fixed order."""
+
+    job: JobConfig
+    model_dir: Path
+    components: list[Component]
+    specs: list[str]
+    # The scored prompts, cut on the driver; None for `self`, which only an engine can sample.
+    prefixes: np.ndarray | None = None
+    retry_failed: bool = True  # probe again, on resume, the probes a previous run recorded failed
+    # The job's lm-eval tasks as `simple_evaluate` takes them (None: the job evaluates none).
+    tasks: list[str | dict[str, Any]] | None = None
+
+    @property
+    def probes(self) -> list[tuple[Component, str]]:
+        return [(c, s) for c in self.components for s in self.specs]
+
+    @property
+    def compress(self) -> CompressConfig | None:
+        return self.job.compress
+
+
+def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
+    """Validate the whole job against the model's config.json, read and cut its prompts, and check
+    that `out` can be written; raises ConfigError. Nothing is created anywhere.
+
+    `read_hub=False` leaves `hf:` text sources unread (a dry run on a machine without the hub);
+    a run reads them here, so a bad one still fails before any actor starts.
+    """
+    check_fields(job)
+    check_out(job.out)
+    try:
+        model_dir = resolve_model(job.model)
+        model_config = read_model_config(model_dir)
+        components = select(load_components(model_dir), job.probe.components)
+        if job.compress is None:
+            specs = [str(parse_spec(str(s))) for s in job.probe.specs or DEFAULT_PROBE_SPECS]
+            checked = specs
+        elif job.compress.method == "sparsify":
+            specs = []  # a compressing run derives its probes round by round
+            checked = [str(Spec(job.compress.criterion, sparsity=0.5))]
+        else:
+            specs = []
+            checked = list(job.compress.levels)
+            if job.compress.min_fdt > job.new_tokens:
+                raise ValueError(
+                    f"compress.min_fdt {job.compress.min_fdt} exceeds new_tokens "
+                    f"{job.new_tokens}, the largest FDT there is"
+                )
+        for spec in checked:
+            for component in components:
+                try:
+                    check_applicable(spec, component.shape, has_stats=True)
+                except ValueError as err:
+                    raise ValueError(f"{component.name}: {err}") from None
+        check_token_budget(job, model_config)
+        prefixes = _prepare_prompts(job, model_dir, model_config, read_hub)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    # lm-eval's task index is read once, here, and the result kept for the run.
+    tasks = resolve_tasks(job.evaluate.tasks) if job.evaluate is not None else None
+    return Plan(job, model_dir, components, specs, prefixes, tasks=tasks)
+
+
+def check_token_budget(job: JobConfig, model_config: Mapping[str, Any]) -> None:
+    """The longest sequence an engine sees must fit its context, for both engines alike (hf has
+    no limit of its own and would run past the model's positions)."""
+    needs = {"prompts.prefix_tokens + new_tokens": job.prompts.prefix_tokens + job.new_tokens}
+    if job.compress is not None:
+        needs["evaluation.tokens"] = job.evaluation.tokens
+    model_max = model_config.get("max_position_embeddings")
+    asked = job.engine_options.get("max_model_len")
+    if asked is not None:
+        if model_max and asked > model_max:
+            raise ValueError(
+                f"engine_options.max_model_len {asked} exceeds the model's "
+                f"max_position_embeddings {model_max}"
+            )
+        limit, where = asked, "engine_options.max_model_len"
+    elif job.engine == "vllm" and (not model_max or model_max > DEFAULT_MAX_MODEL_LEN):
+        limit = DEFAULT_MAX_MODEL_LEN
+        where = "the vllm engine's default max_model_len (raise engine_options.max_model_len)"
+    elif model_max:
+        limit, where = model_max, "the model's max_position_embeddings"
+    else:
+        return
+    for what, need in needs.items():
+        if need > limit:
+            raise ValueError(f"{what} = {need} tokens exceed {limit}, {where}")
+
+
+def _prepare_prompts(
+    job: JobConfig, model_dir: Path, model_config: Mapping[str, Any], read_hub: bool = True
+) -> np.ndarray | None:
+    """The scored prefixes from the prompt source, and a check that the calibration and
+    evaluation texts are there too: a bad source is found here, not inside an actor."""
+
+    def unread(source: str) -> bool:
+        return source == "self" or (not read_hub and source.startswith("hf:"))
+
+    p = job.prompts
+    prefixes = None
+    if not unread(p.source):
+        prefixes = load_prompts(p.source, model_dir, p.count, p.prefix_tokens, seed=p.seed)
+        vocab = model_config.get("vocab_size")
+        if vocab and int(prefixes.max()) >= vocab:
+            raise ValueError(
+                f"prompt source {p.source} holds token id {int(prefixes.max())}, beyond this "
+                f"model's vocabulary of {vocab}: it was made with another tokenizer"
+            )
+    compress = job.compress
+    if compress is None:
+        return prefixes
+    if compress.method == "sparsify" and compress.criterion == "wanda" and not unread(p.source):
+        if p.source.startswith(RUN_PREFIX):
+            raise ValueError(
+                f"compress.criterion wanda calibrates on text, and prompt source {p.source} "
+                "holds only token prefixes; use a text source or criterion magnitude"
+            )
+        length = p.prefix_tokens + job.new_tokens
+        load_calibration(
+            p.source, model_dir, compress.calibration_count, length, p.count, p.prefix_tokens,
+            seed=p.seed,
+        )
+    e = job.evaluation
+    if not unread(e.text):
+        load_prompts(e.text, model_dir, e.count, e.tokens, seed=0)
+    return prefixes
+
+
+def check_out(out: str) -> None:
+    """A local run directory must be creatable and writable; URIs are checked when opened."""
+    if "://" in out and not out.startswith("file://"):
+        return
+    path = Path(out.removeprefix("file://")).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out {out} is a file, not a directory; choose another --out")
+    existing = path
+    while not existing.exists():  # the nearest ancestor there is (/ at worst)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"out {out} cannot be created: {existing} is a file, not a directory")
+    try:  # the only sure test of writability (a root user passes os.access even under /proc)
+        handle, probe = tempfile.mkstemp(prefix=".dtm-ray-write-check-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(
+            f"out {out} is not writable: cannot create files in {existing} ({err.strerror})"
+        ) from None

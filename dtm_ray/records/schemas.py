@@ -1,0 +1,418 @@
+"""Every Arrow table of a run directory: its schema and the functions that build and read its rows.
+
+One home for each schema, so the writer, the readers (store, decisions, report, tests, users'
+notebooks) and the README agree. Columns may be added; the ones the README lists are a contract.
+
+Tables (all carry `round` where they belong to one):
+- `reference/`  one row per (round, prompt): the reference the round measured against, and the
+                round's current model scored against it (`current_*`).
+- `probes/`     one row per (round, component, spec): per-prompt FDT/SDT and summaries.
+- `calibration/` one row per (round, component): input-activation norms for wanda.
+- `decisions/`  one row per (round, component): what the decision did and why.
+- `states/`     one row per (round, component): the chain after the round's decision.
+- `final/`      `prompts/`, `components/`, `summary/`: the result against the dense model;
+                `tasks/`: lm-eval tasks on the dense model and the export (`dtm_ray.results.tasks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dtm_ray.core.state import Link, ModelState, Reference
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+PROBE_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("component", pa.string()),
+        ("layer", pa.int32()),
+        ("kind", pa.string()),
+        ("spec", pa.string()),
+        ("added", pa.float64()),  # added sparsity of a sparsify probe; null for plain probes
+        # Every component the probe compressed on top of the round's state: [component] for a
+        # one-component probe, a whole candidate set in a quantize search.
+        ("delta", pa.list_(pa.string())),
+        ("params", pa.int64()),
+        ("fdt", pa.list_(pa.int32())),
+        ("sdt", pa.list_(pa.int32())),
+        ("fdt_mean", pa.float64()),
+        ("fdt_at_75", pa.int32()),
+        ("fdt_at_75_low", pa.int32()),  # 90 % bootstrap interval of FDT@75 over prompts
+        ("fdt_at_75_high", pa.int32()),
+        ("sdt_mean", pa.float64()),
+        ("nll_mean", pa.float64()),
+        ("seconds", pa.float64()),
+        ("worker", pa.string()),
+        ("attempts", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        # The run's config fingerprint (`dtm_ray.job.spec.config_fingerprint`): rows of another
+        # job can never pass for this run's.
+        ("config_fingerprint", pa.string()),
+    ]
+)
+
+REFERENCE_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("prompt_id", pa.int32()),
+        ("prefix_ids", pa.list_(pa.int32())),
+        ("continuation_ids", pa.list_(pa.int32())),
+        ("base_argmax", pa.list_(pa.int32())),
+        ("base_margin", pa.list_(pa.float32())),
+        ("base_logprob", pa.list_(pa.float32())),
+        ("noise_positions", pa.int32()),
+        ("min_margin", pa.float32()),
+        # The round's current model against this reference: FDT = N and SDT = 0 when the
+        # reference is the current model's own; measured when it is the dense model's.
+        ("current_fdt", pa.int32()),
+        ("current_sdt", pa.int32()),
+        ("current_nll", pa.float64()),
+        # Who generated this prompt's continuation: the actor, its engine and resolved dtype.
+        ("worker", pa.string()),
+        ("engine", pa.string()),
+        ("dtype", pa.string()),
+    ]
+)
+
+CALIBRATION_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("component", pa.string()),
+        ("input_norm", pa.list_(pa.float32())),
+    ]
+)
+
+DECISION_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("component", pa.string()),
+        ("from_chain", pa.list_(pa.string())),
+        ("to_spec", pa.string()),  # the link appended this round; null when left as it was
+        ("statistic", pa.string()),  # fdt_at_75 | nll | uniform
+        ("value", pa.float64()),  # the statistic's value on the component's curve where it landed
+        ("threshold", pa.float64()),  # the threshold that decided it (NaN for uniform)
+        ("added", pa.float64()),
+        ("sparsity_before", pa.float64()),
+        ("sparsity_after", pa.float64()),
+        ("reason", pa.string()),
+    ]
+)
+
+STATE_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("component", pa.string()),
+        ("layer", pa.int32()),
+        ("kind", pa.string()),
+        ("params", pa.int64()),
+        ("chain", pa.list_(pa.string())),  # spec strings in the order they were applied
+        ("stats_rounds", pa.list_(pa.int32())),  # per link: calibration round, or null
+        ("sparsity", pa.float64()),  # share of zeros of the component's current weight
+    ]
+)
+
+FINAL_PROMPTS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int32()),
+        ("fdt", pa.int32()),  # against the dense model's reference (round 0 of reference/)
+        ("sdt", pa.int32()),
+        ("nll", pa.float64()),  # mean NLL of the dense model's continuation under the result
+        ("dense_nll", pa.float64()),
+    ]
+)
+
+FINAL_COMPONENTS_SCHEMA = pa.schema(
+    [
+        ("component", pa.string()),
+        ("layer", pa.int32()),
+        ("kind", pa.string()),
+        ("params", pa.int64()),
+        ("chain", pa.list_(pa.string())),
+        ("precision", pa.string()),  # its quantization spec, or the model's dtype
+        ("sparsity", pa.float64()),
+        ("nonzero", pa.int64()),
+    ]
+)
+
+FINAL_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("rounds", pa.int32()),
+        ("prompts", pa.int32()),
+        ("new_tokens", pa.int32()),
+        ("fdt_at_75", pa.int32()),
+        ("fdt_at_75_low", pa.int32()),
+        ("fdt_at_75_high", pa.int32()),
+        ("fdt_mean", pa.float64()),
+        ("sdt_mean", pa.float64()),
+        ("sdt_share", pa.float64()),
+        ("ppl_reference", pa.float64()),  # on the dense model's greedy continuations
+        ("dense_ppl_reference", pa.float64()),
+        ("ppl_text", pa.float64()),  # on real text (evaluation.text)
+        ("dense_ppl_text", pa.float64()),
+        ("text_source", pa.string()),
+        ("text_tokens", pa.int64()),
+        ("sparsity", pa.float64()),  # parameter-weighted over the selected components
+        ("selected_params", pa.int64()),
+        ("nonzero_params", pa.int64()),
+        ("dense_bytes", pa.int64()),  # selected weights in the model's dtype
+        ("nonzero_bytes", pa.int64()),  # their nonzero values only (no index overhead)
+        ("bits_per_param", pa.float64()),  # over the selected weights, quantization scales included
+        ("quantized_share", pa.float64()),  # share of selected parameters held below the dtype
+    ]
+)
+
+FINAL_TASKS_SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),  # an lm-eval task (a group's subtasks each get their own row)
+        ("metric", pa.string()),  # its first metric, e.g. acc or exact_match
+        ("examples", pa.int64()),  # examples both models answered
+        ("dense", pa.float64()),  # the metric on the dense model
+        ("compressed", pa.float64()),  # and on the exported result
+        ("flips", pa.float64()),  # share of examples whose answer differs between the two
+        ("flipped", pa.int64()),  # how many
+        ("fdt_at_75", pa.int32()),  # the run's, from final/summary, beside the task numbers
+        ("backend", pa.string()),  # lm-eval's model backend: hf | vllm
+    ]
+)
+
+
+# --- probes ------------------------------------------------------------------------------------
+def probe_ok_row(
+    round_: int,
+    component: Any,
+    spec: str,
+    added: float | None,
+    delta: Sequence[str],
+    result: Any,
+    worker: str,
+    attempts: int,
+) -> dict[str, Any]:
+    """A finished probe: `component` a components.Component, `result` a probe.ProbeResult."""
+    summary = result.summary
+    return {
+        **_probe_key_columns(round_, component, spec, added, delta),
+        "fdt": result.fdt.astype(np.int32).tolist(),
+        "sdt": result.sdt.astype(np.int32).tolist(),
+        "fdt_mean": summary["fdt_mean"],
+        "fdt_at_75": int(summary["fdt_at_75"]),
+        "fdt_at_75_low": int(summary["fdt_at_75_low"]),
+        "fdt_at_75_high": int(summary["fdt_at_75_high"]),
+        "sdt_mean": summary["sdt_mean"],
+        "nll_mean": result.nll_mean,
+        "seconds": result.seconds,
+        "worker": worker,
+        "attempts": attempts,
+        "status": STATUS_OK,
+        "error": None,
+    }
+
+
+def probe_failed_row(
+    round_: int,
+    component: Any,
+    spec: str,
+    added: float | None,
+    delta: Sequence[str],
+    error: str,
+    attempts: int,
+) -> dict[str, Any]:
+    return {
+        **_probe_key_columns(round_, component, spec, added, delta),
+        "attempts": attempts,
+        "status": STATUS_FAILED,
+        "error": error,
+    }
+
+
+def _probe_key_columns(
+    round_: int, component: Any, spec: str, added: float | None, delta: Sequence[str]
+) -> dict[str, Any]:
+    return {
+        "round": round_,
+        "component": component.name,
+        "layer": component.layer,
+        "kind": component.kind,
+        "spec": spec,
+        "added": added,
+        "delta": list(delta),
+        "params": component.params,
+    }
+
+
+def probe_keys(table: pa.Table) -> list[tuple[int, str, str]]:
+    """(round, component, spec) of every probe row, in table order."""
+    columns = (table.column(name).to_pylist() for name in ("round", "component", "spec"))
+    return list(zip(*columns, strict=True))
+
+
+def dedupe_probes(table: pa.Table) -> pa.Table:
+    """One row per (round, component, spec): the earliest `ok` row, else the latest `failed`
+    one (a failed probe tried again on resume and failed again: its row counts every try).
+    Compaction keeps only these; before it, a round's files may hold a retried probe's failed
+    row beside its new one, and a killed compaction leaves rows both in parts and compacted."""
+    keys = probe_keys(table)
+    statuses = table.column("status").to_pylist()
+    chosen: dict[tuple[int, str, str], int] = {}
+    for row, key in enumerate(keys):
+        kept = chosen.get(key)
+        if kept is None or statuses[kept] != STATUS_OK:
+            chosen[key] = row
+    return table.take(pa.array(sorted(chosen.values()), type=pa.int64()))
+
+
+# --- reference -----------------------------------------------------------------------------------
+def _min_margins(margin: np.ndarray) -> np.ndarray:
+    """Per prompt, the smallest top-1/top-2 margin (NaN where the engine gave none)."""
+    out = np.full(margin.shape[0], np.nan, dtype=np.float32)
+    known = ~np.isnan(margin).all(axis=1)
+    out[known] = np.nanmin(margin[known], axis=1)
+    return out
+
+
+def reference_table(
+    reference: Reference,
+    round_: int,
+    current_fdt: Sequence[int] | None = None,
+    current_sdt: Sequence[int] | None = None,
+    current_nll: Sequence[float] | None = None,
+    built_by: Sequence[Mapping[str, Any]] | None = None,
+) -> pa.Table:
+    """The reference's rows; `current_*` default to the reference model's own scores;
+    `built_by` is, per prompt, the info of the actor that generated it (worker, engine, dtype)."""
+    prompts = reference.prompts
+    margin = np.asarray(reference.base_margin, dtype=np.float32)
+    logprob = reference.base_logprob
+    own_nll = (
+        (-np.asarray(logprob, dtype=np.float64).mean(axis=1)).tolist()
+        if logprob is not None
+        else [None] * prompts
+    )
+    return pa.Table.from_pydict(
+        {
+            "round": [round_] * prompts,
+            "prompt_id": list(range(prompts)),
+            "prefix_ids": reference.prefixes.tolist(),
+            "continuation_ids": reference.continuation.tolist(),
+            "base_argmax": reference.base_argmax.tolist(),
+            "base_margin": margin.tolist(),
+            "base_logprob": (
+                np.asarray(logprob, dtype=np.float32).tolist()
+                if logprob is not None
+                else [None] * prompts
+            ),
+            "noise_positions": reference.noise_positions.tolist(),
+            "min_margin": _min_margins(margin).tolist(),
+            "current_fdt": list(current_fdt)
+            if current_fdt is not None
+            else [reference.n_new] * prompts,
+            "current_sdt": list(current_sdt) if current_sdt is not None else [0] * prompts,
+            "current_nll": list(current_nll) if current_nll is not None else own_nll,
+            **{
+                key: [info.get(key) for info in built_by] if built_by else [None] * prompts
+                for key in ("worker", "engine", "dtype")
+            },
+        },
+        schema=REFERENCE_SCHEMA,
+    )
+
+
+def _matrix(table: pa.Table, column: str, dtype: type) -> np.ndarray:
+    return np.asarray(table.column(column).to_pylist(), dtype=dtype)
+
+
+def reference_from_table(table: pa.Table) -> Reference:
+    table = table.sort_by("prompt_id")
+    logprob = table.column("base_logprob")
+    return Reference(
+        prefixes=_matrix(table, "prefix_ids", np.int64),
+        continuation=_matrix(table, "continuation_ids", np.int64),
+        base_argmax=_matrix(table, "base_argmax", np.int64),
+        base_margin=_matrix(table, "base_margin", np.float32),
+        base_logprob=None if logprob.null_count else _matrix(table, "base_logprob", np.float32),
+    )
+
+
+# --- calibration ---------------------------------------------------------------------------------
+def calibration_table(round_: int, norms: Mapping[str, np.ndarray]) -> pa.Table:
+    names = sorted(norms)
+    return pa.Table.from_pydict(
+        {
+            "round": [round_] * len(names),
+            "component": names,
+            "input_norm": [np.asarray(norms[n], dtype=np.float32).tolist() for n in names],
+        },
+        schema=CALIBRATION_SCHEMA,
+    )
+
+
+def calibration_from_table(table: pa.Table) -> dict[str, np.ndarray]:
+    return {
+        row["component"]: np.asarray(row["input_norm"], dtype=np.float32)
+        for row in table.to_pylist()
+    }
+
+
+# --- states --------------------------------------------------------------------------------------
+def state_table(
+    round_: int,
+    state: ModelState,
+    components: Sequence[Any],
+    sparsity: Mapping[str, float],
+) -> pa.Table:
+    """One row per selected component (untouched ones with an empty chain)."""
+    rows = [
+        {
+            "round": round_,
+            "component": c.name,
+            "layer": c.layer,
+            "kind": c.kind,
+            "params": c.params,
+            "chain": state.specs(c.name),
+            "stats_rounds": [link.stats_round for link in state.chain(c.name)],
+            "sparsity": float(sparsity[c.name]),
+        }
+        for c in components
+    ]
+    return pa.Table.from_pylist(rows, schema=STATE_SCHEMA)
+
+
+def state_from_table(
+    table: pa.Table, calibration: Mapping[int, Mapping[str, np.ndarray]]
+) -> tuple[ModelState, dict[str, float]]:
+    """The state and per-component sparsity; `calibration` maps round -> component -> norm."""
+    chains: dict[str, tuple[Link, ...]] = {}
+    sparsity: dict[str, float] = {}
+    for row in table.to_pylist():
+        name = row["component"]
+        links = []
+        for spec, stats_round in zip(row["chain"], row["stats_rounds"], strict=True):
+            norm = None if stats_round is None else calibration[stats_round][name]
+            links.append(Link(spec, stats_round, norm))
+        chains[name] = tuple(links)
+        sparsity[name] = row["sparsity"]
+    return ModelState(chains), sparsity
+
+
+# --- decisions -----------------------------------------------------------------------------------
+def decision_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([dict(r) for r in rows], schema=DECISION_SCHEMA)
+
+
+# Each folder of a run directory and the schema of its files.
+TABLE_SCHEMAS = {
+    "reference": REFERENCE_SCHEMA,
+    "probes": PROBE_SCHEMA,
+    "calibration": CALIBRATION_SCHEMA,
+    "decisions": DECISION_SCHEMA,
+    "states": STATE_SCHEMA,
+    "final/prompts": FINAL_PROMPTS_SCHEMA,
+    "final/components": FINAL_COMPONENTS_SCHEMA,
+    "final/summary": FINAL_SUMMARY_SCHEMA,
+}

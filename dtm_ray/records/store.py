@@ -1,0 +1,323 @@
+"""The run directory: `run.json` and Parquet tables on any `pyarrow.fs`. I/O only.
+
+Everything goes through `pyarrow.fs.FileSystem.from_uri`, so a run directory may be a local path,
+`file://…`, `s3://…` or `gs://…`. No Ray, no torch, no job config here: the store is read by the
+driver, by tests and by users' notebooks alike. Schemas live in `dtm_ray.records.schemas`.
+
+Layout (every folder is one table, readable with `pandas.read_parquet(run_dir + "/probes")`):
+
+    run.json
+    reference/round-000.parquet     calibration/round-000.parquet
+    probes/part-r000-<time>-<id>.parquet  (while round 0 runs)  ->  probes/round-000.parquet
+    decisions/round-000.parquet     states/round-000.parquet
+    final/prompts/data.parquet      final/components/data.parquet   final/summary/data.parquet
+    final/tasks/data.parquet        final/lm-eval/{dense,compressed}/  (lm-eval's own output)
+
+Crash safety: every file is written under a hidden temporary name and then moved to its final
+name, so a reader never sees half a file. Probe results arrive as many small files, one per flush,
+because a single long-lived ParquetWriter file is unreadable once its writer is killed; when a
+round ends they are compacted into one file per round (object stores list small files slowly).
+Compaction writes the round file first and deletes the parts after, so a kill in between leaves
+duplicates, which reads drop, and never a gap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dtm_ray.errors import ConfigError
+from dtm_ray.records.schemas import (
+    PROBE_SCHEMA,
+    REFERENCE_SCHEMA,
+    STATUS_OK,
+    dedupe_probes,
+    probe_keys,
+)
+
+_TEMP_PREFIX = "."
+_ROUND_OF_FILE = re.compile(r"(?:part-r|round-)(\d+)")
+
+
+def _split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    # from_uri wants a scheme or an absolute path; a plain relative path means "here".
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _is_visible_data_file(name: str) -> bool:
+    return name.endswith(".parquet") and not name.startswith((_TEMP_PREFIX, "_"))
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _round_file(round_: int) -> str:
+    return f"round-{round_:03d}.parquet"
+
+
+class RunStore:
+    """One run directory. Cheap to create; touches storage only when a method is called."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.fs, self.root = _split_uri(uri)
+        self.fingerprint: str | None = None  # the run's config fingerprint, stamped on rows
+
+    @property
+    def location(self) -> str:
+        """Where the run lives, unambiguously: the URI, or the absolute local path."""
+        return self.uri if "://" in self.uri else self.root
+
+    # --- paths and raw I/O -----------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def _write_atomically(self, path: str, write: Callable[[Any], None]) -> None:
+        folder, _, name = path.rpartition("/")
+        self.fs.create_dir(folder, recursive=True)
+        temp = f"{folder}/{_TEMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with self.fs.open_output_stream(temp) as stream:
+                write(stream)
+            self.fs.move(temp, path)
+        except BaseException:
+            if self._exists(temp):
+                self.fs.delete_file(temp)
+            raise
+
+    def _write_table(self, path: str, table: pa.Table) -> None:
+        self._write_atomically(path, lambda stream: pq.write_table(table, stream))
+
+    def _data_files(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(self._path(folder), allow_not_found=True)
+        infos = self.fs.get_file_info(selector)
+        files = (i for i in infos if i.type == pafs.FileType.File)
+        return sorted(i.path for i in files if _is_visible_data_file(i.base_name))
+
+    def _read_file(self, path: str, schema: pa.Schema, rows: bool = True) -> pa.Table:
+        """One table file (only its schema checked when not `rows`); a corrupt or foreign file
+        is a one-line error naming it."""
+        try:
+            with self.fs.open_input_file(path) as handle:
+                names = pq.read_schema(handle).names
+                # A file of this table has at least its key columns; read with the table's
+                # schema, a foreign file would otherwise come back as rows of nulls.
+                missing = [n for n in schema.names[:2] if n not in names]
+                if missing:
+                    raise ValueError(f"it has no {missing[0]!r} column")
+                if not rows:
+                    return schema.empty_table()
+                handle.seek(0)
+                return pq.read_table(handle, schema=schema)
+        except (pa.ArrowException, ValueError, OSError) as err:
+            raise ConfigError(
+                f"{path} is not a readable table of this run ({_first_line(err)}); "
+                "move it out of the run directory and run again (a probe file's probes then "
+                "run again)"
+            ) from None
+
+    def check_files(self, schemas: Mapping[str, pa.Schema]) -> None:
+        """Open every table file of the folders in `schemas` (folder -> schema), footers only,
+        so a corrupt or foreign file is found before any work starts."""
+        for folder, schema in schemas.items():
+            for path in self._data_files(folder):
+                self._read_file(path, schema, rows=False)
+
+    def _read_files(self, paths: Sequence[str], schema: pa.Schema) -> pa.Table:
+        tables = [self._read_file(p, schema) for p in paths]
+        return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    # --- run.json ---------------------------------------------------------------------------
+    def read_run_info(self) -> dict[str, Any] | None:
+        info = self.read_json("run.json")
+        if info is not None and not isinstance(info.get("config"), dict):
+            raise ConfigError(
+                f"{self._path('run.json')} is not a dtm-ray run.json (no 'config'); "
+                "choose another --out, or move the file away"
+            )
+        return info
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """A JSON object file at the run's root (None when absent); a broken one is a one-line
+        error naming it."""
+        path = self._path(name)
+        if not self._exists(path):
+            return None
+        try:
+            with self.fs.open_input_stream(path) as stream:
+                data = json.loads(stream.read().decode())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                f"{path} is not valid JSON ({_first_line(err)}); restore it, or move the run "
+                "directory away and choose another --out"
+            ) from None
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise ConfigError(f"{path} holds a JSON {kind}, not an object; move it away")
+        return data
+
+    def write_json(self, name: str, data: Mapping[str, Any]) -> None:
+        text = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+        self._write_atomically(self._path(name), lambda stream: stream.write(text))
+
+    def delete(self, name: str) -> None:
+        """Remove a file at the run's root, if there."""
+        path = self._path(name)
+        if self._exists(path):
+            self.fs.delete_file(path)
+
+    def exists(self) -> bool:
+        return self._exists(self.root)
+
+    def holds_results(self) -> bool:
+        """Whether anything was measured here: any table file at all."""
+        selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        return any(
+            i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+            for i in self.fs.get_file_info(selector)
+        )
+
+    def remove_logs(self) -> None:
+        """Delete `logs/` (the engines' output of a run that measured nothing)."""
+        path = self._path("logs")
+        if self._exists(path):
+            self.fs.delete_dir(path)
+
+    def remove_root_if_empty(self) -> None:
+        """Delete the run directory itself when nothing is left in it."""
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        if self._exists(self.root) and not self.fs.get_file_info(selector):
+            self.fs.delete_dir(self.root)
+
+    def open_run(self, config: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
+        """run.json of this run: the stored one on resume (comparing configs is the caller's
+        job), else a new one holding `config` and `info` (versions, hardware, created time)."""
+        stored = self.read_run_info()
+        if stored is not None:
+            return stored
+        run_info = {"config": dict(config), **info}
+        self.write_json("run.json", run_info)
+        return run_info
+
+    # --- one file per round: reference, calibration, decisions, states -------------------
+    def write_round_table(self, folder: str, round_: int, table: pa.Table) -> None:
+        self._write_table(self._path(folder, _round_file(round_)), table)
+
+    def read_round_table(
+        self, folder: str, schema: pa.Schema, round_: int | None = None
+    ) -> pa.Table | None:
+        """One round's table (None if not written yet), or every round's when `round_` is None."""
+        if round_ is None:
+            return self._read_files(self._data_files(folder), schema)
+        path = self._path(folder, _round_file(round_))
+        return self._read_file(path, schema) if self._exists(path) else None
+
+    def rounds_written(self, folder: str) -> list[int]:
+        names = (p.rpartition("/")[2] for p in self._data_files(folder))
+        return sorted(int(n[6:-8]) for n in names if n.startswith("round-"))
+
+    def write_reference(self, table: pa.Table, round_: int) -> None:
+        self.write_round_table("reference", round_, table.cast(REFERENCE_SCHEMA))
+
+    def read_reference(self, round_: int) -> pa.Table | None:
+        table = self.read_round_table("reference", REFERENCE_SCHEMA, round_)
+        return None if table is None else table.sort_by("prompt_id")
+
+    # --- probes ----------------------------------------------------------------------------
+    def write_probe_rows(self, rows: Sequence[Mapping[str, Any]], round_: int) -> str | None:
+        """Write one new Parquet file holding `rows` of `round_`; returns its path. Rows carry
+        the run's `fingerprint` (set by the driver once the run is open)."""
+        if not rows:
+            return None
+        stamp = {"config_fingerprint": self.fingerprint} if self.fingerprint else {}
+        table = pa.Table.from_pylist([{**r, **stamp} for r in rows], schema=PROBE_SCHEMA)
+        # Round and time first, so names sort in write order; the random tail keeps writers apart.
+        name = f"part-r{round_:03d}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        path = self._path("probes", name)
+        self._write_table(path, table)
+        return path
+
+    def probe_files(self) -> list[str]:
+        return self._data_files("probes")
+
+    def _probe_files_of(self, round_: int) -> list[str]:
+        """The round's compacted file (first) and its part files (oldest first)."""
+        files = []
+        for path in self.probe_files():
+            match = _ROUND_OF_FILE.match(path.rpartition("/")[2])
+            if match and int(match[1]) == round_:
+                files.append(path)
+        return sorted(files, key=lambda p: not p.rpartition("/")[2].startswith("round-"))
+
+    def read_probes(self, dedupe: bool = True, round_: int | None = None) -> pa.Table:
+        """Probe rows (of one round, or all), oldest first; deduped by default on
+        (round, component, spec): an `ok` row wins over a `failed` one, then the earliest."""
+        files = self.probe_files() if round_ is None else self._probe_files_of(round_)
+        table = self._read_files(files, PROBE_SCHEMA)
+        return dedupe_probes(table) if dedupe else table
+
+    def finished_probes(self, round_: int, failed: bool = True) -> set[tuple[str, str]]:
+        """(component, spec) of every probe of `round_` already in the table: ok ones, and
+        failed ones too unless `failed` is False (then a resume probes those again)."""
+        table = self.read_probes(round_=round_)
+        statuses = table.column("status").to_pylist()
+        return {
+            (c, s)
+            for (r, c, s), status in zip(probe_keys(table), statuses, strict=True)
+            if r == round_ and (failed or status == STATUS_OK)
+        }
+
+    def failed_attempts(self, round_: int) -> dict[tuple[str, str], int]:
+        """Tries already spent on each failed probe of `round_`, so a retry keeps counting."""
+        table = self.read_probes(round_=round_)
+        rows = zip(
+            probe_keys(table),
+            table.column("status").to_pylist(),
+            table.column("attempts").to_pylist(),
+            strict=True,
+        )
+        return {(c, s): a or 0 for (r, c, s), status, a in rows if status != STATUS_OK}
+
+    def compact_probes(self, round_: int) -> None:
+        """Merge a round's part files into `probes/round-NNN.parquet` (deduped), then delete
+        the parts."""
+        parts = [p for p in self._probe_files_of(round_) if "/part-" in p]
+        if not parts:
+            return
+        table = self.read_probes(round_=round_)
+        self.write_round_table("probes", round_, table)
+        for path in parts:
+            self.fs.delete_file(path)
+
+    # --- final -----------------------------------------------------------------------------
+    def write_final(self, name: str, table: pa.Table) -> None:
+        self._write_table(self._path("final", name, "data.parquet"), table)
+
+    def read_final(self, name: str, schema: pa.Schema) -> pa.Table | None:
+        path = self._path("final", name, "data.parquet")
+        return self._read_file(path, schema) if self._exists(path) else None
+
+    def replace_files(self, folder: str, files: Mapping[str, str]) -> None:
+        """Make `folder` hold exactly `files` (name -> text), e.g. lm-eval's per-example output."""
+        path = self._path(folder)
+        if self._exists(path):
+            self.fs.delete_dir_contents(path)
+        for name, text in files.items():
+            data = text.encode()
+            self._write_atomically(self._path(folder, name), lambda stream, d=data: stream.write(d))

@@ -1,0 +1,301 @@
+"""`dtm-ray export`: a finished compressing run as a checkpoint that serving stacks load.
+
+The output folder (default `<run_dir>/export/`) holds:
+
+- the model's Hugging Face safetensors checkpoint, same shards and index, with every selected
+  component's chain replayed on its original weight: pruned entries are zeros, quantized entries
+  their dequantized values, so transformers and vLLM load it as a dense model. Chains are replayed
+  in the dtype the run's engines held the weights in (what the run measured), then cast to the
+  checkpoint's own dtype for saving; the two differ only when a job set `dtype` below the
+  checkpoint's. Every other tensor and every non-weight file is copied unchanged.
+- `sparsity_map.json` and `precision_map.json`: weight name -> share of zeros of the exported
+  tensor, and -> its quantization spec (or the saved dtype), for every selected component.
+- `recipe.yaml`: an llm-compressor recipe that reproduces the allocation with llm-compressor's
+  own algorithms: `SparseGPTModifier` (`WandaPruningModifier` for wanda runs) with one sparsity
+  per pruned module in module order, and a `QuantizationModifier` with one config group per
+  precision.
+- `export.json`: the run, the model, the final summary row, the export time and version.
+
+Everything is written into a hidden folder beside the target and renamed at the end, so a killed
+export never leaves half a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import yaml
+
+import dtm_ray
+from dtm_ray.core.components import KINDS
+from dtm_ray.core.specs import parse_spec, precision_of
+from dtm_ray.core.state import Chain, ModelState
+from dtm_ray.errors import ConfigError
+from dtm_ray.records.schemas import (
+    CALIBRATION_SCHEMA,
+    FINAL_SUMMARY_SCHEMA,
+    STATE_SCHEMA,
+    calibration_from_table,
+    state_from_table,
+)
+from dtm_ray.records.store import RunStore
+
+# Files that hold weights: the checkpoint's own are rewritten, any other format (an uncompressed
+# pytorch_model.bin, a GGUF) is left out so no loader picks up the original values.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+_INDEX = "model.safetensors.index.json"
+_MARKER = "export.json"  # its presence tells a previous export, which may be replaced
+
+# Weight formats of each quantization spec as llm-compressor's QuantizationArgs; all weight-only,
+# symmetric, static, like dtm_ray's round-to-nearest specs.
+_QUANT_ARGS: dict[str, dict[str, Any]] = {
+    "int8": {"num_bits": 8, "type": "int", "strategy": "channel"},
+    "int8-tensor": {"num_bits": 8, "type": "int", "strategy": "tensor"},
+    "int4": {"num_bits": 4, "type": "int", "strategy": "group"},
+    "fp8-e4m3": {"num_bits": 8, "type": "float", "strategy": "channel"},
+}
+_DTYPE_OF_ITEMSIZE = {4: "float32", 2: "bfloat16"}  # what `dtype: auto` resolves to
+
+
+def export_run(run_dir: str, out: str | None = None) -> Path:
+    """Export the final state of the compressing run in `run_dir`; returns the output folder."""
+    store = RunStore(run_dir)
+    info = store.read_run_info()
+    if info is None:
+        raise ConfigError(f"{store.location} is not a run directory: it has no run.json")
+    config = info.get("config", {})
+    if not config.get("compress"):
+        raise ConfigError(
+            f"run {store.location} is a probe-only run: it compressed nothing to export"
+        )
+    summary = store.read_final("summary", FINAL_SUMMARY_SCHEMA)
+    states = _final_states(store)
+    if summary is None or states is None:
+        raise ConfigError(
+            f"run {store.location} has no final state yet; finish it with `dtm-ray run JOB` first"
+        )
+    if out is None and "://" in run_dir:
+        raise ConfigError(f"run {run_dir} is not a local folder; give --out a local folder")
+    target = Path(out) if out is not None else Path(store.root) / "export"
+    _check_target(target)
+
+    from dtm_ray.engines.models import resolve_model  # converting a known model needs transformers
+
+    model_dir = resolve_model(config["model"])
+    # NaN (a perplexity that could not be measured) is not JSON; null is.
+    summary_row = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v
+        for k, v in summary.to_pylist()[0].items()
+    }
+    engine_dtype = _engine_dtype(config.get("dtype", "auto"), summary_row)
+    state, _ = state_from_table(states, _calibration(store, states))
+    # Module order (layer, then q k v o gate up down): the order llm-compressor matches targets.
+    rows = sorted(states.to_pylist(), key=lambda r: (r["layer"], KINDS.index(r["kind"])))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    scratch.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+    try:
+        saved = _write_checkpoint(model_dir, scratch, state, engine_dtype)
+        missing = [r["component"] for r in rows if r["component"] not in saved]
+        if missing:
+            raise ConfigError(f"the checkpoint in {model_dir} has no weight {missing[0]!r}")
+        sparsity = {r["component"]: saved[r["component"]][0] for r in rows}
+        precision = {
+            r["component"]: precision_of(r["chain"], saved[r["component"]][1]) for r in rows
+        }
+        _write_json(scratch / "sparsity_map.json", sparsity)
+        _write_json(scratch / "precision_map.json", precision)
+        recipe = _recipe(rows, sparsity, precision)
+        header = _recipe_header(store.location, config, summary_row)
+        (scratch / "recipe.yaml").write_text(header + yaml.safe_dump(recipe, sort_keys=False))
+        meta = {
+            "run_dir": store.location,
+            "model": config["model"],
+            "model_dir": str(model_dir),
+            "method": config["compress"].get("method"),
+            "engine_dtype": engine_dtype,
+            "summary": summary_row,
+            "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dtm_ray": dtm_ray.__version__,
+        }
+        _write_json(scratch / _MARKER, meta)  # written last: it marks a complete export
+        _replace(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+# --- the run -------------------------------------------------------------------------------------
+def _final_states(store: RunStore) -> pa.Table | None:
+    """The last round's rows of `states/`, or None when no round was committed."""
+    table = store.read_round_table("states", STATE_SCHEMA)
+    if table is None or table.num_rows == 0:
+        return None
+    last = pc.max(table.column("round")).as_py()
+    return table.filter(pc.equal(table.column("round"), last))
+
+
+def _calibration(store: RunStore, states: pa.Table) -> dict[int, dict[str, Any]]:
+    """round -> component -> input norm, for the rounds the wanda links name."""
+    rounds = {r for chain in states.column("stats_rounds").to_pylist() for r in chain}
+    out = {}
+    for round_ in sorted(r for r in rounds if r is not None):
+        table = store.read_round_table("calibration", CALIBRATION_SCHEMA, round_)
+        if table is None:
+            raise ConfigError(f"run {store.location} lacks calibration round {round_} for wanda")
+        out[round_] = calibration_from_table(table)
+    return out
+
+
+def _engine_dtype(dtype: str, summary: Mapping[str, Any]) -> str:
+    """The dtype the run's engines held the weights in. `auto` depends on the machine the run
+    used, not this one, so it is read back from the summary's bytes per selected parameter."""
+    if dtype != "auto":
+        return dtype
+    itemsize = summary["dense_bytes"] // max(1, summary["selected_params"])
+    return _DTYPE_OF_ITEMSIZE.get(itemsize, "float32")
+
+
+# --- the checkpoint ------------------------------------------------------------------------------
+def _shards(model_dir: Path) -> list[str]:
+    index = model_dir / _INDEX
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not shards:
+        raise ConfigError(f"model folder {model_dir} has no safetensors weights")
+    return shards
+
+
+def _replay(weight: torch.Tensor, chain: Chain, engine_dtype: str) -> torch.Tensor:
+    from dtm_ray.core.compress import replay
+    from dtm_ray.engines.base import torch_dtype
+
+    return replay(weight.to(torch_dtype(engine_dtype)), chain).to(weight.dtype).contiguous()
+
+
+def _write_checkpoint(
+    model_dir: Path, out: Path, state: ModelState, engine_dtype: str
+) -> dict[str, tuple[float, str]]:
+    """Write the compressed checkpoint into `out`; returns, per tensor of a selected component
+    found, (share of zeros, dtype name) as saved."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    wanted = set(state.components())
+    saved: dict[str, tuple[float, str]] = {}
+    for shard in _shards(model_dir):
+        path = model_dir / shard
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(path)
+        for name, tensor in tensors.items():
+            if name in wanted:
+                tensors[name] = tensor = _replay(tensor, state.chain(name), engine_dtype)
+            nonzero = int(torch.count_nonzero(tensor))
+            saved[name] = (1.0 - nonzero / tensor.numel(), str(tensor.dtype).removeprefix("torch."))
+        save_file(tensors, out / shard, metadata=metadata)
+    for item in sorted(model_dir.iterdir()):
+        # config, tokenizer, generation config and the index (names and shapes are unchanged).
+        if item.is_file() and not item.name.startswith(".") and item.suffix not in _WEIGHT_SUFFIXES:
+            shutil.copy2(item, out / item.name)
+    return saved
+
+
+# --- the llm-compressor recipe -------------------------------------------------------------------
+def _module(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight")
+
+
+def _recipe(
+    rows: Sequence[Mapping[str, Any]], sparsity: Mapping[str, float], precision: Mapping[str, str]
+) -> dict[str, Any]:
+    """Stages for llm-compressor. `rows` come in module order: the pruning modifier applies its
+    `sparsity` list, one value per matched module, in that order."""
+    recipe: dict[str, Any] = {}
+    chains = {r["component"]: [parse_spec(s) for s in r["chain"]] for r in rows}
+    pruned = [n for n, chain in chains.items() if any(s.is_pruning for s in chain)]
+    if pruned:
+        wanda = any(s.method == "wanda" for n in pruned for s in chains[n])
+        modifier = "WandaPruningModifier" if wanda else "SparseGPTModifier"
+        args = {
+            "targets": [_module(n) for n in pruned],  # exact module names, matched in order
+            "sparsity": [float(sparsity[n]) for n in pruned],
+            "mask_structure": "0:0",  # unstructured, like magnitude and wanda
+            "ignore": ["re:.*lm_head"],
+        }
+        recipe["sparsity_stage"] = {"sparsity_modifiers": {modifier: args}}
+    groups: dict[str, list[str]] = {}
+    for name, chain in chains.items():
+        if any(not s.is_pruning for s in chain):
+            groups.setdefault(precision[name], []).append(_module(name))
+    if groups:
+        config_groups = {
+            f"group_{i}": {"targets": targets, "weights": _weight_args(level)}
+            for i, (level, targets) in enumerate(groups.items())
+        }
+        args = {"ignore": ["lm_head"], "config_groups": config_groups}
+        recipe["quantization_stage"] = {"quantization_modifiers": {"QuantizationModifier": args}}
+    return recipe
+
+
+def _weight_args(level: str) -> dict[str, Any]:
+    spec = parse_spec(level)
+    args = {**_QUANT_ARGS[spec.method], "symmetric": True, "dynamic": False}
+    if spec.group is not None:
+        args["group_size"] = spec.group
+    return args
+
+
+def _recipe_header(location: str, config: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    compress = config["compress"]
+    if compress.get("method", "sparsify") == "sparsify":
+        what = (
+            f"per-module sparsity ({compress.get('criterion')}, overall {summary['sparsity']:.4f})"
+        )
+    else:
+        what = f"per-module precision (levels {', '.join(compress.get('levels') or [])})"
+    lines = [
+        f"llm-compressor recipe from `dtm-ray export` (dtm_ray {dtm_ray.__version__})",
+        f"run: {location}",
+        f"model: {config['model']}; guide: {compress.get('guide')}",
+        f"reproduces the run's {what}",
+        "with llm-compressor's own algorithms; the exported checkpoint holds dtm_ray's values.",
+        f"result: FDT@75 {summary['fdt_at_75']}/{summary['new_tokens']} against the dense model",
+    ]
+    return "".join(f"# {line}\n" for line in lines)
+
+
+# --- files ---------------------------------------------------------------------------------------
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _check_target(target: Path) -> None:
+    """Only an empty folder or a previous export may be replaced: --out never deletes user data."""
+    if target.exists() and (
+        not target.is_dir() or (any(target.iterdir()) and not (target / _MARKER).is_file())
+    ):
+        raise ConfigError(f"{target} exists and is not a dtm_ray export; choose another --out")
+
+
+def _replace(scratch: Path, target: Path) -> None:
+    """Move the finished folder into place; a previous export is swapped out, then deleted."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+        target.rename(old / target.name)
+    scratch.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
