@@ -1,6 +1,9 @@
-"""A corpus of bad inputs to `dtm-ray run`: each ends in exit 2 and ONE line on stderr, with no
-traceback, no Ray started and no run directory left behind (a run directory that was there
-before is left exactly as it was). Each case's duration is printed (`pytest -s`) and bounded.
+"""The one corpus of bad inputs to `dtm-ray run`: bad job files, bad --set overrides, bad prompt
+data, bad token budgets, bad run directories. Each ends in exit 2 and ONE line on stderr, with no
+traceback, no Ray started and no run directory left behind (a run directory that was there before
+is left exactly as it was). A case with no run directory before it is refused before the driver
+is even called. Each case's duration is printed (`pytest -s`); speed is measured in bench/, not
+asserted here.
 """
 
 from __future__ import annotations
@@ -25,11 +28,9 @@ from dtm_ray.cluster import pool
 from dtm_ray.core.state import Reference
 from dtm_ray.engines.models import model_digest
 from dtm_ray.job.spec import load_job
+from dtm_ray.loop import driver
 from dtm_ray.records.schemas import reference_table
 from dtm_ray.records.store import RunStore
-
-BEFORE_RAY_S = 3.0  # in-process cases, all checked before Ray would start
-SUBPROCESS_S = 30.0  # the installed command pays for importing the package in a fresh process
 
 PROSE = (
     "The river rose through the night and by morning the lower fields were under water. "
@@ -96,8 +97,9 @@ def _run_with_reference(tmp: Path, model_dir: Path) -> Path:
     return out
 
 
-# Each case: (tmp, model) -> (job dict, extra argv, expected text, run dir that existed before).
-Case = Callable[[Path, Path], tuple[dict, list[str], str, Path | None]]
+# Each case: (tmp, model) -> (job, extra argv, expected text, run dir that existed before).
+# The job is a dict written as YAML, or the job file's text as is.
+Case = Callable[[Path, Path], tuple[dict | str, list[str], str, Path | None]]
 
 
 def _case_corrupt_probe_file(tmp: Path, m: Path):
@@ -146,7 +148,148 @@ def _case_broken_model_config(tmp: Path, m: Path):
 
 
 CASES: dict[str, Case] = {
-    # 1. prompt data, found on the driver
+    # 1. the job file and --set: YAML, keys, values
+    "job file that is not YAML": lambda t, m: (
+        "model: [unclosed\nengine: hf\n",
+        [],
+        "is not valid YAML",
+        None,
+    ),
+    "unknown key": lambda t, m: (job_dict(m, wokers=2), [], "unknown key 'wokers'", None),
+    "unknown nested key": lambda t, m: (
+        job_dict(m, prompts={"cuont": 4}),
+        [],
+        "unknown key prompts.'cuont'",
+        None,
+    ),
+    "no model key": lambda t, m: ({"engine": "hf"}, [], "has no 'model' key", None),
+    "missing model": lambda t, m: (
+        job_dict(m, model=str(t / "no-such-model")),
+        [],
+        "neither a local folder nor a known name",
+        None,
+    ),
+    "zero workers": lambda t, m: (
+        job_dict(m, workers=0),
+        [],
+        "workers must be an integer >= 1",
+        None,
+    ),
+    "startup_timeout_s of zero": lambda t, m: (
+        job_dict(m, startup_timeout_s=0),
+        [],
+        "startup_timeout_s must be a number",
+        None,
+    ),
+    "--set value that is not YAML": lambda t, m: (
+        job_dict(m),
+        ["--set", "probe.specs=[int8"],
+        "the value is not valid YAML",
+        None,
+    ),
+    "--set to an unknown compression": lambda t, m: (
+        job_dict(m),
+        ["--set", "probe.specs=[int9]"],
+        "unknown compression 'int9'",
+        None,
+    ),
+    # 2. probe specs and selectors, against the model's shapes
+    "pruning sparsity out of range": lambda t, m: (
+        job_dict(m, probe={"specs": ["magnitude:2"]}),
+        [],
+        "sparsity 2 in 'magnitude:2' is outside [0, 1]",
+        None,
+    ),
+    "N:M does not divide the input dim": lambda t, m: (
+        job_dict(m, probe={"specs": ["nm:2:3"]}),
+        [],
+        "not divisible by M=3",
+        None,
+    ),
+    "selector matches nothing": lambda t, m: (
+        job_dict(m, probe={"components": [{"layers": [7]}], "specs": ["int8"]}),
+        [],
+        "matches no component",
+        None,
+    ),
+    # 3. the compress section
+    "probe specs beside a compress section": lambda t, m: (
+        job_dict(m, compress={"target_sparsity": 0.4}),
+        [],
+        "probe.specs is not used with a compress: section",
+        None,
+    ),
+    "target sparsity out of range": lambda t, m: (
+        job_dict(m, probe={"components": "all"}, compress={"target_sparsity": 1.5}),
+        [],
+        "compress.target_sparsity must be a number in (0, 1), got 1.5",
+        None,
+    ),
+    "unknown guide": lambda t, m: (
+        job_dict(m, probe={"components": "all"}, compress={"guide": "perplexity"}),
+        [],
+        "compress.guide 'perplexity' unknown; expected one of ['fdt', 'nll', 'uniform']",
+        None,
+    ),
+    "unknown compress key": lambda t, m: (
+        job_dict(m, probe={"components": "all"}, compress={"steps": 0.1}),
+        [],
+        "unknown key compress.'steps'",
+        None,
+    ),
+    "zero step": lambda t, m: (
+        job_dict(m, probe={"components": "all"}, compress={"step": 0}),
+        [],
+        "compress.step must be a number in (0, 1], got 0",
+        None,
+    ),
+    "quantize without levels": lambda t, m: (
+        job_dict(m, probe={"components": "all"}, compress={"method": "quantize"}),
+        [],
+        "compress.levels must be a non-empty list of precisions",
+        None,
+    ),
+    "a sparsify key on quantize": lambda t, m: (
+        job_dict(
+            m,
+            probe={"components": "all"},
+            compress={"method": "quantize", "levels": ["int8"], "min_fdt": 4, "step": 0.1},
+        ),
+        [],
+        "compress.step does not apply to method 'quantize'",
+        None,
+    ),
+    "a pruning level": lambda t, m: (
+        job_dict(
+            m,
+            probe={"components": "all"},
+            compress={"method": "quantize", "levels": ["magnitude:0.5"], "min_fdt": 4},
+        ),
+        [],
+        "a pruning spec",
+        None,
+    ),
+    "min_fdt above new_tokens": lambda t, m: (
+        job_dict(
+            m,
+            probe={"components": "all"},
+            compress={"method": "quantize", "levels": ["int8"], "min_fdt": 9},
+        ),
+        [],
+        "compress.min_fdt 9 exceeds new_tokens 8",
+        None,
+    ),
+    "a level that does not fit a component": lambda t, m: (
+        job_dict(
+            m,
+            probe={"components": "all"},
+            compress={"method": "quantize", "levels": ["int4-g100"], "min_fdt": 4},
+        ),
+        [],
+        "not divisible by group size 100",
+        None,
+    ),
+    # 4. prompt and evaluation data, found on the driver
     "empty .txt": lambda t, m: (
         job_dict(m, prompts=prompts(_write(t / "p.txt", "\n\n  \n"))),
         [],
@@ -218,6 +361,12 @@ CASES: dict[str, Case] = {
         "wanda calibrates on text",
         None,
     ),
+    "evaluation text of an unknown kind": lambda t, m: (
+        job_dict(m, evaluation={"text": "notes.csv"}),
+        [],
+        "evaluation.text 'notes.csv' must be",
+        None,
+    ),
     "empty evaluation text": lambda t, m: (
         job_dict(
             m,
@@ -248,7 +397,7 @@ CASES: dict[str, Case] = {
         "= 608 tokens exceed 512, the model's max_position_embeddings",
         None,
     ),
-    # 5. out, --set, the model's files
+    # 6. out, the model's files
     "out under a regular file": lambda t, m: (
         job_dict(m),
         ["--out", str(Path(_write(t / "a-file", "x")) / "run")],
@@ -261,20 +410,8 @@ CASES: dict[str, Case] = {
         "is not writable",
         None,
     ),
-    "--set value that is not YAML": lambda t, m: (
-        job_dict(m),
-        ["--set", "probe.specs=[int8"],
-        "the value is not valid YAML",
-        None,
-    ),
     "config.json that is not JSON": _case_broken_model_config,
-    "startup_timeout_s of zero": lambda t, m: (
-        job_dict(m, startup_timeout_s=0),
-        [],
-        "startup_timeout_s must be a number",
-        None,
-    ),
-    # 5. the run directory: corrupt or foreign files, a live lease, another model
+    # 7. the run directory: corrupt or foreign files, a live lease, another model
     "corrupt Parquet file in probes/": _case_corrupt_probe_file,
     "foreign Parquet file in probes/": _case_foreign_probe_file,
     "run.json that is not JSON": _case_broken_run_json,
@@ -283,8 +420,27 @@ CASES: dict[str, Case] = {
 }
 
 
-def _listing(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+def _listing(folder: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under `folder`."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in folder.rglob("*")
+    }
+
+
+def _job_file(tmp: Path, job: dict | str) -> Path:
+    path = tmp / "job.yaml"
+    path.write_text(job if isinstance(job, str) else yaml.safe_dump(job))
+    return path
+
+
+def _with_out(tmp: Path, job: dict | str, argv: list[str]) -> tuple[list[str], Path]:
+    """argv with --out (tmp/run unless the case or its job names one), and that run dir."""
+    if "--out" in argv:
+        return argv, Path(argv[argv.index("--out") + 1])
+    if isinstance(job, dict) and "out" in job:
+        return argv, Path(job["out"])
+    return [*argv, "--out", str(tmp / "run")], tmp / "run"
 
 
 @pytest.fixture(scope="module")
@@ -293,15 +449,14 @@ def warm(tiny_llama_dir: Path) -> Path:
     process's first imports (the subprocess cases below pay those)."""
     from transformers import AutoTokenizer
 
-    import dtm_ray.loop.driver  # noqa: F401
-
     AutoTokenizer.from_pretrained(tiny_llama_dir)
     return tiny_llama_dir
 
 
 @pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the case if anything tries to start or join Ray."""
+def no_ray(monkeypatch) -> list:
+    """Fail the case if anything tries to start or join Ray; the plans that reached the driver
+    (`run_plan`), which only a case about an existing run directory may reach."""
 
     def forbidden() -> bool:
         raise AssertionError("a bad input reached Ray")
@@ -312,17 +467,30 @@ def no_ray(monkeypatch):
     for variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(variable, raising=False)
 
+    reached = []
+    run_plan = driver.run_plan
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_leaves_nothing(
-    case: str, warm: Path, tmp_path: Path, capsys, no_ray
-) -> None:
-    job, argv, expected, existing = CASES[case](tmp_path, warm)
-    job_path = tmp_path / "job.yaml"
-    job_path.write_text(yaml.safe_dump(job))
-    if "--out" not in argv:
-        argv = [*argv, "--out", str(tmp_path / "run")]
-    out = Path(argv[argv.index("--out") + 1])
+    def recorded(plan, *args, **kwargs):
+        reached.append(plan)
+        return run_plan(plan, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "run_plan", recorded)
+    return reached
+
+
+def refused(
+    label: str,
+    job: dict | str,
+    argv: list[str],
+    expected: str,
+    existing: Path | None,
+    tmp: Path,
+    capsys,
+    reached_driver: list,
+) -> str:
+    """Run `dtm-ray run` in-process on a bad input and check the refusal; its stderr."""
+    job_path = _job_file(tmp, job)
+    argv, out = _with_out(tmp, job, argv)
     before = _listing(existing) if existing else None
     capsys.readouterr()
 
@@ -331,20 +499,54 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     seconds = time.monotonic() - start
 
     err = capsys.readouterr().err
-    print(f"\n{case}: {seconds:.2f} s: {err.strip()}")
+    print(f"\n{label}: {seconds:.2f} s: {err.strip()}")
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("dtm-ray: error: "), err
     assert expected in err
     assert "Traceback" not in err
     if existing is None:
         assert not out.exists()
+        assert not reached_driver, "refused only by the driver: the job's checks let it through"
     else:
         assert _listing(existing) == before  # nothing added, removed or changed
-    assert seconds < BEFORE_RAY_S
+    return err
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_leaves_nothing(
+    case: str, warm: Path, tmp_path: Path, capsys, no_ray
+) -> None:
+    job, argv, expected, existing = CASES[case](tmp_path, warm)
+    refused(case, job, argv, expected, existing, tmp_path, capsys, no_ray)
+
+
+# Bad inputs that need more than a case: the real model, or several facts about one message.
+def test_int4_group_that_does_not_divide_smollm2_hidden_size(
+    smollm2_dir: Path, tmp_path: Path, capsys, no_ray
+) -> None:
+    job = job_dict(smollm2_dir, probe={"specs": ["int4-g128"]})  # hidden 576 = 4.5 x 128
+    expected = "in_features 576 is not divisible by group size 128"
+    refused("int4-g128 on SmolLM2", job, [], expected, None, tmp_path, capsys, no_ray)
+
+
+def test_a_run_dir_made_by_another_job_names_each_difference(
+    warm: Path, tmp_path: Path, capsys, no_ray
+) -> None:
+    out = tmp_path / "run"
+    job = job_dict(warm, out=str(out))
+    earlier = load_job(_job_file(tmp_path, job), ["new_tokens=16", "workers=3"])
+    RunStore(str(out)).open_run(earlier.to_dict(), {"created": "earlier"})
+    argv = ["--set", "prompts.seed=1"]
+    expected = "new_tokens: 16 in the run, 8 now"
+    err = refused("run dir of another job", job, argv, expected, out, tmp_path, capsys, no_ray)
+    assert "prompts.seed: 0 in the run, 1 now" in err
+    assert "workers" not in err  # workers may change between runs of one job
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
 
 
 # The installed command, in a fresh process: real exit code, real stderr, no traceback.
 SUBPROCESS_CASES = [
+    "pruning sparsity out of range",
     "--set value that is not YAML",
     "out under /proc",
     "corrupt Parquet file in probes/",
@@ -354,10 +556,8 @@ SUBPROCESS_CASES = [
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_the_command_itself_prints_one_line(case: str, warm: Path, tmp_path: Path) -> None:
     job, argv, expected, existing = CASES[case](tmp_path, warm)
-    job_path = tmp_path / "job.yaml"
-    job_path.write_text(yaml.safe_dump(job))
-    if "--out" not in argv:
-        argv = [*argv, "--out", str(tmp_path / "run")]
+    job_path = _job_file(tmp_path, job)
+    argv, out = _with_out(tmp_path, job, argv)
     before = _listing(existing) if existing else None
     start = time.monotonic()
     done = subprocess.run(
@@ -370,15 +570,16 @@ def test_the_command_itself_prints_one_line(case: str, warm: Path, tmp_path: Pat
     print(f"\n{case} (subprocess): {seconds:.2f} s: {done.stderr.strip()}")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], done.stderr
+    assert len(lines) == 1 and lines[0].startswith("dtm-ray: error: "), done.stderr
+    assert expected in lines[0], done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    if existing is not None:
+    if existing is None:
+        assert not out.exists()
+    else:
         assert _listing(existing) == before
-    assert seconds < SUBPROCESS_S
 
 
 def test_debug_shows_the_traceback(warm: Path, tmp_path: Path, no_ray) -> None:
-    job_path = tmp_path / "job.yaml"
-    job_path.write_text(yaml.safe_dump(job_dict(warm, startup_timeout_s=0)))
+    job_path = _job_file(tmp_path, job_dict(warm, startup_timeout_s=0))
     with pytest.raises(ValueError, match="startup_timeout_s"):
         cli.main(["--debug", "run", str(job_path), "--out", str(tmp_path / "run")])

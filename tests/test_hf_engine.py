@@ -2,15 +2,29 @@
 
 import ctypes
 import hashlib
+import json
 import resource
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from transformers_check import full_logit_stats, protocol_drift, protocol_methods
 
 from dtm_ray.core.compress import compress
-from dtm_ray.engines.base import Engine, keep_freed_memory
+from dtm_ray.engines.base import keep_freed_memory
 from dtm_ray.engines.hf import HFEngine
+
+
+@torch.inference_mode()
+def stepwise_greedy(model, prefixes: np.ndarray, n_new: int) -> np.ndarray:  # noqa: ANN001
+    """Greedy decoding by hand, no `generate` (so no EOS handling): n_new full forward passes,
+    each appending the argmax of the last position."""
+    ids = torch.as_tensor(np.asarray(prefixes), dtype=torch.long)
+    for _ in range(n_new):
+        next_token = model(input_ids=ids).logits[:, -1].argmax(dim=-1, keepdim=True)
+        ids = torch.cat([ids, next_token], dim=1)
+    return ids[:, -n_new:].numpy()
 
 
 def weights_digest(engine: HFEngine) -> str:
@@ -31,13 +45,45 @@ def prefixes() -> np.ndarray:
     return np.random.default_rng(0).integers(3, 49152, size=(6, 12))
 
 
-def test_satisfies_protocol(engine):
-    assert isinstance(engine, Engine)
+def test_implements_the_protocol_with_its_signatures():
+    assert {"generate_greedy", "score", "set_weights", "restore", "close"} <= set(
+        protocol_methods()
+    )
+    assert protocol_drift(HFEngine) == []
+
+    class Drifted(HFEngine):  # the check itself catches a renamed parameter and a missing one
+        def score(self, seqs, n_prefix):  # noqa: ANN001, ANN202
+            ...
+
+        restore = None
+
+    assert [p.split("(")[0].split(":")[0] for p in protocol_drift(Drifted)] == ["score", "restore"]
 
 
-def test_generates_exactly_n_tokens_and_ignores_eos(engine, prefixes):
+def test_generates_exactly_n_greedy_tokens(engine, prefixes):
     out = engine.generate_greedy(prefixes.tolist(), 9)
     assert out.shape == (6, 9) and out.dtype == np.int64
+    np.testing.assert_array_equal(out, stepwise_greedy(engine.model, prefixes, 9))
+
+
+def test_generation_runs_past_the_models_eos(engine, prefixes, tiny_llama_dir, tmp_path):
+    """A checkpoint whose EOS is the very first token the model generates for prompt 0: a
+    generate that honoured EOS would stop there and pad the rest of that row."""
+    reference = stepwise_greedy(engine.model, prefixes, 9)
+    eos = int(reference[0, 0])
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((model_dir / name).read_text())
+        config["eos_token_id"] = eos
+        (model_dir / name).write_text(json.dumps(config))
+    eos_engine = HFEngine(model_dir, batch_size=4)
+    try:
+        assert eos_engine.model.config.eos_token_id == eos
+        out = eos_engine.generate_greedy(prefixes.tolist(), 9)
+    finally:
+        eos_engine.close()
+    assert (out == eos).any()  # the model did emit its EOS ...
+    np.testing.assert_array_equal(out, reference)  # ... and went on, token for token
 
 
 def test_left_padding_does_not_change_generation(engine, prefixes):
@@ -53,10 +99,13 @@ def test_batching_does_not_change_scores(engine, prefixes):
     alone = [engine.score([s], 12) for s in seqs.tolist()]
     np.testing.assert_array_equal(batched.argmax, np.concatenate([a.argmax for a in alone]))
     assert batched.argmax.shape == (6, 8)
-    assert np.all(batched.margin >= 0)
     np.testing.assert_allclose(
         batched.ref_logprob, np.concatenate([a.ref_logprob for a in alone]), atol=1e-5
     )
+    argmax, margin, ref_logprob = full_logit_stats(engine.model, seqs, 12)
+    np.testing.assert_array_equal(batched.argmax, argmax)
+    np.testing.assert_allclose(batched.margin, margin, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(batched.ref_logprob, ref_logprob, rtol=0, atol=1e-4)
 
 
 def test_teacher_forced_argmax_reproduces_greedy(engine, prefixes):
