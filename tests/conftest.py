@@ -58,6 +58,44 @@ def ray_session():
     ray.shutdown()
 
 
+def tiny_compress_job(model_dir: Path, out: Path, compress: dict, dtype: str = "auto") -> dict:
+    """The small compressing job the end-to-end tests share: every weight of the tiny Llama,
+    8 pydoc prompts of 8 tokens, 16 new tokens, 2 hf workers."""
+    return {
+        "model": str(model_dir),
+        "engine": "hf",
+        "dtype": dtype,
+        "prompts": {"source": "pydoc", "count": 8, "prefix_tokens": 8},
+        "new_tokens": 16,
+        "probe": {"components": "all"},
+        "compress": compress,
+        "evaluation": {"text": "pydoc", "count": 4, "tokens": 32},
+        "workers": 2,
+        "out": str(out),
+    }
+
+
+FDT_SPARSIFY = {"target_sparsity": 0.3, "step": 0.1}
+
+
+@pytest.fixture(scope="session")
+def fdt_sparsify_run(ray_session, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The FDT-guided sparsify run to 30 % in steps of 0.1, run once per session and read by the
+    compression and export tests: (run dir, the run's outcome). Tests only read it (and
+    re-export it, which writes the same export/)."""
+    import yaml
+
+    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.spec import load_job
+    from dtm_ray.loop.driver import run_plan
+
+    folder = tmp_path_factory.mktemp("fdt-sparsify")
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_compress_job(tiny_llama_dir, folder / "run", FDT_SPARSIFY)))
+    outcome = run_plan(plan_job(load_job(path)), print_summary=False)
+    return folder / "run", outcome
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module: on a busy 2-core box torch's default 2 threads run the

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import FDT_SPARSIFY, tiny_compress_job
 from transformers_check import dense_reference, first_divergence, free_running_greedy
 
 from dtm_ray.job.checks import plan_job
@@ -34,17 +35,7 @@ def write_job(folder: Path, job: dict) -> Path:
 
 
 def compress_job(model_dir: Path, out: Path, **compress) -> dict:
-    return {
-        "model": str(model_dir),
-        "engine": "hf",
-        "prompts": {"source": "pydoc", "count": 8, "prefix_tokens": 8},
-        "new_tokens": 16,
-        "probe": {"components": "all"},
-        "compress": {"target_sparsity": TARGET, "step": 0.1, **compress},
-        "evaluation": {"text": "pydoc", "count": 4, "tokens": 32},
-        "workers": 2,
-        "out": str(out),
-    }
+    return tiny_compress_job(model_dir, out, {**FDT_SPARSIFY, **compress})
 
 
 def run_job(tmp_path: Path, job: dict, name: str = "job.yaml"):
@@ -95,10 +86,9 @@ def rebuild(model_dir: Path, chains: dict[str, list[str]]):
 # --- tests --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_fdt_guided_sparsification_lands_on_the_target_and_is_checked_independently(
-    ray_session, tiny_llama_dir: Path, tmp_path: Path
+    fdt_sparsify_run, tiny_llama_dir: Path
 ) -> None:
-    run = tmp_path / "run"
-    outcome = run_job(tmp_path, compress_job(tiny_llama_dir, run))
+    run, outcome = fdt_sparsify_run
     states, decisions = read(run, "states"), read(run, "decisions")
     rounds = sorted(states["round"].unique())
     assert rounds == list(range(len(rounds))) and len(rounds) >= 2
@@ -206,10 +196,9 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_a_run_killed_between_rounds_and_mid_round_resumes_to_the_same_final_state(
-    ray_session, tiny_llama_dir: Path, tmp_path: Path
+    ray_session, fdt_sparsify_run, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
-    straight = tmp_path / "straight"
-    run_job(tmp_path, compress_job(tiny_llama_dir, straight), "straight.yaml")
+    straight, _ = fdt_sparsify_run  # the same job, never interrupted
 
     run = tmp_path / "killed"
     job = write_job(tmp_path, compress_job(tiny_llama_dir, run))

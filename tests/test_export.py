@@ -20,6 +20,7 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
+from conftest import FDT_SPARSIFY, tiny_compress_job
 from safetensors.torch import load_file
 from transformers_check import dense_reference, first_divergence, free_running_greedy
 
@@ -33,22 +34,7 @@ from dtm_ray.records.store import RunStore
 N_NEW = 16
 
 
-def job(model_dir: Path, out: Path, compress: dict, dtype: str = "auto") -> dict:
-    return {
-        "model": str(model_dir),
-        "engine": "hf",
-        "dtype": dtype,
-        "prompts": {"source": "pydoc", "count": 8, "prefix_tokens": 8},
-        "new_tokens": N_NEW,
-        "probe": {"components": "all"},
-        "compress": compress,
-        "evaluation": {"text": "pydoc", "count": 4, "tokens": 32},
-        "workers": 2,
-        "out": str(out),
-    }
-
-
-SPARSIFY = {"target_sparsity": 0.3, "step": 0.1}
+SPARSIFY = FDT_SPARSIFY
 QUANTIZE = {"method": "quantize", "levels": ["int4-g64", "int8"], "min_fdt": 8}
 RUNS = {  # the FDT-guided run of test_compression, and two one-round baselines
     "magnitude": SPARSIFY,
@@ -67,22 +53,29 @@ def cli(*args: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def exported(
-    ray_session, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    ray_session, fdt_sparsify_run, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[str], tuple[Path, Path]]:
-    """name -> (run dir, export dir) of a finished run, made and exported once per module."""
+    """name -> (run dir, export dir) of a finished run, made and exported once per module (the
+    magnitude run is the session's FDT-guided run)."""
     made: dict[str, tuple[Path, Path]] = {}
 
     def get(name: str) -> tuple[Path, Path]:
         if name not in made:
-            folder = tmp_path_factory.mktemp(name)
-            path = folder / "job.yaml"
-            compress, dtype = (UNIFORM, "bfloat16") if name == "bfloat16" else (RUNS[name], "auto")
-            path.write_text(yaml.safe_dump(job(tiny_llama_dir, folder / "run", compress, dtype)))
-            run_plan(plan_job(load_job(path)), print_summary=False)
-            code, printed = cli("export", str(folder / "run"))
+            if name == "magnitude":
+                run = fdt_sparsify_run[0]
+            else:
+                folder = tmp_path_factory.mktemp(name)
+                path = folder / "job.yaml"
+                bf16 = name == "bfloat16"
+                compress, dtype = (UNIFORM, "bfloat16") if bf16 else (RUNS[name], "auto")
+                job = tiny_compress_job(tiny_llama_dir, folder / "run", compress, dtype)
+                path.write_text(yaml.safe_dump(job))
+                run_plan(plan_job(load_job(path)), print_summary=False)
+                run = folder / "run"
+            code, printed = cli("export", str(run))
             assert code == 0
-            assert printed.strip() == str(folder / "run" / "export")
-            made[name] = folder / "run", folder / "run" / "export"
+            assert printed.strip() == str(run / "export")
+            made[name] = run, run / "export"
         return made[name]
 
     return get

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,29 +133,77 @@ def _processes_with(marker: str, names: tuple[str, ...]) -> list[tuple[int, str]
     return found
 
 
-@pytest.mark.slow
-def test_a_gpu_job_on_a_cpu_cluster_says_so_and_gives_up(
-    tiny_llama_dir: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "run"
+@dataclass
+class WaitingDriver:
+    """A `dtm-ray run` of a GPU job with a Ray of its own on this CPU-only machine."""
+
+    out: Path
+    marker: str  # in the environment of the driver and of the Ray it starts
+    lines: list[tuple[float, str]]  # (seconds since start, stderr line)
+    returncode: int
+    seconds: float
+
+
+def _run_waiting_driver(
+    folder: Path, model_dir: Path, startup_timeout_s: float, sigterm_when_waiting: bool
+) -> WaitingDriver:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "run"
     job = write_job(
-        tmp_path, tiny_llama_dir, out, resources_per_worker={"GPU": 1}, startup_timeout_s=12
+        folder,
+        model_dir,
+        out,
+        resources_per_worker={"GPU": 1},
+        startup_timeout_s=startup_timeout_s,
     )
-    marker = f"DTM_RAY_TEST_MARK={uuid.uuid4().hex}"
-    key, value = marker.split("=")
+    marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
-    env.update({key: value, "RAY_AUTH_MODE": "disabled"})
+    env.update({"DTM_RAY_TEST_MARK": marker, "RAY_AUTH_MODE": "disabled"})
     command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
     start = time.monotonic()
     driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[tuple[float, str]] = []
     for line in driver.stderr:
         lines.append((time.monotonic() - start, line.rstrip()))
+        if sigterm_when_waiting and "no node has GPU" in line:
+            driver.send_signal(signal.SIGTERM)  # as `kill` or a scheduler's timeout would
     driver.wait(timeout=60)
-    seconds = time.monotonic() - start
-    text = "\n".join(f"{t:6.1f} s  {line}" for t, line in lines)
-    print(f"\nGPU job on a CPU cluster, exit {driver.returncode} after {seconds:.1f} s:\n{text}")
+    return WaitingDriver(out, marker, lines, driver.returncode, time.monotonic() - start)
 
+
+@pytest.fixture(scope="module")
+def gpu_jobs_on_a_cpu_cluster(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, WaitingDriver]:
+    """Two GPU jobs on this CPU-only machine, run side by side (each mostly waits): one that
+    gives up after its startup_timeout_s, one stopped by SIGTERM while it waits."""
+    folder = tmp_path_factory.mktemp("gpu-jobs")
+    settings = {"gives-up": (6, False), "sigterm": (300, True)}
+    with ThreadPoolExecutor(len(settings)) as pool:
+        futures = {
+            name: pool.submit(_run_waiting_driver, folder / name, tiny_llama_dir, timeout, term)
+            for name, (timeout, term) in settings.items()
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _ray_left_behind(marker: str) -> list[tuple[int, str]]:
+    """Ray's processes a driver started and still running 2 s after it ended (they exit as the
+    driver shuts Ray down)."""
+    deadline = time.monotonic() + 2
+    left = _processes_with(marker, ("raylet", "gcs_server"))
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _processes_with(marker, ("raylet", "gcs_server"))
+    return left
+
+
+@pytest.mark.slow
+def test_a_gpu_job_on_a_cpu_cluster_says_so_and_gives_up(gpu_jobs_on_a_cpu_cluster) -> None:
+    driver = gpu_jobs_on_a_cpu_cluster["gives-up"]
+    text = "\n".join(f"{t:6.1f} s  {line}" for t, line in driver.lines)
+    print(f"\nGPU job on a CPU cluster, exit {driver.returncode} after {driver.seconds:.1f} s")
+    print(text)
+
+    lines = driver.lines
     asked = next(t for t, line in lines if "starting 1 engine actor(s)" in line)
     waiting = [(t, line) for t, line in lines if "waiting" in line and "no node has GPU" in line]
     assert waiting and waiting[0][0] - asked < 10
@@ -162,9 +212,8 @@ def test_a_gpu_job_on_a_cpu_cluster_says_so_and_gives_up(
     assert driver.returncode == 2 and len(errors) == 1
     assert "gave up after" in errors[0] and "never started" in errors[0]
     assert "Traceback" not in text
-    assert not out.exists()  # nothing was measured, so nothing is left
-    time.sleep(2)  # Ray's processes exit as the driver shuts Ray down
-    assert _processes_with(marker, ("raylet", "gcs_server")) == []
+    assert not driver.out.exists()  # nothing was measured, so nothing is left
+    assert _ray_left_behind(driver.marker) == []
 
 
 # --- the lease on its own (no Ray) ----------------------------------------------------------------
@@ -310,27 +359,12 @@ def test_a_run_dir_as_prompt_source_gives_its_prompts(tiny_llama_dir: Path, tmp_
 
 
 @pytest.mark.slow
-def test_sigterm_while_waiting_for_resources_stops_cleanly(
-    tiny_llama_dir: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "run"
-    job = write_job(
-        tmp_path, tiny_llama_dir, out, resources_per_worker={"GPU": 1}, startup_timeout_s=300
-    )
-    marker = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
-    env.update({"DTM_RAY_TEST_MARK": marker, "RAY_AUTH_MODE": "disabled"})
-    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
-    driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in driver.stderr:
-        lines.append(line.rstrip())
-        if "no node has GPU" in line:
-            driver.send_signal(signal.SIGTERM)  # as `kill` or a scheduler's timeout would
-    driver.wait(timeout=60)
+def test_sigterm_while_waiting_for_resources_stops_cleanly(gpu_jobs_on_a_cpu_cluster) -> None:
+    driver = gpu_jobs_on_a_cpu_cluster["sigterm"]
+    lines = [line for _, line in driver.lines]
     print(f"\nSIGTERM while waiting: exit {driver.returncode}; last line: {lines[-1]}")
+    assert any("no node has GPU" in line for line in lines)  # the signal came while it waited
     assert driver.returncode == 130, "\n".join(lines)
     assert "interrupted" in lines[-1]
-    assert not out.exists()
-    time.sleep(2)
-    assert _processes_with(marker, ("raylet", "gcs_server")) == []
+    assert not driver.out.exists()
+    assert _ray_left_behind(driver.marker) == []
