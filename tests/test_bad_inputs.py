@@ -367,6 +367,15 @@ CASES: dict[str, Case] = {
         "evaluation.text 'notes.csv' must be",
         None,
     ),
+    "self as evaluation text": lambda t, m: (
+        job_dict(
+            m, probe={"components": "all"}, compress={"target_sparsity": 0.2},
+            evaluation={"text": "self"},
+        ),
+        [],
+        "evaluation.text 'self' is not real text (it samples from the model); expected 'pydoc'",
+        None,
+    ),
     "empty evaluation text": lambda t, m: (
         job_dict(
             m,

@@ -44,12 +44,19 @@ RUN_PREFIX = "run:"
 HUB_TIMEOUT_S = 3.0
 
 
-def check_source(source: str, what: str = "prompt source", allow_run: bool = True) -> None:
-    """Fail early, before any model loads, on a source that cannot be read."""
+def check_source(source: str, what: str = "prompt source", text_only: bool = False) -> None:
+    """Fail early, before any model loads, on a source that cannot be read. `text_only`: the
+    source must hold real text (`self` samples from the model; a run directory holds only
+    token prefixes)."""
+    if text_only and source == "self":
+        raise ValueError(
+            f"{what} 'self' is not real text (it samples from the model); expected 'pydoc', "
+            f"'hf:<dataset>[:<config>]:<split>' or a file ending in {', '.join(TEXT_SUFFIXES)}"
+        )
     if source in NAMED_SOURCES:
         return
     if source.startswith(RUN_PREFIX):
-        if not allow_run:
+        if text_only:
             raise ValueError(f"{what} {source!r}: a run directory holds token prefixes, not text")
         if not source[len(RUN_PREFIX) :]:
             raise ValueError(f"{what} {source!r} must name a run directory, e.g. run:runs/first")
@@ -158,9 +165,7 @@ def _parquet_texts(path: Path) -> list[str]:
 def read_texts(source: str) -> list[str]:
     """The source's texts, empty ones dropped; raises ValueError naming what is wrong, including
     a source that holds no text at all."""
-    check_source(source, allow_run=False)
-    if source == "self":
-        raise ValueError("prompt source 'self' has no texts; it samples from the model")
+    check_source(source, text_only=True)
     if source == "pydoc":
         texts = _pydoc_texts()
     elif source.startswith("hf:"):

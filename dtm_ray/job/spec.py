@@ -231,7 +231,7 @@ def check_fields(job: JobConfig) -> None:
     _check_int(job.evaluation.count, "evaluation.count", 1)
     _check_int(job.evaluation.tokens, "evaluation.tokens", 2)
     try:
-        check_source(job.evaluation.text, "evaluation.text", allow_run=False)
+        check_source(job.evaluation.text, "evaluation.text", text_only=True)
         for spec in specs:
             parse_spec(str(spec))
         if job.probe.components != "all":
