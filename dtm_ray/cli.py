@@ -28,6 +28,7 @@ from dtm_ray.engines import models
 from dtm_ray.errors import UserError
 from dtm_ray.job.checks import Plan, plan_job
 from dtm_ray.job.spec import EvaluateConfig, load_job
+from dtm_ray.redact import redact
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -340,13 +341,13 @@ def _save_traceback() -> str:
     """Write the current exception's traceback to a fresh file in the temp folder; its path."""
     handle, path = tempfile.mkstemp(prefix="dtm-ray-traceback-", suffix=".txt")
     with os.fdopen(handle, "w") as out:
-        traceback.print_exc(file=out)
+        out.write(redact(traceback.format_exc()))
     return path
 
 
 def _one_line(message: str) -> str:
     # Some messages quote multi-line text (a YAML parser's report); a user error stays one line.
-    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+    return redact(" ".join(line.strip() for line in message.splitlines() if line.strip()))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from dtm_ray.redact import redact
+
 
 def log(message: str) -> None:
-    print(f"dtm-ray: {message}", file=sys.stderr, flush=True)
+    print(f"dtm-ray: {redact(message)}", file=sys.stderr, flush=True)

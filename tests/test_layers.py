@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dtm_ray"
 
 # Bottom to top. A module may import its own layer and those before it.
 LAYERS = [
-    ("errors", "log"),  # what every layer may use: user errors and the user-facing log line
+    ("errors", "log", "redact"),  # what every layer may use: user errors, the log line, redaction
     ("core",),  # metrics, specs, compression math, state, components, decisions: pure
     ("records",),  # the run directory: schemas, store, lease
     ("engines",),  # where the model runs: protocol, hf, vllm, session, probe, prompts, models

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from dtm_ray.redact import redact
+
 RAY_PRINTER = "ray_print_logs"  # the handler name ray.init gives its worker-log printer
 OUR_PRINTER = "dtm_ray_engine_log"
 OWN_PREFIX = "dtm-ray:"  # lines actors print for the user
@@ -50,17 +52,21 @@ class EngineLog:
         pid = data.get("pid", "?")
         prefix = f"({name} pid={pid})" if name else f"({pid})"
         lines = [
-            line
+            redact(line)
             for line in data.get("lines", [])
             # ray.experimental.tqdm_ray sends its bar state as JSON lines: not text.
             if not (line.startswith("{") and "__ray_tqdm_magic_token__" in line)
         ]
-        self.write([f"{prefix} {line}" for line in lines])
+        self._append([f"{prefix} {line}" for line in lines])
         for line in lines:
             if self.verbose or line.lstrip().startswith(OWN_PREFIX):
                 print(f"{prefix} {line}", file=self.echo or sys.stderr, flush=True)
 
     def write(self, lines: list[str]) -> None:
+        """Append lines (secrets masked) to the file."""
+        self._append([redact(line) for line in lines])
+
+    def _append(self, lines: list[str]) -> None:
         with self._lock:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

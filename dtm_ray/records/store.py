@@ -43,6 +43,7 @@ from dtm_ray.records.schemas import (
     dedupe_probes,
     probe_keys,
 )
+from dtm_ray.redact import redact, redact_data
 
 _TEMP_PREFIX = "."
 _ROUND_OF_FILE = re.compile(r"(?:part-r|round-)(\d+)")
@@ -62,6 +63,20 @@ def _is_visible_data_file(name: str) -> bool:
 def _first_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+def _redacted(table: pa.Table) -> pa.Table:
+    """The table with secrets masked in its text columns (errors, workers, names); a no-op
+    unless a text cell holds one."""
+    for i, field in enumerate(table.schema):
+        if not pa.types.is_string(field.type) and not pa.types.is_large_string(field.type):
+            continue
+        column = table.column(i)
+        values = column.to_pylist()
+        masked = [None if v is None else redact(v) for v in values]
+        if masked != values:
+            table = table.set_column(i, field, pa.array(masked, type=field.type))
+    return table
 
 
 def _round_file(round_: int) -> str:
@@ -102,6 +117,7 @@ class RunStore:
             raise
 
     def _write_table(self, path: str, table: pa.Table) -> None:
+        table = _redacted(table)
         self._write_atomically(path, lambda stream: pq.write_table(table, stream))
 
     def _data_files(self, folder: str) -> list[str]:
@@ -173,7 +189,7 @@ class RunStore:
         return data
 
     def write_json(self, name: str, data: Mapping[str, Any]) -> None:
-        text = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+        text = json.dumps(redact_data(data), indent=2, sort_keys=True, default=str).encode()
         self._write_atomically(self._path(name), lambda stream: stream.write(text))
 
     def delete(self, name: str) -> None:
@@ -319,5 +335,5 @@ class RunStore:
         if self._exists(path):
             self.fs.delete_dir_contents(path)
         for name, text in files.items():
-            data = text.encode()
+            data = redact(text).encode()
             self._write_atomically(self._path(folder, name), lambda stream, d=data: stream.write(d))

@@ -49,6 +49,7 @@ from dtm_ray.records.schemas import (
     state_from_table,
 )
 from dtm_ray.records.store import RunStore
+from dtm_ray.redact import redact, redact_data
 
 # Files that hold weights: the checkpoint's own are rewritten, any other format (an uncompressed
 # pytorch_model.bin, a GGUF) is left out so no loader picks up the original values.
@@ -117,7 +118,7 @@ def export_run(run_dir: str, out: str | None = None) -> Path:
         _write_json(scratch / "sparsity_map.json", sparsity)
         _write_json(scratch / "precision_map.json", precision)
         recipe = _recipe(rows, sparsity, precision)
-        header = _recipe_header(store.location, config, summary_row)
+        header = redact(_recipe_header(store.location, config, summary_row))
         (scratch / "recipe.yaml").write_text(header + yaml.safe_dump(recipe, sort_keys=False))
         meta = {
             "run_dir": store.location,
@@ -279,7 +280,7 @@ def _recipe_header(location: str, config: Mapping[str, Any], summary: Mapping[st
 
 # --- files ---------------------------------------------------------------------------------------
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(redact_data(data), indent=2, default=str) + "\n")
 
 
 def _check_target(target: Path) -> None:

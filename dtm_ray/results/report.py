@@ -24,6 +24,7 @@ import pandas as pd
 from dtm_ray.core.specs import parse_spec
 from dtm_ray.errors import ConfigError
 from dtm_ray.records.schemas import STATUS_OK
+from dtm_ray.redact import redact
 from dtm_ray.results.show import (
     RunTables,
     component_table,
@@ -510,6 +511,6 @@ def write_report(run_dir: str, out: str | Path | None = None) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     sections = [s for s in (make(run, target) for make in SECTIONS) if s is not None]
     title = f"dtm-ray report: {run.config.get('model')}"
-    (target / "report.md").write_text(render_markdown(title, sections))
-    (target / "report.html").write_text(render_html(title, sections))
+    (target / "report.md").write_text(redact(render_markdown(title, sections)))
+    (target / "report.html").write_text(redact(render_html(title, sections)))
     return target / "report.html"
