@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -43,7 +44,7 @@ from dtm_ray.records.schemas import (
     dedupe_probes,
     probe_keys,
 )
-from dtm_ray.redact import redact, redact_data
+from dtm_ray.redact import MASK, PATTERNS, redact, redact_data, secret_values
 
 _TEMP_PREFIX = "."
 _ROUND_OF_FILE = re.compile(r"(?:part-r|round-)(\d+)")
@@ -66,16 +67,18 @@ def _first_line(err: BaseException) -> str:
 
 
 def _redacted(table: pa.Table) -> pa.Table:
-    """The table with secrets masked in its text columns (errors, workers, names); a no-op
-    unless a text cell holds one."""
+    """The table with secrets masked in its text columns (errors, workers, names), with Arrow's
+    vectorized string kernels (a compaction redacts thousands of rows)."""
+    secrets = secret_values()
     for i, field in enumerate(table.schema):
         if not pa.types.is_string(field.type) and not pa.types.is_large_string(field.type):
             continue
         column = table.column(i)
-        values = column.to_pylist()
-        masked = [None if v is None else redact(v) for v in values]
-        if masked != values:
-            table = table.set_column(i, field, pa.array(masked, type=field.type))
+        for value in secrets:
+            column = pc.replace_substring(column, value, MASK)
+        for pattern, replacement in PATTERNS:
+            column = pc.replace_substring_regex(column, pattern, replacement)
+        table = table.set_column(i, field, column)
     return table
 
 
