@@ -268,7 +268,10 @@ def test_a_killed_engine_actor_is_restarted_and_no_probe_is_lost(
     ray_session, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    plan = make_plan(tmp_path, tiny_job(tiny_llama_dir, out))
+    # One actor: after the kill every probe left must wait for its restart, so the restarted
+    # actor serves probes whatever the machine's speed (with two, the survivor could finish
+    # them all before the restart is up).
+    plan = make_plan(tmp_path, tiny_job(tiny_llama_dir, out, workers=1))
     killed: list[int] = []
     others = set(engine_actor_pids())  # actors other tests of this session may still hold
 
@@ -287,7 +290,7 @@ def test_a_killed_engine_actor_is_restarted_and_no_probe_is_lost(
     assert_every_probe_exactly_once(str(out), plan)
     workers = set(RunStore(str(out)).read_probes().column("worker").to_pylist())
     pids = {int(w.rpartition(":")[2]) for w in workers}
-    assert len(pids) >= 3, f"expected the restarted actor to serve probes, workers {workers}"
+    assert killed[0] in pids and len(pids) >= 2, f"the restarted actor served no probe: {workers}"
     # Had any probe been scored on a half-patched model, its FDT/SDT would differ here.
     expected = in_process_values(
         tiny_llama_dir, str(out), [(c.name, s) for c, s in plan.probes], 32
