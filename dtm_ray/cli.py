@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dtm_ray.engines import models
-from dtm_ray.errors import UserError
+from dtm_ray.errors import StorageError, UserError
 from dtm_ray.job.checks import Plan, plan_job
 from dtm_ray.job.spec import EvaluateConfig, load_job
 from dtm_ray.redact import redact
@@ -325,6 +325,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dtm-ray: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+    except StorageError as err:  # storage, not the job and not a bug: the same command resumes
+        if args.debug:
+            raise
+        print(
+            f"dtm-ray: error: {_one_line(str(err))}; run the same command again to resume once "
+            "storage is back",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as err:  # a bug, not a user mistake: say so, and keep the traceback
         if args.debug:
             raise

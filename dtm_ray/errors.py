@@ -15,3 +15,10 @@ class ConfigError(UserError, ValueError):
 class StartupError(ConfigError):
     """The cluster cannot run the job as configured: the asked-for resources never appeared
     within `startup_timeout_s`, or an engine actor could not start (out of memory, no model)."""
+
+
+class StorageError(Exception):
+    """The run directory (or an export folder) cannot be written: no space, no permission, a
+    bucket that is gone, credentials that expired, or a store that kept failing through every
+    retry. Not the user's mistake in the job, and not a bug: the run stops, what was written
+    stays readable, and the same command resumes once storage is back."""

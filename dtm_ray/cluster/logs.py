@@ -45,6 +45,7 @@ class EngineLog:
         self._file: TextIO | None = None
         self._lock = threading.Lock()
         self.announced = False  # the user was told where the file is
+        self.failed = False  # the file could not be written; nothing more is tried
 
     def handle(self, data: dict[str, Any]) -> None:
         """One batch from Ray: {"pid", "actor_name" | "task_name", "lines", "is_err", ...}."""
@@ -68,16 +69,31 @@ class EngineLog:
 
     def _append(self, lines: list[str]) -> None:
         with self._lock:
-            if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = self.path.open("a", encoding="utf-8")
-            self._file.writelines(f"{line}\n" for line in lines)
-            self._file.flush()
+            if self.failed:
+                return
+            try:
+                if self._file is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._file = self.path.open("a", encoding="utf-8")
+                self._file.writelines(f"{line}\n" for line in lines)
+                self._file.flush()
+            except OSError as err:
+                # The log must never end a run (its disk may be full); say so once, stop writing.
+                self.failed = True
+                print(
+                    f"dtm-ray: warning: cannot write {self.path} ({err}); engine output is not "
+                    "kept from here on",
+                    file=self.echo or sys.stderr,
+                    flush=True,
+                )
 
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
-                self._file.close()
+                try:
+                    self._file.close()
+                except OSError:
+                    pass  # reported when the write failed
                 self._file = None
 
 

@@ -26,7 +26,7 @@ from dtm_ray.cluster.actor import RoundContext
 from dtm_ray.cluster.logs import ENGINE_LOG, engine_logs, local_log_dir
 from dtm_ray.core.state import ModelState, Reference
 from dtm_ray.engines.models import model_digest
-from dtm_ray.errors import ConfigError
+from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.job.checks import Plan
 from dtm_ray.job.resume import check_same_config, config_fingerprint
 from dtm_ray.log import log
@@ -163,15 +163,7 @@ def _run_plan(
                 final["tasks"] = _tasks(store, plan)
     finally:
         lease.release()
-        # A run that measured nothing (its actors never started) leaves nothing behind, so
-        # the user can change the job and start again without cleaning up.
-        if not store.holds_results():
-            if created:
-                store.delete("run.json")
-            if not existed:
-                # The engines' start-up output goes with it: the error line names the cause.
-                store.remove_logs()
-                store.remove_root_if_empty()
+        _remove_if_empty(store, created, existed)
     reference = reference_of(store, 0)
     table = store.read_probes()
     if print_summary:
@@ -180,6 +172,23 @@ def _run_plan(
         else:
             print(format_compression_summary(store, final), flush=True)
     return RunOutcome(job.out, table, reference, ran, time.monotonic() - start, final)
+
+
+def _remove_if_empty(store: RunStore, created: bool, existed: bool) -> None:
+    """A run that measured nothing (its actors never started) leaves nothing behind, so the user
+    can change the job and start again without cleaning up. Best effort: it runs while the
+    run's own error may be on its way out, and that error is the one to report."""
+    try:
+        if store.holds_results():
+            return
+        if created:
+            store.delete("run.json")
+        if not existed:
+            # The engines' start-up output goes with it: the error line names the cause.
+            store.remove_logs()
+            store.remove_root_if_empty()
+    except (StorageError, OSError) as err:
+        log(f"warning: could not tidy up {store.location}: {err}")
 
 
 def _open_run(plan: Plan, store: RunStore) -> bool:

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any
 
-from dtm_ray.errors import ConfigError
+from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.log import log
 from dtm_ray.records.store import RunStore
 
@@ -102,15 +102,20 @@ class RunLease:
                 log(f"could not renew the lease of {self.store.location}: {err}")
 
     def release(self) -> None:
+        """Give the lease up; never raises (it runs while another error may be on its way out):
+        a lease that cannot be removed lapses after `stale_after_s` without heartbeats."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         try:
             holder = self.store.read_json(LEASE_FILE)
-        except ConfigError:
-            holder = None
-        if holder is not None and holder.get("token") == self.token:
-            self.store.delete(LEASE_FILE)
+            if holder is not None and holder.get("token") == self.token:
+                self.store.delete(LEASE_FILE)
+        except (ConfigError, StorageError, OSError) as err:
+            log(
+                f"warning: could not remove the lease of {self.store.location} ({err}); "
+                f"it lapses {self.stale_after_s:.0f} s after its last heartbeat"
+            )
 
     def __enter__(self) -> RunLease:
         return self.acquire()

@@ -19,10 +19,16 @@ because a single long-lived ParquetWriter file is unreadable once its writer is 
 round ends they are compacted into one file per round (object stores list small files slowly).
 Compaction writes the round file first and deletes the parts after, so a kill in between leaves
 duplicates, which reads drop, and never a gap.
+
+Storage failures: every write and delete is retried on a transient error (a timeout, a throttle,
+a 5xx, a dropped connection) with bounded backoff; a persistent one (no space, no permission, no
+bucket, bad credentials), or a transient one that outlasts the retries, raises `StorageError`
+naming the run directory, the operation and the cause. A failed write leaves no visible file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -36,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dtm_ray.errors import ConfigError
+from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.records.schemas import (
     PROBE_SCHEMA,
     REFERENCE_SCHEMA,
@@ -47,6 +53,25 @@ from dtm_ray.records.schemas import (
 from dtm_ray.redact import MASK, PATTERNS, redact, redact_data, secret_values
 
 _TEMP_PREFIX = "."
+# Waits between tries of a write that failed transiently: about 15 s in all before giving up.
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+_PERSISTENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+# How persistent failures read where no errno is set (pyarrow's S3 and GCS clients).
+_PERSISTENT_WORDS = (
+    "no space left",
+    "disk quota",
+    "permission denied",
+    "read-only file system",
+    "access_denied",
+    "accessdenied",
+    "no_such_bucket",
+    "nosuchbucket",
+    "invalidaccesskeyid",
+    "invalid_access_key",
+    "signaturedoesnotmatch",
+    "expiredtoken",
+    "token has expired",
+)
 _ROUND_OF_FILE = re.compile(r"(?:part-r|round-)(\d+)")
 
 
@@ -64,6 +89,22 @@ def _is_visible_data_file(name: str) -> bool:
 def _first_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+def is_persistent(err: BaseException) -> bool:
+    """Whether a storage error will not go away by trying again."""
+    if getattr(err, "errno", None) in _PERSISTENT_ERRNOS:
+        return True
+    text = str(err).lower()
+    return any(word in text for word in _PERSISTENT_WORDS)
+
+
+def _cause(err: BaseException) -> str:
+    code = getattr(err, "errno", None)
+    if code in errno.errorcode:  # "No space left on device (ENOSPC)", without "[Errno 28]"
+        text = getattr(err, "strerror", None) or _first_line(err)
+        return f"{text} ({errno.errorcode[code]})"
+    return _first_line(err)
 
 
 def _redacted(table: pa.Table) -> pa.Table:
@@ -106,7 +147,24 @@ class RunStore:
     def _exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
+    def _retrying(self, operation: str, path: str, action: Callable[[], Any]) -> Any:
+        """Run a storage action, retrying transient failures; StorageError when it cannot."""
+        for delay in (*RETRY_DELAYS_S, None):
+            try:
+                return action()
+            except OSError as err:  # pyarrow's I/O errors, local and remote, are OSErrors
+                if delay is None or is_persistent(err):
+                    relative = path.removeprefix(self.root.rstrip("/") + "/")
+                    raise StorageError(
+                        f"cannot {operation} {relative} in run dir {self.location}: {_cause(err)}"
+                    ) from err
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
     def _write_atomically(self, path: str, write: Callable[[Any], None]) -> None:
+        self._retrying("write", path, lambda: self._write_once(path, write))
+
+    def _write_once(self, path: str, write: Callable[[Any], None]) -> None:
         folder, _, name = path.rpartition("/")
         self.fs.create_dir(folder, recursive=True)
         temp = f"{folder}/{_TEMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -115,9 +173,15 @@ class RunStore:
                 write(stream)
             self.fs.move(temp, path)
         except BaseException:
-            if self._exists(temp):
-                self.fs.delete_file(temp)
+            try:  # no half-written file stays behind, not even a hidden one
+                if self._exists(temp):
+                    self.fs.delete_file(temp)
+            except OSError:
+                pass  # the write's own error is the one to report
             raise
+
+    def _delete_file(self, path: str) -> None:
+        self._retrying("delete", path, lambda: self.fs.delete_file(path))
 
     def _write_table(self, path: str, table: pa.Table) -> None:
         table = _redacted(table)
@@ -199,7 +263,7 @@ class RunStore:
         """Remove a file at the run's root, if there."""
         path = self._path(name)
         if self._exists(path):
-            self.fs.delete_file(path)
+            self._delete_file(path)
 
     def exists(self) -> bool:
         return self._exists(self.root)
@@ -216,13 +280,13 @@ class RunStore:
         """Delete `logs/` (the engines' output of a run that measured nothing)."""
         path = self._path("logs")
         if self._exists(path):
-            self.fs.delete_dir(path)
+            self._retrying("delete", path, lambda: self.fs.delete_dir(path))
 
     def remove_root_if_empty(self) -> None:
         """Delete the run directory itself when nothing is left in it."""
         selector = pafs.FileSelector(self.root, allow_not_found=True)
         if self._exists(self.root) and not self.fs.get_file_info(selector):
-            self.fs.delete_dir(self.root)
+            self._retrying("delete", self.root, lambda: self.fs.delete_dir(self.root))
 
     def open_run(self, config: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
         """run.json of this run: the stored one on resume (comparing configs is the caller's
@@ -322,7 +386,7 @@ class RunStore:
         table = self.read_probes(round_=round_)
         self.write_round_table("probes", round_, table)
         for path in parts:
-            self.fs.delete_file(path)
+            self._delete_file(path)
 
     # --- final -----------------------------------------------------------------------------
     def write_final(self, name: str, table: pa.Table) -> None:
@@ -336,7 +400,7 @@ class RunStore:
         """Make `folder` hold exactly `files` (name -> text), e.g. lm-eval's per-example output."""
         path = self._path(folder)
         if self._exists(path):
-            self.fs.delete_dir_contents(path)
+            self._retrying("empty", path, lambda: self.fs.delete_dir_contents(path))
         for name, text in files.items():
             data = redact(text).encode()
             self._write_atomically(self._path(folder, name), lambda stream, d=data: stream.write(d))

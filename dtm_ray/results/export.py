@@ -40,7 +40,7 @@ import dtm_ray
 from dtm_ray.core.components import KINDS
 from dtm_ray.core.specs import parse_spec, precision_of
 from dtm_ray.core.state import Chain, ModelState
-from dtm_ray.errors import ConfigError
+from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.records.schemas import (
     CALIBRATION_SCHEMA,
     FINAL_SUMMARY_SCHEMA,
@@ -48,7 +48,7 @@ from dtm_ray.records.schemas import (
     calibration_from_table,
     state_from_table,
 )
-from dtm_ray.records.store import RunStore
+from dtm_ray.records.store import RunStore, is_persistent
 from dtm_ray.redact import redact, redact_data
 
 # Files that hold weights: the checkpoint's own are rewritten, any other format (an uncompressed
@@ -132,6 +132,10 @@ def export_run(run_dir: str, out: str | None = None) -> Path:
         }
         _write_json(scratch / _MARKER, meta)  # written last: it marks a complete export
         _replace(scratch, target)
+    except OSError as err:
+        if is_persistent(err):  # a full disk or a folder without write permission
+            raise StorageError(f"cannot write the export to {target}: {err}") from err
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target

@@ -1,0 +1,256 @@
+"""When the run directory cannot be written: transient errors (a timeout, a throttle) are retried
+and the run goes on; a persistent one (a full disk, no permission) ends the run in one line with
+exit code 1, the lease released and no half-written file, and the same command resumes it to
+the same result as a run never disturbed."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import FDT_SPARSIFY, tiny_compress_job
+
+from dtm_ray import cli
+from dtm_ray.cluster.logs import EngineLog
+from dtm_ray.errors import StorageError
+from dtm_ray.records import store as store_module
+from dtm_ray.records.lease import LEASE_FILE, RunLease
+from dtm_ray.records.store import RunStore
+
+TRANSIENT = "AWS Error NETWORK_CONNECTION during PutObject operation: Timeout was reached"
+
+
+class FaultyFS:
+    """A pyarrow filesystem that fails the calls `fail(method, path)` says should fail."""
+
+    FAULTY = ("create_dir", "open_output_stream", "move", "delete_file", "delete_dir")
+
+    def __init__(self, fs: pafs.FileSystem, fail: Callable[[str, str], OSError | None]) -> None:
+        self._fs, self.fail = fs, fail
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        method = getattr(self._fs, name)
+        if name not in self.FAULTY:
+            return method
+
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            err = self.fail(name, str(args[0]) if args else "")
+            if err is not None:
+                raise err
+            return method(*args, **kwargs)
+
+        return call
+
+
+def faulty_store(monkeypatch, fail: Callable[[str, str], OSError | None]) -> None:
+    """Every RunStore made from now on writes through FaultyFS(fail)."""
+    real = store_module._split_uri
+
+    def split(uri: str):  # noqa: ANN202
+        fs, root = real(uri)
+        return FaultyFS(fs, fail), root
+
+    monkeypatch.setattr(store_module, "_split_uri", split)
+    monkeypatch.setattr(store_module, "RETRY_DELAYS_S", (0.01, 0.01, 0.01, 0.01, 0.01))
+
+
+def every_nth_write(n: int, error: Callable[[], OSError]) -> Callable[[str, str], OSError | None]:
+    """Fail every n-th opened output stream."""
+    count = {"writes": 0}
+
+    def fail(method: str, path: str) -> OSError | None:
+        if method != "open_output_stream":
+            return None
+        count["writes"] += 1
+        return error() if count["writes"] % n == 0 else None
+
+    return fail
+
+
+def visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+# --- the store -----------------------------------------------------------------------------------
+def test_a_transient_error_is_retried_and_the_write_lands(monkeypatch, tmp_path) -> None:
+    tries = []
+
+    def fail(method: str, path: str) -> OSError | None:
+        if method == "open_output_stream":
+            tries.append(path)
+            return OSError(TRANSIENT) if len(tries) <= 2 else None
+        return None
+
+    faulty_store(monkeypatch, fail)
+    store = RunStore(str(tmp_path / "run"))
+    store.write_json("run.json", {"config": {"model": "m"}})
+    assert len(tries) == 3  # two failures, then the write
+    assert store.read_run_info() == {"config": {"model": "m"}}
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["run.json"]  # no temp file left
+
+
+def test_a_full_disk_ends_at_once_naming_the_run_the_file_and_the_cause(
+    monkeypatch, tmp_path
+) -> None:
+    tries = []
+
+    def fail(method: str, path: str) -> OSError | None:
+        if method == "open_output_stream":
+            tries.append(path)
+            return OSError(errno.ENOSPC, "No space left on device")
+        return None
+
+    faulty_store(monkeypatch, fail)
+    store = RunStore(str(tmp_path / "run"))
+    with pytest.raises(StorageError) as raised:
+        store.write_json("run.json", {"config": {}})
+    assert len(tries) == 1  # a persistent error is not retried
+    message = str(raised.value)
+    assert message.startswith("cannot write run.json in run dir ")
+    assert str(tmp_path / "run") in message and message.endswith("(ENOSPC)")
+    assert visible_files(tmp_path) == []
+
+
+def test_a_transient_error_that_does_not_end_gives_up_after_the_retries(
+    monkeypatch, tmp_path
+) -> None:
+    faulty_store(monkeypatch, every_nth_write(1, lambda: OSError(TRANSIENT)))
+    store = RunStore(str(tmp_path / "run"))
+    start = time.monotonic()
+    with pytest.raises(StorageError, match="cannot write run.json in run dir .*NETWORK_CONNECTION"):
+        store.write_json("run.json", {"config": {}})
+    assert time.monotonic() - start >= 0.05  # it waited between the six tries
+    assert visible_files(tmp_path) == []
+
+
+def test_releasing_the_lease_on_failing_storage_does_not_raise(monkeypatch, tmp_path, capsys):
+    store = RunStore(str(tmp_path / "run"))
+    lease = RunLease(store, settle_s=0).acquire()
+    faulty_store(monkeypatch, lambda method, path: OSError(errno.EACCES, "Permission denied"))
+    lease.store = RunStore(str(tmp_path / "run"))
+    lease.release()
+    assert "could not remove the lease" in capsys.readouterr().err
+    assert (tmp_path / "run" / LEASE_FILE).is_file()  # it lapses without heartbeats
+
+
+def test_an_unwritable_engine_log_warns_once_and_the_run_goes_on(tmp_path, capsys) -> None:
+    (tmp_path / "logs").write_text("a file where the log folder should be")
+    log = EngineLog(tmp_path / "logs" / "engines.log", verbose=False)
+    log.write(["first"])
+    log.write(["second"])
+    log.close()
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1 and "engine output is not kept" in err
+
+
+# --- real runs -----------------------------------------------------------------------------------
+def final_state(run: Path) -> dict[str, list[str]]:
+    states = pd.read_parquet(run / "states")
+    last = states[states["round"] == states["round"].max()]
+    return {r.component: list(r.chain) for r in last.itertuples()}
+
+
+def assert_same_result(run: Path, undisturbed: Path) -> None:
+    probes = pd.read_parquet(run / "probes")
+    assert not probes.duplicated(["round", "component", "spec"]).any()
+    expected = pd.read_parquet(undisturbed / "probes")
+    assert len(probes) == len(expected)
+    assert final_state(run) == final_state(undisturbed)
+    final, expected_final = (pd.read_parquet(r / "final" / "prompts") for r in (run, undisturbed))
+    pd.testing.assert_frame_equal(final, expected_final)
+    for path in visible_files(run):
+        if path.suffix == ".parquet":
+            pq.read_table(path)  # every visible table file is whole
+
+
+def write_job(folder: Path, model_dir: Path, out: Path) -> Path:
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_compress_job(model_dir, out, FDT_SPARSIFY)))
+    return path
+
+
+@pytest.mark.slow
+def test_transient_storage_errors_are_retried_and_change_nothing(
+    ray_session, fdt_sparsify_run, monkeypatch, tiny_llama_dir: Path, tmp_path: Path, capsys
+) -> None:
+    undisturbed, _ = fdt_sparsify_run
+    faulty_store(monkeypatch, every_nth_write(3, lambda: OSError(TRANSIENT)))
+    out = tmp_path / "run"
+    assert cli.main(["run", str(write_job(tmp_path, tiny_llama_dir, out))]) == 0
+    assert_same_result(out, undisturbed)
+    assert not (out / LEASE_FILE).exists()
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    folder.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_run_in_one_line_and_the_same_command_resumes(
+    ray_session, fdt_sparsify_run, tiny_llama_dir: Path, tmp_path: Path, capsys
+) -> None:
+    undisturbed, _ = fdt_sparsify_run
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "64m"):
+        pytest.skip("mounting a tmpfs needs root and the mount command")
+    try:
+        out = disk / "run"
+        job = write_job(tmp_path, tiny_llama_dir, out)
+        ballast = disk / "ballast"
+
+        def fill_the_disk_once_probes_arrive() -> None:
+            deadline = time.monotonic() + 300
+            while not list((out / "probes").glob("part-*.parquet")):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.02)
+            with open(ballast, "wb") as fill:
+                try:
+                    while True:
+                        fill.write(b"\0" * (1 << 20))
+                        fill.flush()
+                except OSError:
+                    pass  # full
+
+        filler = threading.Thread(target=fill_the_disk_once_probes_arrive, daemon=True)
+        filler.start()
+        start = time.monotonic()
+        code = cli.main(["run", str(job)])
+        seconds = time.monotonic() - start
+        filler.join(timeout=10)
+        err = capsys.readouterr().err
+        failed = [line for line in err.splitlines() if line.startswith("dtm-ray: error:")]
+        with capsys.disabled():
+            print(f"\nfull disk: exit {code} after {seconds:.1f} s: {failed}")
+        assert code == 1, err
+        assert len(failed) == 1 and "Traceback" not in err
+        assert f"in run dir {out}:" in failed[0] and "(ENOSPC)" in failed[0]
+        assert failed[0].endswith("run the same command again to resume once storage is back")
+        assert not (out / LEASE_FILE).exists()  # released (a delete frees space, so it works)
+        for path in visible_files(out):
+            if path.suffix == ".parquet":
+                pq.read_table(path)  # nothing half-written is visible
+
+        ballast.unlink()  # space again: the same command resumes
+        assert cli.main(["run", str(job)]) == 0, capsys.readouterr().err
+        assert "done before" in capsys.readouterr().err
+        assert_same_result(out, undisturbed)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
