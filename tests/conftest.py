@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 # Keep Ray's token auth off for the whole session, so the local cluster, `ray start` and
@@ -106,3 +108,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- checks on finished runs, shared by the failure tests -----------------------------------
+def visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def final_state(run: Path) -> dict[str, list[str]]:
+    states = pd.read_parquet(run / "states")
+    last = states[states["round"] == states["round"].max()]
+    return {r.component: list(r.chain) for r in last.itertuples()}
+
+
+def assert_same_result(run: Path, undisturbed: Path) -> None:
+    probes = pd.read_parquet(run / "probes")
+    assert not probes.duplicated(["round", "component", "spec"]).any()
+    expected = pd.read_parquet(undisturbed / "probes")
+    assert len(probes) == len(expected)
+    assert final_state(run) == final_state(undisturbed)
+    final, expected_final = (pd.read_parquet(r / "final" / "prompts") for r in (run, undisturbed))
+    pd.testing.assert_frame_equal(final, expected_final)
+    for path in visible_files(run):
+        if path.suffix == ".parquet":
+            pq.read_table(path)  # every visible table file is whole

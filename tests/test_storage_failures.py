@@ -14,12 +14,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import FDT_SPARSIFY, tiny_compress_job
+from conftest import FDT_SPARSIFY, assert_same_result, tiny_compress_job, visible_files
 
 from dtm_ray import cli
 from dtm_ray.cluster.logs import EngineLog
@@ -76,10 +75,6 @@ def every_nth_write(n: int, error: Callable[[], OSError]) -> Callable[[str, str]
         return error() if count["writes"] % n == 0 else None
 
     return fail
-
-
-def visible_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 # --- the store -----------------------------------------------------------------------------------
@@ -155,25 +150,6 @@ def test_an_unwritable_engine_log_warns_once_and_the_run_goes_on(tmp_path, capsy
 
 
 # --- real runs -----------------------------------------------------------------------------------
-def final_state(run: Path) -> dict[str, list[str]]:
-    states = pd.read_parquet(run / "states")
-    last = states[states["round"] == states["round"].max()]
-    return {r.component: list(r.chain) for r in last.itertuples()}
-
-
-def assert_same_result(run: Path, undisturbed: Path) -> None:
-    probes = pd.read_parquet(run / "probes")
-    assert not probes.duplicated(["round", "component", "spec"]).any()
-    expected = pd.read_parquet(undisturbed / "probes")
-    assert len(probes) == len(expected)
-    assert final_state(run) == final_state(undisturbed)
-    final, expected_final = (pd.read_parquet(r / "final" / "prompts") for r in (run, undisturbed))
-    pd.testing.assert_frame_equal(final, expected_final)
-    for path in visible_files(run):
-        if path.suffix == ".parquet":
-            pq.read_table(path)  # every visible table file is whole
-
-
 def write_job(folder: Path, model_dir: Path, out: Path) -> Path:
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(tiny_compress_job(model_dir, out, FDT_SPARSIFY)))
