@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import FDT_SPARSIFY, tiny_compress_job
+from conftest import FDT_SPARSIFY, final_state, tiny_compress_job
 from transformers_check import dense_reference, first_divergence, free_running_greedy
 
 from dtm_ray.job.checks import plan_job
@@ -46,12 +46,6 @@ def run_job(tmp_path: Path, job: dict, name: str = "job.yaml"):
 
 def read(run: Path, table: str) -> pd.DataFrame:
     return pd.read_parquet(run / table)
-
-
-def final_state(run: Path) -> dict[str, list[str]]:
-    states = read(run, "states")
-    last = states[states["round"] == states["round"].max()]
-    return {r.component: list(r.chain) for r in last.itertuples()}
 
 
 def overall(frame: pd.DataFrame, column: str = "sparsity") -> float:
