@@ -117,6 +117,80 @@ def test_a_probe_that_kills_its_actor_is_recorded_failed_and_the_others_finish(
     assert {r["attempts"] for r in rows.values()} == {1}
 
 
+# --- an actor killed while its memory grows ----------------------------------------------------
+HUNGRY = "model.layers.1.self_attn.v_proj.weight"
+HUNGRY_MARK = Path(os.environ.get("TMPDIR", "/tmp")) / f"dtm-ray-hungry-{os.getpid()}"
+
+
+class HungryActor(EngineActor):
+    """An engine actor whose first probe of HUNGRY grows its memory until it is killed, as a
+    probe that overruns its node's memory does until Ray's memory monitor kills the process."""
+
+    def probe(self, delta, context):  # noqa: ANN001, ANN201
+        if HUNGRY in delta and not HUNGRY_MARK.exists():
+            HUNGRY_MARK.write_text(str(os.getpid()))
+            grown = []
+            for _ in range(160):  # up to 5 GiB over ~8 s, if nobody kills it first
+                grown.append(np.ones(2**22, dtype=np.float64))  # 32 MiB, touched
+                time.sleep(0.05)
+            raise RuntimeError("nobody killed the hungry actor")
+        return super().probe(delta, context)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.slow
+def test_an_actor_killed_while_its_memory_grows_costs_its_probe_one_crash_only(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    HUNGRY_MARK.unlink(missing_ok=True)
+    out = tmp_path / "run"
+    plan = plan_job(load_job(write_job(tmp_path, tiny_llama_dir, out, max_probe_crashes=2)))
+    store = RunStore(str(out))
+    engines = JobEngines(plan, 2, actor_class=HungryActor)
+    killed = {}
+
+    def kill_once_grown() -> None:
+        deadline = time.monotonic() + 300
+        while not HUNGRY_MARK.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = int(HUNGRY_MARK.read_text())
+        start = _rss_mib(pid)
+        while _rss_mib(pid) < start + 512 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        killed["grown_mib"] = _rss_mib(pid) - start
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+    killer = ThreadPoolExecutor(1).submit(kill_once_grown)
+    try:
+        reference = build_reference(engines, store, plan.job, 0, ModelState())
+        context = RoundContext(0, ModelState(), reference.reference)
+        probes = [Probe(c, s) for c, s in plan.probes]
+        ran = run_probes(engines, store, context, probes, Streaming())
+    finally:
+        engines.close()
+        HUNGRY_MARK.unlink(missing_ok=True)
+    killer.result(timeout=10)
+    rows = {r["component"]: r for r in store.read_probes().to_pylist()}
+    print(
+        f"\nmemory kill: actor {killed['pid']} killed after growing {killed['grown_mib']:.0f} MiB"
+    )
+    assert ran == 8 and len(rows) == 8
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    # Charged as a crash of its probe, which ran again on the restarted actor; nothing else.
+    assert rows[HUNGRY]["attempts"] == 2
+    assert [r["attempts"] for c, r in rows.items() if c != HUNGRY] == [1] * 7
+
+
 # --- a job asking for a GPU the cluster does not have --------------------------------------------
 def _processes_with(marker: str, names: tuple[str, ...]) -> list[tuple[int, str]]:
     """(pid, name) of the processes called one of `names` whose environment holds `marker`."""

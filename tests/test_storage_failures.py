@@ -9,16 +9,16 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import FDT_SPARSIFY, assert_same_result, tiny_compress_job, visible_files
+from faults import TRANSIENT, Fail, every_nth_write, faulty_split
 
 from dtm_ray import cli
 from dtm_ray.cluster.logs import EngineLog
@@ -27,54 +27,11 @@ from dtm_ray.records import store as store_module
 from dtm_ray.records.lease import LEASE_FILE, RunLease
 from dtm_ray.records.store import RunStore
 
-TRANSIENT = "AWS Error NETWORK_CONNECTION during PutObject operation: Timeout was reached"
 
-
-class FaultyFS:
-    """A pyarrow filesystem that fails the calls `fail(method, path)` says should fail."""
-
-    FAULTY = ("create_dir", "open_output_stream", "move", "delete_file", "delete_dir")
-
-    def __init__(self, fs: pafs.FileSystem, fail: Callable[[str, str], OSError | None]) -> None:
-        self._fs, self.fail = fs, fail
-
-    def __getattr__(self, name: str):  # noqa: ANN204
-        method = getattr(self._fs, name)
-        if name not in self.FAULTY:
-            return method
-
-        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            err = self.fail(name, str(args[0]) if args else "")
-            if err is not None:
-                raise err
-            return method(*args, **kwargs)
-
-        return call
-
-
-def faulty_store(monkeypatch, fail: Callable[[str, str], OSError | None]) -> None:
+def faulty_store(monkeypatch, fail: Fail) -> None:
     """Every RunStore made from now on writes through FaultyFS(fail)."""
-    real = store_module._split_uri
-
-    def split(uri: str):  # noqa: ANN202
-        fs, root = real(uri)
-        return FaultyFS(fs, fail), root
-
-    monkeypatch.setattr(store_module, "_split_uri", split)
+    monkeypatch.setattr(store_module, "_split_uri", faulty_split(fail))
     monkeypatch.setattr(store_module, "RETRY_DELAYS_S", (0.01, 0.01, 0.01, 0.01, 0.01))
-
-
-def every_nth_write(n: int, error: Callable[[], OSError]) -> Callable[[str, str], OSError | None]:
-    """Fail every n-th opened output stream."""
-    count = {"writes": 0}
-
-    def fail(method: str, path: str) -> OSError | None:
-        if method != "open_output_stream":
-            return None
-        count["writes"] += 1
-        return error() if count["writes"] % n == 0 else None
-
-    return fail
 
 
 # --- the store -----------------------------------------------------------------------------------
@@ -230,3 +187,63 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_same_command_resumes(
         assert_same_result(out, undisturbed)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# --- an object store that goes away ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3_server():
+    from s3_server import S3Server
+
+    server = S3Server()
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+def test_an_object_store_that_goes_away_ends_the_run_in_one_line_and_the_same_command_resumes(
+    ray_session, fdt_sparsify_run, s3_server, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    import pyarrow.fs as pafs
+
+    undisturbed, _ = fdt_sparsify_run
+    run_uri = s3_server.uri("cut/run")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_compress_job(tiny_llama_dir, run_uri, FDT_SPARSIFY)))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    # Shorter pauses between the store's tries; each try still meets the S3 client's own
+    # retries (a gone store is reported after ~2 min with the real pauses, ~1 min here).
+    faults = Path(__file__).resolve().parent / "driver_with_faults.py"
+    command = [sys.executable, str(faults), str(job), "--quick-retries"]
+    store = s3_server.filesystem()
+
+    def part_files() -> list:
+        found = store.get_file_info(
+            pafs.FileSelector(f"{s3_server.bucket}/cut/run/probes", allow_not_found=True)
+        )
+        return [f for f in found if f.base_name.startswith("part-")]
+
+    # Logs of an object-store run go to ./dtm-ray-logs: here, the test's folder.
+    driver = subprocess.Popen(command, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not part_files() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s3_server.relay.cut()  # the store goes away mid-round: every request is refused
+    cut_at = time.monotonic()
+    try:
+        _, err = driver.communicate(timeout=300)
+    finally:
+        seconds = time.monotonic() - cut_at
+        s3_server.relay.restore()
+    failed = [line for line in err.splitlines() if line.startswith("dtm-ray: error:")]
+    print(f"\nobject store cut: exit {driver.returncode} after {seconds:.1f} s: {failed}")
+    assert driver.returncode == 1, err[-3000:]
+    assert len(failed) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"in run dir {run_uri.split('?')[0]}" in failed[0] or "s3://" in failed[0], failed
+    assert failed[0].endswith("run the same command again to resume once storage is back")
+
+    again = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "done before" in again.stderr
+    assert_same_result(s3_server.download("cut/run", tmp_path / "copy"), undisturbed)

@@ -8,9 +8,10 @@ every actor's stdout/stderr to the driver, where its printer ("ray_print_logs", 
 colour, to `path`; lines the actors print with the `dtm-ray:` prefix (our own warnings, e.g. an
 actor restarting itself) still reach stderr, and `verbose=True` sends everything there as well.
 Ray's own driver-side logger ("Started a local Ray instance", token-auth notes) goes to the same
-file. Forwarding stays on (`log_to_driver`), so this works alike for a local Ray, for a cluster
-joined through RAY_ADDRESS and under `ray job submit`, whose `ray job logs` then show the same
-quiet stream.
+file, and so do the cluster's error notices (a raylet that died, with the last 20 lines of its
+log): the user sees their first line, the file keeps them whole. Forwarding stays on
+(`log_to_driver`), so this works alike for a local Ray, for a cluster joined through RAY_ADDRESS
+and under `ray job submit`, whose `ray job logs` then show the same quiet stream.
 
 Ray's printer is private API (`ray._private.ray_logging`); if it moves, `engine_logs` leaves
 Ray's own printer in place and only the file handler on the "ray" logger is added.
@@ -19,6 +20,7 @@ Ray's own printer in place and only the file handler on the "ray" logger is adde
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -122,6 +124,33 @@ def _dispatcher() -> Any | None:
 
 _active: EngineLog | None = None
 _ray_printer: tuple[str, Any] | None = None  # Ray's handler while ours replaces it
+_ray_notices: Any = None  # Ray's printer of cluster error notices while ours replaces it
+
+
+def _print_notice(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+    """Ray's `print_to_stdstream` for the cluster's error notices (pid "raylet"): into the
+    engine log whole, to the user as one line."""
+    if _active is None or data.get("pid") != "raylet":
+        _ray_notices(data, ignore_prefix)
+        return
+    lines = [ln for text in data.get("lines", []) for ln in text.splitlines() if ln.strip()]
+    _active.handle({**data, "lines": lines})
+    if lines and not _active.verbose:
+        # The first sentences say what happened; Ray's guesses at why follow.
+        first = re.split(r"\s+(?:Possible reasons|This can happen)", lines[0])[0].strip()
+        print(
+            f"dtm-ray: ray: {redact(first)} (details in {_active.path})",
+            file=_active.echo or sys.stderr,
+            flush=True,
+        )
+
+
+def _notice_module() -> Any | None:
+    try:
+        import ray._private.worker as worker
+    except ImportError:
+        return None
+    return worker if hasattr(worker, "print_to_stdstream") else None
 
 
 def take_over_ray_output(announce: bool = True) -> None:
@@ -138,6 +167,11 @@ def take_over_ray_output(announce: bool = True) -> None:
                 _ray_printer = pair
         handlers = [p for p in dispatcher.handlers if p[0] not in (RAY_PRINTER, OUR_PRINTER)]
         dispatcher.handlers = [*handlers, (OUR_PRINTER, _active.handle)]
+    global _ray_notices
+    worker = _notice_module()
+    if worker is not None and worker.print_to_stdstream is not _print_notice:
+        _ray_notices = worker.print_to_stdstream
+        worker.print_to_stdstream = _print_notice
     if announce and not _active.announced:
         _active.announced = True
         hint = "" if _active.verbose else " (--verbose shows it)"
@@ -145,7 +179,11 @@ def take_over_ray_output(announce: bool = True) -> None:
 
 
 def _give_back_ray_output() -> None:
-    global _ray_printer
+    global _ray_printer, _ray_notices
+    worker = _notice_module()
+    if worker is not None and _ray_notices is not None:
+        worker.print_to_stdstream = _ray_notices
+        _ray_notices = None
     dispatcher = _dispatcher()
     if dispatcher is None:
         return
@@ -197,5 +235,6 @@ def local_log_dir(run_uri: str) -> Path:
     named after the run (logs are written line by line, which object stores do not do)."""
     if "://" not in run_uri or run_uri.startswith("file://"):
         return Path(run_uri.removeprefix("file://")) / "logs"
-    safe = run_uri.split("://", 1)[1].strip("/").replace("/", "_")
+    # The bucket and key only: a query (`?endpoint_override=…`) is no part of a folder name.
+    safe = run_uri.split("://", 1)[1].split("?", 1)[0].strip("/").replace("/", "_")
     return Path("dtm-ray-logs") / safe

@@ -8,6 +8,15 @@ task, Ray restarts the actor and the pool runs the task again, up to `max_crashe
 that kills its actor every time (a poison probe) is then reported failed and the others go on.
 The calls queued behind it on the same actor were not run and are resubmitted without blame.
 
+A crashed actor is marked down and gets no work until it answers again: its restart may take
+a while (a lost node is declared dead after some seconds, then the actor waits for room on
+another node, then loads the model), and a call sent to it meanwhile fails at once without
+running. The pool asks it `info()` with growing pauses; its work goes to the other actors;
+when every actor is down the pool waits, saying what holds the restart up, and gives up after
+`restart_timeout_s`. Broadcasts and other calls outside the fan-out wait for the actors they
+need the same way and run again when an actor dies under them (they are idempotent: each
+carries the state it needs).
+
 Starting actors is watched: while they wait to be placed the pool says which resources are
 missing and what the cluster offers, and gives up after `startup_timeout_s`; an actor that
 cannot start (its constructor raised: the model does not fit, or is missing) ends the run with
@@ -24,12 +33,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from dtm_ray.cluster.actor import EngineActor, start_engine_actors
 from dtm_ray.cluster.logs import take_over_ray_output
@@ -40,6 +49,8 @@ from dtm_ray.log import log
 # While actors wait to start: the first report after this many seconds, then one every REPORT_S.
 FIRST_REPORT_S = 3.0
 REPORT_S = 15.0
+# A crashed actor is asked whether it is back after these pauses (the last one repeats).
+CHECK_DELAYS_S = (0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass
@@ -92,47 +103,150 @@ class EnginePool:
     max_retries: int = 2
     max_crashes: int = 2
     names: list[str] | None = None  # the actors' worker names, for messages
+    resources: dict[str, float] = field(default_factory=dict)  # of one actor, for messages
+    restart_timeout_s: float = 600.0  # how long a crashed actor may take to come back
+    # Actors that crashed and have not answered since: index -> when (time.monotonic()).
+    down: dict[int, float] = field(default_factory=dict)
 
     def name(self, index: int) -> str:
         return self.names[index] if self.names else f"engine-{index}"
 
-    def _get(self, refs: Any) -> Any:
-        """ray.get; an actor dead for good becomes one line naming it."""
-        try:
-            return ray.get(refs)
-        except ActorDiedError as err:
-            raise StartupError(actor_failure(err, self._name_of(err))) from err
-
-    def _name_of(self, err: RayActorError) -> str:
+    def _index_of(self, err: RayActorError) -> int | None:
         for index, actor in enumerate(self.actors):
             if actor._actor_id.hex() == getattr(err, "actor_id", None):
-                return self.name(index)
-        return "engine"
+                return index
+        return None
+
+    # --- crashed actors: down until they answer again -----------------------------------------
+    def ping(self, index: int) -> ray.ObjectRef:
+        return self.actors[index].info.options(max_task_retries=0).remote()
+
+    def mark_down(self, index: int) -> None:
+        self.down.setdefault(index, time.monotonic())
+
+    def mark_up(self, index: int, info: dict[str, Any]) -> None:
+        since = self.down.pop(index, None)
+        if since is None:
+            return
+        old = self.name(index)
+        if self.names:
+            self.names[index] = info["worker"]
+        log(f"{old} is back after {time.monotonic() - since:.0f} s as {info['worker']}")
+
+    def answered(self, index: int, ref: ray.ObjectRef, timeout: float | None = None) -> bool:
+        """Whether a down actor answered the ping `ref` (and is up again); an actor that is gone
+        for good (its restarts used up, or its constructor failed) ends the run in one line."""
+        try:
+            info = ray.get(ref, timeout=timeout)
+        except ActorDiedError as err:
+            raise StartupError(actor_failure(err, self.name(index))) from err
+        except (RayActorError, GetTimeoutError):
+            return False  # still restarting
+        self.mark_up(index, info)
+        return True
+
+    def waiting(self, started: float) -> str:
+        """How long the down actors have been restarting, and what holds them up."""
+        names = ", ".join(self.name(i) for i in sorted(self.down))
+        return (
+            f"waiting {time.monotonic() - started:.0f} s for {names} to restart: "
+            f"{_restart_holdup(self.resources)}"
+        )
+
+    def give_up(self, started: float) -> StartupError:
+        names = ", ".join(self.name(i) for i in sorted(self.down))
+        return StartupError(
+            f"gave up after {time.monotonic() - started:.0f} s (startup_timeout_s): {names} "
+            f"crashed and did not restart; {_restart_holdup(self.resources)}"
+        )
+
+    def wait_until_up(self, need_all: bool) -> list[int]:
+        """The indexes of the actors that are up, once all are (`need_all`) or at least one is;
+        meanwhile the down ones are pinged with growing pauses and the wait is reported."""
+        start = min(self.down.values(), default=time.monotonic())
+        next_report = time.monotonic() + FIRST_REPORT_S
+        pauses = itertools.chain(CHECK_DELAYS_S, itertools.repeat(CHECK_DELAYS_S[-1]))
+        while True:
+            for index in sorted(self.down):
+                self.answered(index, self.ping(index), timeout=30.0)
+            up = [i for i in range(len(self.actors)) if i not in self.down]
+            if up and (not need_all or not self.down):
+                return up
+            now = time.monotonic()
+            if now - start >= self.restart_timeout_s:
+                raise self.give_up(start)
+            if now >= next_report:
+                log(self.waiting(start))
+                next_report = now + REPORT_S
+            time.sleep(next(pauses))
+
+    # --- calls outside the fan-out ------------------------------------------------------------
+    def _settled(
+        self, what: str, submit: Callable[[list[int]], list[ray.ObjectRef]], need_all: bool
+    ) -> list[Any]:
+        """ray.get of the calls `submit(up actors)` makes; when an actor dies under them, wait
+        until it is back and make them again (at most `max_crashes` times)."""
+        for attempt in itertools.count(1):
+            refs = submit(self.wait_until_up(need_all))
+            try:
+                return ray.get(refs)
+            except ActorDiedError as err:  # gone for good
+                index = self._index_of(err)
+                name = self.name(index) if index is not None else "engine"
+                raise StartupError(actor_failure(err, name)) from err
+            except RayActorError as err:  # it died and Ray is restarting it
+                index = self._index_of(err)
+                name = self.name(index) if index is not None else "an engine actor"
+                if attempt > self.max_crashes:
+                    raise StartupError(
+                        f"{name} died under {what} {attempt} times (killed or crashed: out of "
+                        f"memory, a signal or a native fault): {error_text(err)}"
+                    ) from err
+                log(f"{name} died under {what}; it runs again once the actor is back")
+                for i in [index] if index is not None else range(len(self.actors)):
+                    self.mark_down(i)
+        raise AssertionError("unreachable")
+
+    def _submit(self, index: int, method: str, *args: Any) -> ray.ObjectRef:
+        # No retries by Ray: `_settled` waits for a restarted actor and runs the call again.
+        return getattr(self.actors[index], method).options(max_task_retries=0).remote(*args)
 
     def call(self, method: str, *args: Any) -> Any:
-        """One call on the first actor."""
-        return self._get(getattr(self.actors[0], method).remote(*args))
+        """One call on the first actor that is up."""
+        return self._settled(method, lambda up: [self._submit(up[0], method, *args)], False)[0]
 
     def broadcast(self, method: str, *args: Any) -> list[Any]:
-        return self._get([getattr(a, method).remote(*args) for a in self.actors])
+        every = range(len(self.actors))
+        return self._settled(
+            method, lambda _: [self._submit(i, method, *args) for i in every], True
+        )
 
     def split(self, method: str, items: np.ndarray, *args: Any) -> list[Any]:
         """`items` cut into one chunk per actor, in order, each chunk the method's first
-        argument; returns the per-chunk results in order."""
+        argument; returns the per-chunk results in order. The chunks do not depend on which
+        actors are up (an actor that is down has its chunk run by another), so neither do the
+        results."""
         chunks = [c for c in np.array_split(items, len(self.actors)) if len(c)]
-        calls = [
-            getattr(actor, method).remote(chunk, *args)
-            for actor, chunk in zip(self.actors, chunks, strict=False)
-        ]
-        return self._get(calls)
+
+        def submit(up: list[int]) -> list[ray.ObjectRef]:
+            return [
+                self._submit(up[k % len(up)], method, chunk, *args)
+                for k, chunk in enumerate(chunks)
+            ]
+
+        return self._settled(method, submit, False)
 
     def spread(self, calls: Sequence[tuple[str, tuple]]) -> list[Any]:
         """Independent calls (method, args) spread over the actors round-robin, in parallel."""
-        refs = [
-            getattr(self.actors[i % len(self.actors)], method).remote(*args)
-            for i, (method, args) in enumerate(calls)
-        ]
-        return self._get(refs)
+
+        def submit(up: list[int]) -> list[ray.ObjectRef]:
+            return [
+                self._submit(up[k % len(up)], method, *args)
+                for k, (method, args) in enumerate(calls)
+            ]
+
+        what = ", ".join(sorted({method for method, _ in calls}))
+        return self._settled(what, submit, False)
 
     def run(
         self,
@@ -144,17 +258,23 @@ class EnginePool:
         """Every task once (retrying its own failures and its actor's crashes, both bounded);
         `on_outcome` as each finishes.
 
-        `tick` runs about once a second while tasks are in flight (e.g. a timed flush).
+        `tick` runs about once a second while tasks are in flight or wait (e.g. a timed flush).
         """
         fan_out = _FanOut(self, method, tasks)
         fan_out.fill()
-        while fan_out.in_flight:
-            done, _ = ray.wait(list(fan_out.in_flight), num_returns=1, timeout=1.0)
+        while fan_out.in_flight or fan_out.queue:
+            waits = [*fan_out.in_flight, *fan_out.checks]
+            done = ray.wait(waits, num_returns=1, timeout=1.0)[0] if waits else []
+            if not waits:
+                time.sleep(0.2)  # every actor is down and its next ping is not due yet
             for ref in done:
-                if ref in fan_out.in_flight:  # a crash may have settled it already
+                if ref in fan_out.checks:
+                    fan_out.checked(ref)
+                elif ref in fan_out.in_flight:  # a crash may have settled it already
                     outcome = fan_out.settle(ref)
                     if outcome is not None:
                         on_outcome(outcome)
+            fan_out.check_down()
             if tick is not None:
                 tick()
             fan_out.fill()
@@ -178,9 +298,15 @@ class _FanOut:
         # Per actor, the last submission number its latest crash took down: a call numbered at
         # or below it that failed with the actor was queued behind the crashing one, not run.
         self.crashed_upto = [-1] * len(pool.actors)
+        # Pings to down actors (ref -> actor index), and when each down actor is pinged next.
+        self.checks: dict[ray.ObjectRef, int] = {}
+        self.next_check: dict[int, tuple[float, int]] = {}  # index -> (time, pauses so far)
+        self.next_report = 0.0
 
     def fill(self) -> None:
         for index, actor in enumerate(self.pool.actors):
+            if index in self.pool.down:
+                continue  # calls sent now would fail without running
             while self.queue and self.load[index] < self.pool.max_in_flight:
                 task = self.queue.popleft()
                 task.attempts += 1
@@ -188,6 +314,35 @@ class _FanOut:
                 call = getattr(actor, self.method).options(max_task_retries=0)
                 self.in_flight[call.remote(*task.args)] = (index, next(self.numbers), task)
                 self.load[index] += 1
+
+    # --- down actors ----------------------------------------------------------------------------
+    def check_down(self) -> None:
+        """Ping the down actors whose pause is over; report the wait now and then, and give up
+        when every actor has been down longer than the pool's `restart_timeout_s`."""
+        pool, now = self.pool, time.monotonic()
+        if not pool.down:
+            return
+        pinged = set(self.checks.values())
+        for index in pool.down:
+            at, pauses = self.next_check.get(index, (now, 0))
+            if index not in pinged and now >= at:
+                self.checks[pool.ping(index)] = index
+                pause = CHECK_DELAYS_S[min(pauses, len(CHECK_DELAYS_S) - 1)]
+                self.next_check[index] = (now + pause, pauses + 1)
+        if not self.queue:
+            return  # nothing waits for them; the calls in flight finish on the others
+        started = min(pool.down.values())
+        if len(pool.down) == len(pool.actors) and now - started >= pool.restart_timeout_s:
+            raise pool.give_up(started)
+        if now >= self.next_report:
+            if now - started >= FIRST_REPORT_S:
+                log(f"{pool.waiting(started)}; {len(self.queue)} call(s) wait")
+                self.next_report = now + REPORT_S
+
+    def checked(self, ref: ray.ObjectRef) -> None:
+        index = self.checks.pop(ref)
+        if self.pool.answered(index, ref):
+            self.next_check.pop(index, None)
 
     def _take(self, ref: ray.ObjectRef) -> tuple[int, int, Task]:
         index, number, task = self.in_flight.pop(ref)
@@ -209,9 +364,9 @@ class _FanOut:
                 self._again(task, ran=True)
                 return None
             return Outcome(task, error=error_text(err))
-        except ActorDiedError as err:  # gone for good: its node was removed, or it cannot start
+        except ActorDiedError as err:  # gone for good: restarts used up, or it cannot start
             raise StartupError(actor_failure(err, self.pool.name(index))) from err
-        except RayActorError as err:  # the actor died and Ray is restarting it
+        except RayActorError as err:  # the actor died (or its node) and Ray is restarting it
             if number <= self.crashed_upto[index]:
                 self._again(task, ran=False)  # queued behind the call that crashed
                 return None
@@ -243,6 +398,7 @@ class _FanOut:
             f"{self.pool.name(index)} died while running {what} (crash {suspect.crashes} of "
             f"at most {self.pool.max_crashes + 1}); Ray restarts it"
         )
+        self.pool.mark_down(index)
         if suspect.crashes > self.pool.max_crashes:
             text = (
                 f"its engine actor died under it {suspect.crashes} times (killed or crashed: "
@@ -312,7 +468,13 @@ class Engines:
                 self.actor_class,
             )
             self._pool = EnginePool(
-                actors, spec.max_in_flight, spec.max_retries, spec.max_crashes
+                actors,
+                spec.max_in_flight,
+                spec.max_retries,
+                spec.max_crashes,
+                resources=dict(resources),
+                # A restart loads the model again, so it may take as long as the start did.
+                restart_timeout_s=spec.startup_timeout_s,
             )
             # Wait until every actor has loaded the model: a model that cannot load fails here,
             # once, rather than inside the first round's calls.
@@ -404,3 +566,16 @@ def _holdup(resources: dict[str, float], count: int) -> str:
     if others and not all(free.get(k, 0) >= v for k, v in wanted.items()):
         return f"each needs {ask}, now in use by other work (free: {_amounts(free)})"
     return "loading the model"
+
+
+def _restart_holdup(resources: dict[str, float]) -> str:
+    """Why a crashed actor asking for `resources` is not back yet, in words."""
+    wanted = {k: float(v) for k, v in resources.items() if v > 0}
+    free = ray.available_resources()
+    if all(free.get(k, 0) >= v for k, v in wanted.items()):
+        return "loading the model again"
+    ask = "{" + ", ".join(f"{k}: {v:g}" for k, v in wanted.items()) + "}"
+    return (
+        f"it needs {ask} and no node has that free (free: {_amounts(free)}); it waits for room "
+        "on a node (an autoscaler may add one)"
+    )

@@ -89,6 +89,7 @@ class RunLease:
         return self
 
     def _beat(self) -> None:
+        failing = False  # said once per outage, not at every beat
         while not self._stop.wait(self.heartbeat_s):
             try:
                 holder = self.store.read_json(LEASE_FILE)
@@ -98,8 +99,16 @@ class RunLease:
                     _thread.interrupt_main()  # the driver stops as on Ctrl-C
                     return
                 self.store.write_json(LEASE_FILE, self._record())
+                if failing:
+                    log(f"renewed the lease of {self.store.location} again")
+                    failing = False
             except Exception as err:  # noqa: BLE001 - a storage hiccup: try again next beat
-                log(f"could not renew the lease of {self.store.location}: {err}")
+                if not failing:
+                    log(
+                        f"could not renew the lease of {self.store.location} ({err}); trying "
+                        f"again every {self.heartbeat_s:g} s"
+                    )
+                failing = True
 
     def release(self) -> None:
         """Give the lease up; never raises (it runs while another error may be on its way out):
