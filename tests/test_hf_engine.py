@@ -139,6 +139,23 @@ def test_edits_are_live_and_restore_is_bit_identical(engine, prefixes):
     np.testing.assert_array_equal(restored.ref_logprob, base.ref_logprob)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_edited_weights_come_back_from_the_checkpoint_not_from_copies(tiny_llama_dir, dtype):
+    from safetensors import safe_open
+
+    engine = HFEngine(tiny_llama_dir, dtype=dtype)
+    before = weights_digest(engine)
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    engine.set_weights({n: torch.zeros_like(engine.original_weight(n)) for n in names})
+    # No copy of what was overwritten: the originals are the checkpoint's tensors, as loaded.
+    assert engine._originals == {}
+    with safe_open(tiny_llama_dir / "model.safetensors", "pt") as f:
+        stored = f.get_tensor(names[0]).to(getattr(torch, dtype))
+    assert torch.equal(engine.original_weight(names[0]), stored)
+    engine.restore(names)
+    assert weights_digest(engine) == before
+
+
 def test_bad_weight_edits(engine):
     with pytest.raises(KeyError, match="no weight named"):
         engine.set_weights({"model.layers.9.mlp.up_proj.weight": torch.zeros(1)})

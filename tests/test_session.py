@@ -153,3 +153,98 @@ def test_zero_shares_measure_the_current_weights(engine: HFEngine) -> None:
     numel = 128 * 128
     assert shares[Q0] == (round(0.25 * numel) / numel, numel - round(0.25 * numel))
     assert shares[UP0] == (0.0, 256 * 128)
+
+
+# --- state changes at scale: incremental, bounded, replays only where they must ---------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_magnitude_chain_replays_as_its_last_link_alone(smollm2_dir: Path, dtype) -> None:
+    from safetensors import safe_open
+
+    from dtm_ray.core.compress import replay
+
+    with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
+        w = f.get_tensor("model.layers.3.mlp.down_proj.weight").to(dtype)
+    chain = tuple(Link(f"magnitude:{s}") for s in (0.1, 0.19, 0.271, 0.3439, 0.5))
+    step_by_step = w
+    for link in chain:
+        step_by_step = compress(step_by_step, link.spec)
+    # What every sparsify round does (each link on the last one's weight) is one pass at the
+    # last sparsity: the replay that a restarted actor, resume and export run.
+    assert torch.equal(step_by_step, compress(w, "magnitude:0.5"))
+    assert torch.equal(replay(w, chain), step_by_step)
+    # Not when a later link prunes less (the first link's zeros stay): applied in order.
+    shrinking = (Link("magnitude:0.5"), Link("magnitude:0.3"))
+    assert torch.equal(replay(w, shrinking), compress(w, "magnitude:0.5"))
+    assert not torch.equal(replay(w, shrinking), compress(w, "magnitude:0.3"))
+
+
+class CountingEngine:
+    """An engine wrapper that counts the weights each call writes and what it reads back."""
+
+    def __init__(self, engine: HFEngine) -> None:
+        self.engine, self.writes, self.bytes_per_write = engine, 0, []
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.engine, name)
+
+    def set_weights(self, weights) -> None:  # noqa: ANN001
+        self.writes += len(weights)
+        self.bytes_per_write.append(sum(w.nbytes for w in weights.values()))
+        self.engine.set_weights(weights)
+
+
+def test_a_state_change_runs_only_the_new_links_on_the_weights_the_engine_holds(
+    tiny_llama_dir: Path, monkeypatch
+) -> None:
+    norm = np.linspace(0.5, 2.0, 256, dtype=np.float32)
+    first = ModelState({Q0: (Link("magnitude:0.2"),), DOWN1: (Link("wanda:0.3", 0, norm),)})
+    later = ModelState(
+        {
+            Q0: (Link("magnitude:0.2"), Link("magnitude:0.36")),
+            DOWN1: (Link("wanda:0.3", 0, norm), Link("wanda:0.5", 1, norm[::-1].copy())),
+            UP0: (Link("int8"),),
+        }
+    )
+    incremental = EngineSession(HFEngine(tiny_llama_dir))
+    incremental.apply_state(first)
+    replays = []
+    real = incremental.replay
+    monkeypatch.setattr(incremental, "replay", lambda n, c: replays.append(n) or real(n, c))
+    incremental.apply_state(later)
+    # Q0 and DOWN1 grew by one link each, run on the held weights; only UP0 was new.
+    assert replays == [UP0]
+    fresh = EngineSession(HFEngine(tiny_llama_dir))
+    fresh.apply_state(later)
+    assert weights_digest(incremental.engine) == weights_digest(fresh.engine)
+
+
+def test_a_state_change_writes_in_batches_bounded_by_the_push_budget(tiny_llama_dir: Path) -> None:
+    names = [f"model.layers.{i}.mlp.{k}_proj.weight" for i in (0, 1) for k in ("gate", "up")]
+    state = ModelState({name: (Link("magnitude:0.5"),) for name in names})
+    one_weight = 256 * 128 * 4  # bytes of one float32 [256, 128] matrix
+    bounded = CountingEngine(HFEngine(tiny_llama_dir))
+    EngineSession(bounded, push_bytes=one_weight + 1).apply_state(state)
+    # At most the budget plus one weight per write: here two weights a batch.
+    assert bounded.bytes_per_write == [2 * one_weight, 2 * one_weight]
+    whole = CountingEngine(HFEngine(tiny_llama_dir))
+    EngineSession(whole).apply_state(state)
+    assert whole.bytes_per_write == [4 * one_weight]
+    assert weights_digest(bounded.engine) == weights_digest(whole.engine)
+
+
+def test_a_probe_compresses_and_puts_back_the_engines_own_copy_without_replays(
+    engine: HFEngine, reference, monkeypatch
+) -> None:
+    session = EngineSession(engine)
+    session.apply_state(ModelState({Q0: (Link("magnitude:0.3"), Link("magnitude:0.5"))}))
+    before = weights_digest(engine)
+    monkeypatch.setattr(session, "replay", lambda *a: pytest.fail("a probe replayed a chain"))
+    probed = session.probe({Q0: "int8", UP0: "magnitude:0.9"}, reference)
+    assert weights_digest(engine) == before
+    # The model the probe scored, built by hand from the originals.
+    q = compress(compress(engine.original_weight(Q0), "magnitude:0.5"), "int8")
+    engine.set_weights({Q0: q, UP0: compress(engine.original_weight(UP0), "magnitude:0.9")})
+    by_hand = engine.score(reference.sequences.tolist(), reference.n_prefix)
+    expected = first_divergent_token(reference.base_argmax, by_hand.argmax)
+    np.testing.assert_array_equal(probed.fdt, expected)
+    assert expected.min() < reference.n_new

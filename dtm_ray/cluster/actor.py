@@ -64,7 +64,9 @@ class EngineActor:
         self.engine_kind = engine_config.kind
         self.dtype = resolve_dtype(engine_config.dtype)  # what `auto` means on this actor's device
         self.session = EngineSession(
-            make_engine(self.model_dir, engine_config), engine_config.state_cache_bytes
+            make_engine(self.model_dir, engine_config),
+            engine_config.state_cache_bytes,
+            engine_config.state_push_bytes,
         )
         self.worker = f"engine-{index}@{socket.gethostname()}:{os.getpid()}"
 

@@ -129,11 +129,39 @@ def compress(
     return _METHODS[spec.method](w, spec, stats).to(w.dtype)
 
 
+def _composed_prefix(chain: Chain) -> int:
+    """How many leading links of `chain` the last of them stands for alone: magnitude pruning at
+    a sparsity at least the previous link's prunes the zeros it finds first (they are the
+    smallest magnitudes) and then what a single pass at that sparsity prunes, so a run of
+    magnitude links with non-decreasing sparsity equals its last link applied to the original."""
+    count = 0
+    for link in chain:
+        spec = as_spec(link.spec)
+        if spec.method != "magnitude":
+            break
+        if count and spec.sparsity < as_spec(chain[count - 1].spec).sparsity:
+            break
+        count += 1
+    return count
+
+
 def replay(original: torch.Tensor, chain: Chain) -> torch.Tensor:
     """The weight a chain makes of a component's original: each link applied in order, with the
     calibration statistics it recorded. The one replay of a chain: engines, the state cache and
-    the export all call it, so what is exported is exactly what was measured."""
+    the export all call it, so what is exported is exactly what was measured.
+
+    A leading run of magnitude links is replayed as its last link alone (bit-identical, see
+    `_composed_prefix`), so a magnitude chain costs one pass however many rounds made it."""
+    skip = max(_composed_prefix(chain) - 1, 0)
     weight = original
-    for link in chain:
+    for link in chain[skip:]:
+        weight = compress(weight, link.spec, link.stats)
+    return weight
+
+
+def apply_links(weight: torch.Tensor, links: Chain) -> torch.Tensor:
+    """`links` applied in order to `weight` (the weight an earlier part of the chain made): how a
+    state change reaches a longer chain from the weight an engine already holds."""
+    for link in links:
         weight = compress(weight, link.spec, link.stats)
     return weight

@@ -20,6 +20,9 @@ _GIB = 1 << 30
 RESIDUAL_CACHE_BYTES = 2 * _GIB
 # The session's current (compressed) weights, kept so repeated probes need not replay chains.
 STATE_CACHE_BYTES = 1 * _GIB
+# A state change writes its new weights in batches of about this many bytes: the memory a state
+# change takes beside the model (and, on vllm, what one call ships to the workers).
+STATE_PUSH_BYTES = 512 << 20
 # vllm: checkpoint originals read back for restores (an LRU over safetensors reads).
 ORIGINAL_CACHE_BYTES = 2 * _GIB
 # vllm on CPU: the KV cache (vLLM's own memory check fails on small machines without it); at
@@ -46,6 +49,7 @@ class EngineConfig:
     batch_size: int = 16  # hf engine: sequences per forward pass
     residual_cache_bytes: int = RESIDUAL_CACHE_BYTES  # 0 turns layer skip off
     state_cache_bytes: int = STATE_CACHE_BYTES
+    state_push_bytes: int = STATE_PUSH_BYTES
     original_cache_bytes: int = ORIGINAL_CACHE_BYTES  # vllm
     cpu_kv_cache_bytes: int = CPU_KV_CACHE_BYTES  # vllm on CPU
 
@@ -64,6 +68,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len {self.max_model_len} must be >= 2")
         if self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size} must be >= 1")
-        for name in ("residual_cache_bytes", "state_cache_bytes", "original_cache_bytes",
-                     "cpu_kv_cache_bytes"):
+        if self.state_push_bytes == 0:
+            raise ValueError("state_push_bytes must be > 0: a state change must write something")
+        budgets = ("residual_cache_bytes", "state_cache_bytes", "state_push_bytes")
+        for name in (*budgets, "original_cache_bytes", "cpu_kv_cache_bytes"):
             _check_bytes(name, getattr(self, name))

@@ -29,7 +29,8 @@ from dtm_ray.engines.base import (
     token_stats,
     torch_dtype,
 )
-from dtm_ray.engines.config import RESIDUAL_CACHE_BYTES
+from dtm_ray.engines.checkpoint import Checkpoint
+from dtm_ray.engines.config import ORIGINAL_CACHE_BYTES, RESIDUAL_CACHE_BYTES
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -71,6 +72,7 @@ class HFEngine:
         device: str = "auto",
         batch_size: int = 16,
         residual_cache_bytes: int = RESIDUAL_CACHE_BYTES,
+        original_cache_bytes: int = ORIGINAL_CACHE_BYTES,
     ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,6 +86,13 @@ class HFEngine:
         self.model.generation_config.eos_token_id = None
         self.pad_id = self.model.config.pad_token_id or 0
         self._params = dict(self.model.named_parameters())
+        # Originals are read back from the checkpoint; a weight whose loaded value differs from
+        # its checkpoint tensor (or that has none) is copied before its first edit instead.
+        try:
+            self._checkpoint = Checkpoint(Path(model_dir), torch_dtype(dtype), original_cache_bytes)
+        except FileNotFoundError:  # no safetensors files (a .bin checkpoint): copies only
+            self._checkpoint = None
+        self._edited: set[str] = set()
         self._originals: dict[str, torch.Tensor] = {}
         self._closed = False
         self.residual_cache_bytes = residual_cache_bytes
@@ -120,6 +129,8 @@ class HFEngine:
         del self.model
         self._params.clear()
         self._originals.clear()
+        if self._checkpoint is not None:
+            self._checkpoint.clear()
         self._residuals = None
         self._layers = []
         gc.collect()
@@ -262,8 +273,18 @@ class HFEngine:
         self._check_open()
         original = self._originals.get(name)
         if original is None:
+            if name in self._edited:
+                return self._checkpoint.get(name).clone()
             original = self._param(name).detach()
         return original.to("cpu", copy=True)
+
+    def weight_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._param(name).shape)
+
+    def held_weight(self, name: str) -> torch.Tensor:
+        """A copy of the weight as the model holds it now, on the model's device."""
+        self._check_open()
+        return self._param(name).detach().clone()
 
     @torch.no_grad()
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -275,9 +296,19 @@ class HFEngine:
                     f"{name}: new weight has shape {tuple(tensor.shape)}, "
                     f"expected {tuple(param.shape)}"
                 )
-            if name not in self._originals:
-                self._originals[name] = param.detach().clone()
+            if name not in self._edited and name not in self._originals:
+                self._keep_original(name, param)
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+
+    def _keep_original(self, name: str, param: torch.nn.Parameter) -> None:
+        """Before a weight's first edit: rely on the checkpoint when it holds exactly the loaded
+        value (checked once, bit for bit), else keep a copy."""
+        if self._checkpoint is not None and name in self._checkpoint:
+            stored = self._checkpoint.get(name)
+            if stored.shape == param.shape and torch.equal(stored, param.detach().cpu()):
+                self._edited.add(name)
+                return
+        self._originals[name] = param.detach().clone()
 
     @torch.no_grad()
     def restore(self, names: Iterable[str]) -> None:
@@ -286,6 +317,9 @@ class HFEngine:
             original = self._originals.pop(name, None)
             if original is not None:
                 self._param(name).copy_(original)
+            elif name in self._edited:
+                self._param(name).copy_(self._checkpoint.get(name))
+                self._edited.discard(name)
 
     # --- calibration ----------------------------------------------------------------------
     @torch.inference_mode()

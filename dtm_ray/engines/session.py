@@ -19,16 +19,16 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
-from dtm_ray.core.compress import compress, replay
-from dtm_ray.core.specs import parse_spec
+from dtm_ray.core.compress import apply_links, compress, replay
+from dtm_ray.core.specs import check_applicable, parse_spec
 from dtm_ray.core.state import Chain, ModelState, Reference, chain_key
 from dtm_ray.engines.base import Engine
-from dtm_ray.engines.config import STATE_CACHE_BYTES
+from dtm_ray.engines.config import STATE_CACHE_BYTES, STATE_PUSH_BYTES
 from dtm_ray.engines.probe import ProbeResult, build_reference, score_against
 
 
@@ -37,10 +37,16 @@ class EngineBroken(RuntimeError):
 
 
 class EngineSession:
-    def __init__(self, engine: Engine, cache_bytes: int = STATE_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        cache_bytes: int = STATE_CACHE_BYTES,
+        push_bytes: int = STATE_PUSH_BYTES,
+    ) -> None:
         self.engine = engine
         self.state = ModelState()
         self._cache_bytes = cache_bytes
+        self._push_bytes = push_bytes
         self._current: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         # (state key, reference digest) of the residual stream the engine keeps, if any.
         self._residuals: tuple | None = None
@@ -79,8 +85,71 @@ class EngineSession:
         if weights:
             self.engine.set_weights(dict(weights))
 
+    def _held(self, component: str) -> torch.Tensor | None:
+        """A copy of the component as the engine holds it now, on the engine's device, where the
+        engine can give one (the hf engine); None otherwise."""
+        held = getattr(self.engine, "held_weight", None)
+        return held(component) if held is not None else None
+
+    def _shape(self, component: str) -> tuple[int, ...]:
+        shape = getattr(self.engine, "weight_shape", None)
+        if shape is not None:
+            return tuple(shape(component))
+        return tuple(self.engine.original_weight(component).shape)
+
+    def _check(self, state: ModelState, names: Iterable[str]) -> None:
+        """Everything that can be wrong with `state`'s chains for `names` (a bad spec, missing
+        or misshapen statistics), found before the engine is touched."""
+        for name in names:
+            shape = self._shape(name)
+            for link in state.chain(name):
+                check_applicable(link.spec, shape, has_stats=link.input_norm is not None)
+                if link.input_norm is not None and link.input_norm.shape != (shape[1],):
+                    raise ValueError(
+                        f"'{link.spec}' on {name}: input_norm has shape {link.input_norm.shape}, "
+                        f"expected ({shape[1]},)"
+                    )
+
+    def _reach(self, component: str, chain: Chain) -> torch.Tensor:
+        """The component's weight under `chain`, from the weight the session holds when `chain`
+        only adds links to it (only the new links run, on the engine's device), else replayed
+        from the original."""
+        held_chain = self.state.chain(component)
+        cached = self._current.get((component, chain_key(chain)))
+        if cached is not None:
+            return cached
+        if held_chain and chain_key(chain[: len(held_chain)]) == chain_key(held_chain):
+            held = self._current.get((component, chain_key(held_chain)))
+            if held is None:
+                held = self._held(component)
+            if held is not None:
+                return apply_links(held, chain[len(held_chain) :])
+        return self.replay(component, chain)
+
+    def _push(self, state: ModelState, names: list[str], reach: Callable) -> None:
+        """Write `names` as `state` has them, in batches of at most `push_bytes` of new weights
+        (plus one weight), so memory during a state change is bounded by the budget, not by the
+        model."""
+        batch: dict[str, torch.Tensor] = {}
+        size = 0
+        for name in names:
+            chain = state.chain(name)
+            if not chain:
+                continue
+            batch[name] = weight = reach(name, chain)
+            size += weight.nbytes
+            if size >= self._push_bytes:
+                self._write(batch, [])
+                batch, size = {}, 0
+        self._write(batch, [name for name in names if not state.chain(name)])
+
     def apply_state(self, state: ModelState) -> None:
-        """Make the engine hold exactly `state`; unlisted components are original."""
+        """Make the engine hold exactly `state`; unlisted components are original.
+
+        Only components whose chain changed are written; a chain that extends the held one runs
+        just its new links on the held weight, so a state change costs the same in round 30 as
+        in round 1. All or nothing: the new chains are checked first, and a failed write puts
+        everything back as the old state has it."""
         if state.key == self.state.key:
             return
         changed = [
@@ -88,26 +157,29 @@ class EngineSession:
             for name in sorted(set(self.state.components()) | set(state.components()))
             if state.chain(name) != self.state.chain(name)
         ]
-        # Everything that can fail for a bad state (a bad spec, missing stats) fails here,
-        # before the engine is touched.
-        new = {name: self.replay(name, state.chain(name)) for name in changed if state.chain(name)}
+        self._check(state, changed)
         self._residuals = None
+        keep = not hasattr(self.engine, "held_weight")  # else probes read the engine's own copy
+
+        def reach(name: str, chain: Chain) -> torch.Tensor:
+            weight = self._reach(name, chain)
+            if keep:  # the first probe of the component needs no replay
+                self._remember((name, chain_key(chain)), weight)
+            return weight
+
         try:
-            self._write(new, [name for name in changed if not state.chain(name)])
+            self._push(state, changed, reach)
         except BaseException as err:
             self._put_back(changed, f"a failed state change ({err!r})")
             raise
         self.state = state
-        # The first probe of each changed component would otherwise replay its chain again.
-        for name, weight in new.items():
-            self._remember((name, chain_key(state.chain(name))), weight)
 
     def _put_back(self, names: list[str], after: str) -> None:
-        """Write `names` back as `self.state` has them; when that fails the engine's weights are
-        unknown and the session must not be used again."""
+        """Write `names` back as `self.state` has them (replayed, never read from the engine,
+        whose weights are in doubt); when that fails the engine's weights are unknown and the
+        session must not be used again."""
         try:
-            keep = {name: self.current_weight(name) for name in names if self.state.chain(name)}
-            self._write(keep, [name for name in names if not self.state.chain(name)])
+            self._push(self.state, names, lambda name, _chain: self.current_weight(name))
         except BaseException as err:
             raise EngineBroken(f"could not put {names} back after {after}: {err!r}") from err
 
@@ -116,8 +188,10 @@ class EngineSession:
         self,
         delta: Mapping[str, str],
         stats: Mapping[str, np.ndarray] | None = None,
+        current: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The delta's new weights: each spec applied to the component's current weight."""
+        """The delta's new weights: each spec applied to the component's current weight (taken
+        from `current` where given)."""
         weights = {}
         for name, spec in delta.items():
             needs = parse_spec(spec).needs_stats
@@ -125,7 +199,10 @@ class EngineSession:
             if needs and norm is None:
                 raise ValueError(f"'{spec}' on {name} needs calibration input norms; none given")
             link_stats = None if norm is None else {"input_norm": norm}
-            weights[name] = compress(self.current_weight(name), spec, link_stats)
+            weight = (current or {}).get(name)
+            if weight is None:
+                weight = self.current_weight(name)
+            weights[name] = compress(weight, spec, link_stats)
         return weights
 
     def probe(
@@ -134,17 +211,36 @@ class EngineSession:
         reference: Reference,
         stats: Mapping[str, np.ndarray] | None = None,
     ) -> ProbeResult:
-        """Score the state plus `delta` (component -> spec applied to its current weight)."""
+        """Score the state plus `delta` (component -> spec applied to its current weight).
+
+        Where the engine gives a copy of what it holds (the hf engine, on its own device), the
+        probe compresses that copy and puts it back from it afterwards: no replay, and no weight
+        leaves the engine's device. Elsewhere the current weight comes from the session's cache
+        or a replay."""
         start = time.perf_counter()
-        weights = self.compressed(delta, stats)
+        saved = {name: self._held(name) for name in delta}
+        saved = {name: weight for name, weight in saved.items() if weight is not None}
+        weights = self.compressed(delta, stats, saved)
         from_layer = self._first_layer(delta, reference)
         try:
             self.engine.set_weights(weights)
             result = score_against(self.engine, reference, from_layer)
         finally:
-            self._put_back(list(delta), "a probe")
+            self._restore_after_probe(list(delta), saved)
         result.seconds = time.perf_counter() - start
         return result
+
+    def _restore_after_probe(self, names: list[str], saved: Mapping[str, torch.Tensor]) -> None:
+        """Put the probed components back: original ones through the engine's restore, others
+        from the copies saved before the probe (or replayed when none was saved)."""
+        if set(names) - set(saved):
+            self._put_back(names, "a probe")
+            return
+        try:
+            chained = {n: saved[n] for n in names if self.state.chain(n)}
+            self._write(chained, [n for n in names if not self.state.chain(n)])
+        except BaseException as err:
+            self._put_back(names, f"a failed put-back after a probe ({err!r})")
 
     def _first_layer(self, delta: Mapping[str, str], reference: Reference) -> int:
         """The decoder layer a probe's scoring pass can start at: the lowest layer the delta

@@ -18,7 +18,6 @@ import gc
 import json
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from dtm_ray.engines.base import (
     residual_stride,
     torch_dtype,
 )
+from dtm_ray.engines.checkpoint import Checkpoint
 from dtm_ray.engines.config import (
     CPU_KV_CACHE_BYTES,
     DEFAULT_MAX_MODEL_LEN,
@@ -43,71 +43,6 @@ from dtm_ray.engines.config import (
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
-
-# --- checkpoint ---------------------------------------------------------------------------------
-class _Checkpoint:
-    """Reads single tensors from a safetensors checkpoint, with a bounded LRU cache."""
-
-    def __init__(self, model_dir: Path, dtype: torch.dtype, cache_bytes: int) -> None:
-        self.dtype = dtype
-        self.cache_bytes = cache_bytes
-        self._files = self._index(model_dir)
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._shapes: dict[str, tuple[int, ...]] = {}
-
-    @staticmethod
-    def _index(model_dir: Path) -> dict[str, Path]:
-        from safetensors import safe_open
-
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {name: model_dir / file for name, file in weight_map.items()}
-        files: dict[str, Path] = {}
-        for path in sorted(model_dir.glob("*.safetensors")):
-            with safe_open(path, "pt") as f:
-                files.update(dict.fromkeys(f.keys(), path))
-        if not files:
-            raise FileNotFoundError(f"no safetensors weights in {model_dir}")
-        return files
-
-    def _file(self, name: str) -> Path:
-        try:
-            return self._files[name]
-        except KeyError:
-            raise KeyError(f"the model has no weight named {name!r}") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._shapes:
-            from safetensors import safe_open
-
-            with safe_open(self._file(name), "pt") as f:
-                self._shapes[name] = tuple(f.get_slice(name).get_shape())
-        return self._shapes[name]
-
-    def get(self, name: str) -> torch.Tensor:
-        """The checkpoint tensor cast to the engine dtype (a cached object: do not mutate)."""
-        tensor = self._cache.get(name)
-        if tensor is not None:
-            self._cache.move_to_end(name)
-            return tensor
-        from safetensors import safe_open
-
-        with safe_open(self._file(name), "pt") as f:
-            tensor = f.get_tensor(name).to(self.dtype)
-        self._cache[name] = tensor
-        self._evict()
-        return tensor
-
-    def clear(self) -> None:
-        self._cache.clear()
-
-    def _evict(self) -> None:
-        total = sum(t.nbytes for t in self._cache.values())
-        while len(self._cache) > 1 and total > self.cache_bytes:
-            _, dropped = self._cache.popitem(last=False)
-            total -= dropped.nbytes
 
 
 # --- CPU build set-up ---------------------------------------------------------------------------
@@ -319,7 +254,7 @@ class VLLMEngine:
         self._prefix_caching = bool(
             getattr(self.llm.llm_engine.vllm_config.cache_config, "enable_prefix_caching", True)
         )
-        self._checkpoint = _Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
+        self._checkpoint = Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
         self._edited: set[str] = set()
         # Layer skip needs eager execution (wrapped layers are Python calls) and no prefix cache
         # (layers below the skip write no KV a later request could reuse).
@@ -539,6 +474,9 @@ class VLLMEngine:
     def original_weight(self, name: str) -> torch.Tensor:
         self._check_open()
         return self._checkpoint.get(name).clone()
+
+    def weight_shape(self, name: str) -> tuple[int, ...]:
+        return self._checkpoint.shape(name)
 
     def _load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         with self._threads():

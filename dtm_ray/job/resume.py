@@ -24,6 +24,7 @@ OPERATIONAL_KEYS = frozenset(
         # Memory budgets buy speed, never a different result.
         "engine_options.residual_cache_bytes",
         "engine_options.state_cache_bytes",
+        "engine_options.state_push_bytes",
         "engine_options.original_cache_bytes",
         "engine_options.cpu_kv_cache_bytes",
         # Evaluating tasks reads a finished run; adding it to one must not make it unresumable.

@@ -1,0 +1,222 @@
+"""State changes at scale, rehearsed in miniature: what one engine session pays per round of a
+sparsify run, in memory and time, on a random-weight Llama built on this machine (no hub).
+
+    python bench/scale_rehearsal.py                        # hidden 1024, 16 layers, fp32, hf
+    python bench/scale_rehearsal.py --hidden 2048 --layers 22 --intermediate 5632   # ~1.1 B
+    python bench/scale_rehearsal.py --engine vllm --json out.json
+
+Every round r = 1..R moves every selected weight (q, k, v, o, gate, up, down of the chosen
+layers) one link further, as a sparsify round that prunes everything does: magnitude at
+sparsity 0.1 r (`--criterion wanda`: wanda with fresh statistics each round). Per round it
+measures, for one session (what each engine actor holds):
+- the state change: seconds, and the peak resident memory above the resident model during it
+  (the kernel's high-water mark, reset before the change), and the weight bytes handed to the
+  engine's `set_weights` (for vllm these cross into the engine's worker processes);
+- four probes on top of the state: seconds each, and the weight bytes they hand over;
+- the replay a restarted actor (or an export) runs to rebuild the round's state from the
+  originals: seconds for every selected weight.
+Run it against two checkouts (PYTHONPATH) to compare code versions; the JSON holds every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtm_ray.core.compress import replay
+from dtm_ray.core.state import Link, ModelState
+from dtm_ray.engines import EngineConfig, make_engine
+from dtm_ray.engines.probe import build_reference
+from dtm_ray.engines.session import EngineSession
+
+KINDS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--select-layers", type=int, default=0, help="0: every layer")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--criterion", choices=["magnitude", "wanda"], default="magnitude")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--push-mib", type=int, default=512, help="state_push_bytes, where known")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json", type=Path)
+    return p.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace, folder: Path) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+class Counting:
+    """The engine, with the weight bytes handed to `set_weights` counted."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.bytes = engine, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.bytes += sum(w.nbytes for w in weights.values())
+        self.engine.set_weights(weights)
+
+
+def state_of_round(names: list[str], r: int, criterion: str, shapes: dict) -> ModelState:
+    chains = {}
+    for name in names:
+        links = []
+        for k in range(1, r + 1):
+            if criterion == "wanda":
+                norm = np.random.default_rng(k).uniform(0.5, 2.0, shapes[name][1]).astype("f4")
+                links.append(Link(f"wanda:{0.1 * k:g}", k, norm))
+            else:
+                links.append(Link(f"magnitude:{0.1 * k:g}"))
+        chains[name] = tuple(links)
+    return ModelState(chains)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = Path(tempfile.mkdtemp(prefix="dtm-rehearsal-"))
+    params = build_model(args, folder)
+    from shutil import copy
+
+    from dtm_ray.engines.models import materialize
+
+    smol = materialize("smollm2-135m")  # a tokenizer for the engine (the ids are random anyway)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        copy(smol / name, folder / name)
+    config = EngineConfig(kind=args.engine, dtype=args.dtype)
+    engine = Counting(make_engine(folder, config))
+    try:
+        session = EngineSession(engine, push_bytes=args.push_mib << 20)
+        push = f"{args.push_mib} MiB"
+    except TypeError:  # a version without push batches
+        session = EngineSession(engine)
+        push = "none (whole state at once)"
+    layers = range(args.select_layers or args.layers)
+    names = [f"model.layers.{i}.{k}.weight" for i in layers for k in KINDS]
+    shapes = {n: tuple(engine.original_weight(n).shape) for n in names}
+    selected = sum(int(np.prod(s)) for s in shapes.values())
+    itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    prefixes = np.random.default_rng(0).integers(3, 30000, size=(8, 16))
+    reference = build_reference(engine, prefixes, 16)
+    resident = rss_kib("VmRSS")
+    rounds = []
+    for r in range(1, args.rounds + 1):
+        state = state_of_round(names, r, args.criterion, shapes)
+        engine.bytes = 0
+        reset_peak()
+        start = time.perf_counter()
+        session.apply_state(state)
+        change_s = time.perf_counter() - start
+        peak_above = rss_kib("VmHWM") - resident
+        change_bytes = engine.bytes
+        engine.bytes = 0
+        probes = [names[len(names) // 4], names[len(names) // 2], names[-1], names[0]]
+        probe_s = []
+        for name in probes:
+            start = time.perf_counter()
+            session.probe({name: "magnitude:0.9"}, reference)
+            probe_s.append(time.perf_counter() - start)
+        probe_bytes = engine.bytes / len(probes)
+        start = time.perf_counter()
+        for name in names:
+            replay(engine.original_weight(name), state.chain(name))
+        replay_s = time.perf_counter() - start
+        rounds.append(
+            {
+                "round": r,
+                "state_change_s": change_s,
+                "peak_above_model_mib": peak_above / 1024,
+                "state_change_weight_mib": change_bytes / 2**20,
+                "probe_s": float(np.median(probe_s)),
+                "probe_weight_mib": probe_bytes / 2**20,
+                "restart_replay_s": replay_s,
+            }
+        )
+        row = rounds[-1]
+        print(
+            f"round {r}: state change {change_s:6.2f} s, peak +{row['peak_above_model_mib']:7.0f} "
+            f"MiB above the model, {row['state_change_weight_mib']:7.0f} MiB handed over; "
+            f"probe {row['probe_s']:.2f} s ({row['probe_weight_mib']:.1f} MiB each); "
+            f"restart replay {replay_s:.2f} s",
+            flush=True,
+        )
+    engine.close()
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "torch": torch.__version__,
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
+        "parameters": params,
+        "selected_weights": len(names),
+        "selected_mib": selected * itemsize / 2**20,
+        "resident_model_mib": resident / 1024,
+        "push_budget": push,
+        "rounds": rounds,
+        "round_last_vs_first_state_change": rounds[-1]["state_change_s"]
+        / rounds[0]["state_change_s"],
+    }
+    print(
+        f"{params / 1e6:.0f} M parameters, {len(names)} selected weights "
+        f"({result['selected_mib']:.0f} MiB), push budget {push}; round {args.rounds} state change "
+        f"/ round 1: {result['round_last_vs_first_state_change']:.2f}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The originals of a model's weights, read one tensor at a time from its safetensors files.
+
+Engines restore a weight from here instead of keeping a copy of everything they ever edited: a
+copy of every probed weight would double the memory of a model most of whose weights a round
+probes. Shared by both engines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+
+class Checkpoint:
+    """Reads single tensors from a safetensors checkpoint, cast to the engine's dtype the way
+    the model loaders cast them, with a bounded LRU cache."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, cache_bytes: int) -> None:
+        self.dtype = dtype
+        self.cache_bytes = cache_bytes
+        self._files = self._index(model_dir)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    @staticmethod
+    def _index(model_dir: Path) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: model_dir / file for name, file in weight_map.items()}
+        files: dict[str, Path] = {}
+        for path in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(path, "pt") as f:
+                files.update(dict.fromkeys(f.keys(), path))
+        if not files:
+            raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+        return files
+
+    def _file(self, name: str) -> Path:
+        try:
+            return self._files[name]
+        except KeyError:
+            raise KeyError(f"the model has no weight named {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._shapes:
+            from safetensors import safe_open
+
+            with safe_open(self._file(name), "pt") as f:
+                self._shapes[name] = tuple(f.get_slice(name).get_shape())
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The checkpoint tensor cast to the engine dtype (a cached object: do not mutate)."""
+        tensor = self._cache.get(name)
+        if tensor is not None:
+            self._cache.move_to_end(name)
+            return tensor
+        from safetensors import safe_open
+
+        with safe_open(self._file(name), "pt") as f:
+            tensor = f.get_tensor(name).to(self.dtype)
+        self._cache[name] = tensor
+        self._evict()
+        return tensor
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def _evict(self) -> None:
+        total = sum(t.nbytes for t in self._cache.values())
+        while len(self._cache) > 1 and total > self.cache_bytes:
+            _, dropped = self._cache.popitem(last=False)
+            total -= dropped.nbytes
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
