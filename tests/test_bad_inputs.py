@@ -181,6 +181,30 @@ CASES: dict[str, Case] = {
         "startup_timeout_s must be a number",
         None,
     ),
+    "tensor parallelism wider than the GPUs an actor holds": lambda t, m: (
+        job_dict(
+            m,
+            engine="vllm",
+            resources_per_worker={"GPU": 1},
+            engine_options={"tensor_parallel_size": 2},
+        ),
+        [],
+        "resources_per_worker GPU: 1 but engine_options.tensor_parallel_size: 2",
+        None,
+    ),
+    "wanda on GPUs with CUDA graphs forced on": lambda t, m: (
+        job_dict(
+            m,
+            engine="vllm",
+            resources_per_worker={"GPU": 1},
+            engine_options={"enforce_eager": False},
+            probe={"components": [{"kinds": ["q"]}]},
+            compress={"target_sparsity": 0.3, "step": 0.1, "criterion": "wanda"},
+        ),
+        [],
+        "wanda calibrates with hooks that CUDA graphs skip",
+        None,
+    ),
     "--set value that is not YAML": lambda t, m: (
         job_dict(m),
         ["--set", "probe.specs=[int8"],

@@ -228,3 +228,18 @@ def test_every_subcommand_explains_itself(capsys):
         assert exit_.value.code == 0
         text = capsys.readouterr().out
         assert f"usage: dtm-ray {command}" in text and len(text) > 300
+
+
+def test_wanda_runs_vllm_eagerly_unless_the_job_says_how(tmp_path):
+    def engine_of(**changes) -> object:
+        job = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
+        job["compress"].update(changes.pop("compress", {}))
+        job.update(changes)
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(job))
+        return load_job(path).engine_config()
+
+    # Its calibration hooks see nothing inside CUDA graphs, the GPU default.
+    assert engine_of(compress={"criterion": "wanda"}).enforce_eager is True
+    assert engine_of().enforce_eager is None  # magnitude: the device's default
+    assert engine_of(engine="hf", compress={"criterion": "wanda"}).enforce_eager is None

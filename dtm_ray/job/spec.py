@@ -139,7 +139,12 @@ class JobConfig:
     out: str = "runs/default"
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(kind=self.engine, dtype=self.dtype, **self.engine_options)
+        options = dict(self.engine_options)
+        wanda = self.compress is not None and self.compress.criterion == "wanda"
+        if self.engine == "vllm" and wanda and options.get("enforce_eager") is None:
+            # Wanda's calibration hooks see nothing inside CUDA graphs: calibrate eagerly.
+            options["enforce_eager"] = True
+        return EngineConfig(kind=self.engine, dtype=self.dtype, **options)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,6 +218,7 @@ def check_fields(job: JobConfig) -> None:
             f"resources_per_worker must map resource names to amounts >= 0, "
             f"e.g. {{GPU: 1}}, got {job.resources_per_worker!r}"
         )
+    _check_gpus(job)
     if job.compress is not None and job.probe.specs is not None:
         raise ConfigError(
             "probe.specs is not used with a compress: section (its probes follow from "
@@ -247,6 +253,27 @@ def check_fields(job: JobConfig) -> None:
         raise ConfigError(str(err)) from None
     if not isinstance(job.out, str) or not job.out:
         raise ConfigError(f"out must be a run directory (a path or URI), got {job.out!r}")
+
+
+def _check_gpus(job: JobConfig) -> None:
+    """A vllm engine on GPUs runs its tensor-parallel ranks on the GPUs its actor holds, and
+    wanda needs eager execution there: both found here, not after the engines start."""
+    gpus = job.resources_per_worker.get("GPU", 0)
+    if job.engine != "vllm" or not gpus:
+        return
+    tp = job.engine_options.get("tensor_parallel_size", 1)
+    if gpus != tp:
+        raise ConfigError(
+            f"resources_per_worker GPU: {gpus:g} but engine_options.tensor_parallel_size: {tp}; "
+            f"each engine actor runs its {tp} tensor-parallel rank(s) on the GPUs it holds, "
+            f"so give it GPU: {tp}"
+        )
+    wanda = job.compress is not None and job.compress.criterion == "wanda"
+    if wanda and job.engine_options.get("enforce_eager") is False:
+        raise ConfigError(
+            "compress.criterion wanda calibrates with hooks that CUDA graphs skip; remove "
+            "engine_options.enforce_eager: false (wanda jobs run vllm eagerly)"
+        )
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
