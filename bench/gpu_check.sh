@@ -6,3 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 PYTHONPATH=. PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out "${OUT:-.}/gpu_check.json" "$@"
+# State changes at scale on the GPU: a 3-round magnitude and a 3-round wanda sparsify of every
+# weight of the same 1.1 B model, per round time and peak memory (bench/scale_rehearsal.py).
+for criterion in magnitude wanda; do
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 bench/scale_rehearsal.py --hidden 2048 --layers 22 \
+        --intermediate 5632 --dtype bfloat16 --rounds 3 --criterion "$criterion" \
+        --json "${OUT:-.}/scale_rehearsal_$criterion.json"
+done

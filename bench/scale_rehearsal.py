@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtm_ray.core.compress import replay
 from dtm_ray.core.state import Link, ModelState
 from dtm_ray.engines import EngineConfig, make_engine
 from dtm_ray.engines.probe import build_reference
@@ -95,6 +94,15 @@ def rss_kib(field: str) -> int:
 
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak_above(before: int) -> float | None:
+    """Peak GPU memory allocated since `reset_peak` above `before` bytes, in MiB."""
+    if not torch.cuda.is_available():
+        return None
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 class Counting:
@@ -130,13 +138,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="dtm-rehearsal-"))
     params = build_model(args, folder)
-    from shutil import copy
-
-    from dtm_ray.engines.models import materialize
-
-    smol = materialize("smollm2-135m")  # a tokenizer for the engine (the ids are random anyway)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        copy(smol / name, folder / name)
     config = EngineConfig(kind=args.engine, dtype=args.dtype)
     engine = Counting(make_engine(folder, config))
     try:
@@ -158,10 +159,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state = state_of_round(names, r, args.criterion, shapes)
         engine.bytes = 0
         reset_peak()
+        gpu_before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         start = time.perf_counter()
         session.apply_state(state)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         change_s = time.perf_counter() - start
         peak_above = rss_kib("VmHWM") - resident
+        gpu_peak = gpu_peak_above(gpu_before)
         change_bytes = engine.bytes
         engine.bytes = 0
         probes = [names[len(names) // 4], names[len(names) // 2], names[-1], names[0]]
@@ -172,14 +177,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             probe_s.append(time.perf_counter() - start)
         probe_bytes = engine.bytes / len(probes)
         start = time.perf_counter()
-        for name in names:
-            replay(engine.original_weight(name), state.chain(name))
+        for name in names:  # as a restarted actor rebuilds the state (on the engine's device)
+            session.replay(name, state.chain(name))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         replay_s = time.perf_counter() - start
         rounds.append(
             {
                 "round": r,
                 "state_change_s": change_s,
                 "peak_above_model_mib": peak_above / 1024,
+                "gpu_peak_above_model_mib": gpu_peak,
                 "state_change_weight_mib": change_bytes / 2**20,
                 "probe_s": float(np.median(probe_s)),
                 "probe_weight_mib": probe_bytes / 2**20,
@@ -187,16 +195,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
         )
         row = rounds[-1]
+        gpu = "" if gpu_peak is None else f" (GPU +{gpu_peak:.0f} MiB)"
         print(
             f"round {r}: state change {change_s:6.2f} s, peak +{row['peak_above_model_mib']:7.0f} "
-            f"MiB above the model, {row['state_change_weight_mib']:7.0f} MiB handed over; "
+            f"MiB{gpu} above the model, {row['state_change_weight_mib']:7.0f} MiB handed over; "
             f"probe {row['probe_s']:.2f} s ({row['probe_weight_mib']:.1f} MiB each); "
             f"restart replay {replay_s:.2f} s",
             flush=True,
         )
     engine.close()
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
         "torch": torch.__version__,
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
         "parameters": params,

@@ -53,8 +53,14 @@ class EngineSession:
 
     # --- weights ----------------------------------------------------------------------------
     def replay(self, component: str, chain: Chain) -> torch.Tensor:
-        """The weight `chain` makes of the component's original (the original for no chain)."""
-        return replay(self.engine.original_weight(component), chain)
+        """The weight `chain` makes of the component's original (the original for no chain),
+        computed on the engine's device where it has one (a GPU: what a restarted actor or a
+        cache miss replays runs there, not on one CPU thread)."""
+        original = self.engine.original_weight(component)
+        device = getattr(self.engine, "device", None)
+        if device is not None and chain:
+            original = original.to(device)
+        return replay(original, chain)
 
     def current_weight(self, component: str) -> torch.Tensor:
         """The component as the current state has it (cached: replaying a chain costs a sort)."""
