@@ -42,6 +42,7 @@ RUNS = {  # the FDT-guided run of test_compression, and two one-round baselines
     "quantize": {**QUANTIZE, "guide": "uniform", "max_params_share": 0.3},
 }
 UNIFORM = {**SPARSIFY, "guide": "uniform"}  # run in bfloat16 on the float32 checkpoint
+INT4 = {"method": "quantize", "levels": ["int4-g64"], "min_fdt": 8, "guide": "uniform"}
 # Every stored format at once, in bfloat16: a quarter of the parameters per level in model order,
 # the rest dense (so `ignore` is exercised and layer 1's fused shards differ).
 MIXED = {
@@ -78,6 +79,7 @@ def exported(
                 compress, dtype = {
                     "bfloat16": (UNIFORM, "bfloat16"),
                     "mixed": (MIXED, "bfloat16"),
+                    "int4": (INT4, "bfloat16"),
                 }.get(name, (RUNS.get(name), "auto"))
                 job = tiny_compress_job(tiny_llama_dir, folder / "run", compress, dtype)
                 path.write_text(yaml.safe_dump(job))
@@ -323,6 +325,31 @@ def test_export_formats(exported, tmp_path: Path):
     _, export = exported("magnitude")
     assert not (export / "compressed").exists()
     assert json.loads((export / "export.json").read_text())["checkpoints"] == {"dense": "."}
+
+
+@pytest.mark.slow
+def test_vllm_cpu_build_serves_an_int4_export_in_bfloat16(exported):
+    """W4A16 is the CPU build's one weight-only kernel: the packed checkpoint loads through it and
+    scores exactly what the dense export of the same weights scores in the same engine."""
+    pytest.importorskip("vllm")
+    from dtm_ray.engines.vllm import VLLMEngine
+
+    run, export = exported("int4")
+    assert json.loads((export / "export.json").read_text())["serving"]["vllm_cpu"] == []
+    reference = pd.read_parquet(run / "reference")
+    dense = reference[reference["round"] == 0].sort_values("prompt_id")
+    prefixes = np.stack(dense["prefix_ids"].to_numpy())
+    sequences = np.concatenate([prefixes, np.stack(dense["continuation_ids"].to_numpy())], axis=1)
+    argmax = {}
+    for folder in (export / "compressed", export):
+        engine = VLLMEngine(folder, dtype="bfloat16")
+        try:
+            argmax[folder] = engine.score(sequences.tolist(), prefixes.shape[1]).argmax
+        finally:
+            engine.close()
+    np.testing.assert_array_equal(argmax[export / "compressed"], argmax[export])
+    fdt = first_divergence(argmax[export], np.stack(dense["base_argmax"].to_numpy()))
+    assert (fdt < N_NEW).any()  # int4 everywhere changed some tokens: the scores are not vacuous
 
 
 # --- the recipe ----------------------------------------------------------------------------------
