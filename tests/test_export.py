@@ -330,7 +330,9 @@ def test_export_formats(exported, tmp_path: Path):
 @pytest.mark.slow
 def test_vllm_cpu_build_serves_an_int4_export_in_bfloat16(exported):
     """W4A16 is the CPU build's one weight-only kernel: the packed checkpoint loads through it and
-    scores exactly what the dense export of the same weights scores in the same engine."""
+    scores what the dense export of the same weights scores in the same engine, up to the
+    kernel's own bf16 rounding: a token may flip only where the top two are within bf16
+    resolution (on SmolLM2, 10 of 512 positions flipped, all at margins <= 0.125)."""
     pytest.importorskip("vllm")
     from dtm_ray.engines.vllm import VLLMEngine
 
@@ -340,15 +342,18 @@ def test_vllm_cpu_build_serves_an_int4_export_in_bfloat16(exported):
     dense = reference[reference["round"] == 0].sort_values("prompt_id")
     prefixes = np.stack(dense["prefix_ids"].to_numpy())
     sequences = np.concatenate([prefixes, np.stack(dense["continuation_ids"].to_numpy())], axis=1)
-    argmax = {}
-    for folder in (export / "compressed", export):
-        engine = VLLMEngine(folder, dtype="bfloat16")
+    scored = {}
+    for folder in ("compressed", "."):
+        engine = VLLMEngine(export / folder, dtype="bfloat16")
         try:
-            argmax[folder] = engine.score(sequences.tolist(), prefixes.shape[1]).argmax
+            scored[folder] = engine.score(sequences.tolist(), prefixes.shape[1])
         finally:
             engine.close()
-    np.testing.assert_array_equal(argmax[export / "compressed"], argmax[export])
-    fdt = first_divergence(argmax[export], np.stack(dense["base_argmax"].to_numpy()))
+    packed, plain = scored["compressed"], scored["."]
+    clear = plain.margin > 0.25  # two bf16 steps of a logit near 16-32
+    np.testing.assert_array_equal(packed.argmax[clear], plain.argmax[clear])
+    np.testing.assert_allclose(packed.ref_logprob, plain.ref_logprob, atol=0.3)
+    fdt = first_divergence(plain.argmax, np.stack(dense["base_argmax"].to_numpy()))
     assert (fdt < N_NEW).any()  # int4 everywhere changed some tokens: the scores are not vacuous
 
 
