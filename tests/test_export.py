@@ -281,6 +281,9 @@ def test_compressed_checkpoint_decodes_to_the_measured_weights_and_fdt(
         assert weight not in stored or level == "fp8-e4m3"  # int weights only packed
         if level == "int8-tensor":  # its one scale, once per row
             assert stored[f"{module}.weight_scale"].unique().numel() == 1
+    # The rest is saved in the run's dtype (bfloat16 runs of the float32 checkpoint), as measured.
+    assert stored["model.embed_tokens.weight"].dtype == dtype
+    assert json.loads((compressed / "config.json").read_text())["dtype"] == str(dtype)[6:]
     size = {f: sum(p.stat().st_size for p in f.glob("*.safetensors")) for f in (export, compressed)}
     assert size[compressed] < size[export]
 

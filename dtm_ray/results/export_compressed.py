@@ -10,6 +10,11 @@ stacks load them with the memory saved, decoding to exactly the weights the run 
   names as targets, and `ignore` naming every linear layer that stays dense (lm_head, pruned and
   untouched components): vLLM refuses a linear layer that no group and no ignore entry names.
 
+Every other floating tensor is saved in the run's engine dtype when that is narrower than the
+checkpoint's (a bfloat16 run of a float32 checkpoint): the run measured those values, and the
+served model is then the measured one at the memory it was measured in; `config.json`'s dtype
+says so, which is also the dtype vLLM's CPU build needs for its int4 kernel.
+
 The integers and scales are dtm_ray's own (`core.compress.quantize` on the weight the chain's
 earlier links left), never re-quantized through compressed-tensors, whose rounding differs
 (absmax/7.5 and [-8, 7] for int4, absmax/127.5 for int8). Loaders decode `q.to(scale.dtype) *
@@ -70,6 +75,7 @@ def write_compressed(
 
     dtype = torch_dtype(engine_dtype)
     levels = {name: stored_level(state.specs(name)) for name in state.components()}
+    narrowed = False
     weight_map: dict[str, str] = {}
     total = 0
     for shard in shards(model_dir):
@@ -77,12 +83,16 @@ def write_compressed(
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata()
         tensors = load_file(path)
-        for name in [n for n in tensors if n in levels]:
+        for name in list(tensors):
             original = tensors.pop(name)
-            level = levels[name]
-            if level is None:  # dense: the replayed chain in the checkpoint's dtype
-                weight = replay(original.to(dtype), state.chain(name))
-                tensors[name] = weight.to(original.dtype).contiguous()
+            level = levels.get(name)
+            if level is None:  # dense: the replayed chain (if any) in the narrower dtype
+                weight = original
+                if original.is_floating_point() and original.itemsize > dtype.itemsize:
+                    weight, narrowed = original.to(dtype), True
+                if name in levels:
+                    weight = replay(original.to(dtype), state.chain(name)).to(weight.dtype)
+                tensors[name] = weight.contiguous()
                 continue
             # The chain's earlier links, then the stored form of its last (quantizing) one.
             q = quantize(replay(original.to(dtype), state.chain(name)[:-1]), level)
@@ -106,6 +116,10 @@ def write_compressed(
         (out / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = quantization_config(levels, linears)
+    if narrowed:
+        for key in ("dtype", "torch_dtype"):  # transformers 5 writes `dtype`, 4.x `torch_dtype`
+            if key in config:
+                config[key] = engine_dtype
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for item in sorted(model_dir.iterdir()):
         if item.name not in ("config.json", _INDEX) and _plain_file(item):
