@@ -111,7 +111,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         export_run,  # torch and safetensors load only for this command
     )
 
-    print(export_run(args.run_dir, args.out))
+    print(export_run(args.run_dir, args.out, args.format))
     return 0
 
 
@@ -204,6 +204,14 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run directory of a finished compressing run")
     parser.add_argument("--out", help="output folder (default: RUN_DIR/export)")
+    parser.add_argument(
+        "--format",
+        choices=["auto", "dense", "compressed", "both"],
+        default="auto",
+        help="dense: safetensors with the compressed values; compressed: a compressed-tensors "
+        "checkpoint in OUT/compressed (quantized weights packed); both; auto (default): both "
+        "for a quantize run, dense for a sparsify run",
+    )
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -303,6 +303,16 @@ CASES: dict[str, Case] = {
         "compress.min_fdt 9 exceeds new_tokens 8",
         None,
     ),
+    "fused not a boolean": lambda t, m: (
+        job_dict(
+            m,
+            probe={"components": "all"},
+            compress={"method": "quantize", "levels": ["int8"], "min_fdt": 4, "fused": "yes"},
+        ),
+        [],
+        "compress.fused must be true or false, got 'yes'",
+        None,
+    ),
     "a level that does not fit a component": lambda t, m: (
         job_dict(
             m,

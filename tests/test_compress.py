@@ -363,3 +363,29 @@ def test_magnitude_prunes_the_k_smallest_in_stable_sort_order() -> None:
             assert torch.equal(compress(w, f"magnitude:{sparsity}"), by_sort(w, sparsity))
             checked += 1
     assert checked == 360
+
+
+# --- the stored form: integers and scales that a compressed-tensors loader decodes exactly ------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("text", ["int8", "int8-tensor", "int4-g64", "fp8-e4m3"])
+def test_quantized_form_decodes_to_the_compressed_weight(text, dtype):
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    from dtm_ray.core.compress import quantize
+
+    w = randn(48, 256, seed=3, dtype=dtype)
+    w[5] = 0  # an all-zero row keeps scale 0 and decodes to zeros
+    q = quantize(w, text)
+    served_scale = q.scale.to(dtype)  # serving stacks hold the scale in the model's dtype
+    assert torch.equal(served_scale.float(), q.scale)  # so it must be representable
+    if text == "int8-tensor":  # written with its one scale repeated per row
+        served_scale = served_scale.expand(w.shape[0], 1)
+    # compressed-tensors' own decoder (what transformers and vLLM call): q.to(scale.dtype) * scale
+    decoded = dequantize(x_q=q.values, scale=served_scale).to(dtype)
+    assert torch.equal(bits(decoded), bits(compress(w, text)))
+    if text != "fp8-e4m3":  # dtm_ray's ranges: int4 [-8, 7], int8 [-127, 127]
+        low, high = (-8, 7) if text.startswith("int4") else (-127, 127)
+        assert q.values.dtype == torch.int8
+        assert low <= int(q.values.min()) and int(q.values.max()) <= high

@@ -42,6 +42,16 @@ RUNS = {  # the FDT-guided run of test_compression, and two one-round baselines
     "quantize": {**QUANTIZE, "guide": "uniform", "max_params_share": 0.3},
 }
 UNIFORM = {**SPARSIFY, "guide": "uniform"}  # run in bfloat16 on the float32 checkpoint
+INT4 = {"method": "quantize", "levels": ["int4-g64"], "min_fdt": 8, "guide": "uniform"}
+# Every stored format at once, in bfloat16: a quarter of the parameters per level in model order,
+# the rest dense (so `ignore` is exercised and layer 1's fused shards differ).
+MIXED = {
+    "method": "quantize",
+    "levels": ["int4-g32", "fp8-e4m3", "int8-tensor"],
+    "min_fdt": 8,
+    "guide": "uniform",
+    "max_params_share": 0.25,
+}
 
 
 def cli(*args: str) -> tuple[int, str]:
@@ -66,8 +76,11 @@ def exported(
             else:
                 folder = tmp_path_factory.mktemp(name)
                 path = folder / "job.yaml"
-                bf16 = name == "bfloat16"
-                compress, dtype = (UNIFORM, "bfloat16") if bf16 else (RUNS[name], "auto")
+                compress, dtype = {
+                    "bfloat16": (UNIFORM, "bfloat16"),
+                    "mixed": (MIXED, "bfloat16"),
+                    "int4": (INT4, "bfloat16"),
+                }.get(name, (RUNS.get(name), "auto"))
                 job = tiny_compress_job(tiny_llama_dir, folder / "run", compress, dtype)
                 path.write_text(yaml.safe_dump(job))
                 run_plan(plan_job(load_job(path)), print_summary=False)
@@ -200,6 +213,151 @@ def test_chains_replay_in_the_runs_engine_dtype_and_save_in_the_checkpoints(
         assert saved[weight].dtype == torch.float32  # the checkpoint's dtype
         assert torch.equal(saved[weight], expected.view_as(saved[weight]).float()), weight
         assert sparsity[weight] == pytest.approx(row["sparsity"], abs=1e-12)
+
+
+# --- the compressed-tensors checkpoint -----------------------------------------------------------
+def _teacher_forced_fdt(model_dir: Path, dtype: str, run: Path) -> np.ndarray:
+    """FDT of `model_dir` against the run's dense reference, scored the way the run scored."""
+    from dtm_ray.engines.hf import HFEngine
+
+    reference = pd.read_parquet(run / "reference")
+    dense = reference[reference["round"] == 0].sort_values("prompt_id")
+    prefixes, continuation = (
+        np.stack(dense[c].to_numpy()) for c in ("prefix_ids", "continuation_ids")
+    )
+    engine = HFEngine(model_dir, dtype=dtype)
+    scored = engine.score(
+        np.concatenate([prefixes, continuation], axis=1).tolist(), prefixes.shape[1]
+    )
+    return first_divergence(scored.argmax, np.stack(dense["base_argmax"].to_numpy()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, dtype", [("quantize", torch.float32), ("mixed", torch.bfloat16)])
+def test_compressed_checkpoint_decodes_to_the_measured_weights_and_fdt(
+    exported, tiny_llama_dir: Path, name: str, dtype: torch.dtype
+):
+    from transformers import AutoModelForCausalLM
+
+    from dtm_ray.core.compress import compress
+
+    run, export = exported(name)
+    compressed = export / "compressed"
+    meta = json.loads((export / "export.json").read_text())
+    assert meta["checkpoints"] == {"dense": ".", "compressed": "compressed"}  # auto: both
+    final = pd.read_parquet(run / "final" / "prompts").sort_values("prompt_id")["fdt"].to_numpy()
+    dtype_name = str(dtype).removeprefix("torch.")
+    np.testing.assert_array_equal(_teacher_forced_fdt(compressed, dtype_name, run), final)
+
+    states = final_states(run)
+    levels = {n: chain[-1] for n, chain in states["chain"].items() if len(chain)}
+    config = json.loads((compressed / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    assert config["format"] == ("mixed-precision" if name == "mixed" else "pack-quantized")
+    targets = {}
+    for group in config["config_groups"].values():
+        weights = group["weights"]
+        assert weights["symmetric"] and group["format"] in ("pack-quantized", "float-quantized")
+        for module in group["targets"]:
+            targets[f"{module}.weight"] = (
+                weights["type"],
+                weights["num_bits"],
+                weights["strategy"],
+            )
+    expected = {
+        "int4-g64": ("int", 4, "group"),
+        "int4-g32": ("int", 4, "group"),
+        "int8": ("int", 8, "channel"),
+        "int8-tensor": ("int", 8, "channel"),
+        "fp8-e4m3": ("float", 8, "channel"),
+    }
+    assert targets == {n: expected[level] for n, level in levels.items()}
+    dense = sorted(n.removesuffix(".weight") for n in states.index if n not in levels)
+    assert dense and sorted(config["ignore"]) == sorted(["lm_head", *dense])
+
+    stored = tensors(compressed)
+    for weight, level in levels.items():
+        module = weight.removesuffix(".weight")
+        assert weight not in stored or level == "fp8-e4m3"  # int weights only packed
+        if level == "int8-tensor":  # its one scale, once per row
+            assert stored[f"{module}.weight_scale"].unique().numel() == 1
+    # The rest is saved in the run's dtype (bfloat16 runs of the float32 checkpoint), as measured.
+    assert stored["model.embed_tokens.weight"].dtype == dtype
+    assert json.loads((compressed / "config.json").read_text())["dtype"] == str(dtype)[6:]
+    size = {f: sum(p.stat().st_size for p in f.glob("*.safetensors")) for f in (export, compressed)}
+    assert size[compressed] < size[export]
+
+    # What transformers decodes (it decompresses compressed-tensors checkpoints on load or on the
+    # first forward pass) is, bit for bit, each chain applied to the original in the run's dtype.
+    model = AutoModelForCausalLM.from_pretrained(compressed, dtype=dtype).eval()
+    prefixes, continuation = dense_reference(run) if dtype == torch.float32 else (None, None)
+    if prefixes is not None:  # float32: plain greedy generation agrees with the run's FDT too
+        fdt = first_divergence(free_running_greedy(model, prefixes, N_NEW), continuation)
+        np.testing.assert_array_equal(fdt, final)
+    else:
+        with torch.inference_mode():
+            model(torch.ones(1, 4, dtype=torch.long))
+    decoded = model.state_dict()
+    original = tensors(tiny_llama_dir)
+    for weight, chain in states["chain"].items():
+        expected_weight = original[weight].to(dtype)
+        for spec in chain:
+            expected_weight = compress(expected_weight, spec)
+        assert decoded[weight].dtype == dtype
+        as_int = torch.int32 if dtype == torch.float32 else torch.int16  # compare bits, not values
+        assert torch.equal(decoded[weight].view(as_int), expected_weight.view(as_int)), weight
+
+
+@pytest.mark.slow
+def test_export_formats(exported, tmp_path: Path):
+    run, _ = exported("quantize")
+    for fmt in ("dense", "compressed"):
+        out = tmp_path / fmt
+        assert cli("export", str(run), "--out", str(out), "--format", fmt) == (0, f"{out}\n")
+        meta = json.loads((out / "export.json").read_text())
+        top = sorted(p.name for p in out.glob("*.safetensors"))
+        if fmt == "dense":
+            assert (
+                meta["checkpoints"] == {"dense": "."} and top and not (out / "compressed").exists()
+            )
+        else:
+            assert meta["checkpoints"] == {"compressed": "compressed"} and not top
+            assert (out / "compressed" / "config.json").is_file()
+        assert (out / "precision_map.json").is_file() and (out / "recipe.yaml").is_file()
+    # A sparsify run's export stays dense only: compressed-tensors has no sparse format.
+    _, export = exported("magnitude")
+    assert not (export / "compressed").exists()
+    assert json.loads((export / "export.json").read_text())["checkpoints"] == {"dense": "."}
+
+
+@pytest.mark.slow
+def test_vllm_cpu_build_serves_an_int4_export_in_bfloat16(exported):
+    """W4A16 is the CPU build's one weight-only kernel: the packed checkpoint loads through it and
+    scores what the dense export of the same weights scores in the same engine, up to the
+    kernel's own bf16 rounding: a token may flip only where the top two are within bf16
+    resolution (on SmolLM2, 10 of 512 positions flipped, all at margins <= 0.125)."""
+    pytest.importorskip("vllm")
+    from dtm_ray.engines.vllm import VLLMEngine
+
+    run, export = exported("int4")
+    assert json.loads((export / "export.json").read_text())["serving"]["vllm_cpu"] == []
+    reference = pd.read_parquet(run / "reference")
+    dense = reference[reference["round"] == 0].sort_values("prompt_id")
+    prefixes = np.stack(dense["prefix_ids"].to_numpy())
+    sequences = np.concatenate([prefixes, np.stack(dense["continuation_ids"].to_numpy())], axis=1)
+    scored = {}
+    for folder in ("compressed", "."):
+        engine = VLLMEngine(export / folder, dtype="bfloat16")
+        try:
+            scored[folder] = engine.score(sequences.tolist(), prefixes.shape[1])
+        finally:
+            engine.close()
+    packed, plain = scored["compressed"], scored["."]
+    clear = plain.margin > 0.25  # two bf16 steps of a logit near 16-32
+    np.testing.assert_array_equal(packed.argmax[clear], plain.argmax[clear])
+    np.testing.assert_allclose(packed.ref_logprob, plain.ref_logprob, atol=0.3)
+    fdt = first_divergence(plain.argmax, np.stack(dense["base_argmax"].to_numpy()))
+    assert (fdt < N_NEW).any()  # int4 everywhere changed some tokens: the scores are not vacuous
 
 
 # --- the recipe ----------------------------------------------------------------------------------

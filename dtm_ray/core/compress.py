@@ -7,6 +7,7 @@ compressed format can represent. Weights are HF-layout [out_features, in_feature
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,6 +65,27 @@ def _nm(w: torch.Tensor, spec: Spec, stats: Mapping[str, Any] | None) -> torch.T
 
 
 # --- quantization: float32 arithmetic from the input, cast back to the input dtype by compress().
+# Each quantizer has two halves: `quantize()` gives the stored integers (or fp8 values) and their
+# scales, `_dequantized` multiplies them back. The export packs exactly these integers and scales
+# into a compressed-tensors checkpoint, whose loaders decode `q.to(scale.dtype) * scale`: the
+# product of an 8-bit (or fp8) q and a scale with a bf16/fp16/fp32 mantissa is exact in float32,
+# so the served weight is the measured weight bit for bit in every dtype.
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A quantized weight as a serving format stores it. `values` are integers in [qmin, qmax]
+    (int specs) or float8_e4m3fn values (fp8), shape [out, in]; `scale` is float32 holding
+    values representable in the weight's dtype, shape [out, in / group] for int4, [out, 1] per
+    row, [1, 1] for int8-tensor."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantized(self) -> torch.Tensor:
+        groups = self.scale.shape[1]
+        q = self.values.float().reshape(self.values.shape[0], groups, -1)
+        return (self.scale.unsqueeze(-1) * q).reshape(self.values.shape)
 
 
 def _safe(scale: torch.Tensor) -> torch.Tensor:
@@ -71,49 +93,66 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _per_unit(amax: torch.Tensor, levels: float) -> torch.Tensor:
-    """amax / levels as a true division on every device. CUDA turns a division by a Python
-    scalar into a multiplication by its reciprocal, which rounds differently (on an H100, 102 of
-    2048 int8 row scales differed from the CPU's); dividing by a tensor rounds like the CPU."""
-    return amax / torch.full_like(amax, levels)
+def _per_unit(amax: torch.Tensor, levels: float, dtype: torch.dtype) -> torch.Tensor:
+    """amax / levels as a true division on every device, rounded to a value of the weight's
+    dtype. CUDA turns a division by a Python scalar into a multiplication by its reciprocal,
+    which rounds differently (on an H100, 102 of 2048 int8 row scales differed from the CPU's);
+    dividing by a tensor rounds like the CPU. The rounding to `dtype`: serving stacks keep the
+    scale in the model's dtype (vLLM's weight_scale), so a bf16 model must be measured with the
+    bf16 scale it will be served with; values above qmax after the rounding are clamped."""
+    scale = amax / torch.full_like(amax, levels)
+    return scale.to(dtype).float() if dtype != torch.float32 else scale
 
 
-def _rtn(x: torch.Tensor, amax: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    scale = _per_unit(amax, qmax)
-    return scale * torch.clamp(torch.round(x / _safe(scale)), qmin, qmax)
+def _rtn(x: torch.Tensor, amax: torch.Tensor, qmax: int, w: torch.Tensor) -> Quantized:
+    """Symmetric round-to-nearest of x [rows, groups, size] with one scale per [rows, groups],
+    to integers in [-qmax - 1, qmax] (int4: [-8, 7]) or [-qmax, qmax] (int8: qmax 127)."""
+    qmin = -8 if qmax == 7 else -qmax
+    scale = _per_unit(amax, qmax, w.dtype)
+    q = torch.clamp(torch.round(x / _safe(scale).unsqueeze(-1)), qmin, qmax).to(torch.int8)
+    return Quantized(q.reshape(w.shape), scale)
 
 
-def _int8(w: torch.Tensor, spec: Spec, stats: Mapping[str, Any] | None) -> torch.Tensor:
+def quantize(tensor: torch.Tensor, spec: Spec | str) -> Quantized:
+    """The stored form of `tensor` [out, in] under a quantization spec: integers (fp8 values)
+    and scales, from which `compress` makes its values. Scales are representable in the
+    tensor's dtype."""
+    spec = as_spec(spec)
+    if spec.is_pruning or not tensor.is_floating_point():
+        raise ValueError(f"cannot quantize a tensor of dtype {tensor.dtype} with '{spec}'")
+    check_applicable(spec, tuple(tensor.shape))
+    w = tensor.detach()
     x = w.float()
-    return _rtn(x, x.abs().amax(dim=1, keepdim=True), -127, 127)
-
-
-def _int8_tensor(w: torch.Tensor, spec: Spec, stats: Mapping[str, Any] | None) -> torch.Tensor:
-    x = w.float()
-    return _rtn(x, x.abs().amax(), -127, 127)
-
-
-def _int4(w: torch.Tensor, spec: Spec, stats: Mapping[str, Any] | None) -> torch.Tensor:
-    x = w.float().reshape(w.shape[0], -1, spec.group)
-    return _rtn(x, x.abs().amax(dim=-1, keepdim=True), -8, 7).reshape(w.shape)
-
-
-def _fp8(w: torch.Tensor, spec: Spec, stats: Mapping[str, Any] | None) -> torch.Tensor:
-    x = w.float()
-    scale = _per_unit(x.abs().amax(dim=1, keepdim=True), _FP8_MAX)
+    out = x.shape[0]
+    if spec.method == "int8":
+        return _rtn(x.unsqueeze(1), x.abs().amax(dim=1, keepdim=True), 127, w)
+    if spec.method == "int8-tensor":
+        return _rtn(x.reshape(1, 1, -1), x.abs().amax().reshape(1, 1), 127, w)
+    if spec.method == "int4":
+        grouped = x.reshape(out, -1, spec.group)
+        return _rtn(grouped, grouped.abs().amax(dim=-1), 7, w)
+    # fp8-e4m3: one scale per row.
+    scale = _per_unit(x.abs().amax(dim=1, keepdim=True), _FP8_MAX, w.dtype)
     # The clamp only absorbs float32 rounding above 448, which the fp8 cast would turn into NaN.
     y = torch.clamp(x / _safe(scale), -_FP8_MAX, _FP8_MAX)
-    return scale * y.to(torch.float8_e4m3fn).float()
+    return Quantized(y.to(torch.float8_e4m3fn), scale)
+
+
+def _quantized(w: torch.Tensor, spec: Spec, stats: Mapping[str, Any] | None) -> torch.Tensor:
+    q = quantize(w, spec)
+    if spec.method == "int8-tensor":  # one scale for the whole tensor
+        return q.scale * q.values.float()
+    return q.dequantized()
 
 
 _METHODS: dict[str, Callable[[torch.Tensor, Spec, Mapping[str, Any] | None], torch.Tensor]] = {
     "magnitude": _magnitude,
     "wanda": _wanda,
     "nm": _nm,
-    "int8": _int8,
-    "int8-tensor": _int8_tensor,
-    "int4": _int4,
-    "fp8-e4m3": _fp8,
+    "int8": _quantized,
+    "int8-tensor": _quantized,
+    "int4": _quantized,
+    "fp8-e4m3": _quantized,
 }
 
 

@@ -64,6 +64,9 @@ class CompressConfig:
     levels: list[str] | None = None  # precisions, most aggressive first, e.g. [int4-g64, int8]
     min_fdt: float | None = None  # FDT@75 of the combined model against the dense one
     max_params_share: float | None = None  # at most this share of parameters at each level
+    # q/k/v of a layer, and gate/up, move between levels together (vLLM fuses them and needs one
+    # scheme per fused layer); unset: true when the engine is vllm.
+    fused: bool | None = None
 
 
 SPARSIFY_DEFAULTS = {
@@ -73,7 +76,7 @@ SPARSIFY_DEFAULTS = {
     "reference": "current",
     "calibration_count": 16,
 }
-QUANTIZE_DEFAULTS = {"levels": None, "min_fdt": None, "max_params_share": 1.0}
+QUANTIZE_DEFAULTS = {"levels": None, "min_fdt": None, "max_params_share": 1.0, "fused": None}
 
 
 @dataclass
@@ -229,6 +232,8 @@ def check_fields(job: JobConfig) -> None:
         raise ConfigError(f"probe.specs must be a non-empty list of specs, got {specs!r}")
     if job.compress is not None:
         _check_compress(job.compress)
+        if job.compress.method == "quantize" and job.compress.fused is None:
+            job.compress.fused = job.engine == "vllm"  # what vLLM can serve packed
     if job.evaluate is not None and job.compress is None:
         raise ConfigError(
             "evaluate: compares the dense model with a run's compressed result; "
@@ -339,6 +344,8 @@ def _check_compress(compress: CompressConfig) -> None:
     if not isinstance(min_fdt, (int, float)) or isinstance(min_fdt, bool) or min_fdt < 0:
         raise ConfigError(f"compress.min_fdt must be a number >= 0 (an FDT@75), got {min_fdt!r}")
     _check_fraction(compress.max_params_share, "compress.max_params_share", True, 1, False)
+    if compress.fused is not None and not isinstance(compress.fused, bool):
+        raise ConfigError(f"compress.fused must be true or false, got {compress.fused!r}")
 
 
 def _set_dotted(data: dict[str, Any], assignment: str) -> None:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from dtm_ray.core.decisions.sparsify import TARGET_TOLERANCE, probe_points, round_step
+from dtm_ray.core.serving import fused_groups, serving_notes
 from dtm_ray.core.state import concat_references
 from dtm_ray.engines.models import load_components
 from dtm_ray.job.checks import Plan
@@ -100,6 +101,9 @@ def schedule(plan: Plan) -> list[RoundPlan]:
     else:
         workers = plan.job.workers
         index = 0
+        if compress.fused:  # the units probed and searched are the fused groups
+            components = len(fused_groups(plan.components))
+        unit = "unit" if compress.fused else "component"
         for level in compress.levels:
             if compress.guide == "uniform":
                 rounds.append(RoundPlan(str(index), 0, "new" if index == 0 else "-", level))
@@ -110,7 +114,7 @@ def schedule(plan: Plan) -> list[RoundPlan]:
                     str(index),
                     components,
                     "new" if index == 0 else "-",
-                    f"{level}: rank every component",
+                    f"{level}: rank every {unit}",
                 )
             )
             index += 1
@@ -309,4 +313,25 @@ def format_estimate(plan: Plan, result: Estimate) -> str:
     ]
     if compress is not None and compress.method == "quantize" and compress.guide != "uniform":
         lines.append("(search rounds: the fewest, when every candidate passes; each skip adds one)")
+    if compress is not None and compress.method == "quantize":
+        lines += ["", *serving_lines(plan)]
     return "\n".join(lines)
+
+
+def serving_lines(plan: Plan) -> list[str]:
+    """What the export can be served on, for a quantize job: per level, as if every selected
+    component took it (the search decides which do)."""
+    compress = plan.compress
+    lines = ["serving the export (if every selected component took the level):"]
+    if not compress.fused:
+        lines.append(
+            "  fused: false: q/k/v or gate/up of a layer may get different levels, which vLLM "
+            "cannot load packed"
+        )
+    # `auto` resolves on the machine that runs the job; only an explicit dtype is checked.
+    dtype = plan.job.dtype if plan.job.dtype != "auto" else "bfloat16"
+    for level in compress.levels:
+        notes = serving_notes(plan.components, {c.name: level for c in plan.components}, dtype)
+        found = notes["vllm_gpu_marlin"] + notes["vllm_cpu"]
+        lines += [f"  {level}: {note}" for note in found] or [f"  {level}: no known limit"]
+    return lines

@@ -13,6 +13,12 @@ Every round measures against the dense model's reference (round 0 of `reference/
 `min_fdt` bounds the damage of the combined model, not of one step. `guide: uniform` takes
 components in model order up to the parameter cap without probing.
 
+With `fused: true` the unit that is probed, ranked, searched and assigned is a fused group (the
+selected q/k/v of a layer, its gate/up: vLLM's `qkv_proj` and `gate_up_proj`, which need one
+scheme for all shards); o and down stay single. A group is probed as one delta, its parameters
+are its members' sum, and its decision rows carry the group's name
+(`model.layers.3.self_attn.qkv_proj`). Unfused, every unit is one component, named by its weight.
+
 Resume: every round's probes are stored, and the ranking and every search step are pure
 functions of them, so a resumed run replays the loop from the start, reads each stored probe
 instead of running it, and reaches the same state. A round's decisions/ and states/ rows are
@@ -25,6 +31,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pyarrow as pa
+
 from dtm_ray.cluster.actor import RoundContext
 from dtm_ray.core.decisions.quantize import (
     candidate_sets,
@@ -32,6 +40,7 @@ from dtm_ray.core.decisions.quantize import (
     search_step,
     uniform_assignment,
 )
+from dtm_ray.core.serving import fused_groups
 from dtm_ray.core.state import Link, ModelState
 from dtm_ray.job.checks import Plan
 from dtm_ray.log import log
@@ -54,9 +63,26 @@ class _Rounds:
         self.dense = build_reference(engines, store, plan.job, 0, ModelState()).reference
         self.by_name = {c.name: c for c in plan.components}
         self.params = {c.name: c.params for c in plan.components}
+        # unit name -> its components' names: a fused group, or one component under its own name
+        if plan.compress.fused:
+            groups = fused_groups(plan.components)
+            self.units = {u: tuple(c.name for c in members) for u, members in groups.items()}
+        else:
+            self.units = {c.name: (c.name,) for c in plan.components}
+        self.unit_params = {u: sum(self.params[n] for n in m) for u, m in self.units.items()}
+        self.unit_of_last = {members[-1]: unit for unit, members in self.units.items()}
         self.next = 0
         self.ran = 0
         self.sparsity: dict[str, float] = {}
+
+    def members(self, units: Sequence[str]) -> tuple[str, ...]:
+        return tuple(name for unit in units for name in self.units[unit])
+
+    def probe_of(self, units: Sequence[str], level: str) -> Probe:
+        """One probe of `units` added together at `level`, named by the last member (a single
+        component without a delta, as unfused runs always stored it)."""
+        names = self.members(units)
+        return Probe(self.by_name[names[-1]], level, delta=names if len(names) > 1 else None)
 
     def probe(self, state: ModelState, probes: list[Probe]) -> int:
         """Run the next round's probes on top of `state`; returns the round number."""
@@ -89,12 +115,13 @@ def _shares(measured: Mapping[str, tuple[float, int]]) -> dict[str, float]:
     return {name: share for name, (share, _) in measured.items()}
 
 
-def _row(component: str, state: ModelState, **values: Any) -> dict[str, Any]:
-    """A decisions/ row; `round` is filled in at commit."""
+def _row(rounds: _Rounds, unit: str, state: ModelState, **values: Any) -> dict[str, Any]:
+    """A decisions/ row of a unit (a component, or a fused group: all its members share one
+    chain); `round` is filled in at commit."""
     return {
         "round": -1,
-        "component": component,
-        "from_chain": state.specs(component),
+        "component": unit,
+        "from_chain": state.specs(rounds.units[unit][0]),
         "to_spec": None,
         "statistic": "fdt_at_75",
         "value": float("nan"),
@@ -116,15 +143,16 @@ def run_quantize(
     cap = math.floor(config.max_params_share * sum(rounds.params.values()))
     state = ModelState()
     for level in config.levels:
-        remaining = [c.name for c in plan.components if not state.chain(c.name)]
+        remaining = [u for u, names in rounds.units.items() if not state.chain(names[0])]
         if config.guide == "uniform":
-            chosen = uniform_assignment(remaining, rounds.params, cap)
+            chosen = uniform_assignment(remaining, rounds.unit_params, cap)
             rows = [
-                _row(n, state, to_spec=level, statistic="uniform", reason="uniform")
-                for n in chosen
+                _row(rounds, u, state, to_spec=level, statistic="uniform", reason="uniform")
+                for u in chosen
             ]
-            state = state.extended({name: Link(level) for name in chosen})
-            rounds.commit(state, rows, chosen)
+            changed = rounds.members(chosen)
+            state = state.extended({name: Link(level) for name in changed})
+            rounds.commit(state, rows, changed)
             continue
         ranked = _rank(rounds, state, level, remaining)
         state = _search(rounds, state, level, ranked, cap)
@@ -133,13 +161,14 @@ def run_quantize(
 
 
 def _rank(rounds: _Rounds, state: ModelState, level: str, remaining: list[str]) -> list[str]:
-    """The rank round: every remaining component alone at `level`."""
+    """The rank round: every remaining unit alone at `level`."""
     guide = rounds.plan.compress.guide
-    round_ = rounds.probe(state, [Probe(rounds.by_name[name], level) for name in remaining])
-    probes = rounds.store.read_probes(round_=round_)
+    round_ = rounds.probe(state, [rounds.probe_of([unit], level) for unit in remaining])
+    probes = _by_unit(rounds, rounds.store.read_probes(round_=round_))
     ranked = rank_components(probes, remaining, guide, spec=level)
     rows = [
         _row(
+            rounds,
             name,
             state,
             value=float(i + 1),
@@ -152,32 +181,52 @@ def _rank(rounds: _Rounds, state: ModelState, level: str, remaining: list[str]) 
     return ranked
 
 
+def _by_unit(rounds: _Rounds, probes: pa.Table) -> pa.Table:
+    """The probe rows named by unit, with the unit's parameters (rows are stored under the
+    unit's last member)."""
+    if not rounds.plan.compress.fused:
+        return probes
+    rows = probes.to_pylist()
+    for row in rows:
+        unit = rounds.unit_of_last.get(row["component"])
+        if unit is not None:
+            row["component"], row["params"] = unit, rounds.unit_params[unit]
+    return pa.Table.from_pylist(rows, schema=probes.schema)
+
+
 def _search(
     rounds: _Rounds, state: ModelState, level: str, ranked: list[str], cap: int
 ) -> ModelState:
-    """Search rounds until the ranked list is used up; returns the state with the level's
-    accepted components."""
+    """Search rounds until the ranked list of units is used up; returns the state with the
+    level's accepted units."""
     min_fdt = rounds.plan.compress.min_fdt
     accepted: tuple[str, ...] = ()
     rest: tuple[str, ...] = tuple(ranked)
     skipped: tuple[str, ...] = ()
     k = rounds.plan.job.workers  # one candidate per engine actor
     while rest:
-        sets = candidate_sets(accepted, rest, k, rounds.params, cap)
+        sets = candidate_sets(accepted, rest, k, rounds.unit_params, cap)
         # The round's state holds what this level accepted so far; a probe adds the rest of
         # its candidate set, so one probe scores exactly the combined model S + R[:i].
         probes = [
-            Probe(rounds.by_name[s[-1]], level, delta=tuple(s[len(accepted) :])) for s in sets
+            Probe(
+                rounds.by_name[rounds.units[s[-1]][-1]],
+                level,
+                delta=rounds.members(s[len(accepted) :]),
+            )
+            for s in sets
         ]
         round_ = rounds.probe(state, probes)
         values = _fdt_values(rounds.store, round_, probes)
-        step = search_step(accepted, rest, skipped, values, min_fdt, rounds.params, cap, k=k)
+        step = search_step(accepted, rest, skipped, values, min_fdt, rounds.unit_params, cap, k=k)
         new = step.accepted[len(accepted) :]
-        rows = _search_rows(step, level, state, new, min_fdt)
-        state = state.extended({name: Link(level) for name in new})
-        rounds.commit(state, rows, list(new))
+        rows = _search_rows(rounds, step, level, state, new, min_fdt)
+        changed = rounds.members(new)
+        state = state.extended({name: Link(level) for name in changed})
+        rounds.commit(state, rows, list(changed))
         accepted, rest, skipped = step.accepted, step.rest, step.skipped
-    log(f"{level}: {len(accepted)} components accepted, {len(skipped)} skipped")
+    what = "units" if rounds.plan.compress.fused else "components"
+    log(f"{level}: {len(accepted)} {what} accepted, {len(skipped)} skipped")
     return state
 
 
@@ -193,18 +242,19 @@ def _fdt_values(store: RunStore, round_: int, probes: list[Probe]) -> list[float
 
 
 def _search_rows(
-    step: Any, level: str, before: ModelState, new: Sequence[str], min_fdt: float
+    rounds: _Rounds, step: Any, level: str, before: ModelState, new: Sequence[str], min_fdt: float
 ) -> list[dict[str, Any]]:
-    """One row per evaluated candidate (named by the component it added) and per skip."""
+    """One row per evaluated candidate (named by the unit it added) and per skip."""
     rows = []
     for row in step.rows:
         if "skipped" in row:
             reason = f"skipped: {row.get('reason', 'no candidate passed')}"
-            rows.append(_row(row["skipped"], before, threshold=min_fdt, reason=reason))
+            rows.append(_row(rounds, row["skipped"], before, threshold=min_fdt, reason=reason))
             continue
         verdict = "passes" if row["passed"] else "fails"
         rows.append(
             _row(
+                rounds,
                 row["added"],
                 before,
                 to_spec=level if row["added"] in new else None,

@@ -10,11 +10,18 @@ The output folder (default `<run_dir>/export/`) holds:
   checkpoint's. Every other tensor and every non-weight file is copied unchanged.
 - `sparsity_map.json` and `precision_map.json`: weight name -> share of zeros of the exported
   tensor, and -> its quantization spec (or the saved dtype), for every selected component.
-- `recipe.yaml`: an llm-compressor recipe that reproduces the allocation with llm-compressor's
-  own algorithms: `SparseGPTModifier` (`WandaPruningModifier` for wanda runs) with one sparsity
-  per pruned module in module order, and a `QuantizationModifier` with one config group per
-  precision.
-- `export.json`: the run, the model, the final summary row, the export time and version.
+- `recipe.yaml`: an llm-compressor recipe that reproduces the *allocation* with llm-compressor's
+  own algorithms and rounding: `SparseGPTModifier` (`WandaPruningModifier` for wanda runs) with
+  one sparsity per pruned module in module order, and a `QuantizationModifier` with one config
+  group per precision. Its weights are not the measured ones (llm-compressor's int scales are
+  absmax/7.5 and absmax/127.5 against dtm_ray's absmax/7 and absmax/127; SparseGPT updates the
+  kept weights); the checkpoints hold the measured ones.
+- `compressed/` (`--format compressed` or `both`; `auto`, the default, writes it for a quantize
+  run): a compressed-tensors checkpoint holding the quantized components packed, decoding to
+  exactly the measured weights (see `export_compressed`). With `--format compressed` the top
+  folder holds no dense weights, only the maps, the recipe, `export.json` and `compressed/`.
+- `export.json`: the run, the model, the final summary row, which checkpoints were written, one-line
+  notes on what each serving engine cannot load, the export time and version.
 
 Everything is written into a hidden folder beside the target and renamed at the end, so a killed
 export never leaves half a folder.
@@ -37,7 +44,8 @@ import torch
 import yaml
 
 import dtm_ray
-from dtm_ray.core.components import KINDS
+from dtm_ray.core.components import KINDS, components_from_config
+from dtm_ray.core.serving import serving_notes
 from dtm_ray.core.specs import parse_spec, precision_of
 from dtm_ray.core.state import Chain, ModelState
 from dtm_ray.errors import ConfigError, StorageError
@@ -50,10 +58,11 @@ from dtm_ray.records.schemas import (
 )
 from dtm_ray.records.store import RunStore, is_persistent
 from dtm_ray.redact import redact, redact_data
+from dtm_ray.results.export_compressed import stored_level, write_compressed
 
 # Files that hold weights: the checkpoint's own are rewritten, any other format (an uncompressed
 # pytorch_model.bin, a GGUF) is left out so no loader picks up the original values.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _INDEX = "model.safetensors.index.json"
 _MARKER = "export.json"  # its presence tells a previous export, which may be replaced
 
@@ -65,11 +74,24 @@ _QUANT_ARGS: dict[str, dict[str, Any]] = {
     "int4": {"num_bits": 4, "type": "int", "strategy": "group"},
     "fp8-e4m3": {"num_bits": 8, "type": "float", "strategy": "channel"},
 }
+RECIPE_NOTE = (
+    "recipe.yaml reproduces the allocation with llm-compressor's own algorithms and rounding, "
+    "not the measured weights; the checkpoints hold those"
+)
 _DTYPE_OF_ITEMSIZE = {4: "float32", 2: "bfloat16"}  # what `dtype: auto` resolves to
 
 
-def export_run(run_dir: str, out: str | None = None) -> Path:
-    """Export the final state of the compressing run in `run_dir`; returns the output folder."""
+FORMATS = ("auto", "dense", "compressed", "both")
+COMPRESSED = "compressed"  # the compressed checkpoint's folder inside the export
+
+
+def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path:
+    """Export the final state of the compressing run in `run_dir`; returns the output folder.
+    `fmt`: which checkpoints to write; `auto` is `both` for a quantize run (the dense one for
+    tools that read plain weights, the compressed one to serve) and `dense` for a sparsify run
+    (compressed-tensors has no sparse format any more)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     store = RunStore(run_dir)
     info = store.read_run_info()
     if info is None:
@@ -89,6 +111,9 @@ def export_run(run_dir: str, out: str | None = None) -> Path:
         raise ConfigError(f"run {run_dir} is not a local folder; give --out a local folder")
     target = Path(out) if out is not None else Path(store.root) / "export"
     _check_target(target)
+    quantize = config["compress"].get("method") == "quantize"
+    if fmt == "auto":
+        fmt = "both" if quantize else "dense"
 
     from dtm_ray.engines.models import resolve_model  # converting a known model needs transformers
 
@@ -107,7 +132,7 @@ def export_run(run_dir: str, out: str | None = None) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     scratch.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
     try:
-        saved = _write_checkpoint(model_dir, scratch, state, engine_dtype)
+        saved = _write_checkpoint(model_dir, scratch, state, engine_dtype, fmt != COMPRESSED)
         missing = [r["component"] for r in rows if r["component"] not in saved]
         if missing:
             raise ConfigError(f"the checkpoint in {model_dir} has no weight {missing[0]!r}")
@@ -115,6 +140,13 @@ def export_run(run_dir: str, out: str | None = None) -> Path:
         precision = {
             r["component"]: precision_of(r["chain"], saved[r["component"]][1]) for r in rows
         }
+        linears = components_from_config(json.loads((model_dir / "config.json").read_text()))
+        levels = {r["component"]: stored_level(r["chain"]) for r in rows}
+        checkpoints = {"dense": "."} if fmt != COMPRESSED else {}
+        if fmt != "dense":
+            (scratch / COMPRESSED).mkdir()
+            write_compressed(model_dir, scratch / COMPRESSED, state, engine_dtype, linears)
+            checkpoints["compressed"] = COMPRESSED
         _write_json(scratch / "sparsity_map.json", sparsity)
         _write_json(scratch / "precision_map.json", precision)
         recipe = _recipe(rows, sparsity, precision)
@@ -127,6 +159,9 @@ def export_run(run_dir: str, out: str | None = None) -> Path:
             "method": config["compress"].get("method"),
             "engine_dtype": engine_dtype,
             "summary": summary_row,
+            "checkpoints": checkpoints,
+            "serving": serving_notes(linears, levels, engine_dtype) if quantize else {},
+            "recipe": RECIPE_NOTE,
             "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dtm_ray": dtm_ray.__version__,
         }
@@ -173,7 +208,7 @@ def _engine_dtype(dtype: str, summary: Mapping[str, Any]) -> str:
 
 
 # --- the checkpoint ------------------------------------------------------------------------------
-def _shards(model_dir: Path) -> list[str]:
+def shards(model_dir: Path) -> list[str]:
     index = model_dir / _INDEX
     if index.is_file():
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -191,16 +226,16 @@ def _replay(weight: torch.Tensor, chain: Chain, engine_dtype: str) -> torch.Tens
 
 
 def _write_checkpoint(
-    model_dir: Path, out: Path, state: ModelState, engine_dtype: str
+    model_dir: Path, out: Path, state: ModelState, engine_dtype: str, write: bool = True
 ) -> dict[str, tuple[float, str]]:
-    """Write the compressed checkpoint into `out`; returns, per tensor of a selected component
-    found, (share of zeros, dtype name) as saved."""
+    """Write the dense checkpoint into `out` (only measure it when not `write`); returns, per
+    tensor found, (share of zeros, dtype name) as saved."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     wanted = set(state.components())
     saved: dict[str, tuple[float, str]] = {}
-    for shard in _shards(model_dir):
+    for shard in shards(model_dir):
         path = model_dir / shard
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata()
@@ -210,10 +245,11 @@ def _write_checkpoint(
                 tensors[name] = tensor = _replay(tensor, state.chain(name), engine_dtype)
             nonzero = int(torch.count_nonzero(tensor))
             saved[name] = (1.0 - nonzero / tensor.numel(), str(tensor.dtype).removeprefix("torch."))
-        save_file(tensors, out / shard, metadata=metadata)
-    for item in sorted(model_dir.iterdir()):
+        if write:
+            save_file(tensors, out / shard, metadata=metadata)
+    for item in sorted(model_dir.iterdir() if write else ()):
         # config, tokenizer, generation config and the index (names and shapes are unchanged).
-        if item.is_file() and not item.name.startswith(".") and item.suffix not in _WEIGHT_SUFFIXES:
+        if item.is_file() and not item.name.startswith(".") and item.suffix not in WEIGHT_SUFFIXES:
             shutil.copy2(item, out / item.name)
     return saved
 

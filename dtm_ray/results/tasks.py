@@ -224,9 +224,13 @@ def _export_folder(store: RunStore, scratch: str) -> Path:
         if not (target / "export.json").is_file():
             log(f"exporting the compressed model to {target}")
             export_run(store.root, str(target))
-        return target
-    log(f"run dir {store.uri} is not local: exporting into a scratch folder")
-    return export_run(store.uri, f"{scratch}/export")
+        checkpoints = json.loads((target / "export.json").read_text()).get("checkpoints")
+        if checkpoints is None or "dense" in checkpoints:  # older exports are all dense
+            return target
+        log(f"{target} holds no dense checkpoint (--format compressed): exporting one to scratch")
+    else:
+        log(f"run dir {store.uri} is not local: exporting into a scratch folder")
+    return export_run(store.uri, f"{scratch}/export", fmt="dense")
 
 
 def evaluate_run(
