@@ -1,11 +1,9 @@
 """`dtm-ray run JOB` in this process, with faults for the failure tests:
 
-    python tests/driver_with_faults.py JOB [--fault-at-write N] [--quick-retries]
+    python tests/driver_with_faults.py JOB [--fault-at-write N]
 
 `--fault-at-write N`: the N-th file the run opens for writing fails once with S3's timeout error
-(tests/test_chaos.py). `--quick-retries`: the store retries a failing write after 0.1 s pauses
-instead of its 0.5-8 s ones, so a store that is gone is reported sooner
-(tests/test_storage_failures.py).
+(tests/test_chaos.py).
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("job")
     parser.add_argument("--fault-at-write", type=int, default=0)
-    parser.add_argument("--quick-retries", action="store_true")
     args = parser.parse_args(argv)
     if args.fault_at_write > 0:
         n = args.fault_at_write
@@ -35,8 +32,6 @@ def main(argv: list[str]) -> int:
             print(f"chaos: storage fault on write {n}: {path}", file=sys.stderr, flush=True)
 
         store_module._split_uri = faulty_split(once_at_write(n, lambda: OSError(TRANSIENT), seen))
-    if args.quick_retries:
-        store_module.RETRY_DELAYS_S = (0.1,) * len(store_module.RETRY_DELAYS_S)
     return cli.main(["run", args.job])
 
 

@@ -75,11 +75,38 @@ _PERSISTENT_WORDS = (
 _ROUND_OF_FILE = re.compile(r"(?:part-r|round-)(\d+)")
 
 
+# Tries the S3 client makes per request before our own retries (RETRY_DELAYS_S) take over. Its
+# default retries every request of an operation with long pauses (about 6 s per failed write
+# against an endpoint that refuses connections), which multiplied by ours would hold a run for
+# minutes before it reports a store that is gone.
+S3_ATTEMPTS = 2
+
+
 def _split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     # from_uri wants a scheme or an absolute path; a plain relative path means "here".
     if "://" not in uri:
         uri = os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
+    fs, root = pafs.FileSystem.from_uri(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        fs = _s3_filesystem(fs, uri)
+    return fs, root
+
+
+def _s3_filesystem(fs: pafs.S3FileSystem, uri: str) -> pafs.S3FileSystem:
+    """The S3 filesystem `from_uri` made, with bounded client retries and, when the URI names no
+    endpoint, the one in AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (the AWS SDKs' convention for
+    S3-compatible stores, which pyarrow does not read by itself)."""
+    options = dict(fs.__reduce__()[1][0])  # the options it was made with (pickling support)
+    if not options.get("proxy_options", {}).get("host"):
+        options.pop("proxy_options", None)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "endpoint_override=" not in uri:
+        scheme, _, host = endpoint.rpartition("://")
+        options["endpoint_override"] = host.rstrip("/")
+        if scheme:
+            options["scheme"] = scheme
+    retries = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
+    return pafs.S3FileSystem(**options, retry_strategy=retries)
 
 
 def _is_visible_data_file(name: str) -> bool:
