@@ -76,6 +76,18 @@ def test_two_drivers_on_one_out_one_runs_one_refuses(
     assert not (out / "lease.json").exists()  # released by the driver that ran
 
 
+def probe_round_on(plan, store: RunStore, actor_class: type, workers: int) -> int:  # noqa: ANN001
+    """Round 0's probes of `plan` on `workers` actors of `actor_class`; how many ran."""
+    engines = JobEngines(plan, workers, actor_class=actor_class)
+    try:
+        reference = build_reference(engines, store, plan.job, 0, ModelState())
+        context = RoundContext(0, ModelState(), reference.reference)
+        probes = [Probe(c, s) for c, s in plan.probes]
+        return run_probes(engines, store, context, probes, Streaming())
+    finally:
+        engines.close()
+
+
 # --- a poison probe -----------------------------------------------------------------------------
 class PoisonActor(EngineActor):
     """An engine actor whose process dies (SIGKILL) whenever it is asked to probe POISON."""
@@ -96,15 +108,8 @@ def test_a_probe_that_kills_its_actor_is_recorded_failed_and_the_others_finish(
     out = tmp_path / "run"
     plan = plan_job(load_job(write_job(tmp_path, tiny_llama_dir, out, max_probe_crashes=2)))
     store = RunStore(str(out))
-    engines = JobEngines(plan, 1, actor_class=PoisonActor)
     start = time.monotonic()
-    try:
-        reference = build_reference(engines, store, plan.job, 0, ModelState())
-        context = RoundContext(0, ModelState(), reference.reference)
-        probes = [Probe(c, s) for c, s in plan.probes]
-        ran = run_probes(engines, store, context, probes, Streaming())
-    finally:
-        engines.close()
+    ran = probe_round_on(plan, store, PoisonActor, workers=1)
     seconds = time.monotonic() - start
     rows = {r["component"]: r for r in store.read_probes().to_pylist()}
     print(f"\npoison probe: {ran} probes in {seconds:.1f} s; {POISON}: {rows[POISON]['error']}")
@@ -155,7 +160,6 @@ def test_an_actor_killed_while_its_memory_grows_costs_its_probe_one_crash_only(
     out = tmp_path / "run"
     plan = plan_job(load_job(write_job(tmp_path, tiny_llama_dir, out, max_probe_crashes=2)))
     store = RunStore(str(out))
-    engines = JobEngines(plan, 2, actor_class=HungryActor)
     killed = {}
 
     def kill_once_grown() -> None:
@@ -172,12 +176,8 @@ def test_an_actor_killed_while_its_memory_grows_costs_its_probe_one_crash_only(
 
     killer = ThreadPoolExecutor(1).submit(kill_once_grown)
     try:
-        reference = build_reference(engines, store, plan.job, 0, ModelState())
-        context = RoundContext(0, ModelState(), reference.reference)
-        probes = [Probe(c, s) for c, s in plan.probes]
-        ran = run_probes(engines, store, context, probes, Streaming())
+        ran = probe_round_on(plan, store, HungryActor, workers=2)
     finally:
-        engines.close()
         HUNGRY_MARK.unlink(missing_ok=True)
     killer.result(timeout=10)
     rows = {r["component"]: r for r in store.read_probes().to_pylist()}
