@@ -133,7 +133,10 @@ class HungryActor(EngineActor):
 
     def probe(self, delta, context):  # noqa: ANN001, ANN201
         if HUNGRY in delta and not HUNGRY_MARK.exists():
-            HUNGRY_MARK.write_text(str(os.getpid()))
+            # Written whole, then renamed: the test never reads a half-written mark.
+            part = HUNGRY_MARK.with_suffix(".part")
+            part.write_text(str(os.getpid()))
+            part.replace(HUNGRY_MARK)
             grown = []
             for _ in range(160):  # up to 5 GiB over ~8 s, if nobody kills it first
                 grown.append(np.ones(2**22, dtype=np.float64))  # 32 MiB, touched
