@@ -71,6 +71,33 @@ def test_imports_only_go_down() -> None:
     assert not wrong, "imports back up the layers:\n" + "\n".join(wrong)
 
 
+def test_no_module_imports_itself_back_through_others() -> None:
+    """Within a layer too: no circle of imports between modules, lazy ones included."""
+    modules = {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
+    graph = {
+        module: {name for _, name in _imports(path) if name in modules and name != module}
+        for module, path in modules.items()
+    }
+    circles, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            circles.append(" -> ".join([*path[path.index(module) :], module]))
+            return
+        if module in done:
+            return
+        for target in sorted(graph[module]):
+            visit(target, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert not circles, "import circles:\n" + "\n".join(sorted(set(circles)))
+
+
 def test_job_layer_and_cli_load_no_heavy_library() -> None:
     code = (
         "import sys\n"

@@ -59,11 +59,8 @@ from dtm_ray.records.schemas import (
 from dtm_ray.records.store import RunStore, is_persistent
 from dtm_ray.redact import redact, redact_data
 from dtm_ray.results.export_compressed import stored_level, write_compressed
+from dtm_ray.results.model_files import is_plain_file, shards
 
-# Files that hold weights: the checkpoint's own are rewritten, any other format (an uncompressed
-# pytorch_model.bin, a GGUF) is left out so no loader picks up the original values.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-_INDEX = "model.safetensors.index.json"
 _MARKER = "export.json"  # its presence tells a previous export, which may be replaced
 
 # Weight formats of each quantization spec as llm-compressor's QuantizationArgs; all weight-only,
@@ -208,16 +205,6 @@ def _engine_dtype(dtype: str, summary: Mapping[str, Any]) -> str:
 
 
 # --- the checkpoint ------------------------------------------------------------------------------
-def shards(model_dir: Path) -> list[str]:
-    index = model_dir / _INDEX
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
-    if not shards:
-        raise ConfigError(f"model folder {model_dir} has no safetensors weights")
-    return shards
-
-
 def _replay(weight: torch.Tensor, chain: Chain, engine_dtype: str) -> torch.Tensor:
     from dtm_ray.core.compress import replay
     from dtm_ray.engines.base import torch_dtype
@@ -249,7 +236,7 @@ def _write_checkpoint(
             save_file(tensors, out / shard, metadata=metadata)
     for item in sorted(model_dir.iterdir() if write else ()):
         # config, tokenizer, generation config and the index (names and shapes are unchanged).
-        if item.is_file() and not item.name.startswith(".") and item.suffix not in WEIGHT_SUFFIXES:
+        if is_plain_file(item):
             shutil.copy2(item, out / item.name)
     return saved
 

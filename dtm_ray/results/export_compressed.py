@@ -36,6 +36,7 @@ import torch
 from dtm_ray.core.components import Component
 from dtm_ray.core.specs import parse_spec
 from dtm_ray.core.state import ModelState
+from dtm_ray.results.model_files import INDEX, is_plain_file, shards
 
 # compressed-tensors' weight arguments and on-disk format of each quantization method.
 _SCHEMES: dict[str, tuple[dict[str, Any], str]] = {
@@ -44,7 +45,6 @@ _SCHEMES: dict[str, tuple[dict[str, Any], str]] = {
     "int8-tensor": ({"num_bits": 8, "type": "int", "strategy": "channel"}, "pack-quantized"),
     "fp8-e4m3": ({"num_bits": 8, "type": "float", "strategy": "channel"}, "float-quantized"),
 }
-_INDEX = "model.safetensors.index.json"
 
 
 def stored_level(specs: Sequence[str]) -> str | None:
@@ -71,7 +71,6 @@ def write_compressed(
 
     from dtm_ray.core.compress import quantize, replay
     from dtm_ray.engines.base import torch_dtype
-    from dtm_ray.results.export import shards
 
     dtype = torch_dtype(engine_dtype)
     levels = {name: stored_level(state.specs(name)) for name in state.components()}
@@ -109,11 +108,11 @@ def write_compressed(
         save_file(tensors, out / shard, metadata=metadata)
         weight_map.update(dict.fromkeys(tensors, shard))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-    if (model_dir / _INDEX).is_file():
-        index = json.loads((model_dir / _INDEX).read_text())
+    if (model_dir / INDEX).is_file():
+        index = json.loads((model_dir / INDEX).read_text())
         index["metadata"] = {**index.get("metadata", {}), "total_size": total}
         index["weight_map"] = dict(sorted(weight_map.items()))
-        (out / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = quantization_config(levels, linears)
     if narrowed:
@@ -122,15 +121,9 @@ def write_compressed(
                 config[key] = engine_dtype
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for item in sorted(model_dir.iterdir()):
-        if item.name not in ("config.json", _INDEX) and _plain_file(item):
+        if item.name not in ("config.json", INDEX) and is_plain_file(item):
             shutil.copy2(item, out / item.name)
     return levels
-
-
-def _plain_file(item: Path) -> bool:
-    from dtm_ray.results.export import WEIGHT_SUFFIXES
-
-    return item.is_file() and not item.name.startswith(".") and item.suffix not in WEIGHT_SUFFIXES
 
 
 def quantization_config(
