@@ -92,7 +92,8 @@ class HFEngine:
             self._checkpoint = Checkpoint(Path(model_dir), torch_dtype(dtype), original_cache_bytes)
         except FileNotFoundError:  # no safetensors files (a .bin checkpoint): copies only
             self._checkpoint = None
-        self._edited: set[str] = set()
+        self._matches_checkpoint: set[str] = set()  # checked once, bit for bit
+        self._edited: set[str] = set()  # edited weights whose original is the checkpoint's
         self._originals: dict[str, torch.Tensor] = {}
         self._closed = False
         self.residual_cache_bytes = residual_cache_bytes
@@ -301,14 +302,18 @@ class HFEngine:
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
 
     def _keep_original(self, name: str, param: torch.nn.Parameter) -> None:
-        """Before a weight's first edit: rely on the checkpoint when it holds exactly the loaded
-        value (checked once, bit for bit), else keep a copy."""
-        if self._checkpoint is not None and name in self._checkpoint:
-            stored = self._checkpoint.get(name)
+        """Before an unedited weight is overwritten: rely on the checkpoint when it holds exactly
+        the loaded value (compared once per weight, bit for bit), else keep a copy."""
+        checkpoint = self._checkpoint
+        unchecked = name not in self._matches_checkpoint
+        if unchecked and checkpoint is not None and name in checkpoint:
+            stored = checkpoint.get(name)
             if stored.shape == param.shape and torch.equal(stored, param.detach().cpu()):
-                self._edited.add(name)
-                return
-        self._originals[name] = param.detach().clone()
+                self._matches_checkpoint.add(name)
+        if name in self._matches_checkpoint:
+            self._edited.add(name)
+        else:
+            self._originals[name] = param.detach().clone()
 
     @torch.no_grad()
     def restore(self, names: Iterable[str]) -> None:
