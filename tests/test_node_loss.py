@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import FDT_SPARSIFY, assert_same_result, tiny_compress_job
+from test_driver import visible_probe_files
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,15 +63,6 @@ def engine_nodes(run: Path) -> dict[str, str]:
     return {a["worker"]: a["node"] for a in started[-1]["actors"]} if started else {}
 
 
-def probe_files(run: Path) -> list[Path]:
-    folder = run / "probes"
-    return (
-        [p for p in folder.glob("*.parquet") if not p.name.startswith(".")]
-        if folder.is_dir()
-        else []
-    )
-
-
 def wait_for(condition, timeout: float, what: str, driver: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -101,7 +93,7 @@ def test_a_lost_node_costs_nothing_its_actor_restarts_on_another(
                 stderr=subprocess.STDOUT,
             )
             try:
-                wait_for(lambda: probe_files(run), 300, "the first probes", driver)
+                wait_for(lambda: visible_probe_files(run), 300, "the first probes", driver)
                 (node,) = set(engine_nodes(run).values())
                 lost_at = time.monotonic()
                 cluster.tell(f"remove {node}", "removed")

@@ -543,10 +543,15 @@ def _amounts(resources: dict[str, float]) -> str:
     return ", ".join(shown) or "nothing"
 
 
+def _wanted(resources: dict[str, float]) -> tuple[dict[str, float], str]:
+    """The resources one actor asks for (those > 0), and as the user reads them: {CPU: 1}."""
+    wanted = {k: float(v) for k, v in resources.items() if v > 0}
+    return wanted, "{" + ", ".join(f"{k}: {v:g}" for k, v in wanted.items()) + "}"
+
+
 def _holdup(resources: dict[str, float], count: int) -> str:
     """Why `count` actors asking for `resources` each have not all started yet, in words."""
-    wanted = {k: float(v) for k, v in resources.items() if v > 0}
-    ask = "{" + ", ".join(f"{k}: {v:g}" for k, v in wanted.items()) + "}"
+    wanted, ask = _wanted(resources)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     fits = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wanted.items())]
     if not fits:
@@ -570,11 +575,10 @@ def _holdup(resources: dict[str, float], count: int) -> str:
 
 def _restart_holdup(resources: dict[str, float]) -> str:
     """Why a crashed actor asking for `resources` is not back yet, in words."""
-    wanted = {k: float(v) for k, v in resources.items() if v > 0}
+    wanted, ask = _wanted(resources)
     free = ray.available_resources()
     if all(free.get(k, 0) >= v for k, v in wanted.items()):
         return "loading the model again"
-    ask = "{" + ", ".join(f"{k}: {v:g}" for k, v in wanted.items()) + "}"
     return (
         f"it needs {ask} and no node has that free (free: {_amounts(free)}); it waits for room "
         "on a node (an autoscaler may add one)"

@@ -192,10 +192,7 @@ def replay(original: torch.Tensor, chain: Chain) -> torch.Tensor:
     A leading run of magnitude links is replayed as its last link alone (bit-identical, see
     `_composed_prefix`), so a magnitude chain costs one pass however many rounds made it."""
     skip = max(_composed_prefix(chain) - 1, 0)
-    weight = original
-    for link in chain[skip:]:
-        weight = compress(weight, link.spec, link.stats)
-    return weight
+    return apply_links(original, chain[skip:])
 
 
 def apply_links(weight: torch.Tensor, links: Chain) -> torch.Tensor:
