@@ -587,6 +587,21 @@ def test_a_run_dir_made_by_another_job_names_each_difference(
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]
 
 
+def test_a_quantize_run_of_an_older_version_is_not_continued(
+    warm: Path, tmp_path: Path, capsys, no_ray
+) -> None:
+    """Quantize runs from before fused groups (and bf16 scales rounded to bf16) have no
+    compress.fused in run.json; continuing one would mix two quantizers' numbers."""
+    out = tmp_path / "run"
+    compress = {"method": "quantize", "levels": ["int8"], "min_fdt": 4}
+    job = job_dict(warm, out=str(out), probe={"components": "all"}, compress=compress)
+    older = load_job(_job_file(tmp_path, job), []).to_dict()
+    del older["compress"]["fused"]
+    RunStore(str(out)).open_run(older, {"created": "earlier"})
+    expected = "is a quantize run from an older dtm-ray (no compress.fused in its run.json)"
+    refused("older quantize run", job, [], expected, out, tmp_path, capsys, no_ray)
+
+
 # The installed command, in a fresh process: real exit code, real stderr, no traceback.
 SUBPROCESS_CASES = [
     "pruning sparsity out of range",

@@ -304,6 +304,7 @@ def test_fused_search_moves_qkv_and_gate_up_together(
     which vLLM cannot load packed; the fused search never splits a group."""
     from dtm_ray.core.components import components_from_config
     from dtm_ray.core.serving import fused_groups
+    from dtm_ray.results.show import load_run
 
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     groups = {
@@ -331,4 +332,12 @@ def test_fused_search_moves_qkv_and_gate_up_together(
         assert split == [] and notes == []
         # Every group was ranked (and searched) under its own name, never one of its shards.
         assert set(groups) <= decided and not decided & shards
+        # show and the report list a group's rank probe on each of its members' rows.
+        tables = load_run(str(run))
+        ranked = tables.single_probes()
+        ranked = ranked[ranked["round"] == tables.component_rounds()[0]]
+        assert set(ranked["component"]) == {c.name for c in components_from_config(config)}
+        for group, members in groups.items():
+            rows = ranked[ranked["component"].isin(members)]
+            assert set(rows["unit"]) == {group} and rows["fdt_at_75"].nunique() == 1
     assert chains[True] != chains[False]

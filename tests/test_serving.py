@@ -4,7 +4,13 @@ shards, the GPU Marlin kernel's shape limits and the CPU build's int4-only, bf16
 from __future__ import annotations
 
 from dtm_ray.core.components import components_from_config
-from dtm_ray.core.serving import fused_groups, fused_name, marlin_problem, serving_notes
+from dtm_ray.core.serving import (
+    fused_group_of,
+    fused_groups,
+    fused_name,
+    marlin_problem,
+    serving_notes,
+)
 
 # SmolLM2-135M's shapes: hidden 576 (not a multiple of 128), 9 heads of 64, 3 KV heads.
 SMOLLM2 = {
@@ -30,6 +36,15 @@ def test_fused_groups_follow_vllms_fused_layers():
     assert [c.kind for c in groups["model.layers.1.mlp.gate_up_proj"]] == ["gate", "up"]
     assert len(groups) == 2 * 4
     assert fused_name(COMPONENTS[3]) == COMPONENTS[3].name  # o_proj moves alone
+
+
+def test_a_probe_of_exactly_one_fused_group_is_named_by_it():
+    q, k, v, o, gate, up = (c.name for c in COMPONENTS[:6])
+    assert fused_group_of([q, k, v]) == "model.layers.0.self_attn.qkv_proj"
+    assert fused_group_of([gate, up]) == "model.layers.0.mlp.gate_up_proj"
+    other_q = COMPONENTS[7].name  # layer 1's q
+    for not_one_group in ([q], [q, k], [q, k, v, o], [q, k, other_q], [o, gate], [gate, up, up]):
+        assert fused_group_of(not_one_group) is None, not_one_group
 
 
 def test_marlin_limits():

@@ -48,6 +48,12 @@ class Component:
         return self.shape[0] * self.shape[1]
 
 
+def kind_of(name: str) -> str:
+    """The kind of a component from its weight name: `model.layers.3.self_attn.q_proj.weight`
+    -> "q" (every supported architecture uses the Llama naming)."""
+    return name.removesuffix(".weight").rpartition(".")[2].removesuffix("_proj")
+
+
 def _shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from dtm_ray.core.components import Component
+from dtm_ray.core.components import Component, kind_of
 from dtm_ray.core.specs import parse_spec
 
 # kind -> the fused vLLM layer it is a shard of; o and down are not fused.
@@ -36,11 +36,29 @@ VLLM_CPU_DTYPES = ("bfloat16", "float16")
 def fused_name(component: Component) -> str:
     """The name of the group `component` moves in when the search is fused: the vLLM layer it is
     a shard of (`model.layers.3.self_attn.qkv_proj`), or its own weight name when unfused."""
-    fused = FUSED_KINDS.get(component.kind)
+    return _fused_name(component.name, component.kind)
+
+
+def _fused_name(name: str, kind: str) -> str:
+    fused = FUSED_KINDS.get(kind)
     if fused is None:
-        return component.name
-    module = component.name.removesuffix(".weight").rpartition(".")[0]
+        return name
+    module = name.removesuffix(".weight").rpartition(".")[0]
     return f"{module}.{fused}"
+
+
+def fused_group_of(names: Sequence[str]) -> str | None:
+    """The fused group that `names` are exactly the members of (q/k/v of one layer, or its
+    gate/up), read from the Llama weight names every supported architecture uses; else None."""
+    if len(names) < 2:
+        return None
+    kinds = [kind_of(n) for n in names]
+    groups = {_fused_name(n, k) for n, k in zip(names, kinds, strict=True)}
+    if len(groups) != 1 or set(kinds) - set(FUSED_KINDS):
+        return None
+    group = groups.pop()
+    wanted = [k for k, g in FUSED_KINDS.items() if g == group.rpartition(".")[2]]
+    return group if sorted(kinds) == sorted(wanted) else None
 
 
 def fused_groups(components: Sequence[Component]) -> dict[str, list[Component]]:

@@ -208,6 +208,15 @@ def _open_run(plan: Plan, store: RunStore) -> bool:
 
 def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
     """The run dir holds this job, on this model, and only files it can read."""
+    compress = stored["config"].get("compress") or {}
+    if compress.get("method") == "quantize" and "fused" not in compress:
+        # Such runs quantized bf16 weights with unrounded scales and searched unfused: a
+        # continued search would mix two quantizers' numbers.
+        raise ConfigError(
+            f"run dir {store.uri} is a quantize run from an older dtm-ray (no compress.fused in "
+            "its run.json): it cannot be continued; start the job again with another --out "
+            "(show and report still read this one)"
+        )
     check_same_config(stored["config"], plan.job.to_dict(), store.uri)
     digest = model_digest(plan.model_dir)
     if stored.get("model_digest", digest) != digest:

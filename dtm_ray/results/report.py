@@ -196,7 +196,9 @@ def heatmap_section(run: RunTables, out: Path) -> Section | None:
         "FDT@75 per layer and kind",
         [
             "Each panel is one round at one probe setting (a sparsify round's added sparsity, or a "
-            "spec). Dark cells are components whose compression changes the text early."
+            "spec). Dark cells are components whose compression changes the text early. A fused "
+            "quantize search probes q/k/v and gate/up of a layer as one group: its members' "
+            "cells show the group's value."
         ],
         images=[(name, "FDT@75 per layer x kind, per round and probe setting")],
     )
@@ -277,7 +279,8 @@ def curves_section(run: RunTables, out: Path) -> Section | None:
 def perplexity_section(run: RunTables, out: Path) -> Section | None:
     """Every probe's perplexity change on the reference continuation against its FDT@75."""
     probes = run.single_probes()
-    probes = probes[probes["status"] == STATUS_OK]
+    # One dot per probe: a fused group's probe shows on each member's row.
+    probes = probes[probes["status"] == STATUS_OK].drop_duplicates(["round", "unit", "spec"])
     if probes.empty or run.references.empty:
         return None
     plt = _pyplot()

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dtm_ray.core.components import kind_of
+from dtm_ray.core.serving import fused_group_of
 from dtm_ray.errors import ConfigError
 from dtm_ray.records.schemas import (
     DECISION_SCHEMA,
@@ -71,7 +73,7 @@ class RunTables:
     def component_rounds(self) -> list[int]:
         """Rounds that probed components one by one: every sparsify or probe-only round, the
         rank rounds of a quantize run (not its search rounds of candidate sets)."""
-        counts = self.single_probes().groupby("round")["component"].nunique()
+        counts = self.single_probes().groupby("round")["unit"].nunique()
         if self.method != "quantize":
             return sorted(int(r) for r in counts.index)
         # A search round scores a few candidate sets; a rank round every component alone.
@@ -86,18 +88,31 @@ class RunTables:
         return int(self.probes["round"].max()) if len(self.probes) else None
 
     def single_probes(self) -> pd.DataFrame:
-        """Probe rows that compressed one component (not a quantize search's candidate sets),
-        with `group`: what the round probed every component at ("+0.10" added sparsity for a
-        sparsify round, else the spec)."""
+        """Probe rows that compressed one unit (not a quantize search's candidate sets), one row
+        per component, with `unit`: the component, or the fused group (q/k/v, gate/up) a fused
+        quantize run probed as one, whose result then shows on each member's row; and `group`:
+        what the round probed every unit at ("+0.10" added sparsity for a sparsify round, else
+        the spec)."""
         frame = self.probes
         if frame.empty:
-            return frame.assign(group=pd.Series(dtype=str))
-        single = frame[frame["delta"].map(lambda d: d is None or len(d) <= 1)].copy()
+            return frame.assign(group=pd.Series(dtype=str), unit=pd.Series(dtype=str))
+        units = [
+            name if d is None or len(d) <= 1 else fused_group_of(list(d))
+            for name, d in zip(frame["component"], frame["delta"], strict=True)
+        ]
+        single = frame.assign(unit=units)
+        single = single[single["unit"].notna()].copy()
+        fused = single["unit"] != single["component"]
+        if fused.any():
+            members = single[fused].assign(component=single.loc[fused, "delta"].map(list))
+            members = members.explode("component")
+            members["kind"] = members["component"].map(kind_of)
+            single = pd.concat([single[~fused], members]).sort_index(kind="stable")
         single["group"] = [
             spec if pd.isna(added) else f"+{added:.2f}"
             for spec, added in zip(single["spec"], single["added"], strict=True)
         ]
-        return single
+        return single.reset_index(drop=True)
 
 
 def _frame(table: Any, schema: Any) -> pd.DataFrame:
