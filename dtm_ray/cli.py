@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dtm_ray.engines import models
-from dtm_ray.errors import StorageError, UserError
+from dtm_ray.errors import ConfigError, StorageError, UserError
 from dtm_ray.job.checks import Plan, plan_job
 from dtm_ray.job.spec import EvaluateConfig, load_job
 from dtm_ray.redact import redact
@@ -77,9 +77,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from dtm_ray.loop.estimate import calibrate, estimate, flop_costs, format_estimate
+    from dtm_ray.loop.estimate import (
+        calibrate,
+        estimate,
+        flop_costs,
+        format_estimate,
+        plan_memory,
+    )
 
     plan = _load_plan(args)
+    gpu_bytes = int(args.gpu_gib * (1 << 30)) if args.gpu_gib else None
+    memory = plan_memory(plan, gpu_bytes, args.node_gpus)
+    if memory.problems:  # --gpu-gib is checked here; what the job declares, by its checks
+        raise ConfigError("; ".join(memory.problems))
     if args.no_calibrate:
         costs = flop_costs(plan, args.worker_tflops * 1e12 if args.worker_tflops else None)
     else:
@@ -88,7 +98,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         log_file = Path(tempfile.gettempdir()) / "dtm-ray-plan" / "engines.log"
         with engine_logs(log_file, args.verbose):
             costs = calibrate(plan)
-    print(format_estimate(plan, estimate(plan, costs)))
+    print(format_estimate(plan, estimate(plan, costs), memory))
     return 0
 
 
@@ -181,6 +191,15 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="throughput of one worker for --no-calibrate, in TFLOP/s "
         "(default: 0.05 per CPU core, 100 per GPU)",
+    )
+    parser.add_argument(
+        "--gpu-gib",
+        type=float,
+        help="memory of one GPU in GiB, for the memory plan and its check (default: from an "
+        "accelerator_type: resource the job declares)",
+    )
+    parser.add_argument(
+        "--node-gpus", type=int, help="GPUs per node, for the memory per node (default 8)"
     )
     parser.add_argument("--verbose", action="store_true", help="show the engine's output")
 

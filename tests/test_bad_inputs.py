@@ -267,6 +267,12 @@ CASES: dict[str, Case] = {
         "compress.step must be a number in (0, 1], got 0",
         None,
     ),
+    "declared memory below the plan's": lambda t, m: (
+        job_dict(m, resources_per_worker={"CPU": 1, "memory": 256 * 2**20}),
+        [],
+        "of host memory and resources_per_worker.memory declares 256 MiB",
+        None,
+    ),
     "quantize without levels": lambda t, m: (
         job_dict(m, probe={"components": "all"}, compress={"method": "quantize"}),
         [],

@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from dtm_ray.engines.config import DTYPE_NAMES
+from dtm_ray.engines.config import DTYPE_NAMES, residual_stride  # noqa: F401 (engines use it)
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -31,11 +31,6 @@ def continuation_length(sequences: Sequence[Sequence[int]], n_prefix: int) -> in
     if n_prefix < 1 or n_new < 1:
         raise ValueError(f"n_prefix={n_prefix} must leave >= 1 prefix and continuation token")
     return n_new
-
-
-def residual_stride(per_layer_bytes: int, layers: int, budget: int) -> int:
-    """Keep the input of every k-th decoder layer, k the smallest that fits `budget` bytes."""
-    return max(1, -(-per_layer_bytes * layers // budget))
 
 
 # glibc's mallopt parameters (malloc.h).

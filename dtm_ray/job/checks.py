@@ -19,6 +19,7 @@ from dtm_ray.engines.config import DEFAULT_MAX_MODEL_LEN
 from dtm_ray.engines.models import load_components, read_model_config, resolve_model
 from dtm_ray.engines.prompts import RUN_PREFIX, load_calibration, load_prompts
 from dtm_ray.errors import ConfigError
+from dtm_ray.job.memory import check_memory
 from dtm_ray.job.spec import DEFAULT_PROBE_SPECS, CompressConfig, JobConfig, check_fields
 from dtm_ray.job.tasks import resolve_tasks
 
@@ -59,7 +60,8 @@ def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
     try:
         model_dir = resolve_model(job.model)
         model_config = read_model_config(model_dir)
-        components = select(load_components(model_dir), job.probe.components)
+        every = load_components(model_dir)
+        components = select(every, job.probe.components)
         if job.compress is None:
             specs = [str(parse_spec(str(s))) for s in job.probe.specs or DEFAULT_PROBE_SPECS]
             checked = specs
@@ -81,6 +83,7 @@ def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
                 except ValueError as err:
                     raise ValueError(f"{component.name}: {err}") from None
         check_token_budget(job, model_config)
+        check_memory(job, model_config, components, every)
         prefixes = _prepare_prompts(job, model_dir, model_config, read_hub)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None

@@ -25,6 +25,7 @@ from dtm_ray.core.serving import fused_groups, serving_notes
 from dtm_ray.core.state import concat_references
 from dtm_ray.engines.models import load_components
 from dtm_ray.job.checks import Plan
+from dtm_ray.job.memory import MemoryPlan, format_memory, memory_plan
 from dtm_ray.job.spec import DEFAULT_PROBE_SPECS
 
 # Throughput per worker assumed by the FLOP estimate (FLOP/s), per unit of its resources.
@@ -279,7 +280,16 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
-def format_estimate(plan: Plan, result: Estimate) -> str:
+def plan_memory(
+    plan: Plan, gpu_bytes: int | None = None, node_gpus: int | None = None
+) -> MemoryPlan:
+    """The job's memory per actor and per node (`dtm_ray.job.memory`), on its model."""
+    config = json.loads((plan.model_dir / "config.json").read_text())
+    every = load_components(plan.model_dir)
+    return memory_plan(config, plan.job, plan.components, every, gpu_bytes, node_gpus)
+
+
+def format_estimate(plan: Plan, result: Estimate, memory: MemoryPlan | None = None) -> str:
     job = plan.job
     params = model_parameters(plan)
     selected = sum(c.params for c in plan.components)
@@ -315,6 +325,7 @@ def format_estimate(plan: Plan, result: Estimate) -> str:
         lines.append("(search rounds: the fewest, when every candidate passes; each skip adds one)")
     if compress is not None and compress.method == "quantize":
         lines += ["", *serving_lines(plan)]
+    lines += ["", *format_memory(memory or plan_memory(plan))]
     return "\n".join(lines)
 
 

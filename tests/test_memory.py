@@ -1,0 +1,114 @@
+"""The memory plan (`dtm_ray.job.memory`): its formulas on the shapes of real models, its warnings
+where layer skip cannot work, and the one-line refusal of a job that cannot fit what it declares.
+No torch, no engine: the plan runs before either exists."""
+
+from __future__ import annotations
+
+import pytest
+
+from dtm_ray.core.components import components_from_config
+from dtm_ray.engines.config import residual_stride
+from dtm_ray.job.memory import GIB, PROCESS_BYTES, memory_plan, model_weights
+from dtm_ray.job.spec import JobConfig, PromptsConfig
+
+LLAMA2_13B = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 40,
+    "num_hidden_layers": 40,
+    "vocab_size": 32000,
+}
+LLAMA2_70B = {**LLAMA2_13B, "hidden_size": 8192, "intermediate_size": 28672,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 80}
+
+
+def job(**changes) -> JobConfig:
+    base = dict(
+        model="m",
+        engine="vllm",
+        dtype="bfloat16",
+        prompts=PromptsConfig(count=512, prefix_tokens=32),
+        new_tokens=256,
+        workers=8,
+        resources_per_worker={"GPU": 1},
+    )
+    return JobConfig(**{**base, **changes})
+
+
+def items(pairs) -> dict[str, int]:
+    return dict(pairs or [])
+
+
+def test_model_size_is_the_published_parameter_count() -> None:
+    every = components_from_config(LLAMA2_13B)
+    assert model_weights(LLAMA2_13B, every) == pytest.approx(13.016e9, rel=1e-3)
+    every = components_from_config(LLAMA2_70B)
+    assert model_weights(LLAMA2_70B, every) == pytest.approx(68.977e9, rel=1e-3)
+
+
+def test_13b_on_one_gpu_per_actor() -> None:
+    every = components_from_config(LLAMA2_13B)
+    plan = memory_plan(LLAMA2_13B, job(engine_options={"enforce_eager": True}), every, every,
+                       gpu_bytes=80 * GIB)
+    device = items(plan.device)
+    assert device["weights"] == model_weights(LLAMA2_13B, every) * 2
+    # vLLM keeps hidden and residual: 2 x 512 x 288 x 5120 x 2 bytes = 2.8 GiB per layer, more
+    # than the 2 GiB budget: only layer 0 is kept and layer skip is inactive, as the engine
+    # itself would decide with the same budget.
+    per_layer = 2 * 512 * 288 * 5120 * 2
+    assert residual_stride(per_layer, 40, 2 * GIB) >= 40
+    assert device["kept residual stream"] == per_layer
+    assert any("layer skip is inactive" in w for w in plan.warnings)
+    # The largest 13B weight (an MLP matrix, 5120 x 13824) is the probe's device copy.
+    assert device["copy of the probed weight"] == 5120 * 13824 * 2
+    host = items(plan.host)
+    assert host["state push batch x 3 processes"] == 3 * 512 * (1 << 20)
+    assert plan.actors_per_node == 8
+    assert plan.node_host == 8 * plan.host_total
+    assert plan.problems == []  # 80 GB x 0.85 holds 26 GB of weights and the rest
+
+
+def test_cuda_graphs_turn_layer_skip_off_and_a_big_budget_keeps_every_layer() -> None:
+    every = components_from_config(LLAMA2_13B)
+    graphs = memory_plan(LLAMA2_13B, job(), every, every)
+    assert items(graphs.device)["kept residual stream"] == 0
+    assert any("CUDA graphs" in w for w in graphs.warnings)
+    budget = 120 * GIB
+    eager = job(engine_options={"enforce_eager": True, "residual_cache_bytes": budget})
+    kept = memory_plan(LLAMA2_13B, eager, every, every, gpu_bytes=80 * GIB)
+    assert items(kept.device)["kept residual stream"] == 40 * 2 * 512 * 288 * 5120 * 2
+    assert not any("layer skip" in w for w in kept.warnings)
+    # ... which no 80 GB GPU holds: the plan says so, naming both sizes.
+    assert kept.problems and "each GPU needs about" in kept.problems[0]
+    assert "(0.85 of 80.0 GiB)" in kept.problems[0]
+
+
+def test_70b_with_tensor_parallelism_splits_the_weights_not_the_host_copies() -> None:
+    every = components_from_config(LLAMA2_70B)
+    four = job(engine_options={"tensor_parallel_size": 4}, resources_per_worker={"GPU": 4},
+               workers=2)
+    plan = memory_plan(LLAMA2_70B, four, every, every, gpu_bytes=80 * GIB)
+    assert items(plan.device)["weights"] == model_weights(LLAMA2_70B, every) * 2 // 4
+    assert plan.actors_per_node == 2  # 8 GPUs per node, 4 per actor
+    host = items(plan.host)
+    assert host["processes (Python, torch, vLLM)"] == (2 + 4) * PROCESS_BYTES
+    assert host["state push batch x 6 processes"] == 6 * 512 * (1 << 20)
+    assert plan.problems == []  # 34.5 GB of weights per GPU
+
+
+def test_a_cpu_engine_holds_everything_in_host_memory_and_the_declared_memory_is_checked() -> None:
+    every = components_from_config(LLAMA2_13B)[:7]  # one layer's worth of components
+    cpu = job(engine="hf", dtype="float32", resources_per_worker={"CPU": 2, "memory": 4 * GIB},
+              prompts=PromptsConfig(count=16, prefix_tokens=16), new_tokens=32, workers=2)
+    plan = memory_plan(LLAMA2_13B, cpu, every, every)
+    assert plan.device is None
+    host = items(plan.host)
+    assert host["weights"] == model_weights(LLAMA2_13B, every) * 4
+    assert host["logits of one step"] == 16 * 32 * 32000 * 8  # batch_size 16 of the hf engine
+    assert plan.node_host == 2 * plan.host_total  # CPU workers share the machine
+    assert plan.problems == [
+        f"each engine actor needs about {plan.host_total / GIB:.1f} GiB of host memory and "
+        "resources_per_worker.memory declares 4.0 GiB"
+    ]
