@@ -106,9 +106,26 @@ def test_a_cpu_engine_holds_everything_in_host_memory_and_the_declared_memory_is
     assert plan.device is None
     host = items(plan.host)
     assert host["weights"] == model_weights(LLAMA2_13B, every) * 4
-    assert host["logits of one step"] == 16 * 32 * 32000 * 8  # batch_size 16 of the hf engine
+    # batch_size 16 of the hf engine: float32 logits and their log-softmax at the 32 new tokens,
+    # or the MLP's activations over all 48 tokens, whichever is larger (here the activations).
+    logits, activations = 16 * 32 * 32000 * 8, 16 * 48 * (2 * 13824 + 4 * 5120) * 4
+    assert host["logits or activations of one step"] == max(logits, activations) == activations
     assert plan.node_host == 2 * plan.host_total  # CPU workers share the machine
     assert plan.problems == [
         f"each engine actor needs about {plan.host_total / GIB:.1f} GiB of host memory and "
         "resources_per_worker.memory declares 4.0 GiB"
     ]
+
+
+@pytest.mark.parametrize("prompts, new_tokens, measured_gib", [(64, 64, 4.3), (512, 256, 43.5)])
+def test_the_plan_matches_the_gpu_peak_measured_on_an_h100(prompts, new_tokens, measured_gib):
+    """bench/gpu_check.py on one H100 (1.1 B random Llama, bf16, hf engine, all prompts in one
+    batch, probes of q and down in layers 1/11/21) measured these peaks of allocated memory."""
+    config = {**LLAMA2_13B, "hidden_size": 2048, "intermediate_size": 5632,
+              "num_attention_heads": 16, "num_key_value_heads": 4, "num_hidden_layers": 22}
+    every = components_from_config(config)
+    probed = [c for c in every if c.kind in ("q", "down") and c.layer in (1, 11, 21)]
+    gpu = job(engine="hf", prompts=PromptsConfig(count=prompts, prefix_tokens=32),
+              new_tokens=new_tokens, engine_options={"batch_size": prompts})
+    plan = memory_plan(config, gpu, probed, every, gpu_bytes=80 * GIB)
+    assert plan.device_total / GIB == pytest.approx(measured_gib, rel=0.1)

@@ -11,9 +11,11 @@ model's parameters; TP the tensor-parallel size):
   hidden and residual, twice that); every layer's when L of them fit `residual_cache_bytes`,
   else every k-th, k = ceil(L x layer / budget). With k >= L only layer 0's input is kept and a
   probe always runs the whole model: layer skip is inactive.
-- logits of one step, in float32 with their log-softmax: hf B x N x V x 8 (B = `batch_size`);
-  vLLM's scoring hook the sequences of one scheduler step (about 8192 tokens) x N x V x 8.
-- activations of one forward pass: tokens of a step x (2 x intermediate + 4 x H) x b.
+- one step, the larger of (activations are freed before the lm_head runs):
+  its logits in the model's dtype, in float32 and their log-softmax: B x N x V x (8 + b, or 8 in
+  float32) for hf (B = min(P, `batch_size`)); vLLM's scoring hook holds the sequences of one
+  scheduler step (about 8192 tokens) instead of B;
+  its activations: tokens of the step x (2 x intermediate + 4 x H) x b.
 - a probe: the held copy of the weight it overwrites (the largest component x b).
 - a state change: one push batch (`state_push_bytes`) on the device; on vLLM in host memory in
   the actor, the engine core and every rank: push x (2 + TP).
@@ -154,7 +156,7 @@ def memory_plan(
     batch = min(job.prompts.count, engine.batch_size)
     step_tokens = min(tokens, VLLM_STEP_TOKENS) if vllm else batch * sequence
     step_sequences = max(1, step_tokens // sequence)
-    logits = step_sequences * n_new * vocab * 8
+    logits = step_sequences * n_new * vocab * (8 if b == 4 else 8 + b)
     activations = step_tokens * (2 * intermediate + 4 * hidden) * b
     state_cache = min(engine.state_cache_bytes, selected_bytes)
     originals = min(engine.original_cache_bytes, selected_bytes)
@@ -163,8 +165,7 @@ def memory_plan(
     engine_side = [
         ("weights", weights // tp),
         ("kept residual stream", residual),
-        ("logits of one step", logits),
-        ("activations of one step", activations),
+        ("logits or activations of one step", max(logits, activations)),
         ("copy of the probed weight", largest),
     ]
     if on_gpu:  # a batch on its way to the GPU (its host copies are counted below)
