@@ -126,6 +126,18 @@ def test_the_plan_matches_the_gpu_peak_measured_on_an_h100(prompts, new_tokens, 
     every = components_from_config(config)
     probed = [c for c in every if c.kind in ("q", "down") and c.layer in (1, 11, 21)]
     gpu = job(engine="hf", prompts=PromptsConfig(count=prompts, prefix_tokens=32),
-              new_tokens=new_tokens, engine_options={"batch_size": prompts})
+              new_tokens=new_tokens,
+              engine_options={"batch_size": prompts, "residual_host_bytes": 0})
     plan = memory_plan(config, gpu, probed, every, gpu_bytes=80 * GIB)
     assert plan.device_total / GIB == pytest.approx(measured_gib, rel=0.1)
+
+
+def test_the_hf_engine_on_a_gpu_keeps_a_large_stream_in_pinned_host_memory() -> None:
+    every = components_from_config(LLAMA2_13B)
+    hf = job(engine="hf", engine_options={"batch_size": 32})
+    plan = memory_plan(LLAMA2_13B, hf, every, every, gpu_bytes=80 * GIB)
+    per_layer = 512 * 288 * 5120 * 2  # 1.4 GiB: the 2 GiB GPU budget keeps 1 layer in 40
+    assert items(plan.device)["kept residual stream"] == 0
+    # 32 GiB of pinned host memory keep every 2nd layer.
+    assert items(plan.host)["kept residual stream, pinned"] == 20 * per_layer
+    assert any("keeps one layer input in 2 (20 of 40)" in w for w in plan.warnings)

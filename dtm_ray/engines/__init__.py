@@ -33,6 +33,7 @@ def make_engine(model_dir: str | Path, config: EngineConfig | None = None) -> En
             batch_size=config.batch_size,
             residual_cache_bytes=config.residual_cache_bytes,
             original_cache_bytes=config.original_cache_bytes,
+            residual_host_bytes=config.residual_host_bytes,
         )
     from dtm_ray.engines.vllm import VLLMEngine
 

@@ -18,6 +18,9 @@ _GIB = 1 << 30
 # Memory budgets, per engine, in bytes. Each buys speed, never a different result.
 # Layer skip: the current model's residual stream (every layer's input, or every k-th one's).
 RESIDUAL_CACHE_BYTES = 2 * _GIB
+# hf engine on a GPU: the residual stream in pinned host memory when it does not fit the GPU
+# budget above (512 prompts x 288 tokens of a 13B model: 1.5 GB per layer, 60 GB for all 40).
+RESIDUAL_HOST_BYTES = 32 * _GIB
 # The session's current (compressed) weights, kept so repeated probes need not replay chains.
 STATE_CACHE_BYTES = 1 * _GIB
 # A state change writes its new weights in batches of about this many bytes: the memory a state
@@ -53,6 +56,7 @@ class EngineConfig:
     enforce_eager: bool | None = None
     batch_size: int = 16  # hf engine: sequences per forward pass
     residual_cache_bytes: int = RESIDUAL_CACHE_BYTES  # 0 turns layer skip off
+    residual_host_bytes: int = RESIDUAL_HOST_BYTES  # hf on a GPU: the stream in host memory
     state_cache_bytes: int = STATE_CACHE_BYTES
     state_push_bytes: int = STATE_PUSH_BYTES
     original_cache_bytes: int = ORIGINAL_CACHE_BYTES  # vllm
@@ -75,6 +79,11 @@ class EngineConfig:
             raise ValueError(f"batch_size {self.batch_size} must be >= 1")
         if self.state_push_bytes == 0:
             raise ValueError("state_push_bytes must be > 0: a state change must write something")
-        budgets = ("residual_cache_bytes", "state_cache_bytes", "state_push_bytes")
+        budgets = (
+            "residual_cache_bytes",
+            "residual_host_bytes",
+            "state_cache_bytes",
+            "state_push_bytes",
+        )
         for name in (*budgets, "original_cache_bytes", "cpu_kv_cache_bytes"):
             _check_bytes(name, getattr(self, name))

@@ -10,7 +10,8 @@ model's parameters; TP the tensor-parallel size):
 - kept residual stream (layer skip): one layer's input is T x H x b (the hf engine; vLLM keeps
   hidden and residual, twice that); every layer's when L of them fit `residual_cache_bytes`,
   else every k-th, k = ceil(L x layer / budget). With k >= L only layer 0's input is kept and a
-  probe always runs the whole model: layer skip is inactive.
+  probe always runs the whole model: layer skip is inactive. The hf engine on a GPU keeps a
+  stream too large for that budget in pinned host memory (`residual_host_bytes`) instead.
 - one step, the larger of (activations are freed before the lm_head runs):
   its logits in the model's dtype, in float32 and their log-softmax: B x N x V x (8 + b, or 8 in
   float32) for hf (B = min(P, `batch_size`)); vLLM's scoring hook holds the sequences of one
@@ -129,7 +130,7 @@ def memory_plan(
     # The residual stream layer skip keeps.
     eager = engine.enforce_eager if engine.enforce_eager is not None else not on_gpu
     per_layer = (2 if vllm else 1) * tokens * hidden * b
-    residual = 0
+    residual, residual_on_host = 0, False
     if engine.residual_cache_bytes <= 0:
         warnings.append("layer skip is off (residual_cache_bytes: 0): every probe runs all layers")
     elif vllm and not eager:
@@ -139,18 +140,23 @@ def memory_plan(
         )
     else:
         stride = residual_stride(per_layer, layers, engine.residual_cache_bytes)
+        if not vllm and on_gpu and stride > 1 and engine.residual_host_bytes > 0:
+            # The hf engine keeps a stream too large for the GPU budget in pinned host memory.
+            host_stride = residual_stride(per_layer, layers, engine.residual_host_bytes)
+            residual_on_host = host_stride < stride
+            stride = min(stride, host_stride)
         kept = math.ceil(layers / stride)
         residual = kept * per_layer
         if stride >= layers:
             warnings.append(
                 f"layer skip is inactive: one layer's residual stream ({_gib(per_layer)}) is "
-                f"more than residual_cache_bytes ({_gib(engine.residual_cache_bytes)}), so only "
-                f"layer 0's input is kept; {_gib(per_layer * layers)} would keep every layer"
+                f"more than its budget, so only layer 0's input is kept; "
+                f"{_gib(per_layer * layers)} would keep every layer"
             )
         elif stride > 1:
             warnings.append(
-                f"layer skip keeps every {stride}th layer ({kept} of {layers}): "
-                f"residual_cache_bytes {_gib(per_layer * layers)} would keep them all"
+                f"layer skip keeps one layer input in {stride} ({kept} of {layers}): "
+                f"a budget of {_gib(per_layer * layers)} would keep them all"
             )
 
     batch = min(job.prompts.count, engine.batch_size)
@@ -164,7 +170,7 @@ def memory_plan(
 
     engine_side = [
         ("weights", weights // tp),
-        ("kept residual stream", residual),
+        ("kept residual stream", 0 if residual_on_host else residual),
         ("logits or activations of one step", max(logits, activations)),
         ("copy of the probed weight", largest),
     ]
@@ -184,6 +190,8 @@ def memory_plan(
             host.append(("KV cache", engine.cpu_kv_cache_bytes))
     else:
         host.append(("state push batch", push))
+        if residual_on_host:
+            host.append(("kept residual stream, pinned", residual))
 
     if on_gpu:
         device = engine_side

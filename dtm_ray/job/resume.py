@@ -23,6 +23,7 @@ OPERATIONAL_KEYS = frozenset(
         "engine_options.gpu_memory_utilization",
         # Memory budgets buy speed, never a different result.
         "engine_options.residual_cache_bytes",
+        "engine_options.residual_host_bytes",
         "engine_options.state_cache_bytes",
         "engine_options.state_push_bytes",
         "engine_options.original_cache_bytes",
