@@ -27,8 +27,8 @@ import torch
 
 from dtm_ray.core.compress import compress
 from dtm_ray.engines.base import Engine
-from dtm_ray.engines.models import resolve_model
 from dtm_ray.engines.prompts import load_prompts
+from dtm_ray.engines.sources import node_folder
 
 EDIT_SPEC = "magnitude:0.5"
 EDIT_REPEATS = 5
@@ -190,7 +190,7 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_dir = resolve_model(args.model)
+    model_dir = node_folder(args.model)
     prompts = make_prompts(model_dir, args)
     results: list[dict] = []
     for kind in args.engines:

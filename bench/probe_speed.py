@@ -47,9 +47,9 @@ from dtm_ray.core.compress import compress
 from dtm_ray.core.metrics import first_divergent_token
 from dtm_ray.engines.base import keep_freed_memory, token_stats
 from dtm_ray.engines.config import RESIDUAL_CACHE_BYTES
-from dtm_ray.engines.models import resolve_model
 from dtm_ray.engines.prompts import load_prompts
 from dtm_ray.engines.session import EngineSession
+from dtm_ray.engines.sources import node_folder
 
 KIND_NAMES = {"q": "self_attn.q_proj", "down": "mlp.down_proj", "up": "mlp.up_proj"}
 METHODS = ["naive", "single", "hf-full", "hf", "vllm-full", "vllm"]
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    model_dir = resolve_model(args.model)
+    model_dir = node_folder(args.model)
     report: dict[str, Any] = {**environment(args, model_dir), **compare(args, model_dir)}
     print(table(report["rows"]))
     print()

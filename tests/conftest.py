@@ -13,6 +13,15 @@ import pytest
 # Keep Ray's token auth off for the whole session, so the local cluster, `ray start` and
 # `ray job submit` used by the tests agree with each other.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The local S3 server's credentials, set before the session's Ray cluster starts: its workers
+# take their environment from then, and engine actors read models from that server.
+for _name, _value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(scope="session")

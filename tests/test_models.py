@@ -3,6 +3,7 @@ import json
 import pytest
 
 from dtm_ray.engines import models
+from dtm_ray.engines.sources import node_folder
 from dtm_ray.errors import ConfigError
 
 
@@ -33,9 +34,10 @@ def test_unknown_model_is_a_clear_error(capsys):
     assert "unknown model 'llama-9000'" in err and "smollm2-135m" in err
 
 
-def test_resolve_model(tmp_path, smollm2_dir):
-    assert models.resolve_model(str(smollm2_dir)) == smollm2_dir
+def test_a_folder_or_a_known_name_is_its_own_node_folder(tmp_path, smollm2_dir):
+    assert node_folder(str(smollm2_dir)) == smollm2_dir.resolve()
+    assert node_folder("smollm2-135m") == smollm2_dir
     with pytest.raises(ConfigError, match="no config.json"):
-        models.resolve_model(str(tmp_path))
+        node_folder(str(tmp_path))
     with pytest.raises(ConfigError, match="neither a local folder"):
-        models.resolve_model("no-such-model")
+        node_folder("no-such-model")

@@ -22,10 +22,10 @@ import numpy as np
 
 from dtm_ray.core.state import ModelState, Reference
 from dtm_ray.engines import EngineConfig, make_engine, resolve_dtype
-from dtm_ray.engines.models import resolve_model
 from dtm_ray.engines.probe import ProbeResult
 from dtm_ray.engines.prompts import load_calibration, load_prompts
 from dtm_ray.engines.session import EngineBroken, EngineSession
+from dtm_ray.engines.sources import ModelSource, node_folder
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,11 @@ class Scored:
 
 class EngineActor:
     def __init__(
-        self, model: str, engine_config: EngineConfig, index: int = 0, threads: int | None = None
+        self,
+        model: ModelSource | str,
+        engine_config: EngineConfig,
+        index: int = 0,
+        threads: int | None = None,
     ) -> None:
         if threads:
             # Ray workers may inherit a thread count sized for the whole node; several engines
@@ -60,7 +64,11 @@ class EngineActor:
             os.environ["OMP_NUM_THREADS"] = str(threads)
             torch.set_num_threads(threads)
         _quiet_transformers()
-        self.model_dir = resolve_model(model)
+        # This node's copy of the model: fetched by the first actor of the node, read by all.
+        report = StartupReport(index)
+        self.model_dir = node_folder(model, report)
+        self.fetched = report.said
+        report("loading the model")
         self.engine_kind = engine_config.kind
         self.dtype = resolve_dtype(engine_config.dtype)  # what `auto` means on this actor's device
         self.session = EngineSession(
@@ -96,6 +104,7 @@ class EngineActor:
             "engine": self.engine_kind,
             "dtype": self.dtype,
             "hardware": hardware,
+            "model_fetched": self.fetched,  # this actor fetched the model for its node
         }
 
     def load_prompts(self, source: str, count: int, prefix_tokens: int, seed: int) -> np.ndarray:
@@ -146,6 +155,57 @@ class EngineActor:
         return Scored(result, self.worker)
 
 
+# --- what a starting actor is doing -----------------------------------------------------------
+# An actor cannot answer calls until its constructor returns, so while it fetches and loads the
+# model it says what it is doing in Ray's key-value store, where the driver's wait reads it.
+_STARTUP_NAMESPACE = "dtm_ray_startup"
+
+
+def _startup_key(index: int, job_id: str) -> str:
+    return f"{job_id}:{index}"
+
+
+class StartupReport:
+    """The start-up progress of engine actor `index` (a Progress callback of `node_folder`)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.said = False  # whether this actor fetched the model for its node
+        self.node = socket.gethostname()
+
+    def __call__(self, text: str) -> None:
+        self.said = self.said or text.startswith("fetching")
+        try:
+            import ray
+            from ray.experimental import internal_kv
+
+            key = _startup_key(self.index, ray.get_runtime_context().get_job_id())
+            line = f"engine-{self.index} on {self.node}: {text}"
+            internal_kv._internal_kv_put(key, line, namespace=_STARTUP_NAMESPACE)
+        except Exception:  # noqa: BLE001 - outside Ray (tests, a plain process): nobody to tell
+            pass
+
+
+def startup_report(index: int) -> str | None:
+    """The last thing starting actor `index` of this driver's job said (None: nothing yet)."""
+    import ray
+    from ray.experimental import internal_kv
+
+    key = _startup_key(index, ray.get_runtime_context().get_job_id())
+    value = internal_kv._internal_kv_get(key, namespace=_STARTUP_NAMESPACE)
+    return value.decode() if value else None
+
+
+def clear_startup_reports() -> None:
+    """Forget what this job's actors said while starting (a later pool of the same driver
+    starts with a clean slate)."""
+    import ray
+    from ray.experimental import internal_kv
+
+    prefix = _startup_key(0, ray.get_runtime_context().get_job_id())[:-1]
+    internal_kv._internal_kv_del(prefix, del_by_prefix=True, namespace=_STARTUP_NAMESPACE)
+
+
 def _quiet_transformers() -> None:
     # Load-time progress bars from every actor would be forwarded into the driver's output.
     try:
@@ -164,6 +224,9 @@ def cpu_threads(resources: Mapping[str, float]) -> int | None:
         return None
     return max(1, int(resources.get("CPU", 1)))
 
+
+# The driver's model-cache settings that its actors follow.
+MODEL_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "DTM_RAY_CACHE")
 
 # Calls other than the pool's fan-out are re-run by Ray when their actor restarts, this often.
 CALL_RETRIES = 3
@@ -187,6 +250,11 @@ def engine_actor_options(
         options["resources"] = custom
     # vLLM's per-engine INFO lines would be forwarded from every actor into the driver's output.
     env_vars = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    # Where the driver keeps models, when it says so, is where the nodes keep them too (a
+    # cluster sets them on each node otherwise); tokens and credentials never travel this way.
+    for name in MODEL_ENV:
+        if name in os.environ:
+            env_vars[name] = os.environ[name]
     threads = cpu_threads(resources)
     if threads:
         env_vars["OMP_NUM_THREADS"] = str(threads)
@@ -195,7 +263,7 @@ def engine_actor_options(
 
 
 def start_engine_actors(
-    model: str,
+    model: ModelSource | str,
     engine_config: EngineConfig,
     count: int,
     resources: Mapping[str, float],

@@ -40,9 +40,15 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
-from dtm_ray.cluster.actor import EngineActor, start_engine_actors
+from dtm_ray.cluster.actor import (
+    EngineActor,
+    clear_startup_reports,
+    start_engine_actors,
+    startup_report,
+)
 from dtm_ray.cluster.logs import take_over_ray_output
 from dtm_ray.engines.config import EngineConfig
+from dtm_ray.engines.sources import ModelSource
 from dtm_ray.errors import StartupError
 from dtm_ray.log import log
 
@@ -51,6 +57,16 @@ FIRST_REPORT_S = 3.0
 REPORT_S = 15.0
 # A crashed actor is asked whether it is back after these pauses (the last one repeats).
 CHECK_DELAYS_S = (0.5, 1.0, 2.0, 4.0)
+# Start-up time allowed per byte of weights beyond `startup_timeout_s`: a node fetches them once
+# and each actor reads them, at no less than this rate (a slow object store or disk).
+STARTUP_BYTES_PER_S = 50e6
+
+
+def startup_budget_s(timeout_s: float, model_bytes: int) -> float:
+    """How long actors may take to start: `startup_timeout_s` plus the time to fetch and load a
+    model of `model_bytes` at STARTUP_BYTES_PER_S (16 actors loading 138 GB need far more than
+    a fixed 600 s)."""
+    return timeout_s + model_bytes / STARTUP_BYTES_PER_S
 
 
 @dataclass
@@ -432,7 +448,7 @@ def connect_ray() -> bool:
 class PoolSpec:
     """What a pool needs to start its engine actors and drive them; nothing about the job."""
 
-    model: str  # what each node loads: a known name, or a folder every node can read
+    model: ModelSource | str  # what each node materialises and loads (never a driver's path)
     engine: EngineConfig
     resources: dict[str, float]  # Ray resources of one actor
     max_in_flight: int  # calls queued per actor
@@ -478,7 +494,9 @@ class Engines:
             )
             # Wait until every actor has loaded the model: a model that cannot load fails here,
             # once, rather than inside the first round's calls.
-            self.infos = wait_for_actors(actors, resources, spec.startup_timeout_s)
+            size = spec.model.bytes if isinstance(spec.model, ModelSource) else 0
+            budget = startup_budget_s(spec.startup_timeout_s, size)
+            self.infos = wait_for_actors(actors, resources, budget)
             self._pool.names = [info["worker"] for info in self.infos]
             log(f"engines ready: {', '.join(self._pool.names)}")
             if self.on_start is not None:
@@ -524,11 +542,15 @@ def wait_for_actors(
                 f"{len(actors)} engine actor(s) never started; {_holdup(resources, len(actors))}"
             )
         if now >= next_report:
+            holdup = _holdup(resources, len(actors))
+            if holdup == LOADING:  # what each says it is doing, in its own words
+                holdup = _reports(sorted(pending.values())) or holdup
             log(
                 f"waiting {waited:.0f} s for {len(pending)} engine actor(s): "
-                f"{_holdup(resources, len(actors))}; giving up after {timeout_s:g} s"
+                f"{holdup}; giving up after {timeout_s:.0f} s"
             )
             next_report = now + REPORT_S
+    clear_startup_reports()
     return infos
 
 
@@ -570,7 +592,19 @@ def _holdup(resources: dict[str, float], count: int) -> str:
     others = any(total.get(k, 0) - free.get(k, 0) > count * v + 1e-9 for k, v in wanted.items())
     if others and not all(free.get(k, 0) >= v for k, v in wanted.items()):
         return f"each needs {ask}, now in use by other work (free: {_amounts(free)})"
-    return "loading the model"
+    return LOADING
+
+
+LOADING = "loading the model"
+
+
+def _reports(indexes: Sequence[int]) -> str:
+    """What the starting actors `indexes` last said ("engine-0 on node-a: fetching …"); empty
+    when none said anything yet."""
+    said = {i: startup_report(i) for i in indexes}
+    if not any(said.values()):
+        return ""
+    return "; ".join(text or f"engine-{i}: starting" for i, text in said.items())
 
 
 def _restart_holdup(resources: dict[str, float]) -> str:

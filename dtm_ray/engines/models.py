@@ -100,28 +100,6 @@ def materialize(name: str) -> Path:
     return target
 
 
-def resolve_model(model: str) -> Path:
-    """A job's `model`: an existing local HF folder, or the name of a known model."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model folder {model} has no config.json")
-        return path
-    if model in KNOWN_MODELS:
-        return materialize(model)
-    raise ConfigError(
-        f"model {model!r} is neither a local folder nor a known name ({', '.join(KNOWN_MODELS)})"
-    )
-
-
-def model_for_nodes(model: str) -> str:
-    """What to hand to processes on other nodes for a job's `model`: a known name as it is (each
-    node materializes it itself), a local folder as its absolute path."""
-    if is_known(model) and not Path(model).expanduser().is_dir():
-        return model
-    return str(resolve_model(model).resolve())
-
-
 def load_components(model_dir: str | Path) -> list[Component]:
     """The model folder's linear weight matrices, from its config.json alone."""
     return components_from_config(read_model_config(model_dir))

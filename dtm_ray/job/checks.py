@@ -16,8 +16,9 @@ import numpy as np
 from dtm_ray.core.components import Component, select
 from dtm_ray.core.specs import Spec, check_applicable, parse_spec
 from dtm_ray.engines.config import DEFAULT_MAX_MODEL_LEN
-from dtm_ray.engines.models import load_components, read_model_config, resolve_model
+from dtm_ray.engines.models import load_components, read_model_config
 from dtm_ray.engines.prompts import RUN_PREFIX, load_calibration, load_prompts
+from dtm_ray.engines.sources import ModelSource, driver_folder, resolve_source
 from dtm_ray.errors import ConfigError
 from dtm_ray.job.memory import check_memory
 from dtm_ray.job.spec import DEFAULT_PROBE_SPECS, CompressConfig, JobConfig, check_fields
@@ -26,7 +27,8 @@ from dtm_ray.job.tasks import resolve_tasks
 
 @dataclass
 class Plan:
-    """A validated job: the model folder, the selected components and, for probe-only jobs, the
+    """A validated job: the model's source (what every node loads), the driver's folder of it
+    (config, tokenizer, weight index), the selected components and, for probe-only jobs, the
     probes to run, in a fixed order."""
 
     job: JobConfig
@@ -38,6 +40,11 @@ class Plan:
     retry_failed: bool = True  # probe again, on resume, the probes a previous run recorded failed
     # The job's lm-eval tasks as `simple_evaluate` takes them (None: the job evaluates none).
     tasks: list[str | dict[str, Any]] | None = None
+    source: ModelSource | None = None  # None only for plans made by hand around a folder
+
+    @property
+    def model_source(self) -> ModelSource:
+        return self.source if self.source is not None else resolve_source(str(self.model_dir))
 
     @property
     def probes(self) -> list[tuple[Component, str]]:
@@ -57,8 +64,9 @@ def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
     """
     check_fields(job)
     check_out(job.out)
+    source = resolve_source(job.model)
     try:
-        model_dir = resolve_model(job.model)
+        model_dir = driver_folder(source)
         model_config = read_model_config(model_dir)
         every = load_components(model_dir)
         components = select(every, job.probe.components)
@@ -89,7 +97,7 @@ def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
         raise ConfigError(str(err)) from None
     # lm-eval's task index is read once, here, and the result kept for the run.
     tasks = resolve_tasks(job.evaluate.tasks) if job.evaluate is not None else None
-    return Plan(job, model_dir, components, specs, prefixes, tasks=tasks)
+    return Plan(job, model_dir, components, specs, prefixes, tasks=tasks, source=source)
 
 
 def check_token_budget(job: JobConfig, model_config: Mapping[str, Any]) -> None:

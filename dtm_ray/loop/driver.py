@@ -9,6 +9,7 @@ reads its tables and prints its summary.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import socket
@@ -25,7 +26,6 @@ import dtm_ray
 from dtm_ray.cluster.actor import RoundContext
 from dtm_ray.cluster.logs import ENGINE_LOG, engine_logs, local_log_dir
 from dtm_ray.core.state import ModelState, Reference
-from dtm_ray.engines.models import model_digest
 from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.job.checks import Plan
 from dtm_ray.job.resume import check_same_config, config_fingerprint
@@ -195,11 +195,12 @@ def _open_run(plan: Plan, store: RunStore) -> bool:
     """Create run.json, or check the stored one against this job; True when created here."""
     job = plan.job
     config = job.to_dict()
-    fingerprint, digest = config_fingerprint(config), model_digest(plan.model_dir)
+    fingerprint, digest = config_fingerprint(config), plan.model_source.digest
     store.fingerprint = fingerprint
     stored = store.read_run_info()
     if stored is None:
         info = {**environment_info(), "config_fingerprint": fingerprint, "model_digest": digest}
+        info["model_source"] = dataclasses.asdict(plan.model_source)
         store.write_json("run.json", {"config": config, **info})
         return True
     _check_resume(plan, store, stored)  # again: another driver may have written it meanwhile
@@ -218,7 +219,7 @@ def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
             "(show and report still read this one)"
         )
     check_same_config(stored["config"], plan.job.to_dict(), store.uri)
-    digest = model_digest(plan.model_dir)
+    digest = plan.model_source.digest
     if stored.get("model_digest", digest) != digest:
         raise ConfigError(
             f"run dir {store.uri} was measured on another model (digest "

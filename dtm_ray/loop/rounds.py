@@ -18,7 +18,6 @@ from dtm_ray.cluster.pool import Engines, Outcome, PoolSpec, Task
 from dtm_ray.core.components import Component
 from dtm_ray.core.metrics import fdt_at
 from dtm_ray.core.state import ModelState, Reference, concat_references
-from dtm_ray.engines.models import model_for_nodes
 from dtm_ray.job.checks import Plan
 from dtm_ray.job.spec import JobConfig
 from dtm_ray.log import log
@@ -42,7 +41,7 @@ class JobEngines(Engines):
     def __init__(self, plan: Plan, workers: int, actor_class: type = EngineActor) -> None:
         job = plan.job
         spec = PoolSpec(
-            model=model_for_nodes(job.model),
+            model=plan.model_source,
             engine=job.engine_config(),
             resources=job.resources_per_worker,
             max_in_flight=job.max_in_flight_per_worker,

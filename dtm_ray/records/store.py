@@ -92,6 +92,12 @@ def _split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, root
 
 
+def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a local path or URI, with the endpoint, credential and retry
+    handling of run directories (models in object stores are read the same way)."""
+    return _split_uri(uri)
+
+
 def _s3_filesystem(fs: pafs.S3FileSystem, uri: str) -> pafs.S3FileSystem:
     """The S3 filesystem `from_uri` made, with bounded client retries and, when the URI names no
     endpoint, the one in AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (the AWS SDKs' convention for

@@ -112,9 +112,10 @@ def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path:
     if fmt == "auto":
         fmt = "both" if quantize else "dense"
 
-    from dtm_ray.engines.models import resolve_model  # converting a known model needs transformers
+    # The originals the run measured, as this node holds them (fetched once into its cache).
+    from dtm_ray.engines.sources import node_folder, source_of_run
 
-    model_dir = resolve_model(config["model"])
+    model_dir = node_folder(source_of_run(info))
     # NaN (a perplexity that could not be measured) is not JSON; null is.
     summary_row = {
         k: None if isinstance(v, float) and not math.isfinite(v) else v

@@ -33,6 +33,7 @@ from dtm_ray.log import log
 from dtm_ray.records.store import RunStore
 
 if TYPE_CHECKING:
+    from dtm_ray.engines.sources import ModelSource
     from dtm_ray.job.spec import EvaluateConfig
 
 ANSWERED = ("multiple_choice", "generate_until", "loglikelihood")  # output types with flips
@@ -162,18 +163,18 @@ def evaluate_model(
 
 
 def _evaluate_on_worker(
-    model: str,
+    model: ModelSource | str,
     backend: str,
     dtype: str,
     resources: Mapping[str, float],
     engine_options: Mapping[str, Any],
     *evaluation: Any,
 ) -> dict[str, Any]:
-    """The Ray task: `evaluate_model` on a model folder, or a known model name materialized on
-    this node. `evaluation`: tasks, limit, num_fewshot, batch_size."""
-    from dtm_ray.engines.models import resolve_model
+    """The Ray task: `evaluate_model` on a model source materialised on this node (once per
+    node), or a folder. `evaluation`: tasks, limit, num_fewshot, batch_size."""
+    from dtm_ray.engines.sources import node_folder
 
-    folder = str(resolve_model(model).resolve())
+    folder = str(node_folder(model).resolve())
     return evaluate_model(
         *lm_eval_model(backend, folder, dtype, resources, engine_options), *evaluation
     )
@@ -242,7 +243,7 @@ def evaluate_run(
     import ray
 
     from dtm_ray.cluster.pool import connect_ray
-    from dtm_ray.engines.models import model_for_nodes
+    from dtm_ray.engines.sources import source_of_run
     from dtm_ray.records.schemas import FINAL_SUMMARY_SCHEMA
 
     tasks = tasks if tasks is not None else resolve_tasks(config.tasks)  # before any I/O
@@ -258,9 +259,8 @@ def evaluate_run(
     job = info["config"]
     resources = job.get("resources_per_worker") or {"CPU": 1}
     backend = choose_backend(config.backend, resources)
-    # A folder must be readable on the workers' nodes (so must the export: local runs, or a
-    # filesystem the nodes share).
-    dense_model = model_for_nodes(job["model"])
+    # Each worker's node materialises the model the run measured (the same revision).
+    dense_model = source_of_run(info)
     started = connect_ray()
     try:
         with tempfile.TemporaryDirectory() as scratch:

@@ -1,0 +1,306 @@
+"""Model sources: a job's `model` named as an object-store URI or a hub id is resolved once on the
+driver (pinned, digested), read there only for config and tokenizer, and materialised once per
+node from the source itself; each bad source is one line, exit 2, before Ray starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from dtm_ray import cli
+from dtm_ray.engines import sources
+from dtm_ray.engines.sources import HUB, STORE, driver_folder, node_folder, resolve_source
+from dtm_ray.errors import ConfigError
+
+SHA = "0123456789abcdef0123456789abcdef01234567"  # the commit the fake hub cache holds
+
+
+@pytest.fixture(scope="module")
+def model_store(tiny_llama_dir: Path):
+    """moto's S3 server with the tiny Llama uploaded under models/tiny."""
+    from s3_server import S3Server
+
+    server = S3Server(bucket="models")
+    pafs.copy_files(
+        str(tiny_llama_dir),
+        "models/tiny",
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=server.filesystem(),
+    )
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def node_cache(tmp_path: Path, monkeypatch) -> Path:
+    """This test's node-local model cache (actors started now get it too)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DTM_RAY_CACHE", str(cache))
+    return cache
+
+
+# --- object stores -----------------------------------------------------------------------------
+def test_an_s3_model_is_listed_on_the_driver_and_fetched_once_per_node(
+    model_store, tiny_llama_dir: Path, node_cache: Path
+) -> None:
+    uri = model_store.uri("tiny")
+    source = resolve_source(uri)
+    weights = (tiny_llama_dir / "model.safetensors").stat().st_size
+    assert (source.kind, source.id, source.bytes) == (STORE, uri, weights)
+    assert resolve_source(uri).digest == source.digest  # stable while the objects are
+
+    meta = driver_folder(source)  # what the driver's checks read: no weights
+    assert (meta / "config.json").read_bytes() == (tiny_llama_dir / "config.json").read_bytes()
+    assert (meta / "tokenizer.json").is_file() and not list(meta.glob("*.safetensors"))
+
+    said: list[str] = []
+    folder = node_folder(source, said.append)
+    total = sum(p.stat().st_size for p in tiny_llama_dir.iterdir())
+    assert said[0] == f"fetching {source.name}: 0 of {total / 1e6:.1f} MB"
+    assert folder.is_relative_to(node_cache)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (folder / name).read_bytes() == (tiny_llama_dir / name).read_bytes()
+    again: list[str] = []
+    assert node_folder(source, again.append) == folder and again == []  # fetched once
+
+
+def test_a_changed_object_is_a_new_digest_and_a_new_copy(
+    model_store, tiny_llama_dir: Path, node_cache: Path
+) -> None:
+    fs = model_store.filesystem()
+    pafs.copy_files(
+        str(tiny_llama_dir), "models/changing", destination_filesystem=fs,
+        source_filesystem=pafs.LocalFileSystem(),
+    )  # fmt: skip
+    before = resolve_source(model_store.uri("changing"))
+    with fs.open_output_stream("models/changing/generation_config.json") as out:
+        out.write(b'{"changed": true, "padding": "' + b"x" * 100 + b'"}')
+    after = resolve_source(model_store.uri("changing"))
+    assert after.digest != before.digest
+    assert node_folder(before) != node_folder(after)
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("s3://no-such-bucket/tiny", "the bucket does not exist"),
+        ("s3://models/no-such-prefix", "no such bucket or prefix"),
+        ("s3://models/tiny/model.safetensors", "no such bucket or prefix"),
+    ],
+)
+def test_a_missing_bucket_or_prefix_is_one_line(model_store, path: str, message: str) -> None:
+    uri = f"{path}?{model_store.uri('x').split('?', 1)[1]}"
+    with pytest.raises(ConfigError) as raised:
+        resolve_source(uri)
+    assert str(raised.value) == f"model {path}: {message}"
+
+
+def test_a_prefix_without_config_json_is_one_line(model_store, tiny_llama_dir: Path) -> None:
+    fs = model_store.filesystem()
+    with fs.open_output_stream("models/weights-only/model.safetensors") as out:
+        out.write((tiny_llama_dir / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=r"^model s3://models/weights-only has no config.json$"):
+        resolve_source(model_store.uri("weights-only"))
+
+
+@pytest.mark.slow
+def test_a_probe_run_on_an_s3_model_equals_the_run_on_the_local_folder(
+    ray_session, model_store, tiny_llama_dir: Path, node_cache: Path, tmp_path: Path
+) -> None:
+    """Two actors on one node: one fetches the model, the other waits for it and reads the same
+    files; the probes' FDTs equal those of the same job on the local folder."""
+    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.spec import load_job
+    from dtm_ray.loop.driver import run_plan
+
+    def run(model: str, out: Path) -> pd.DataFrame:
+        job = {
+            "model": model,
+            "engine": "hf",
+            "prompts": {"source": "pydoc", "count": 4, "prefix_tokens": 8},
+            "new_tokens": 8,
+            "probe": {"components": [{"layers": [0]}], "specs": ["magnitude:0.5"]},
+            "workers": 2,
+            "out": str(out),
+        }
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(job))
+        run_plan(plan_job(load_job(path)), print_summary=False)
+        return pd.read_parquet(out / "probes").sort_values("component", ignore_index=True)
+
+    started = time.monotonic()
+    ours = run(model_store.uri("tiny"), tmp_path / "s3-model")
+    print(f"s3 model run: {time.monotonic() - started:.1f} s")
+    local = run(str(tiny_llama_dir), tmp_path / "local-model")
+    assert len(ours) == 7
+    pd.testing.assert_series_equal(ours["fdt"], local["fdt"])
+    pd.testing.assert_series_equal(ours["nll_mean"], local["nll_mean"])
+    run_info = json.loads((tmp_path / "s3-model" / "run.json").read_text())
+    assert run_info["model_source"]["kind"] == STORE
+    actors = run_info["actors"][0]["actors"]
+    assert sorted(a["model_fetched"] for a in actors) == [False, True]  # one fetch per node
+    copies = [p for p in (node_cache / "models" / "sources").iterdir() if p.is_dir()]
+    assert len(copies) == 2  # the driver's config-and-tokenizer copy, and the node's whole one
+
+
+# --- the model hub -----------------------------------------------------------------------------
+def _lay_out_hub_cache(cache: Path, repo: str, model_dir: Path) -> Path:
+    """`repo` at commit SHA in a hub cache laid out as the hub lays it out: blobs named by
+    their hash, a snapshot of links to them, refs/main naming the commit."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / SHA
+    snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir()
+    for path in model_dir.iterdir():
+        data = path.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(SHA)
+    return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # for actors and lm-eval workers
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_a_hub_id_is_served_from_the_offline_cache_pinned_to_its_commit(
+    offline_hub: Path, tiny_llama_dir: Path
+) -> None:
+    from huggingface_hub import scan_cache_dir
+
+    snapshot = _lay_out_hub_cache(offline_hub, "acme/tiny", tiny_llama_dir)
+    source = resolve_source("acme/tiny")
+    assert (source.kind, source.id, source.revision) == (HUB, "acme/tiny", SHA)
+    assert source.bytes == (tiny_llama_dir / "model.safetensors").stat().st_size
+    assert resolve_source(f"acme/tiny@{SHA}") == source  # main and its commit are one revision
+    assert node_folder(source) == snapshot == driver_folder(source)
+    assert (node_folder(source) / "model.safetensors").read_bytes() == (
+        tiny_llama_dir / "model.safetensors"
+    ).read_bytes()
+    (repo,) = scan_cache_dir(offline_hub).repos  # the hub's own tools read the cache as theirs
+    assert repo.repo_id == "acme/tiny" and [r.commit_hash for r in repo.revisions] == [SHA]
+
+
+def _dry_run(tmp_path: Path, model: str, capsys) -> tuple[int, str]:
+    job = {
+        "model": model,
+        "engine": "hf",
+        "prompts": {"source": "pydoc", "count": 4, "prefix_tokens": 8},
+        "new_tokens": 8,
+        "out": str(tmp_path / "run"),
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    code = cli.main(["run", str(path), "--dry-run"])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_a_hub_id_not_in_the_offline_cache_is_one_line(offline_hub, tmp_path, capsys) -> None:
+    code, err = _dry_run(tmp_path, "acme/absent", capsys)
+    assert code == 2 and "\n" not in err
+    assert err == (
+        "dtm-ray: error: model acme/absent: HF_HUB_OFFLINE is set and the revision is not in the "
+        f"local hub cache ({offline_hub}); download it there first or allow network access"
+    )
+
+
+def test_an_offline_cache_without_the_weights_is_one_line(
+    offline_hub, tiny_llama_dir, tmp_path
+) -> None:
+    snapshot = _lay_out_hub_cache(offline_hub, "acme/partial", tiny_llama_dir)
+    (snapshot / "model.safetensors").unlink()  # only config and tokenizer were downloaded
+    source = resolve_source("acme/partial")
+    assert driver_folder(source) == snapshot  # the driver needs no weights
+    with pytest.raises(ConfigError, match="holds only part of its weights"):
+        node_folder(source)
+
+
+class _FakeHub(BaseHTTPRequestHandler):
+    """Answers every request as the hub answers for a missing or a gated repo."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        missing = "/absent" in self.path
+        self.send_response(404 if missing else 401)
+        self.send_header("X-Error-Code", "RepoNotFound" if missing else "GatedRepo")
+        self.send_header("X-Error-Message", "nope")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET  # noqa: N815
+
+    def log_message(self, *args) -> None:  # noqa: ANN002
+        pass
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch):
+    from huggingface_hub import constants
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    yield server
+    server.shutdown()
+
+
+def test_an_unknown_hub_repo_is_one_line(fake_hub, tmp_path, capsys) -> None:
+    code, err = _dry_run(tmp_path, "acme/absent", capsys)
+    assert (code, err) == (
+        2,
+        "dtm-ray: error: model acme/absent: no such repo on the hub (or it is private: set "
+        "HF_TOKEN)",
+    )
+
+
+def test_a_gated_hub_repo_without_a_token_is_one_line(fake_hub, tmp_path, capsys) -> None:
+    code, err = _dry_run(tmp_path, "acme/gated", capsys)
+    assert (code, err) == (
+        2,
+        "dtm-ray: error: model acme/gated is a gated repo on the hub: accept its terms on the "
+        "hub, then set HF_TOKEN to a token of that account",
+    )
+
+
+def test_no_network_and_no_cache_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    from huggingface_hub import constants
+    from s3_server import free_port
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # refused
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    code, err = _dry_run(tmp_path, "acme/tiny", capsys)
+    assert (code, err) == (
+        2,
+        "dtm-ray: error: model acme/tiny: the hub cannot be reached and the revision is not in "
+        f"the local hub cache ({tmp_path / 'hub'}); download it there first or allow network "
+        "access",
+    )
+
+
+def test_a_string_that_is_no_source_is_one_line() -> None:
+    with pytest.raises(ConfigError, match="neither a local folder nor a known name"):
+        sources.kind_of("not a model")
