@@ -69,6 +69,16 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (bucket `runs`), one per session."""
+    from s3_server import S3Server
+
+    server = S3Server()
+    yield server
+    server.close()
+
+
 def tiny_compress_job(model_dir: Path, out: Path, compress: dict, dtype: str = "auto") -> dict:
     """The small compressing job the end-to-end tests share: every weight of the tiny Llama,
     8 pydoc prompts of 8 tokens, 16 new tokens, 2 hf workers."""

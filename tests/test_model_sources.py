@@ -25,19 +25,21 @@ SHA = "0123456789abcdef0123456789abcdef01234567"  # the commit the fake hub cach
 
 
 @pytest.fixture(scope="module")
-def model_store(tiny_llama_dir: Path):
-    """moto's S3 server with the tiny Llama uploaded under models/tiny."""
-    from s3_server import S3Server
-
-    server = S3Server(bucket="models")
+def model_store(s3_server, tiny_llama_dir: Path):
+    """The local S3 server with the tiny Llama uploaded under models/tiny (bucket `models`)."""
+    s3_server.filesystem(allow_bucket_creation=True).create_dir("models")
     pafs.copy_files(
         str(tiny_llama_dir),
         "models/tiny",
         source_filesystem=pafs.LocalFileSystem(),
-        destination_filesystem=server.filesystem(),
+        destination_filesystem=s3_server.filesystem(),
     )
-    yield server
-    server.close()
+    return s3_server
+
+
+def model_uri(server, path: str) -> str:
+    """The URI of `models/<path>` on the local server."""
+    return server.uri(path).replace(f"s3://{server.bucket}/", "s3://models/", 1)
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def node_cache(tmp_path: Path, monkeypatch) -> Path:
 def test_an_s3_model_is_listed_on_the_driver_and_fetched_once_per_node(
     model_store, tiny_llama_dir: Path, node_cache: Path
 ) -> None:
-    uri = model_store.uri("tiny")
+    uri = model_uri(model_store, "tiny")
     source = resolve_source(uri)
     weights = (tiny_llama_dir / "model.safetensors").stat().st_size
     assert (source.kind, source.id, source.bytes) == (STORE, uri, weights)
@@ -81,10 +83,10 @@ def test_a_changed_object_is_a_new_digest_and_a_new_copy(
         str(tiny_llama_dir), "models/changing", destination_filesystem=fs,
         source_filesystem=pafs.LocalFileSystem(),
     )  # fmt: skip
-    before = resolve_source(model_store.uri("changing"))
+    before = resolve_source(model_uri(model_store, "changing"))
     with fs.open_output_stream("models/changing/generation_config.json") as out:
         out.write(b'{"changed": true, "padding": "' + b"x" * 100 + b'"}')
-    after = resolve_source(model_store.uri("changing"))
+    after = resolve_source(model_uri(model_store, "changing"))
     assert after.digest != before.digest
     assert node_folder(before) != node_folder(after)
 
@@ -109,7 +111,7 @@ def test_a_prefix_without_config_json_is_one_line(model_store, tiny_llama_dir: P
     with fs.open_output_stream("models/weights-only/model.safetensors") as out:
         out.write((tiny_llama_dir / "model.safetensors").read_bytes()[:1000])
     with pytest.raises(ConfigError, match=r"^model s3://models/weights-only has no config.json$"):
-        resolve_source(model_store.uri("weights-only"))
+        resolve_source(model_uri(model_store, "weights-only"))
 
 
 @pytest.mark.slow
@@ -138,7 +140,7 @@ def test_a_probe_run_on_an_s3_model_equals_the_run_on_the_local_folder(
         return pd.read_parquet(out / "probes").sort_values("component", ignore_index=True)
 
     started = time.monotonic()
-    ours = run(model_store.uri("tiny"), tmp_path / "s3-model")
+    ours = run(model_uri(model_store, "tiny"), tmp_path / "s3-model")
     print(f"s3 model run: {time.monotonic() - started:.1f} s")
     local = run(str(tiny_llama_dir), tmp_path / "local-model")
     assert len(ours) == 7

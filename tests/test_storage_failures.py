@@ -189,15 +189,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_same_command_resumes(
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-# --- an object store ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3_server():
-    from s3_server import S3Server
-
-    server = S3Server()
-    yield server
-    server.close()
-
+# --- an object store (the s3_server fixture: conftest) ------------------------------------------
 
 def test_an_s3_run_dir_takes_its_endpoint_from_the_aws_environment(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{s3_server.endpoint}")
@@ -253,3 +245,48 @@ def test_an_object_store_that_goes_away_ends_the_run_in_one_line_and_the_same_co
     assert again.returncode == 0, again.stderr[-3000:]
     assert "done before" in again.stderr
     assert_same_result(s3_server.download("cut/run", tmp_path / "copy"), undisturbed)
+
+
+def test_two_drivers_on_one_s3_run_dir_one_is_refused_in_one_line(
+    s3_server, tiny_llama_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """On S3 the lease is taken with conditional writes: of two drivers creating it at once,
+    or taking over the same stale lease, exactly one succeeds; the other refuses naming it."""
+    import json
+    import socket
+
+    from dtm_ray.errors import ConfigError
+
+    run_uri = s3_server.uri("two-drivers/run")
+    first = RunLease(RunStore(run_uri), heartbeat_s=0.2).acquire()
+    try:
+        assert first.conditional
+        # A second driver's run ends in one line naming the holder, before any actor starts.
+        job = tmp_path / "job.yaml"
+        job.write_text(yaml.safe_dump(tiny_compress_job(tiny_llama_dir, run_uri, FDT_SPARSIFY)))
+        assert cli.main(["run", str(job)]) == 2
+        err = capsys.readouterr().err.strip()
+        holder = f"the driver {socket.gethostname()}:{os.getpid()}"
+        assert err.startswith(f"dtm-ray: error: run dir {run_uri} is in use by {holder} (last")
+        assert "\n" not in err
+        # The race itself: both read "no lease" (or the same stale one), both write.
+        other = RunLease(RunStore(run_uri))
+        etag = first._file.read()[1]
+        assert other._file.write(other._record(), None) is None  # it exists: create fails
+        assert other._file.write(other._record(), '"stale-etag"') is None  # changed meanwhile
+        time.sleep(0.5)  # the holder's heartbeats renew it with its own etag
+        assert first._file.read()[1] != etag and first._file.read()[0]["token"] == first.token
+        with pytest.raises(ConfigError, match=f"is in use by {holder}"):
+            other.acquire()
+    finally:
+        first.release()
+    assert RunStore(run_uri).read_json(LEASE_FILE) is None
+    # A stale lease (a driver killed elsewhere) is taken over with If-Match: only one wins.
+    store = RunStore(run_uri)
+    store.write_json(LEASE_FILE, {"host": "gone", "pid": 1, "token": "x", "heartbeat": 0.0})
+    a, b = RunLease(RunStore(run_uri)), RunLease(RunStore(run_uri))
+    stale, etag = a._file.read()
+    assert a._file.write(a._record(), etag) is not None
+    assert b._file.write(b._record(), etag) is None  # the same stale etag: refused
+    assert json.loads(json.dumps(store.read_json(LEASE_FILE)))["token"] == a.token
+    store.delete(LEASE_FILE)

@@ -6,16 +6,22 @@ driver finding a fresh lease refuses with one line naming the holder. A lease is
 heartbeat is older than `stale_after_s`, or at once when its holder ran on this host and its
 process is gone (a killed driver); a stale lease is taken over.
 
-Works on every `pyarrow.fs` the store supports, local paths and object stores alike, because it
-needs no atomic create: a driver writes its lease, waits `settle_s` and reads it back; of two
-drivers that wrote at nearly the same moment, only the last writer reads its own token and goes
-on, the other refuses. This holds while one driver's read-then-write takes less than `settle_s`
-(milliseconds against a second here).
+On S3 (and stores that speak its conditional writes) the lease is atomic: it is created with
+`If-None-Match: *` (only one of two drivers creating it at once succeeds), taken over and renewed
+with `If-Match: <etag>` (only one of two drivers replacing the same stale lease succeeds, and a
+driver whose lease was taken over learns it at its next beat). This needs boto3.
+
+Elsewhere (local paths, GCS, a store that refuses conditional writes) it needs no atomic create:
+a driver writes its lease, waits `settle_s` and reads it back; of two drivers that wrote at
+nearly the same moment, only the last writer reads its own token and goes on, the other refuses.
+This holds while one driver's read-then-write takes less than `settle_s` (milliseconds against a
+second here).
 """
 
 from __future__ import annotations
 
 import _thread
+import json
 import os
 import socket
 import threading
@@ -25,9 +31,76 @@ from typing import Any
 
 from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.log import log
-from dtm_ray.records.store import RunStore
+from dtm_ray.records.store import S3_ATTEMPTS, RunStore
 
 LEASE_FILE = "lease.json"
+
+
+class _Unsupported(Exception):
+    """The store does not take conditional writes."""
+
+
+class ConditionalLeaseFile:
+    """The lease file on S3, written with conditional requests (boto3: pyarrow has none)."""
+
+    def __init__(self, client: Any, bucket: str, key: str) -> None:
+        self.client, self.bucket, self.key = client, bucket, key
+
+    @classmethod
+    def of(cls, store: RunStore) -> ConditionalLeaseFile | None:
+        """The lease file of an S3 run dir, reached as pyarrow reaches it (endpoint, region,
+        credentials); None for other stores or without boto3."""
+        import pyarrow.fs as pafs
+
+        if not isinstance(store.fs, pafs.S3FileSystem):
+            return None
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            return None
+        options = store.fs.__reduce__()[1][0]  # what the filesystem was made with
+        endpoint = options.get("endpoint_override") or None
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{options.get('scheme') or 'https'}://{endpoint}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=options.get("region") or None,
+            aws_access_key_id=options.get("access_key") or None,
+            aws_secret_access_key=options.get("secret_key") or None,
+            aws_session_token=options.get("session_token") or None,
+            config=Config(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}),
+        )
+        bucket, _, prefix = store.root.strip("/").partition("/")
+        return cls(client, bucket, f"{prefix}/{LEASE_FILE}" if prefix else LEASE_FILE)
+
+    def read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The lease and its etag; (None, None) when there is none."""
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except self.client.exceptions.NoSuchKey:
+            return None, None
+        return json.loads(got["Body"].read()), got["ETag"]
+
+    def write(self, record: dict[str, Any], etag: str | None) -> str | None:
+        """Create the lease (`etag` None) or replace the one with `etag`; the new etag, or None
+        when another driver got there first."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            put = self.client.put_object(
+                Bucket=self.bucket, Key=self.key, Body=json.dumps(record).encode(), **condition
+            )
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return None
+            if code in ("NotImplemented", "501"):
+                raise _Unsupported(code) from err
+            raise
+        return put["ETag"]
 
 
 class RunLease:
@@ -44,6 +117,13 @@ class RunLease:
         self.host, self.pid = socket.gethostname(), os.getpid()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._file = ConditionalLeaseFile.of(store)  # None: the settle window instead
+        self._etag: str | None = None
+
+    @property
+    def conditional(self) -> bool:
+        """Whether this lease is held with conditional writes (atomic)."""
+        return self._file is not None
 
     # --- the lease file ---------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:
@@ -66,39 +146,78 @@ class RunLease:
         )
 
     # --- acquire, renew, release --------------------------------------------------------------
-    def acquire(self) -> RunLease:
-        """Take the lease or raise ConfigError naming its holder."""
-        where = self.store.location
-        holder = self.store.read_json(LEASE_FILE)
+    def _check_holder(self, holder: dict[str, Any] | None) -> None:
+        """Refuse while another driver's lease counts; say so when taking over a stale one."""
         if holder is not None and holder.get("token") != self.token:
             gone = self._holder_gone(holder)
             if gone is None:
                 raise ConfigError(
-                    f"run dir {where} is in use by {self._describe(holder)}; wait for it to "
-                    f"finish (a killed driver's lease lapses after {self.stale_after_s:.0f} s)"
+                    f"run dir {self.store.location} is in use by {self._describe(holder)}; wait "
+                    f"for it to finish (a killed driver's lease lapses after "
+                    f"{self.stale_after_s:.0f} s)"
                 )
             log(f"taking over the lease of {self._describe(holder)}: {gone}")
-        self.store.write_json(LEASE_FILE, self._record())
-        time.sleep(self.settle_s)  # let a driver that wrote at the same moment show itself
-        holder = self.store.read_json(LEASE_FILE)
-        if holder is None or holder.get("token") != self.token:
-            other = self._describe(holder) if holder else "another driver"
-            raise ConfigError(f"run dir {where} is in use by {other}, which started with this one")
+
+    def _lost_race(self, holder: dict[str, Any] | None) -> ConfigError:
+        other = self._describe(holder) if holder else "another driver"
+        return ConfigError(
+            f"run dir {self.store.location} is in use by {other}, which started with this one"
+        )
+
+    def acquire(self) -> RunLease:
+        """Take the lease or raise ConfigError naming its holder."""
+        if self._file is not None:
+            try:
+                self._acquire_conditional(self._file)
+            except _Unsupported:
+                where = self.store.location
+                log(f"{where} takes no conditional writes: leasing with a settle wait")
+                self._file = None
+        if self._file is None:
+            self._check_holder(self.store.read_json(LEASE_FILE))
+            self.store.write_json(LEASE_FILE, self._record())
+            time.sleep(self.settle_s)  # let a driver that wrote at the same moment show itself
+            holder = self.store.read_json(LEASE_FILE)
+            if holder is None or holder.get("token") != self.token:
+                raise self._lost_race(holder)
         self._thread = threading.Thread(target=self._beat, name="dtm-ray-lease", daemon=True)
         self._thread.start()
         return self
+
+    def _acquire_conditional(self, file: ConditionalLeaseFile) -> None:
+        holder, etag = file.read()
+        self._check_holder(holder)
+        self._etag = file.write(self._record(), etag)
+        if self._etag is None:  # another driver created or took it between our read and write
+            raise self._lost_race(file.read()[0])
+
+    def _renew(self) -> bool:
+        """Write a fresh heartbeat; False when the lease is no longer ours."""
+        if self._file is not None:
+            etag = self._file.write(self._record(), self._etag)
+            if etag is None:
+                # Ours still, when an earlier renewal landed but its answer was lost.
+                holder, etag = self._file.read()
+                if holder is None or holder.get("token") != self.token:
+                    return False
+            self._etag = etag
+            return True
+        holder = self.store.read_json(LEASE_FILE)
+        if holder is None or holder.get("token") != self.token:
+            return False
+        self.store.write_json(LEASE_FILE, self._record())
+        return True
 
     def _beat(self) -> None:
         failing = False  # said once per outage, not at every beat
         while not self._stop.wait(self.heartbeat_s):
             try:
-                holder = self.store.read_json(LEASE_FILE)
-                if holder is None or holder.get("token") != self.token:
+                if not self._renew():
+                    holder = self.store.read_json(LEASE_FILE)
                     who = self._describe(holder) if holder else "nobody (the file was removed)"
                     log(f"lost the lease of {self.store.location} to {who}; stopping")
                     _thread.interrupt_main()  # the driver stops as on Ctrl-C
                     return
-                self.store.write_json(LEASE_FILE, self._record())
                 if failing:
                     log(f"renewed the lease of {self.store.location} again")
                     failing = False
