@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -122,10 +121,7 @@ def run_plan(
 
 
 def _report(run_dir: str) -> None:
-    """Write `report/` beside the tables of a local run; a failed plot never fails the run."""
-    if "://" in run_dir:
-        log(f"run dir {run_dir} is not local: `dtm-ray report {run_dir} --out DIR` writes one")
-        return
+    """Write `report/` beside the run's tables; a failed plot never fails the run."""
     from dtm_ray.results.report import write_report
 
     try:
@@ -294,16 +290,13 @@ def _compress(
 
 
 def _export(store: RunStore) -> None:
-    """Write `export/` beside the tables of a local run (once; `dtm-ray export` redoes it)."""
-    if "://" in store.uri:
-        log(f"run dir {store.uri} is not local: export with `dtm-ray export {store.uri} --out DIR`")
-        return
-    target = Path(store.root) / "export"
-    if (target / "export.json").is_file():
+    """Write `export/` beside the run's tables, wherever they live (once; `dtm-ray export`
+    redoes it)."""
+    if store.read_json("export/export.json") is not None:
         return
     from dtm_ray.results.export import export_run
 
-    log(f"exported the compressed model to {export_run(store.root, str(target))}")
+    log(f"exported the compressed model to {export_run(store.uri)}")
 
 
 def _tasks(store: RunStore, plan: Plan) -> pa.Table:

@@ -173,6 +173,18 @@ class RunStore:
         """Where the run lives, unambiguously: the URI, or the absolute local path."""
         return self.uri if "://" in self.uri else self.root
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def child_uri(self, folder: str) -> str:
+        """The URI (or local path) of a folder inside the run dir, with the run dir's query
+        (endpoint, region) kept, so `RunStore(child_uri)` reaches the same store."""
+        if "://" not in self.uri:
+            return self._path(folder)
+        base, sep, query = self.uri.partition("?")
+        return f"{base.rstrip('/')}/{folder}{sep}{query}"
+
     # --- paths and raw I/O -----------------------------------------------------------------
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -428,6 +440,41 @@ class RunStore:
     def read_final(self, name: str, schema: pa.Schema) -> pa.Table | None:
         path = self._path("final", name, "data.parquet")
         return self._read_file(path, schema) if self._exists(path) else None
+
+    def put_file(self, local: str | os.PathLike[str], name: str) -> None:
+        """Copy a local file to `name` (a path inside the run dir), streamed in pieces. An object
+        store shows an object only once its upload completes, so it is written in place (a
+        move there is a server-side copy of the whole object); a local file goes through a
+        temporary name."""
+        path = self._path(name)
+
+        def write(stream: Any) -> None:
+            with open(local, "rb") as source:
+                while chunk := source.read(16 << 20):
+                    stream.write(chunk)
+
+        if self.is_local:
+            self._write_atomically(path, write)
+            return
+
+        def upload() -> None:
+            with self.fs.open_output_stream(path) as stream:
+                write(stream)
+
+        self._retrying("write", path, upload)
+
+    def clear_folder(self, folder: str) -> None:
+        """Delete everything in `folder` (inside the run dir), if there."""
+        path = self._path(folder)
+        if self._exists(path):
+            self._retrying("empty", path, lambda: self.fs.delete_dir_contents(path))
+
+    def folder_files(self, folder: str) -> list[str]:
+        """The files in `folder`, recursively, by path relative to it."""
+        selector = pafs.FileSelector(self._path(folder), recursive=True, allow_not_found=True)
+        base = self._path(folder).rstrip("/") + "/"
+        infos = self.fs.get_file_info(selector)
+        return sorted(i.path.removeprefix(base) for i in infos if i.type == pafs.FileType.File)
 
     def replace_files(self, folder: str, files: Mapping[str, str]) -> None:
         """Make `folder` hold exactly `files` (name -> text), e.g. lm-eval's per-example output."""

@@ -33,7 +33,7 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -82,8 +82,9 @@ FORMATS = ("auto", "dense", "compressed", "both")
 COMPRESSED = "compressed"  # the compressed checkpoint's folder inside the export
 
 
-def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path:
-    """Export the final state of the compressing run in `run_dir`; returns the output folder.
+def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path | str:
+    """Export the final state of the compressing run in `run_dir`; returns the output folder
+    (the export's URI for a run on an object store: it exports into its own `export/`).
     `fmt`: which checkpoints to write; `auto` is `both` for a quantize run (the dense one for
     tools that read plain weights, the compressed one to serve) and `dense` for a sparsify run
     (compressed-tensors has no sparse format any more)."""
@@ -104,10 +105,16 @@ def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path:
         raise ConfigError(
             f"run {store.location} has no final state yet; finish it with `dtm-ray run JOB` first"
         )
-    if out is None and "://" in run_dir:
-        raise ConfigError(f"run {run_dir} is not a local folder; give --out a local folder")
-    target = Path(out) if out is not None else Path(store.root) / "export"
-    _check_target(target)
+    if out is not None and "://" in out and not out.startswith("file://"):
+        raise ConfigError(
+            f"--out {out} is not a local folder; a run on an object store exports into its own "
+            "export/ when --out is left out"
+        )
+    if out is None and not store.is_local:
+        sink: _Sink = _StoreSink(store, "export")
+    else:
+        local = Path(out.removeprefix("file://")) if out is not None else None
+        sink = _FolderSink(local or Path(store.root) / "export")
     quantize = config["compress"].get("method") == "quantize"
     if fmt == "auto":
         fmt = "both" if quantize else "dense"
@@ -126,11 +133,10 @@ def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path:
     # Module order (layer, then q k v o gate up down): the order llm-compressor matches targets.
     rows = sorted(states.to_pylist(), key=lambda r: (r["layer"], KINDS.index(r["kind"])))
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    scratch.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+    scratch = sink.scratch()
     try:
-        saved = _write_checkpoint(model_dir, scratch, state, engine_dtype, fmt != COMPRESSED)
+        dense = fmt != COMPRESSED
+        saved = _write_checkpoint(model_dir, scratch, state, engine_dtype, dense, sink.shard_done)
         missing = [r["component"] for r in rows if r["component"] not in saved]
         if missing:
             raise ConfigError(f"the checkpoint in {model_dir} has no weight {missing[0]!r}")
@@ -143,7 +149,9 @@ def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path:
         checkpoints = {"dense": "."} if fmt != COMPRESSED else {}
         if fmt != "dense":
             (scratch / COMPRESSED).mkdir()
-            write_compressed(model_dir, scratch / COMPRESSED, state, engine_dtype, linears)
+            write_compressed(
+                model_dir, scratch / COMPRESSED, state, engine_dtype, linears, sink.shard_done
+            )
             checkpoints["compressed"] = COMPRESSED
         _write_json(scratch / "sparsity_map.json", sparsity)
         _write_json(scratch / "precision_map.json", precision)
@@ -164,14 +172,13 @@ def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path:
             "dtm_ray": dtm_ray.__version__,
         }
         _write_json(scratch / _MARKER, meta)  # written last: it marks a complete export
-        _replace(scratch, target)
+        return sink.finish()
     except OSError as err:
         if is_persistent(err):  # a full disk or a folder without write permission
-            raise StorageError(f"cannot write the export to {target}: {err}") from err
+            raise StorageError(f"cannot write the export to {sink.where}: {err}") from err
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return target
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -214,10 +221,16 @@ def _replay(weight: torch.Tensor, chain: Chain, engine_dtype: str) -> torch.Tens
 
 
 def _write_checkpoint(
-    model_dir: Path, out: Path, state: ModelState, engine_dtype: str, write: bool = True
+    model_dir: Path,
+    out: Path,
+    state: ModelState,
+    engine_dtype: str,
+    write: bool = True,
+    shard_done: Callable[[Path], None] | None = None,
 ) -> dict[str, tuple[float, str]]:
     """Write the dense checkpoint into `out` (only measure it when not `write`); returns, per
-    tensor found, (share of zeros, dtype name) as saved."""
+    tensor found, (share of zeros, dtype name) as saved. `shard_done` gets each shard as soon
+    as it is written (an export to an object store uploads it and frees the disk)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -235,6 +248,9 @@ def _write_checkpoint(
             saved[name] = (1.0 - nonzero / tensor.numel(), str(tensor.dtype).removeprefix("torch."))
         if write:
             save_file(tensors, out / shard, metadata=metadata)
+            if shard_done is not None:
+                shard_done(out / shard)
+        del tensors  # one shard in memory at a time
     for item in sorted(model_dir.iterdir() if write else ()):
         # config, tokenizer, generation config and the index (names and shapes are unchanged).
         if is_plain_file(item):
@@ -317,6 +333,82 @@ def _check_target(target: Path) -> None:
         not target.is_dir() or (any(target.iterdir()) and not (target / _MARKER).is_file())
     ):
         raise ConfigError(f"{target} exists and is not a dtm_ray export; choose another --out")
+
+
+class _Sink:
+    """Where an export goes: files are written into `scratch()`; `shard_done` is told of each
+    weight shard as soon as it is written; `finish()` puts the rest in place, export.json last."""
+
+    where: str
+
+    def scratch(self) -> Path:
+        raise NotImplementedError
+
+    def shard_done(self, path: Path) -> None:
+        pass
+
+    def finish(self) -> Path | str:
+        raise NotImplementedError
+
+
+class _FolderSink(_Sink):
+    """A local folder: everything is written into a hidden folder beside it, renamed at the
+    end (a killed export never leaves half a folder)."""
+
+    def __init__(self, target: Path) -> None:
+        _check_target(target)
+        self.target, self.where = target, str(target)
+        self._scratch: Path | None = None
+
+    def scratch(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix=f".{self.target.name}-", dir=self.target.parent)
+        self._scratch = Path(folder)
+        self._scratch.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        return self._scratch
+
+    def finish(self) -> Path:
+        assert self._scratch is not None
+        _replace(self._scratch, self.target)
+        return self.target
+
+
+class _StoreSink(_Sink):
+    """A folder of a run dir on an object store, written shard by shard: each shard is uploaded
+    as soon as it is written and deleted from the local scratch folder, so the driver's disk
+    never holds more than one shard of the export. The previous export is removed first and
+    export.json is uploaded last: a folder without it is an unfinished export."""
+
+    def __init__(self, store: RunStore, folder: str) -> None:
+        self.store, self.folder = store, folder
+        self.where = store.child_uri(folder).split("?", 1)[0]
+        files = store.folder_files(folder)
+        if files and _MARKER not in files:
+            raise ConfigError(
+                f"{self.where} exists and is not a dtm_ray export; move it away and export again"
+            )
+        self._scratch: Path | None = None
+
+    def scratch(self) -> Path:
+        self.store.delete(f"{self.folder}/{_MARKER}")  # from now on the old export is unfinished
+        self.store.clear_folder(self.folder)
+        self._scratch = Path(tempfile.mkdtemp(prefix=".dtm-ray-export-"))
+        return self._scratch
+
+    def shard_done(self, path: Path) -> None:
+        self._put(path)
+        path.unlink()
+
+    def _put(self, path: Path) -> None:
+        assert self._scratch is not None
+        self.store.put_file(path, f"{self.folder}/{path.relative_to(self._scratch)}")
+
+    def finish(self) -> str:
+        assert self._scratch is not None
+        files = sorted(p for p in self._scratch.rglob("*") if p.is_file())
+        for path in sorted(files, key=lambda p: p.name == _MARKER):  # the marker last
+            self._put(path)
+        return self.store.child_uri(self.folder)
 
 
 def _replace(scratch: Path, target: Path) -> None:

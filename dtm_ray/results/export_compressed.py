@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,11 @@ def write_compressed(
     state: ModelState,
     engine_dtype: str,
     linears: Sequence[Component],
+    shard_done: Callable[[Path], None] | None = None,
 ) -> dict[str, str | None]:
     """Write the compressed checkpoint of `state` into the existing folder `out`. `linears` are
-    the model's linear components (selected or not). Returns component -> stored level (None:
-    dense) for every component of `state`."""
+    the model's linear components (selected or not); `shard_done` gets each shard once written.
+    Returns component -> stored level (None: dense) for every component of `state`."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -108,6 +109,9 @@ def write_compressed(
         save_file(tensors, out / shard, metadata=metadata)
         weight_map.update(dict.fromkeys(tensors, shard))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors  # one shard in memory at a time
+        if shard_done is not None:
+            shard_done(out / shard)
     if (model_dir / INDEX).is_file():
         index = json.loads((model_dir / INDEX).read_text())
         index["metadata"] = {**index.get("metadata", {}), "total_size": total}

@@ -14,6 +14,7 @@ per round.
 from __future__ import annotations
 
 import html
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import pandas as pd
 from dtm_ray.core.specs import parse_spec
 from dtm_ray.errors import ConfigError
 from dtm_ray.records.schemas import STATUS_OK
+from dtm_ray.records.store import RunStore
 from dtm_ray.redact import redact
 from dtm_ray.results.show import (
     RunTables,
@@ -501,16 +503,33 @@ def render_html(title: str, sections: list[Section]) -> str:
     )
 
 
+def _is_remote(run_dir: str) -> bool:
+    return "://" in run_dir and not run_dir.startswith("file://")
+
+
 def default_report_dir(run_dir: str) -> Path:
-    if "://" in run_dir and not run_dir.startswith("file://"):
-        raise ConfigError(f"{run_dir} is not local: pass --out DIR for the report")
+    if _is_remote(run_dir):
+        raise ConfigError(f"{run_dir} is not local: its report goes into the run dir's report/")
     return Path(run_dir.removeprefix("file://")) / "report"
 
 
-def write_report(run_dir: str, out: str | Path | None = None) -> Path:
-    """Write report.md, report.html and the PNGs into `out` (default RUN_DIR/report)."""
+def write_report(run_dir: str, out: str | Path | None = None) -> Path | str:
+    """Write report.md, report.html and the PNGs into `out` (default RUN_DIR/report; a run on an
+    object store gets them there, uploaded once written); returns where report.html is."""
     run = load_run(run_dir)
+    if out is None and _is_remote(run_dir):
+        store = RunStore(run_dir)
+        with tempfile.TemporaryDirectory(prefix=".dtm-ray-report-") as scratch:
+            _write_report(run, Path(scratch))
+            store.clear_folder("report")
+            for path in sorted(Path(scratch).iterdir()):
+                store.put_file(path, f"report/{path.name}")
+        return store.child_uri("report").split("?", 1)[0] + "/report.html"
     target = Path(out) if out is not None else default_report_dir(run_dir)
+    return _write_report(run, target)
+
+
+def _write_report(run: RunTables, target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     sections = [s for s in (make(run, target) for make in SECTIONS) if s is not None]
     title = f"dtm-ray report: {run.config.get('model')}"

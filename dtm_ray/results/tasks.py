@@ -215,23 +215,29 @@ def tasks_table(
 
 
 # --- a finished run ------------------------------------------------------------------------------
-def _export_folder(store: RunStore, scratch: str) -> Path:
-    """The run's export: `RUN/export/` of a local run (written now if missing), else a scratch
-    copy (a remote run dir cannot hold a model folder the workers load from)."""
+def _export_source(store: RunStore, scratch: str) -> tuple[ModelSource, dict[str, Any]]:
+    """The run's dense export as a model source the workers materialise on their nodes, and its
+    export.json: `RUN/export/` wherever the run lives (written now if missing). A local export
+    without dense weights (--format compressed) gets a dense one in a scratch folder."""
+    from dtm_ray.engines.sources import resolve_source
     from dtm_ray.results.export import export_run
 
-    if "://" not in store.uri:
-        target = Path(store.root) / "export"
-        if not (target / "export.json").is_file():
-            log(f"exporting the compressed model to {target}")
-            export_run(store.root, str(target))
-        checkpoints = json.loads((target / "export.json").read_text()).get("checkpoints")
-        if checkpoints is None or "dense" in checkpoints:  # older exports are all dense
-            return target
-        log(f"{target} holds no dense checkpoint (--format compressed): exporting one to scratch")
-    else:
-        log(f"run dir {store.uri} is not local: exporting into a scratch folder")
-    return export_run(store.uri, f"{scratch}/export", fmt="dense")
+    meta = store.read_json("export/export.json")
+    if meta is None:
+        log(f"exporting the compressed model to {store.child_uri('export').split('?', 1)[0]}")
+        export_run(store.uri)
+        meta = store.read_json("export/export.json") or {}
+    checkpoints = meta.get("checkpoints")
+    if checkpoints is None or "dense" in checkpoints:  # older exports are all dense
+        return resolve_source(store.child_uri("export")), meta
+    if not store.is_local:
+        raise ConfigError(
+            f"the export in {store.child_uri('export').split('?', 1)[0]} holds no dense "
+            f"checkpoint (--format compressed); run `dtm-ray export {store.uri} --format both`"
+        )
+    log(f"{store.root}/export holds no dense checkpoint (--format compressed): exporting one")
+    folder = export_run(store.uri, f"{scratch}/export", fmt="dense")
+    return resolve_source(str(folder)), json.loads((Path(folder) / "export.json").read_text())
 
 
 def evaluate_run(
@@ -264,9 +270,9 @@ def evaluate_run(
     started = connect_ray()
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            export_dir = _export_folder(store, scratch)
+            export, meta = _export_source(store, scratch)
             # Both models in the dtype the run measured in, so they differ only by compression.
-            dtype = json.loads((export_dir / "export.json").read_text())["engine_dtype"]
+            dtype = meta["engine_dtype"]
             remote = ray.remote(_evaluate_on_worker).options(**_task_options(resources))
             engine_options = job.get("engine_options") or {}
             refs = [
@@ -281,7 +287,7 @@ def evaluate_run(
                     config.num_fewshot,
                     config.batch_size,
                 )
-                for m in (dense_model, str(export_dir.resolve()))
+                for m in (dense_model, export)
             ]
             log(f"lm-eval ({backend}) on the dense model and the export: {_names(tasks)}")
             dense, compressed = ray.get(refs)
