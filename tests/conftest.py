@@ -79,6 +79,26 @@ def s3_server():
     server.close()
 
 
+@pytest.fixture(scope="session")
+def model_store(s3_server, tiny_llama_dir: Path):
+    """The local S3 server with the tiny Llama uploaded under models/tiny (bucket `models`)."""
+    import pyarrow.fs as pafs
+
+    s3_server.filesystem(allow_bucket_creation=True).create_dir("models")
+    pafs.copy_files(
+        str(tiny_llama_dir),
+        "models/tiny",
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=s3_server.filesystem(),
+    )
+    return s3_server
+
+
+def model_uri(server, path: str) -> str:
+    """The URI of `models/<path>` on the local server."""
+    return server.uri(path).replace(f"s3://{server.bucket}/", "s3://models/", 1)
+
+
 def tiny_compress_job(model_dir: Path, out: Path, compress: dict, dtype: str = "auto") -> dict:
     """The small compressing job the end-to-end tests share: every weight of the tiny Llama,
     8 pydoc prompts of 8 tokens, 16 new tokens, 2 hf workers."""

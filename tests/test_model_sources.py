@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from conftest import model_uri
 
 from dtm_ray import cli
 from dtm_ray.engines import sources
@@ -22,24 +23,6 @@ from dtm_ray.engines.sources import HUB, STORE, driver_folder, node_folder, reso
 from dtm_ray.errors import ConfigError
 
 SHA = "0123456789abcdef0123456789abcdef01234567"  # the commit the fake hub cache holds
-
-
-@pytest.fixture(scope="module")
-def model_store(s3_server, tiny_llama_dir: Path):
-    """The local S3 server with the tiny Llama uploaded under models/tiny (bucket `models`)."""
-    s3_server.filesystem(allow_bucket_creation=True).create_dir("models")
-    pafs.copy_files(
-        str(tiny_llama_dir),
-        "models/tiny",
-        source_filesystem=pafs.LocalFileSystem(),
-        destination_filesystem=s3_server.filesystem(),
-    )
-    return s3_server
-
-
-def model_uri(server, path: str) -> str:
-    """The URI of `models/<path>` on the local server."""
-    return server.uri(path).replace(f"s3://{server.bucket}/", "s3://models/", 1)
 
 
 @pytest.fixture

@@ -23,9 +23,10 @@ HERE = Path(__file__).resolve().parent
 class NodeCluster:
     """tests/two_node_cluster.py in its own process, driven through its stdin."""
 
-    def __init__(self, cpus: list[int]) -> None:
+    def __init__(self, cpus: list[int], node_caches: Path | None = None) -> None:
+        caches = [f"--node-caches={node_caches}"] if node_caches else []
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "two_node_cluster.py"), *map(str, cpus)],
+            [sys.executable, str(HERE / "two_node_cluster.py"), *map(str, cpus), *caches],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

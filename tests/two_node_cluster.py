@@ -6,6 +6,9 @@ declares a node dead after ~2 s of missed health checks instead of its default ~
 Prints `address <gcs address>` and `node <node id>` per worker node, then reads commands on
 stdin, one per line: `remove <node id>` kills that node at once (as a lost machine dies),
 `add <cpus>` starts another worker node and prints its `node <id>`; end of input shuts it all down.
+
+With `--node-caches DIR` each worker node keeps its models in its own cache, DIR/node-<n>
+(DTM_RAY_CACHE), as separate machines would: a model is then fetched once per node.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ FAST_HEALTH_CHECKS = {
 }
 
 
-def main(cpus: list[int]) -> None:
+def main(cpus: list[int], node_caches: str | None = None) -> None:
     # Cluster() writes its address where a plain `ray.init()` on this machine looks for a
     # cluster to join; put back what was there so later drivers do not join this one.
     address_file = Path(get_ray_address_file(None))
@@ -47,7 +50,8 @@ def main(cpus: list[int]) -> None:
     print(f"address {cluster.address}", flush=True)
 
     def add(count: int) -> None:
-        node = cluster.add_node(num_cpus=count)
+        env = {"DTM_RAY_CACHE": f"{node_caches}/node-{len(nodes)}"} if node_caches else None
+        node = cluster.add_node(num_cpus=count, env_vars=env)
         nodes[node.node_id] = node
         print(f"node {node.node_id}", flush=True)
 
@@ -68,4 +72,7 @@ def main(cpus: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [1, 1])
+    flag = "--node-caches="
+    caches = next((a.removeprefix(flag) for a in sys.argv[1:] if a.startswith(flag)), None)
+    counts = [int(a) for a in sys.argv[1:] if not a.startswith("--")]
+    main(counts or [1, 1], caches)

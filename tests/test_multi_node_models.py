@@ -1,0 +1,85 @@
+"""Models on a cluster of two nodes that share nothing but the object store (and a prepared hub
+cache): engine actors on both nodes materialise the model themselves, once per node, and the run
+equals the run on the local folder. The cluster is real: a head without CPUs and two worker nodes
+of one CPU each, each with its own model cache (tests/two_node_cluster.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import model_uri
+from test_model_sources import SHA, _lay_out_hub_cache
+from test_node_loss import NodeCluster
+
+from dtm_ray.engines.sources import evict, resolve_source
+
+
+@pytest.mark.slow
+def test_actors_on_two_nodes_each_materialise_the_model_and_match_the_local_run(
+    model_store, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    hub = tmp_path / "hub"
+    _lay_out_hub_cache(hub, "acme/tiny", tiny_llama_dir)
+    nodes = tmp_path / "nodes"
+    s3_model = model_uri(model_store, "tiny")
+    cluster = NodeCluster(cpus=[1, 1], node_caches=nodes)
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    env.pop("DTM_RAY_CACHE", None)  # each node keeps its own (the driver's would travel along)
+    # One hub cache the nodes share (a shared HF_HOME), offline: the driver's settings travel.
+    env.update({"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})
+
+    def run(model: str, name: str) -> tuple[pd.DataFrame, list[dict]]:
+        job = {
+            "model": model,
+            "engine": "hf",
+            "prompts": {"source": "pydoc", "count": 4, "prefix_tokens": 8},
+            "new_tokens": 8,
+            "probe": {"components": [{"layers": [0]}], "specs": ["magnitude:0.5"]},
+            "workers": 2,
+            "out": str(tmp_path / name),
+        }
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job))
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "dtm_ray.cli", "run", str(tmp_path / f"{name}.yaml")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        print(f"{name}: {time.monotonic() - started:.1f} s")
+        assert done.returncode == 0, done.stderr[-3000:]
+        probes = pd.read_parquet(tmp_path / name / "probes")
+        actors = json.loads((tmp_path / name / "run.json").read_text())["actors"][0]["actors"]
+        return probes.sort_values("component", ignore_index=True), actors
+
+    try:
+        from_store, store_actors = run(s3_model, "s3")
+        from_hub, hub_actors = run("acme/tiny", "hub")
+        local, _ = run(str(tiny_llama_dir), "local")
+    finally:
+        cluster.close()
+        evict(resolve_source(s3_model))  # the driver's config-and-tokenizer copy
+    # One actor on each node; each node fetched the store's model itself, into its own cache.
+    assert len({a["node"] for a in store_actors}) == 2
+    assert [a["model_fetched"] for a in store_actors] == [True, True]
+    weights = (tiny_llama_dir / "model.safetensors").read_bytes()
+    for node in ("node-0", "node-1"):
+        (copy,) = [p for p in (nodes / node / "models" / "sources").iterdir() if p.is_dir()]
+        assert (copy / "model.safetensors").read_bytes() == weights
+    # The hub id came from the shared offline cache, pinned to its commit.
+    assert len({a["node"] for a in hub_actors}) == 2
+    hub_run = json.loads((tmp_path / "hub" / "run.json").read_text())
+    assert hub_run["model_source"]["revision"] == SHA
+    assert len(local) == 7
+    for probes in (from_store, from_hub):
+        pd.testing.assert_series_equal(probes["fdt"], local["fdt"])
+        pd.testing.assert_series_equal(probes["nll_mean"], local["nll_mean"])
