@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +19,8 @@ import yaml
 from conftest import model_uri
 
 from dtm_ray import cli
+from dtm_ray.cluster.actor import EngineActor, StartupReport
+from dtm_ray.cluster.pool import STARTUP_BYTES_PER_S, startup_budget_s
 from dtm_ray.engines import sources
 from dtm_ray.engines.sources import HUB, STORE, driver_folder, node_folder, resolve_source
 from dtm_ray.errors import ConfigError
@@ -355,3 +358,47 @@ def test_a_compressing_run_model_and_run_dir_on_s3_with_show_report_export_and_e
         (p / "model.safetensors").is_file() and (p / "model.safetensors").read_bytes() == exported
         for p in copies
     )
+
+
+# --- the start-up wait --------------------------------------------------------------------------
+class SlowFetchActor(EngineActor):
+    """An engine actor that spends its first seconds fetching a (pretend) large model."""
+
+    def __init__(self, model, engine_config, index=0, threads=None):  # noqa: ANN001
+        StartupReport(index)("fetching s3://models/big: 1.2 of 4.5 GB")
+        time.sleep(5)
+        super().__init__(model, engine_config, index, threads)
+
+
+@pytest.mark.slow
+def test_the_start_up_wait_says_what_each_actor_is_fetching_and_allows_for_its_bytes(
+    ray_session, tiny_llama_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import sys
+
+    import ray
+
+    from dtm_ray.cluster import pool
+
+    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.spec import load_job
+    from dtm_ray.loop.rounds import JobEngines
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(pool, "REPORT_S", 1.0)  # a line every second, not every 15
+    job = {"model": str(tiny_llama_dir), "engine": "hf", "out": str(tmp_path / "run")}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    plan = plan_job(load_job(tmp_path / "job.yaml"))
+    engines = JobEngines(plan, 1, actor_class=SlowFetchActor)
+    try:
+        engines.pool  # noqa: B018 - starts the actors and waits for them
+    finally:
+        engines.close()
+    weights = (tiny_llama_dir / "model.safetensors").stat().st_size
+    budget = startup_budget_s(600, weights)
+    assert budget == 600 + weights / STARTUP_BYTES_PER_S
+    err = capsys.readouterr().err
+    assert (
+        f"engine actor(s): engine-0 on {socket.gethostname()}: fetching s3://models/big: 1.2 of "
+        f"4.5 GB; giving up after {budget:.0f} s"
+    ) in err, err
