@@ -4,6 +4,7 @@ node from the source itself; each bad source is one line, exit 2, before Ray sta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import socket
@@ -187,6 +188,42 @@ def test_a_hub_id_is_served_from_the_offline_cache_pinned_to_its_commit(
     ).read_bytes()
     (repo,) = scan_cache_dir(offline_hub).repos  # the hub's own tools read the cache as theirs
     assert repo.repo_id == "acme/tiny" and [r.commit_hash for r in repo.revisions] == [SHA]
+
+
+def test_a_resume_keeps_the_revision_the_run_started_with(
+    offline_hub: Path, tiny_llama_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """`main` moved on since the run started: the resume goes on with the run's commit."""
+    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.spec import load_job
+    from dtm_ray.loop.driver import _check_resume
+    from dtm_ray.records.store import RunStore
+
+    _lay_out_hub_cache(offline_hub, "acme/tiny", tiny_llama_dir)
+    started = resolve_source("acme/tiny")
+    newer = "fedcba9876543210fedcba9876543210fedcba98"
+    root = offline_hub / "models--acme--tiny"
+    (root / "snapshots" / SHA).rename(root / "snapshots" / newer)
+    (root / "snapshots" / newer / "model.safetensors").unlink()  # different weights now
+    (root / "snapshots" / newer / "model.safetensors").write_bytes(b"x" * 100)
+    _lay_out_hub_cache(tmp_path / "old", "acme/tiny", tiny_llama_dir)  # the old commit again
+    (tmp_path / "old" / "models--acme--tiny" / "snapshots" / SHA).rename(root / "snapshots" / SHA)
+    (root / "refs" / "main").write_text(newer)
+
+    job = {"model": "acme/tiny", "engine": "hf", "out": str(tmp_path / "run")}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    plan = plan_job(load_job(tmp_path / "job.yaml"))
+    assert plan.model_source.revision == newer
+    stored = {
+        "config": plan.job.to_dict(),
+        "model_digest": started.digest,
+        "model_source": dataclasses.asdict(started),
+    }
+    _check_resume(plan, RunStore(str(tmp_path / "run")), stored)
+    assert plan.model_source == started
+    assert f"resuming on acme/tiny@{SHA}, the revision the run started with" in (
+        capsys.readouterr().err
+    )
 
 
 def _dry_run(tmp_path: Path, model: str, capsys) -> tuple[int, str]:
@@ -379,7 +416,6 @@ def test_the_start_up_wait_says_what_each_actor_is_fetching_and_allows_for_its_b
     import ray
 
     from dtm_ray.cluster import pool
-
     from dtm_ray.job.checks import plan_job
     from dtm_ray.job.spec import load_job
     from dtm_ray.loop.rounds import JobEngines

@@ -25,6 +25,7 @@ import dtm_ray
 from dtm_ray.cluster.actor import RoundContext
 from dtm_ray.cluster.logs import ENGINE_LOG, engine_logs, local_log_dir
 from dtm_ray.core.state import ModelState, Reference
+from dtm_ray.engines.sources import HUB, driver_folder, resolve_source
 from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.job.checks import Plan
 from dtm_ray.job.resume import check_same_config, config_fingerprint
@@ -215,6 +216,7 @@ def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
             "(show and report still read this one)"
         )
     check_same_config(stored["config"], plan.job.to_dict(), store.uri)
+    _keep_revision(plan, stored.get("model_source"))
     digest = plan.model_source.digest
     if stored.get("model_digest", digest) != digest:
         raise ConfigError(
@@ -223,6 +225,19 @@ def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
             "resume with the original model or choose another --out"
         )
     store.check_files(TABLE_SCHEMAS)  # a corrupt file is named now, not deep inside a round
+
+
+def _keep_revision(plan: Plan, stored: Any) -> None:
+    """A resumed run goes on with the hub revision it started with, even when the job names a
+    branch that has moved since: a run never mixes two revisions of a model."""
+    now = plan.model_source
+    if not isinstance(stored, dict) or now.kind != HUB or stored.get("kind") != HUB:
+        return
+    if stored.get("id") != now.id or stored.get("revision") in (None, now.revision):
+        return
+    pinned = resolve_source(f"{now.id}@{stored['revision']}")
+    log(f"resuming on {pinned.name}, the revision the run started with ({now.name} now)")
+    plan.source, plan.model_dir = pinned, driver_folder(pinned)
 
 
 def _record_actors(store: RunStore, infos: list[dict[str, Any]]) -> None:
