@@ -78,6 +78,26 @@ def test_a_changed_object_is_a_new_digest_and_a_new_copy(
     assert node_folder(before) != node_folder(after)
 
 
+def test_only_the_checkpoint_is_fetched_of_a_prefix_with_other_weight_copies(
+    model_store, tiny_llama_dir: Path, node_cache: Path
+) -> None:
+    fs = model_store.filesystem()
+    pafs.copy_files(
+        str(tiny_llama_dir), "models/copies", destination_filesystem=fs,
+        source_filesystem=pafs.LocalFileSystem(),
+    )  # fmt: skip
+    for extra in ("pytorch_model.bin", "consolidated.safetensors", "original/model.safetensors"):
+        with fs.open_output_stream(f"models/copies/{extra}") as out:
+            out.write(b"\0" * 1000)
+    source = resolve_source(model_uri(model_store, "copies"))
+    assert source.bytes == (tiny_llama_dir / "model.safetensors").stat().st_size
+    folder = node_folder(source)
+    assert sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".safetensors")) == [
+        "model.safetensors"
+    ]
+    assert not (folder / "original").exists()
+
+
 @pytest.mark.parametrize(
     "path, message",
     [

@@ -39,6 +39,9 @@ STORE_SCHEMES = ("s3://", "gs://", "gcs://")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _DONE = ".dtm_ray_complete"
+# The files of a hub repo besides its weights that loading a model may read: config, tokenizer,
+# generation config, chat template, remote code.
+_PLAIN_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.py", "*.jinja"]
 # Progress of a fetch is reported at most this often.
 REPORT_EVERY_S = 2.0
 
@@ -74,6 +77,21 @@ def source_of_run(info: Mapping[str, Any]) -> ModelSource:
 
 def is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES)
+
+
+def checkpoint_files(names: list[str] | set[str] | dict[str, Any]) -> list[str]:
+    """The weight files the engines load of a model's file names: its top-level
+    `model*.safetensors` (the Hugging Face checkpoint), else any top-level safetensors. Other
+    copies a repo may carry (`pytorch_model*.bin`, `consolidated.safetensors`, GGUF files) are
+    neither fetched nor counted."""
+    top = [n for n in names if "/" not in n and n.endswith(".safetensors")]
+    return sorted([n for n in top if n.startswith("model")] or top)
+
+
+def _needed(names: list[str] | set[str] | dict[str, Any], weights: bool) -> list[str]:
+    """The files a node fetches: every non-weight file, and the checkpoint when `weights`."""
+    plain = [n for n in names if not is_weight_file(n)]
+    return sorted(plain + (checkpoint_files(names) if weights else []))
 
 
 def _digest(*parts: str) -> str:
@@ -123,7 +141,8 @@ def resolve_source(model: str) -> ModelSource:
 
 def _weight_bytes(folder: Path) -> int:
     # A hub snapshot's files are links into its blobs; a missing blob counts as nothing.
-    return sum(p.stat().st_size for p in folder.iterdir() if is_weight_file(p.name) and p.exists())
+    names = [p.name for p in folder.iterdir() if p.exists()]
+    return sum((folder / name).stat().st_size for name in checkpoint_files(names))
 
 
 def driver_folder(source: ModelSource) -> Path:
@@ -255,7 +274,7 @@ def _resolve_hub(model: str) -> ModelSource:
 
 
 def _hub_source(repo: str, sha: str, sizes: dict[str, int]) -> ModelSource:
-    weights = {name: size for name, size in sizes.items() if is_weight_file(name)}
+    weights = {name: sizes[name] for name in checkpoint_files(sizes)}
     listing = [f"{name}:{size}" for name, size in sorted(weights.items())]
     digest = _digest(f"hub:{repo}@{sha}", *listing)
     return ModelSource(HUB, repo, sha, digest, sum(weights.values()))
@@ -293,7 +312,7 @@ def _hub_snapshot(
     from filelock import FileLock
     from huggingface_hub import snapshot_download
 
-    patterns = None if weights else ["*.json", "*.txt", "*.model", "*.tiktoken", "*.py"]
+    patterns = [*_PLAIN_PATTERNS, *(["model*.safetensors"] if weights else [])]
     try:  # already in the cache (HF_HOME): no request to the hub at all
         return _cached_snapshot_files(source, weights)
     except ConfigError:
@@ -361,9 +380,9 @@ def _resolve_store(uri: str) -> ModelSource:
     _, _, files = _store_listing(uri)
     if "config.json" not in files:
         raise ConfigError(f"model {uri.split('?', 1)[0]} has no config.json")
-    weights = {n: s for n, (s, _) in files.items() if is_weight_file(n)}
+    weights = {n: files[n][0] for n in checkpoint_files(files)}
     if not weights:
-        raise ConfigError(f"model {uri.split('?', 1)[0]} has no weight files (safetensors)")
+        raise ConfigError(f"model {uri.split('?', 1)[0]} has no safetensors weights")
     listing = [f"{n}:{s}:{m:.0f}" for n, (s, m) in sorted(files.items())]
     return ModelSource(
         STORE, uri, None, _digest(f"store:{uri.split('?', 1)[0]}", *listing), sum(weights.values())
@@ -398,7 +417,7 @@ def _store_copy(source: ModelSource, weights: bool, progress: Progress | None = 
         if (target / _DONE).is_file():  # another actor of this node fetched it meanwhile
             return target
         fs, prefix, files = _store_listing(source.id)
-        wanted = {n: s for n, (s, _) in files.items() if weights or not is_weight_file(n)}
+        wanted = {n: files[n][0] for n in _needed(files, weights)}
         total = sum(wanted.values())
         scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         if progress is not None:
