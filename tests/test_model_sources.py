@@ -121,46 +121,6 @@ def test_a_prefix_without_config_json_is_one_line(model_store, tiny_llama_dir: P
         resolve_source(model_uri(model_store, "weights-only"))
 
 
-@pytest.mark.slow
-def test_a_probe_run_on_an_s3_model_equals_the_run_on_the_local_folder(
-    ray_session, model_store, tiny_llama_dir: Path, node_cache: Path, tmp_path: Path
-) -> None:
-    """Two actors on one node: one fetches the model, the other waits for it and reads the same
-    files; the probes' FDTs equal those of the same job on the local folder."""
-    from dtm_ray.job.checks import plan_job
-    from dtm_ray.job.spec import load_job
-    from dtm_ray.loop.driver import run_plan
-
-    def run(model: str, out: Path) -> pd.DataFrame:
-        job = {
-            "model": model,
-            "engine": "hf",
-            "prompts": {"source": "pydoc", "count": 4, "prefix_tokens": 8},
-            "new_tokens": 8,
-            "probe": {"components": [{"layers": [0]}], "specs": ["magnitude:0.5"]},
-            "workers": 2,
-            "out": str(out),
-        }
-        path = tmp_path / f"{out.name}.yaml"
-        path.write_text(yaml.safe_dump(job))
-        run_plan(plan_job(load_job(path)), print_summary=False)
-        return pd.read_parquet(out / "probes").sort_values("component", ignore_index=True)
-
-    started = time.monotonic()
-    ours = run(model_uri(model_store, "tiny"), tmp_path / "s3-model")
-    print(f"s3 model run: {time.monotonic() - started:.1f} s")
-    local = run(str(tiny_llama_dir), tmp_path / "local-model")
-    assert len(ours) == 7
-    pd.testing.assert_series_equal(ours["fdt"], local["fdt"])
-    pd.testing.assert_series_equal(ours["nll_mean"], local["nll_mean"])
-    run_info = json.loads((tmp_path / "s3-model" / "run.json").read_text())
-    assert run_info["model_source"]["kind"] == STORE
-    actors = run_info["actors"][0]["actors"]
-    assert sorted(a["model_fetched"] for a in actors) == [False, True]  # one fetch per node
-    copies = [p for p in (node_cache / "models" / "sources").iterdir() if p.is_dir()]
-    assert len(copies) == 2  # the driver's config-and-tokenizer copy, and the node's whole one
-
-
 # --- the model hub -----------------------------------------------------------------------------
 def _lay_out_hub_cache(cache: Path, repo: str, model_dir: Path) -> Path:
     """`repo` at commit SHA in a hub cache laid out as the hub lays it out: blobs named by
@@ -373,9 +333,11 @@ def test_a_string_that_is_no_source_is_one_line() -> None:
 def test_a_compressing_run_model_and_run_dir_on_s3_with_show_report_export_and_evaluate(
     ray_session, model_store, tiny_llama_dir: Path, node_cache: Path, tmp_path: Path, capsys
 ) -> None:
-    """Model and run dir both on the store: the run writes its report and export there (the
-    export shard by shard), lm-eval's worker reads the export from there, and `show`, `report`
-    and `export` work on the URI. The export equals one made from a local copy of the run."""
+    """Model and run dir both on the store: of the two actors on this node one fetches the
+    model, the other waits for it and reads the same copy; the run writes its report and export
+    into the store (the export shard by shard), lm-eval's worker reads the export from there,
+    and `show`, `report` and `export` work on the URI. The export equals one made from a local
+    copy of the run. (tests/test_multi_node_models.py checks the FDTs against a local run.)"""
     from dtm_ray.results.export import export_run
 
     run_uri = model_store.uri("e2e/run")
@@ -387,7 +349,7 @@ def test_a_compressing_run_model_and_run_dir_on_s3_with_show_report_export_and_e
         "compress": {"target_sparsity": 0.5, "step": 0.5, "guide": "uniform"},
         "evaluation": {"text": "pydoc", "count": 2, "tokens": 32},
         "evaluate": {"tasks": ["facts"], "limit": 4},
-        "workers": 1,
+        "workers": 2,
         "out": run_uri,
     }
     path = tmp_path / "job.yaml"
@@ -422,11 +384,18 @@ def test_a_compressing_run_model_and_run_dir_on_s3_with_show_report_export_and_e
     for name in ("model.safetensors", "sparsity_map.json", "config.json"):
         assert (local / "export" / name).read_bytes() == (again / name).read_bytes(), name
 
+    run_info = json.loads((local / "run.json").read_text())
+    assert run_info["model_source"]["kind"] == STORE
+    actors = run_info["actors"][0]["actors"]
+    assert sorted(a["model_fetched"] for a in actors) == [False, True]  # one fetch per node
+
     tasks = pd.read_parquet(local / "final" / "tasks")
     assert list(tasks["task"]) == ["dtm_facts_mc", "dtm_facts_cloze"]
     assert (tasks["examples"] == 4).all()
-    # The lm-eval worker materialised the export from the store into its node's cache.
+    # The lm-eval worker materialised the export from the store into its node's cache, beside
+    # the driver's config-and-tokenizer copy of the model and the node's whole one.
     copies = [p for p in (node_cache / "models" / "sources").iterdir() if p.is_dir()]
+    assert len(copies) == 3
     exported = (local / "export" / "model.safetensors").read_bytes()
     assert any(
         (p / "model.safetensors").is_file() and (p / "model.safetensors").read_bytes() == exported
