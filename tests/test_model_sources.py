@@ -23,7 +23,14 @@ from dtm_ray import cli
 from dtm_ray.cluster.actor import EngineActor, StartupReport
 from dtm_ray.cluster.pool import STARTUP_BYTES_PER_S, startup_budget_s
 from dtm_ray.engines import sources
-from dtm_ray.engines.sources import HUB, STORE, driver_folder, node_folder, resolve_source
+from dtm_ray.engines.sources import (
+    HUB,
+    STORE,
+    driver_folder,
+    evict,
+    node_folder,
+    resolve_source,
+)
 from dtm_ray.errors import ConfigError
 
 SHA = "0123456789abcdef0123456789abcdef01234567"  # the commit the fake hub cache holds
@@ -71,11 +78,17 @@ def test_a_changed_object_is_a_new_digest_and_a_new_copy(
         source_filesystem=pafs.LocalFileSystem(),
     )  # fmt: skip
     before = resolve_source(model_uri(model_store, "changing"))
+    old = node_folder(before)  # this node fetched it before the change
     with fs.open_output_stream("models/changing/generation_config.json") as out:
         out.write(b'{"changed": true, "padding": "' + b"x" * 100 + b'"}')
     after = resolve_source(model_uri(model_store, "changing"))
     assert after.digest != before.digest
-    assert node_folder(before) != node_folder(after)
+    assert node_folder(before) == old  # a run that started before keeps what it measured
+    new = node_folder(after)
+    assert new != old and b"changed" in (new / "generation_config.json").read_bytes()
+    evict(before)  # a node without a copy cannot fetch the old version any more: refused
+    with pytest.raises(ConfigError, match="changed since the run resolved it"):
+        node_folder(before)
 
 
 def test_only_the_checkpoint_is_fetched_of_a_prefix_with_other_weight_copies(

@@ -383,10 +383,12 @@ def _resolve_store(uri: str) -> ModelSource:
     weights = {n: files[n][0] for n in checkpoint_files(files)}
     if not weights:
         raise ConfigError(f"model {uri.split('?', 1)[0]} has no safetensors weights")
+    return ModelSource(STORE, uri, None, _store_digest(uri, files), sum(weights.values()))
+
+
+def _store_digest(uri: str, files: dict[str, tuple[int, float]]) -> str:
     listing = [f"{n}:{s}:{m:.0f}" for n, (s, m) in sorted(files.items())]
-    return ModelSource(
-        STORE, uri, None, _digest(f"store:{uri.split('?', 1)[0]}", *listing), sum(weights.values())
-    )
+    return _digest(f"store:{uri.split('?', 1)[0]}", *listing)
 
 
 def _store_target(source: ModelSource, weights: bool) -> Path:
@@ -417,6 +419,11 @@ def _store_copy(source: ModelSource, weights: bool, progress: Progress | None = 
         if (target / _DONE).is_file():  # another actor of this node fetched it meanwhile
             return target
         fs, prefix, files = _store_listing(source.id)
+        if _store_digest(source.id, files) != source.digest:
+            raise ConfigError(
+                f"model {source.name} changed since the run resolved it (its files' sizes or "
+                "times differ): a run never mixes two versions; start a new run"
+            )
         wanted = {n: files[n][0] for n in _needed(files, weights)}
         total = sum(wanted.values())
         scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
