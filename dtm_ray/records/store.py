@@ -175,7 +175,8 @@ class RunStore:
 
     @property
     def is_local(self) -> bool:
-        return isinstance(self.fs, pafs.LocalFileSystem)
+        """Whether the run dir is a local path (files there can be renamed; others are objects)."""
+        return "://" not in self.uri or self.uri.startswith("file://")
 
     def child_uri(self, folder: str) -> str:
         """The URI (or local path) of a folder inside the run dir, with the run dir's query
@@ -458,6 +459,7 @@ class RunStore:
             return
 
         def upload() -> None:
+            self.fs.create_dir(path.rpartition("/")[0], recursive=True)
             with self.fs.open_output_stream(path) as stream:
                 write(stream)
 
