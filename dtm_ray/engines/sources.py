@@ -177,19 +177,6 @@ def node_folder(source: ModelSource | str, progress: Progress | None = None) -> 
     return _store_copy(source, weights=True, progress=progress)
 
 
-def fetched(source: ModelSource | str) -> bool:
-    """Whether this node already holds the source's weights (nothing left to fetch)."""
-    if isinstance(source, str) or source.kind in (FOLDER, KNOWN):
-        return True
-    if source.kind == STORE:
-        return (_store_target(source, True) / _DONE).is_file()
-    try:
-        _hub_snapshot(source, weights=True, local_only=True)
-    except ConfigError:
-        return False
-    return True
-
-
 # --- the model hub ---------------------------------------------------------------------------
 def _hub_errors() -> tuple[type, ...]:
     from huggingface_hub.errors import (
@@ -300,12 +287,7 @@ def _hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _hub_snapshot(
-    source: ModelSource,
-    weights: bool,
-    progress: Progress | None = None,
-    local_only: bool = False,
-) -> Path:
+def _hub_snapshot(source: ModelSource, weights: bool, progress: Progress | None = None) -> Path:
     """The revision's snapshot folder in the hub cache (HF_HOME), downloading what is missing
     (only the small files when not `weights`). The hub's own per-file locks make concurrent
     downloads on one node fetch each file once; ours keeps the node's actors from even asking."""
@@ -316,12 +298,16 @@ def _hub_snapshot(
     try:  # already in the cache (HF_HOME): no request to the hub at all
         return _cached_snapshot_files(source, weights)
     except ConfigError:
-        if local_only or _hub_offline():
+        if _hub_offline():
             raise
     lock = Path(_hub_cache()) / f".dtm_ray-{source.id.replace('/', '--')}-{source.revision}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(lock)):
+            try:  # another actor of this node fetched it while this one waited
+                return _cached_snapshot_files(source, weights)
+            except ConfigError:
+                pass
             if weights and progress is not None:
                 progress(f"fetching {source.name} from the hub: {_gb(source.bytes)}")
             folder = snapshot_download(source.id, revision=source.revision, allow_patterns=patterns)
@@ -431,19 +417,18 @@ def _store_copy(source: ModelSource, weights: bool, progress: Progress | None = 
             progress(f"fetching {source.name}: 0 of {_gb(total)}")
         try:
             done, last = 0, 0.0
+
+            def count(n: int) -> None:
+                nonlocal done, last
+                done += n
+                if progress is not None and time.monotonic() - last >= REPORT_EVERY_S:
+                    progress(f"fetching {source.name}: {_gb(done)} of {_gb(total)}")
+                    last = time.monotonic()
+
             for name, size in sorted(wanted.items()):
                 out = scratch / name
                 out.parent.mkdir(parents=True, exist_ok=True)
-                path = f"{prefix.rstrip('/')}/{name}"
-                with fs.open_input_stream(path) as src, open(out, "wb") as dst:
-                    while chunk := src.read(16 << 20):
-                        dst.write(chunk)
-                        done += len(chunk)
-                        if progress is not None and time.monotonic() - last >= REPORT_EVERY_S:
-                            progress(f"fetching {source.name}: {_gb(done)} of {_gb(total)}")
-                            last = time.monotonic()
-                if out.stat().st_size != size:
-                    raise OSError(f"{name}: got {out.stat().st_size} bytes, the store lists {size}")
+                _copy_file(fs, f"{prefix.rstrip('/')}/{name}", out, size, count)
             (scratch / _DONE).write_text(source.name + "\n")
             if target.exists():
                 shutil.rmtree(target)
@@ -455,6 +440,29 @@ def _store_copy(source: ModelSource, weights: bool, progress: Progress | None = 
     finally:
         lock.release()
     return target
+
+
+def _copy_file(fs: Any, path: str, out: Path, size: int, count: Callable[[int], None]) -> None:
+    """Copy one object to `out`, trying again (from its start) on a transient error, as run
+    directories do; `count` is told of every piece."""
+    from dtm_ray.records.store import RETRY_DELAYS_S, is_persistent
+
+    for delay in (*RETRY_DELAYS_S, None):
+        copied = 0
+        try:
+            with fs.open_input_stream(path) as src, open(out, "wb") as dst:
+                while chunk := src.read(16 << 20):
+                    dst.write(chunk)
+                    copied += len(chunk)
+                    count(len(chunk))
+            if copied != size:
+                raise OSError(f"{path}: got {copied} bytes, the store lists {size}")
+            return
+        except OSError as err:
+            count(-copied)
+            if delay is None or is_persistent(err):
+                raise
+            time.sleep(delay)
 
 
 def _gb(n: int) -> str:
