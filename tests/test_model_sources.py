@@ -457,3 +457,12 @@ def test_the_start_up_wait_says_what_each_actor_is_fetching_and_allows_for_its_b
         f"engine actor(s): engine-0 on {socket.gethostname()}: fetching s3://models/big: 1.2 of "
         f"4.5 GB; giving up after {budget:.0f} s"
     ) in err, err
+
+
+def test_a_malformed_hub_id_is_one_line(tmp_path, capsys) -> None:
+    code, err = _dry_run(tmp_path, "acme/name..x", capsys)
+    assert (code, err) == (
+        2,
+        "dtm-ray: error: model acme/name..x is not a valid hub id (org/name[@revision]): Cannot "
+        "have -- or .. in repo_id: 'acme/name..x'.",
+    )
