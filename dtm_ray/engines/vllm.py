@@ -18,13 +18,15 @@ import gc
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dtm_ray.core.specs import check_applicable
+from dtm_ray.core.state import Chain
 from dtm_ray.engines.base import (
     ScoreResult,
     continuation_length,
@@ -256,6 +258,9 @@ class VLLMEngine:
         )
         self._checkpoint = Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
         self._edited: set[str] = set()
+        # Weight bytes handed to vLLM's engine core for edits (on to every worker rank; another
+        # process except in the CPU build's in-process mode): what edits by spec avoid.
+        self.weight_bytes_sent = 0
         # Layer skip needs eager execution (wrapped layers are Python calls) and no prefix cache
         # (layers below the skip write no KV a later request could reuse).
         self.residual_cache_bytes = residual_cache_bytes
@@ -479,12 +484,57 @@ class VLLMEngine:
         return self._checkpoint.shape(name)
 
     def _load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        self.weight_bytes_sent += sum(tensor.nbytes for _, tensor in weights)
         with self._threads():
             ranks = self.llm.collective_rpc("dtm_load_weights", args=(weights,))
             if not any(ranks):
                 raise RuntimeError(f"vLLM loaded none of {[n for n, _ in weights]}")
-            if self._prefix_caching:  # cached KV from before an edit would be stale
-                self.llm.reset_prefix_cache()
+        self._edits_done()
+
+    def _edits_done(self) -> None:
+        if self._prefix_caching:  # cached KV from before an edit would be stale
+            self.llm.reset_prefix_cache()
+
+    def compress_in_place(self, chains: Mapping[str, Chain], keep: bool = False) -> None:
+        """Apply each named weight's links in order to the weight vLLM holds, inside every worker
+        rank on its own device: only names, specs and calibration statistics cross into the
+        workers. `keep` has the ranks save a device copy of what they overwrote, for
+        `put_back`. Every spec is checked against the weight's shape before any rank is asked."""
+        self._check_open()
+        edits = []
+        for name, chain in chains.items():
+            shape = self._checkpoint.shape(name)  # KeyError names an unknown weight
+            links = []
+            for link in chain:
+                check_applicable(link.spec, shape, has_stats=link.input_norm is not None)
+                norm = None if link.input_norm is None else torch.as_tensor(link.input_norm)
+                links.append((link.spec, norm))
+            edits.append((name, links))
+        if not edits:
+            return
+        # Marked before the call: a rank that fails part way leaves an edit restore must undo.
+        self._edited.update(chains)
+        with self._threads():
+            self.llm.collective_rpc("dtm_compress", args=(edits, keep))
+        self._edits_done()
+
+    def put_back(self, names: Iterable[str]) -> None:
+        """Write back, bit for bit, the copies `compress_in_place(keep=True)` saved."""
+        self._check_open()
+        names = list(dict.fromkeys(names))
+        if names:
+            with self._threads():
+                self.llm.collective_rpc("dtm_put_back", args=(names,))
+            self._edits_done()
+
+    def nonzero_counts(self, names: Iterable[str]) -> dict[str, int]:
+        """Nonzero values of each named weight as vLLM holds it now, counted in the workers."""
+        self._check_open()
+        names = list(dict.fromkeys(names))
+        for name in names:
+            self._checkpoint.shape(name)
+        with self._threads():
+            return self.llm.collective_rpc("dtm_nonzero", args=(names,))[0]
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self._check_open()
