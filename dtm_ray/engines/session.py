@@ -132,8 +132,11 @@ class EngineSession:
         one `chain` makes, where it lives: only the new links when `chain` extends the held one,
         else the original back (one weight) and the chain replayed on it. No weight computed
         here."""
-        if held_chain is not None and _extends(chain, held_chain):
+        if held_chain and _extends(chain, held_chain):
             self.engine.compress_in_place({component: chain[len(held_chain) :]})
+            return
+        if held_chain == ():  # the engine holds the original
+            self.engine.compress_in_place({component: replay_links(chain)})
             return
         self.engine.restore([component])
         self.engine.compress_in_place({component: replay_links(chain)})

@@ -55,8 +55,13 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def _cpu_env_defaults() -> None:
+def _cpu_env_defaults(tensor_parallel_size: int) -> None:
     """Environment the CPU build needs, set before vLLM builds an engine; explicit values win."""
+    if tensor_parallel_size > 1:
+        # vLLM binds each rank's threads to a NUMA node of its own and refuses to start on a
+        # machine with fewer nodes than ranks (most machines, and every Ray actor shares its
+        # node's cores anyway): unbound, each rank runs the threads `_build` gives it.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     # In-process engine core: no spawned child, so the thread count set here is the one that runs
     # the model, and entry scripts need no `if __name__ == "__main__"` guard.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -310,7 +315,7 @@ class VLLMEngine:
         # too) on a small box, for somewhat faster steps; GPUs want their CUDA graphs.
         kwargs["enforce_eager"] = self.on_cpu if enforce_eager is None else enforce_eager
         if self.on_cpu:
-            _cpu_env_defaults()
+            _cpu_env_defaults(tensor_parallel_size)
             kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(
                 config, torch_dtype(self.dtype), self.max_model_len, cpu_kv_cache_bytes
             )
@@ -323,8 +328,28 @@ class VLLMEngine:
     def _build(self, kwargs: dict[str, Any]) -> Any:
         from vllm import LLM
 
-        with self._threads(), _process_state_kept():
+        with self._threads(), _process_state_kept(), self._rank_threads(kwargs):
             return LLM(str(self.model_dir), **kwargs)
+
+    @contextlib.contextmanager
+    def _rank_threads(self, kwargs: dict[str, Any]) -> Iterator[None]:
+        """On CPU with tensor parallelism and unbound ranks: each worker process the engine
+        starts runs its share of `cpu_threads` (OMP_NUM_THREADS, which the workers read at
+        start); the variable is given back afterwards."""
+        ranks = kwargs.get("tensor_parallel_size", 1)
+        unbound = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind"
+        if not (self.on_cpu and ranks > 1 and unbound):
+            yield
+            return
+        before = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(max(1, self.cpu_threads // ranks))
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = before
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
