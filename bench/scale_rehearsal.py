@@ -4,15 +4,17 @@ sparsify run, in memory and time, on a random-weight Llama built on this machine
     python bench/scale_rehearsal.py                        # hidden 1024, 16 layers, fp32, hf
     python bench/scale_rehearsal.py --hidden 2048 --layers 22 --intermediate 5632   # ~1.1 B
     python bench/scale_rehearsal.py --engine vllm --json out.json
+    python bench/scale_rehearsal.py --project      # 13B / 70B projection from the plan's formulas
 
 Every round r = 1..R moves every selected weight (q, k, v, o, gate, up, down of the chosen
 layers) one link further, as a sparsify round that prunes everything does: magnitude at
 sparsity 0.1 r (`--criterion wanda`: wanda with fresh statistics each round). Per round it
 measures, for one session (what each engine actor holds):
 - the state change: seconds, and the peak resident memory above the resident model during it
-  (the kernel's high-water mark, reset before the change), and the weight bytes handed to the
-  engine's `set_weights` (for vllm these cross into the engine's worker processes);
-- four probes on top of the state: seconds each, and the weight bytes they hand over;
+  (the kernel's high-water mark, reset before the change), the weight bytes handed to the
+  engine's `set_weights`, and the weight bytes passed between processes (vllm: every weight
+  its edits load goes to the engine core and on to each worker rank);
+- four probes on top of the state: seconds each, and the same two byte counts;
 - the replay a restarted actor (or an export) runs to rebuild the round's state from the
   originals: seconds for every selected weight.
 Run it against two checkouts (PYTHONPATH) to compare code versions; the JSON holds every figure.
@@ -63,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--push-mib", type=int, default=512, help="state_push_bytes, where known")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--project",
+        action="store_true",
+        help="print the plan's memory and time projection for Llama-2 13B and 70B, run nothing",
+    )
     return p.parse_args(argv)
 
 
@@ -106,10 +113,20 @@ def gpu_peak_above(before: int) -> float | None:
 
 
 class Counting:
-    """The engine, with the weight bytes handed to `set_weights` counted."""
+    """The engine, with the weight bytes handed to `set_weights` counted, and for vllm the weight
+    bytes its edits pass to vLLM's engine core and workers (`set_weights` and `restore` both end
+    in `_load`, in every code version): weights passed between processes."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine, self.bytes = engine, 0
+        self.engine, self.bytes, self.crossed = engine, 0, 0
+        load = getattr(engine, "_load", None)
+        if load is not None:
+
+            def counted(weights: list) -> None:
+                self.crossed += sum(tensor.nbytes for _, tensor in weights)
+                load(weights)
+
+            engine._load = counted
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -117,6 +134,9 @@ class Counting:
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.bytes += sum(w.nbytes for w in weights.values())
         self.engine.set_weights(weights)
+
+    def reset(self) -> None:
+        self.bytes = self.crossed = 0
 
 
 def state_of_round(names: list[str], r: int, criterion: str, shapes: dict) -> ModelState:
@@ -133,13 +153,114 @@ def state_of_round(names: list[str], r: int, criterion: str, shapes: dict) -> Mo
     return ModelState(chains)
 
 
+# --- projection: the plan's memory formulas at full scale ---------------------------------------
+LLAMA2 = {
+    "13B": {
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 40,
+    },
+    "70B": {
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+    },
+}
+# Seconds per GB of selected weights for a state change (every weight one link further) and an
+# export, calibrated on measurements: a state change on an H100 (the rehearsal at 1.1 B, bf16,
+# magnitude: 1.85 GiB in 2.7 s; wanda is ~30x faster), the plan's export rate.
+STATE_CHANGE_S_PER_GB = 2.7 / (1.85 * 2**30 / 1e9)
+
+
+def project() -> list[dict[str, Any]]:
+    """Memory per actor and node, state-change and export time for Llama-2 13B on an 8 x H100
+    node (TP 1, 8 actors) and 70B (TP 4, 2 actors per node): P = 512 prompts of 64 + 256 tokens,
+    bf16, vllm, the default budgets; with CUDA graphs (the GPU default) and eager (wanda, or
+    layer skip wanted)."""
+    from dtm_ray.core.components import components_from_config
+    from dtm_ray.job.spec import JobConfig, PromptsConfig
+    from dtm_ray.loop.estimate import EXPORT_BYTES_PER_SECOND, memory_plan
+
+    rows = []
+    for size, tp, eager in (("13B", 1, None), ("13B", 1, True), ("70B", 4, None), ("70B", 4, True)):
+        config = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": 32000,
+            "tie_word_embeddings": False,
+            **LLAMA2[size],
+        }
+        components = components_from_config(config)
+        job = JobConfig(
+            model=f"Llama-2-{size}",
+            engine="vllm",
+            dtype="bfloat16",
+            engine_options={
+                "tensor_parallel_size": tp,
+                "max_model_len": 512,
+                "enforce_eager": eager,
+            },
+            prompts=PromptsConfig(count=512, prefix_tokens=64),
+            new_tokens=256,
+            resources_per_worker={"GPU": tp},
+        )
+        memory = memory_plan(config, components, job)
+        selected_gb = sum(c.params for c in components) * 2 / 1e9
+        rows.append(
+            {
+                "model": f"Llama-2-{size}" + (" eager" if eager else ""),
+                "tensor_parallel_size": tp,
+                "actors_per_node": memory.actors_per_node,
+                "gpu_gib_per_rank": memory.device_total / 2**30,
+                "gpu_items_gib": {k: v / 2**30 for k, v in memory.device.items()},
+                "host_gib_per_actor": memory.host_total / 2**30,
+                "host_gib_per_node": memory.node_total / 2**30,
+                "layer_skip_inactive": memory.layer_skip,
+                "selected_gb": selected_gb,
+                "state_change_s": selected_gb * STATE_CHANGE_S_PER_GB,
+                "export_s": selected_gb * 1e9 / EXPORT_BYTES_PER_SECOND,
+            }
+        )
+    print(
+        f"{'model':<12} {'TP':>3} {'actors/node':>11} {'GPU/rank':>10} {'host/actor':>11} "
+        f"{'host/node':>10} {'state change':>13} {'export':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<12} {r['tensor_parallel_size']:>3} {r['actors_per_node']:>11} "
+            f"{r['gpu_gib_per_rank']:>6.1f} GiB {r['host_gib_per_actor']:>7.1f} GiB "
+            f"{r['host_gib_per_node']:>6.1f} GiB {r['state_change_s']:>11.0f} s "
+            f"{r['export_s']:>6.0f} s"
+        )
+        for item, gib in r["gpu_items_gib"].items():
+            print(f"    {gib:8.2f} GiB  {item}")
+        if r["layer_skip_inactive"]:
+            print(f"    layer skip inactive: {r['layer_skip_inactive']}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.project:
+        rows = project()
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return {"projection": rows}
     torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="dtm-rehearsal-"))
     params = build_model(args, folder)
-    config = EngineConfig(kind=args.engine, dtype=args.dtype)
-    engine = Counting(make_engine(folder, config))
+    if args.engine == "vllm":
+        from dtm_ray.engines.vllm import VLLMEngine
+
+        # The built model has no tokenizer; the engine passes token ids and never detokenizes.
+        vllm = VLLMEngine(folder, dtype=args.dtype, llm_kwargs={"skip_tokenizer_init": True})
+        engine = Counting(vllm)
+    else:
+        engine = Counting(make_engine(folder, EngineConfig(kind=args.engine, dtype=args.dtype)))
     try:
         session = EngineSession(engine, push_bytes=args.push_mib << 20)
         push = f"{args.push_mib} MiB"
@@ -157,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rounds = []
     for r in range(1, args.rounds + 1):
         state = state_of_round(names, r, args.criterion, shapes)
-        engine.bytes = 0
+        engine.reset()
         reset_peak()
         gpu_before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         start = time.perf_counter()
@@ -167,15 +288,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         change_s = time.perf_counter() - start
         peak_above = rss_kib("VmHWM") - resident
         gpu_peak = gpu_peak_above(gpu_before)
-        change_bytes = engine.bytes
-        engine.bytes = 0
+        change_bytes, change_crossed = engine.bytes, engine.crossed
+        engine.reset()
         probes = [names[len(names) // 4], names[len(names) // 2], names[-1], names[0]]
         probe_s = []
         for name in probes:
             start = time.perf_counter()
             session.probe({name: "magnitude:0.9"}, reference)
             probe_s.append(time.perf_counter() - start)
-        probe_bytes = engine.bytes / len(probes)
+        probe_bytes, probe_crossed = engine.bytes / len(probes), engine.crossed / len(probes)
         start = time.perf_counter()
         for name in names:  # as a restarted actor rebuilds the state (on the engine's device)
             session.replay(name, state.chain(name))
@@ -191,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "state_change_weight_mib": change_bytes / 2**20,
                 "probe_s": float(np.median(probe_s)),
                 "probe_weight_mib": probe_bytes / 2**20,
+                # Weights passed between processes (vllm: to the engine core and its workers).
+                "state_change_crossed_mib": change_crossed / 2**20,
+                "probe_crossed_mib": probe_crossed / 2**20,
                 "restart_replay_s": replay_s,
             }
         )
@@ -198,8 +322,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gpu = "" if gpu_peak is None else f" (GPU +{gpu_peak:.0f} MiB)"
         print(
             f"round {r}: state change {change_s:6.2f} s, peak +{row['peak_above_model_mib']:7.0f} "
-            f"MiB{gpu} above the model, {row['state_change_weight_mib']:7.0f} MiB handed over; "
-            f"probe {row['probe_s']:.2f} s ({row['probe_weight_mib']:.1f} MiB each); "
+            f"MiB{gpu} above the model, {row['state_change_weight_mib']:7.0f} MiB handed over, "
+            f"{row['state_change_crossed_mib']:7.0f} MiB between processes; "
+            f"probe {row['probe_s']:.2f} s ({row['probe_weight_mib']:.1f} MiB handed over, "
+            f"{row['probe_crossed_mib']:.1f} MiB between processes, each); "
             f"restart replay {replay_s:.2f} s",
             flush=True,
         )

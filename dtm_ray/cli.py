@@ -44,9 +44,13 @@ def _load_plan(args: argparse.Namespace, read_hub: bool = True) -> Plan:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from dtm_ray.loop.estimate import check_memory, format_memory, plan_memory
+
     plan = _load_plan(args, read_hub=not args.dry_run)
     plan.retry_failed = not args.no_retry_failed
     job = plan.job
+    memory = plan_memory(plan)
+    check_memory(memory)  # a job that cannot fit its resources fails here, before Ray
     if args.dry_run:
         from dtm_ray.loop.estimate import estimate, flop_costs, format_estimate
 
@@ -56,6 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if unread:
             print(f"not read in a dry run (the run reads them first): {', '.join(unread)}")
         print(format_estimate(plan, estimate(plan, flop_costs(plan))))
+        print("\n".join(["", *format_memory(memory)]))
         return 0
     from dtm_ray.loop.driver import run_plan  # Ray starts only once the job is known to be good
 
@@ -77,9 +82,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from dtm_ray.loop.estimate import calibrate, estimate, flop_costs, format_estimate
+    from dtm_ray.loop.estimate import (
+        calibrate,
+        check_memory,
+        estimate,
+        flop_costs,
+        format_estimate,
+        format_memory,
+        plan_memory,
+    )
 
     plan = _load_plan(args)
+    memory = plan_memory(plan, int(args.gpu_memory_gib * 2**30))
+    check_memory(memory)
     if args.no_calibrate:
         costs = flop_costs(plan, args.worker_tflops * 1e12 if args.worker_tflops else None)
     else:
@@ -89,6 +104,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         with engine_logs(log_file, args.verbose):
             costs = calibrate(plan)
     print(format_estimate(plan, estimate(plan, costs)))
+    print("\n".join(["", *format_memory(memory)]))
     return 0
 
 
@@ -181,6 +197,12 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="throughput of one worker for --no-calibrate, in TFLOP/s "
         "(default: 0.05 per CPU core, 100 per GPU)",
+    )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=80.0,
+        help="memory of one GPU for the memory plan of a GPU job, in GiB (default 80)",
     )
     parser.add_argument("--verbose", action="store_true", help="show the engine's output")
 

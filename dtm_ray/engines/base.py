@@ -34,11 +34,6 @@ def continuation_length(sequences: Sequence[Sequence[int]], n_prefix: int) -> in
     return n_new
 
 
-def residual_stride(per_layer_bytes: int, layers: int, budget: int) -> int:
-    """Keep the input of every k-th decoder layer, k the smallest that fits `budget` bytes."""
-    return max(1, -(-per_layer_bytes * layers // budget))
-
-
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 

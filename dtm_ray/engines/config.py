@@ -30,6 +30,11 @@ ORIGINAL_CACHE_BYTES = 2 * _GIB
 CPU_KV_CACHE_BYTES = 1 * _GIB
 
 
+def residual_stride(per_layer_bytes: int, layers: int, budget: int) -> int:
+    """Keep the input of every k-th decoder layer, k the smallest that fits `budget` bytes."""
+    return max(1, -(-per_layer_bytes * layers // budget))
+
+
 def _check_bytes(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a number of bytes >= 0, got {value!r}")

@@ -28,12 +28,15 @@ from dtm_ray.engines.base import (
     ScoreResult,
     continuation_length,
     keep_freed_memory,
-    residual_stride,
     token_stats,
     torch_dtype,
 )
 from dtm_ray.engines.checkpoint import Checkpoint
-from dtm_ray.engines.config import ORIGINAL_CACHE_BYTES, RESIDUAL_CACHE_BYTES
+from dtm_ray.engines.config import (
+    ORIGINAL_CACHE_BYTES,
+    RESIDUAL_CACHE_BYTES,
+    residual_stride,
+)
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:

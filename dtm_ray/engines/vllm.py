@@ -31,7 +31,6 @@ from dtm_ray.engines.base import (
     ScoreResult,
     continuation_length,
     keep_freed_memory,
-    residual_stride,
     torch_dtype,
 )
 from dtm_ray.engines.checkpoint import Checkpoint
@@ -40,6 +39,7 @@ from dtm_ray.engines.config import (
     DEFAULT_MAX_MODEL_LEN,
     ORIGINAL_CACHE_BYTES,
     RESIDUAL_CACHE_BYTES,
+    residual_stride,
 )
 
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"

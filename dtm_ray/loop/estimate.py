@@ -19,13 +19,15 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from dtm_ray.core.decisions.sparsify import TARGET_TOLERANCE, probe_points, round_step
 from dtm_ray.core.serving import fused_groups, serving_notes
 from dtm_ray.core.state import concat_references
+from dtm_ray.engines.config import residual_stride
 from dtm_ray.engines.models import load_components
 from dtm_ray.job.checks import Plan
-from dtm_ray.job.spec import DEFAULT_PROBE_SPECS
+from dtm_ray.job.spec import DEFAULT_PROBE_SPECS, ConfigError
 
 # Throughput per worker assumed by the FLOP estimate (FLOP/s), per unit of its resources.
 CPU_FLOPS_PER_CORE = 50e9  # fp32 matmul on one AVX2 core, about what the demo sees
@@ -334,4 +336,183 @@ def serving_lines(plan: Plan) -> list[str]:
         notes = serving_notes(plan.components, {c.name: level for c in plan.components}, dtype)
         found = notes["vllm_gpu_marlin"] + notes["vllm_cpu"]
         lines += [f"  {level}: {note}" for note in found] or [f"  {level}: no known limit"]
+    return lines
+
+
+# --- memory --------------------------------------------------------------------------------------
+# Where a job's memory goes, per engine actor (on each tensor-parallel rank's device, and on the
+# actor's host) and per node, from the model's config.json and the job alone: the formulas below
+# follow what the engines allocate (dtm_ray.engines). An edit (a probe, or one link of a state
+# change) works on one weight at a time where the weight lives, so no term grows with the rounds.
+_GIB = 1 << 30
+GPU_BYTES = 80 * _GIB  # per GPU, unless the plan is told otherwise (an H100 80 GB)
+NODE_GPUS = 8  # GPUs per node, for the per-node host memory of a GPU job
+PROCESS_HOST_BYTES = 3 * _GIB  # one engine process: Python, torch, vLLM, a CUDA context
+MAX_STEP_TOKENS = 8192  # vLLM's tokens per model step (chunked prefill) by default
+COMPRESS_TEMPORARIES = 3  # float32 copies of a weight that compress() holds at once (abs, masks)
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per item: `device` on each tensor-parallel rank's device (GPU memory, or the host's
+    on CPU), `host` per actor besides; `layer_skip` says why layer skip is inactive (None: it is
+    active); limits are what the declared resources allow (None: not declared)."""
+
+    on_gpu: bool
+    ranks: int
+    device: dict[str, int]
+    host: dict[str, int]
+    actors_per_node: int
+    layer_skip: str | None
+    device_limit: int | None
+    host_limit: int | None
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> int:
+        """Host memory of one actor: its own, plus its ranks' device memory when on CPU."""
+        return sum(self.host.values()) + (0 if self.on_gpu else self.ranks * self.device_total)
+
+    @property
+    def node_total(self) -> int:
+        return self.actors_per_node * self.host_total
+
+
+def memory_plan(
+    config: dict, components: list, job: Any, gpu_bytes: int = GPU_BYTES, node_gpus: int = NODE_GPUS
+) -> MemoryPlan:
+    """The memory `job` needs with the model of `config` (config.json) and its `components`."""
+    options = job.engine_config()
+    resources = job.resources_per_worker
+    gpus = resources.get("GPU", 0)
+    on_gpu = gpus > 0
+    dtype = job.dtype if job.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    value = 4 if dtype == "float32" else 2
+    vllm = job.engine == "vllm"
+    ranks = options.tensor_parallel_size if vllm else 1
+    hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    vocab = int(config.get("vocab_size", 0))
+    heads = int(config.get("num_attention_heads", 1))
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    params = sum(c.params for c in components_all(config)) + embeddings
+    largest = max(c.params for c in components)
+    prompts, new = job.prompts.count, job.new_tokens
+    sequence = job.prompts.prefix_tokens + new
+    kv_per_token = 2 * layers * kv_heads * head_dim * value
+
+    eager = options.enforce_eager if options.enforce_eager is not None else not on_gpu
+    per_layer = 2 * prompts * sequence * hidden * value  # hidden states and residual
+    budget = options.residual_cache_bytes
+    stride = residual_stride(per_layer, layers, budget) if budget > 0 else layers
+    layer_skip = None
+    if budget == 0:
+        layer_skip = "residual_cache_bytes is 0"
+    elif vllm and not eager:
+        layer_skip = "CUDA graphs replay recorded kernels (engine_options.enforce_eager: true)"
+    elif stride >= layers:
+        every_4th = per_layer * math.ceil(layers / 4)
+        layer_skip = (
+            f"the stream of {prompts} prompts x {sequence} tokens takes {_gib(per_layer)} per "
+            f"layer, so residual_cache_bytes {_gib(budget)} keeps layer 0 only "
+            f"({_gib(every_4th)} keeps every 4th layer)"
+        )
+    kept = 0 if budget == 0 or (vllm and not eager) else per_layer * len(range(0, layers, stride))
+
+    if vllm:
+        step = min(prompts * (new if eager else sequence), MAX_STEP_TOKENS)
+        activations = min(prompts * sequence, MAX_STEP_TOKENS) * 8 * hidden * value
+        logits = step * vocab * 4 * (3 if eager else 2)  # float32 logits, log-softmax, top-k
+    else:
+        activations = options.batch_size * sequence * 8 * hidden * value
+        logits = options.batch_size * new * vocab * 4 * 3
+    if vllm and on_gpu:
+        cache = 2 * min(options.max_model_len or 2048, 2048) * kv_per_token // ranks  # at least
+        cache_label = "KV cache (vLLM: at least; it takes the rest of gpu_memory_utilization)"
+    elif vllm:
+        cache = max(options.cpu_kv_cache_bytes, 2 * (options.max_model_len or 2048) * kv_per_token)
+        cache //= ranks
+        cache_label = "KV cache (cpu_kv_cache_bytes)"
+    else:
+        cache = options.batch_size * sequence * kv_per_token
+        cache_label = "KV cache of a batch"
+    # An edit: the weight gathered whole, the copy a probe puts back, compress()'s temporaries.
+    edit = largest * value + largest * value // ranks + COMPRESS_TEMPORARIES * largest * 4
+    device = {
+        "model weights": params * value // ranks,
+        cache_label: cache,
+        "residual stream kept for layer skip": kept,
+        "logits per step": logits,
+        "activations per step": activations,
+        "an edit in place (probe, state change)": edit,
+    }
+    processes = (1 if not on_gpu else 2) + (ranks if ranks > 1 else 0) if vllm else 1
+    host = {
+        f"engine processes ({processes})": processes * PROCESS_HOST_BYTES,
+        "checkpoint originals (original_cache_bytes)": options.original_cache_bytes,
+        "one original read back (a restore)": largest * value,
+    }
+    if on_gpu:
+        actors_per_node = max(1, int(node_gpus // gpus))
+    else:
+        actors_per_node = job.workers
+    device_limit = int(options.gpu_memory_utilization * gpu_bytes) if on_gpu else None
+    host_limit = int(resources["memory"]) if "memory" in resources else None
+    return MemoryPlan(
+        on_gpu, ranks, device, host, actors_per_node, layer_skip, device_limit, host_limit
+    )
+
+
+def components_all(config: dict) -> list:
+    from dtm_ray.core.components import components_from_config
+
+    return components_from_config(config)
+
+
+def _gib(n: float) -> str:
+    return f"{n / _GIB:,.2f} GiB"
+
+
+def plan_memory(plan: Plan, gpu_bytes: int = GPU_BYTES) -> MemoryPlan:
+    config = json.loads((plan.model_dir / "config.json").read_text())
+    return memory_plan(config, plan.components, plan.job, gpu_bytes)
+
+
+def check_memory(memory: MemoryPlan) -> None:
+    """Refuse, in one line, a job whose declared resources cannot hold what it needs."""
+    if memory.device_limit is not None and memory.device_total > memory.device_limit:
+        biggest = max(memory.device, key=memory.device.get)
+        raise ConfigError(
+            f"each GPU needs {_gib(memory.device_total)} ({biggest} "
+            f"{_gib(memory.device[biggest])}) but gpu_memory_utilization allows "
+            f"{_gib(memory.device_limit)}; raise tensor_parallel_size, or lower the prompts or "
+            "the engine's memory budgets"
+        )
+    if memory.host_limit is not None and memory.host_total > memory.host_limit:
+        raise ConfigError(
+            f"each engine actor needs {_gib(memory.host_total)} of host memory but "
+            f"resources_per_worker memory is {_gib(memory.host_limit)}; raise it, or lower the "
+            "engine's memory budgets"
+        )
+
+
+def format_memory(memory: MemoryPlan) -> list[str]:
+    where = "each GPU" if memory.on_gpu else "the host"
+    rank = f" (x {memory.ranks} tensor-parallel ranks)" if memory.ranks > 1 else ""
+    lines = [f"memory per actor, on {where}{rank}:"]
+    lines += [f"  {_gib(v):>12}  {k}" for k, v in memory.device.items()]
+    limit = f" of {_gib(memory.device_limit)} allowed" if memory.device_limit else ""
+    lines.append(f"  {_gib(memory.device_total):>12}  in all{limit}")
+    lines.append("memory per actor, on the host" + (" besides:" if not memory.on_gpu else ":"))
+    lines += [f"  {_gib(v):>12}  {k}" for k, v in memory.host.items()]
+    limit = f" of {_gib(memory.host_limit)} declared" if memory.host_limit else ""
+    lines.append(f"  {_gib(memory.host_total):>12}  in all{limit}")
+    node = f"{memory.actors_per_node} actor(s)"
+    lines.append(f"host memory per node ({node}): {_gib(memory.node_total)}")
+    if memory.layer_skip:
+        lines.append(f"warning: layer skip will be inactive: {memory.layer_skip}")
     return lines
