@@ -198,6 +198,7 @@ class EngineSession:
         """Write `names` back as `self.state` has them (replayed, never read from the engine,
         whose weights are in doubt); when that fails the engine's weights are unknown and the
         session must not be used again."""
+
         def reach(name: str, chain: Chain) -> torch.Tensor | None:
             if self._in_place:  # from the original: the held weight is in doubt
                 self._reach_in_place(name, chain, None)
@@ -234,7 +235,9 @@ class EngineSession:
         weight crosses a process boundary and nothing is replayed. Elsewhere the current weight
         comes from the session's cache or a replay."""
         start = time.perf_counter()
-        links = _probe_links(delta, stats)  # a missing statistic fails before the engine is touched
+        links = _probe_links(delta, stats)
+        for name, link in links.items():  # a bad spec fails before the engine is touched
+            check_applicable(link.spec, self._shape(name), has_stats=link.input_norm is not None)
         from_layer = self._first_layer(delta, reference)
         names = list(delta)
         weights = None if self._in_place else self.compressed(delta, stats)
