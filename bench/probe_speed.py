@@ -154,19 +154,20 @@ def session_for(method: str, model_dir: Path, prompts: int, threads: int) -> Eng
 
 
 def timed_probe(session: EngineSession, name: str, spec: str, reference: Any) -> dict[str, Any]:
-    """One probe through the session's public steps, each timed (the same steps as `probe`)."""
+    """One probe through the session's steps, each timed (the same steps as `probe`): the
+    engine compresses and writes the weight where it lives (`compress`; `write` stays 0), scores,
+    and puts its own copy back."""
     parts = {k: Clock() for k in ("compress", "write", "score", "put_back")}
+    from dtm_ray.core.state import Link
     from dtm_ray.engines.probe import score_against
 
-    with parts["compress"]:
-        weights = session.compressed({name: spec})
     from_layer = session._first_layer({name: spec}, reference)
-    with parts["write"]:
-        session.engine.set_weights(weights)
+    with parts["compress"]:
+        session.engine.compress_in_place({name: (Link(spec),)}, keep=True)
     with parts["score"]:
         result = score_against(session.engine, reference, from_layer)
     with parts["put_back"]:
-        session._put_back([name], "a probe")
+        session.engine.put_back([name])
     return {"result": result, "parts": parts, "from_layer": from_layer}
 
 

@@ -10,9 +10,10 @@ layers) one link further, as a sparsify round that prunes everything does: magni
 sparsity 0.1 r (`--criterion wanda`: wanda with fresh statistics each round). Per round it
 measures, for one session (what each engine actor holds):
 - the state change: seconds, and the peak resident memory above the resident model during it
-  (the kernel's high-water mark, reset before the change), and the weight bytes handed to the
-  engine's `set_weights` (for vllm these cross into the engine's worker processes);
-- four probes on top of the state: seconds each, and the weight bytes they hand over;
+  (the kernel's high-water mark, reset before the change), the weight bytes handed to the
+  engine's `set_weights`, and the weight bytes passed between processes (vllm: every weight
+  its edits load goes to the engine core and on to each worker rank);
+- four probes on top of the state: seconds each, and the same two byte counts;
 - the replay a restarted actor (or an export) runs to rebuild the round's state from the
   originals: seconds for every selected weight.
 Run it against two checkouts (PYTHONPATH) to compare code versions; the JSON holds every figure.
@@ -106,10 +107,20 @@ def gpu_peak_above(before: int) -> float | None:
 
 
 class Counting:
-    """The engine, with the weight bytes handed to `set_weights` counted."""
+    """The engine, with the weight bytes handed to `set_weights` counted, and for vllm the weight
+    bytes its edits pass to vLLM's engine core and workers (`set_weights` and `restore` both end
+    in `_load`, in every code version): weights passed between processes."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine, self.bytes = engine, 0
+        self.engine, self.bytes, self.crossed = engine, 0, 0
+        load = getattr(engine, "_load", None)
+        if load is not None:
+
+            def counted(weights: list) -> None:
+                self.crossed += sum(tensor.nbytes for _, tensor in weights)
+                load(weights)
+
+            engine._load = counted
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -117,6 +128,9 @@ class Counting:
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.bytes += sum(w.nbytes for w in weights.values())
         self.engine.set_weights(weights)
+
+    def reset(self) -> None:
+        self.bytes = self.crossed = 0
 
 
 def state_of_round(names: list[str], r: int, criterion: str, shapes: dict) -> ModelState:
@@ -138,8 +152,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="dtm-rehearsal-"))
     params = build_model(args, folder)
-    config = EngineConfig(kind=args.engine, dtype=args.dtype)
-    engine = Counting(make_engine(folder, config))
+    if args.engine == "vllm":
+        from dtm_ray.engines.vllm import VLLMEngine
+
+        # The built model has no tokenizer; the engine passes token ids and never detokenizes.
+        vllm = VLLMEngine(folder, dtype=args.dtype, llm_kwargs={"skip_tokenizer_init": True})
+        engine = Counting(vllm)
+    else:
+        engine = Counting(make_engine(folder, EngineConfig(kind=args.engine, dtype=args.dtype)))
     try:
         session = EngineSession(engine, push_bytes=args.push_mib << 20)
         push = f"{args.push_mib} MiB"
@@ -157,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rounds = []
     for r in range(1, args.rounds + 1):
         state = state_of_round(names, r, args.criterion, shapes)
-        engine.bytes = 0
+        engine.reset()
         reset_peak()
         gpu_before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         start = time.perf_counter()
@@ -167,15 +187,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         change_s = time.perf_counter() - start
         peak_above = rss_kib("VmHWM") - resident
         gpu_peak = gpu_peak_above(gpu_before)
-        change_bytes = engine.bytes
-        engine.bytes = 0
+        change_bytes, change_crossed = engine.bytes, engine.crossed
+        engine.reset()
         probes = [names[len(names) // 4], names[len(names) // 2], names[-1], names[0]]
         probe_s = []
         for name in probes:
             start = time.perf_counter()
             session.probe({name: "magnitude:0.9"}, reference)
             probe_s.append(time.perf_counter() - start)
-        probe_bytes = engine.bytes / len(probes)
+        probe_bytes, probe_crossed = engine.bytes / len(probes), engine.crossed / len(probes)
         start = time.perf_counter()
         for name in names:  # as a restarted actor rebuilds the state (on the engine's device)
             session.replay(name, state.chain(name))
@@ -191,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "state_change_weight_mib": change_bytes / 2**20,
                 "probe_s": float(np.median(probe_s)),
                 "probe_weight_mib": probe_bytes / 2**20,
+                # Weights passed between processes (vllm: to the engine core and its workers).
+                "state_change_crossed_mib": change_crossed / 2**20,
+                "probe_crossed_mib": probe_crossed / 2**20,
                 "restart_replay_s": replay_s,
             }
         )
@@ -198,8 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gpu = "" if gpu_peak is None else f" (GPU +{gpu_peak:.0f} MiB)"
         print(
             f"round {r}: state change {change_s:6.2f} s, peak +{row['peak_above_model_mib']:7.0f} "
-            f"MiB{gpu} above the model, {row['state_change_weight_mib']:7.0f} MiB handed over; "
-            f"probe {row['probe_s']:.2f} s ({row['probe_weight_mib']:.1f} MiB each); "
+            f"MiB{gpu} above the model, {row['state_change_weight_mib']:7.0f} MiB handed over, "
+            f"{row['state_change_crossed_mib']:7.0f} MiB between processes; "
+            f"probe {row['probe_s']:.2f} s ({row['probe_weight_mib']:.1f} MiB handed over, "
+            f"{row['probe_crossed_mib']:.1f} MiB between processes, each); "
             f"restart replay {replay_s:.2f} s",
             flush=True,
         )

@@ -4,7 +4,11 @@ No torch, no engine: the plan runs before either exists."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
+from safetensors import safe_open
 
 from dtm_ray.core.components import components_from_config
 from dtm_ray.engines.config import residual_stride
@@ -48,6 +52,18 @@ def test_model_size_is_the_published_parameter_count() -> None:
     assert model_weights(LLAMA2_70B, every) == pytest.approx(68.977e9, rel=1e-3)
 
 
+def test_the_model_term_is_the_checkpoints_size(tiny_llama_dir: Path) -> None:
+    """Against the stored tensors themselves: every value of the checkpoint at 4 bytes."""
+    import json
+
+    with safe_open(tiny_llama_dir / "model.safetensors", "pt") as f:
+        stored = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    every = components_from_config(config)
+    cpu = job(engine="hf", dtype="float32", resources_per_worker={"CPU": 1})
+    assert items(memory_plan(config, cpu, every, every).host)["weights"] == 4 * stored
+
+
 def test_13b_on_one_gpu_per_actor() -> None:
     every = components_from_config(LLAMA2_13B)
     plan = memory_plan(LLAMA2_13B, job(engine_options={"enforce_eager": True}), every, every,
@@ -61,10 +77,12 @@ def test_13b_on_one_gpu_per_actor() -> None:
     assert residual_stride(per_layer, 40, 2 * GIB) >= 40
     assert device["kept residual stream"] == per_layer
     assert any("layer skip is inactive" in w for w in plan.warnings)
-    # The largest 13B weight (an MLP matrix, 5120 x 13824) is the probe's device copy.
-    assert device["copy of the probed weight"] == 5120 * 13824 * 2
+    # The largest 13B weight (an MLP matrix, 5120 x 13824): gathered, its copy, float32 temporaries.
+    w = 5120 * 13824
+    assert device["an edit in place (weight, copy, temporaries)"] == 2 * w + 2 * w + 3 * w * 4
     host = items(plan.host)
-    assert host["state push batch x 3 processes"] == 3 * 512 * (1 << 20)
+    assert host["processes (Python, torch, vLLM)"] == 2 * PROCESS_BYTES
+    assert host["originals read back"] == 2 * GIB  # the budget; every weight is 24 GiB
     assert plan.actors_per_node == 8
     assert plan.node_host == 8 * plan.host_total
     assert plan.problems == []  # 80 GB x 0.85 holds 26 GB of weights and the rest
@@ -94,7 +112,11 @@ def test_70b_with_tensor_parallelism_splits_the_weights_not_the_host_copies() ->
     assert plan.actors_per_node == 2  # 8 GPUs per node, 4 per actor
     host = items(plan.host)
     assert host["processes (Python, torch, vLLM)"] == (2 + 4) * PROCESS_BYTES
-    assert host["state push batch x 6 processes"] == 6 * 512 * (1 << 20)
+    # A rank gathers the whole weight but keeps a copy of its own quarter only.
+    w = 8192 * 28672
+    assert items(plan.device)["an edit in place (weight, copy, temporaries)"] == (
+        2 * w + 2 * w // 4 + 3 * w * 4
+    )
     assert plan.problems == []  # 34.5 GB of weights per GPU
 
 

@@ -83,21 +83,26 @@ def test_a_state_that_fails_half_way_leaves_nothing_edited(engine: HFEngine) -> 
     assert session.state.specs(Q0) == ["int8"]
 
 
-def test_a_failed_engine_write_puts_the_old_state_back(engine: HFEngine, monkeypatch) -> None:
-    session = EngineSession(engine)
+@pytest.mark.parametrize("route", ["set_weights", "compress_in_place"])
+def test_a_failed_engine_write_puts_the_old_state_back(
+    engine: HFEngine, monkeypatch, route: str
+) -> None:
+    # set_weights: an engine that only takes whole tensors; compress_in_place: one that
+    # compresses the weights it holds (both engines here).
+    target = PlainEngine(engine) if route == "set_weights" else engine
+    session = EngineSession(target)
     session.apply_state(ModelState({Q0: (Link("int8"),)}))
     before = weights_digest(engine)
-    real = engine.set_weights
+    real = getattr(engine, route)
     calls = []
 
-    def fail_once(weights):
-        calls.append(sorted(weights))
+    def fail_once(*args, **kwargs):
+        calls.append(sorted(args[0]))
+        real(*args, **kwargs)  # the write gets (half) way ...
         if len(calls) == 1:
-            real(weights)  # the write gets half way ...
             raise RuntimeError("device lost")  # ... then fails
-        real(weights)
 
-    monkeypatch.setattr(engine, "set_weights", fail_once)
+    monkeypatch.setattr(engine, route, fail_once)
     with pytest.raises(RuntimeError, match="device lost"):
         session.apply_state(ModelState({Q0: (Link("magnitude:0.5"),), UP0: (Link("int8"),)}))
     assert weights_digest(engine) == before
@@ -141,7 +146,9 @@ def test_a_probe_that_raises_puts_weights_back_and_a_failed_put_back_breaks_the_
         session.probe({Q0: "magnitude:0.5"}, reference)
     assert weights_digest(engine) == before
 
-    monkeypatch.setattr(engine, "restore", lambda names: (_ for _ in ()).throw(OSError("gone")))
+    gone = lambda *a: (_ for _ in ()).throw(OSError("gone"))  # noqa: E731
+    monkeypatch.setattr(engine, "put_back", gone)
+    monkeypatch.setattr(engine, "restore", gone)
     with pytest.raises(EngineBroken, match="could not put"):
         session.probe({UP0: "magnitude:0.5"}, reference)
 
@@ -178,14 +185,25 @@ def test_a_magnitude_chain_replays_as_its_last_link_alone(smollm2_dir: Path, dty
     assert not torch.equal(replay(w, shrinking), compress(w, "magnitude:0.3"))
 
 
-class CountingEngine:
-    """An engine wrapper that counts the weights each call writes and what it reads back."""
+class PlainEngine:
+    """An engine offering only the `Engine` protocol: it takes whole weights (set_weights) and
+    does not compress what it holds itself."""
 
     def __init__(self, engine: HFEngine) -> None:
-        self.engine, self.writes, self.bytes_per_write = engine, 0, []
+        self.engine = engine
 
     def __getattr__(self, name: str):  # noqa: ANN204
+        if name in ("compress_in_place", "put_back", "nonzero_counts"):
+            raise AttributeError(name)
         return getattr(self.engine, name)
+
+
+class CountingEngine(PlainEngine):
+    """A plain engine that counts the weights each call writes."""
+
+    def __init__(self, engine: HFEngine) -> None:
+        super().__init__(engine)
+        self.writes, self.bytes_per_write = 0, []
 
     def set_weights(self, weights) -> None:  # noqa: ANN001
         self.writes += len(weights)
@@ -210,12 +228,16 @@ def test_a_state_change_runs_only_the_new_links_on_the_weights_the_engine_holds(
     replays = []
     real = incremental.replay
     monkeypatch.setattr(incremental, "replay", lambda n, c: replays.append(n) or real(n, c))
+    written = []
+    monkeypatch.setattr(incremental.engine, "set_weights", lambda w: written.append(w))
     incremental.apply_state(later)
-    # Q0 and DOWN1 grew by one link each, run on the held weights; only UP0 was new.
-    assert replays == [UP0]
-    fresh = EngineSession(HFEngine(tiny_llama_dir))
-    fresh.apply_state(later)
-    assert weights_digest(incremental.engine) == weights_digest(fresh.engine)
+    # Q0 and DOWN1 grew by one link each, run on the weights the engine holds; UP0 was new and
+    # compressed from the original the engine holds: nothing replayed or written from here.
+    assert replays == [] and written == []
+    # The same weights as the chains replayed here on the originals and written whole.
+    replayed = EngineSession(PlainEngine(HFEngine(tiny_llama_dir)))
+    replayed.apply_state(later)
+    assert weights_digest(incremental.engine) == weights_digest(replayed.engine.engine)
 
 
 def test_a_state_change_writes_in_batches_bounded_by_the_push_budget(tiny_llama_dir: Path) -> None:

@@ -18,6 +18,7 @@ from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from dtm_ray.core.compress import compress  # noqa: E402
 from dtm_ray.core.metrics import first_divergent_token, share_of_divergent_tokens  # noqa: E402
+from dtm_ray.core.state import Link  # noqa: E402
 from dtm_ray.engines.hf import HFEngine  # noqa: E402
 from dtm_ray.engines.prompts import load_prompts  # noqa: E402
 from dtm_ray.engines.vllm import VLLMEngine, _full_input_norm  # noqa: E402
@@ -130,11 +131,16 @@ def test_noise_floor_is_zero_in_fp32(base_scores, greedy, hf_engine, sequences):
 def _probe(
     engine, name: str, spec: str, seqs: list[list[int]], stats: dict | None = None
 ) -> np.ndarray:
-    engine.set_weights({name: compress(engine.original_weight(name), spec, stats)})
+    """A probe by spec, as the engine session runs it: each engine compresses the weight it
+    holds (vLLM inside its worker) and puts back its own copy; no weight is sent to vLLM."""
+    link = Link(spec, None, None if stats is None else stats["input_norm"])
+    sent = getattr(engine, "weight_bytes_sent", 0)
+    engine.compress_in_place({name: (link,)}, keep=True)
     try:
         return engine.score(seqs, N_PREFIX).argmax
     finally:
-        engine.restore([name])
+        engine.put_back([name])
+        assert getattr(engine, "weight_bytes_sent", 0) == sent
 
 
 def test_probe_fdt_sdt_match_transformers(vllm_engine, hf_engine, sequences, base_scores):

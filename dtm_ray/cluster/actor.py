@@ -240,8 +240,10 @@ def engine_actor_options(
     A dead actor is always restarted; a call it was running or held queued is re-run up to
     `call_retries` times (bounded: a call that kills its actor every time must end). The probe
     fan-out submits with no retries and counts crashes itself (`dtm_ray.cluster.pool`)."""
-    custom = {k: float(v) for k, v in resources.items() if k not in ("CPU", "GPU")}
+    custom = {k: float(v) for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
     options: dict[str, Any] = {"max_restarts": -1, "max_task_retries": call_retries}
+    if "memory" in resources:  # Ray's host memory resource, in bytes
+        options["memory"] = resources["memory"]
     if "CPU" in resources:
         options["num_cpus"] = resources["CPU"]
     if "GPU" in resources:

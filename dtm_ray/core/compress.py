@@ -191,8 +191,13 @@ def replay(original: torch.Tensor, chain: Chain) -> torch.Tensor:
 
     A leading run of magnitude links is replayed as its last link alone (bit-identical, see
     `_composed_prefix`), so a magnitude chain costs one pass however many rounds made it."""
-    skip = max(_composed_prefix(chain) - 1, 0)
-    return apply_links(original, chain[skip:])
+    return apply_links(original, replay_links(chain))
+
+
+def replay_links(chain: Chain) -> Chain:
+    """The links `replay` applies to the original: `chain` less a leading run of magnitude links
+    that its last link stands for (see `_composed_prefix`)."""
+    return chain[max(_composed_prefix(chain) - 1, 0) :]
 
 
 def apply_links(weight: torch.Tensor, links: Chain) -> torch.Tensor:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from dtm_ray.engines.config import DTYPE_NAMES, residual_stride  # noqa: F401 (engines use it)
+from dtm_ray.core.state import Chain
+from dtm_ray.engines.config import DTYPE_NAMES
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -127,4 +128,25 @@ class Engine(Protocol):
 
         Idempotent; any other method raises RuntimeError afterwards.
         """
+        ...
+
+
+@runtime_checkable
+class EditsInPlace(Protocol):
+    """What an engine that compresses the weights it holds itself offers besides `Engine` (both
+    engines here): a probe or a state change then sends names and specs, never a weight, and a
+    probe's put-back comes from a copy kept where the weight lives."""
+
+    def compress_in_place(self, chains: Mapping[str, Chain], keep: bool = False) -> None:
+        """Apply each named weight's links in order (with their calibration statistics) to the
+        weight the engine holds now, on its device, bit for bit what `core.compress` gives.
+        `keep` saves a copy of what was overwritten, for `put_back`."""
+        ...
+
+    def put_back(self, names: Iterable[str]) -> None:
+        """Write back the copies `compress_in_place(keep=True)` saved, bit for bit."""
+        ...
+
+    def nonzero_counts(self, names: Iterable[str]) -> dict[str, int]:
+        """Nonzero values of each named weight as the engine holds it now."""
         ...

@@ -19,7 +19,7 @@ seconds of the layers it skips).
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from dtm_ray.core.compress import apply_links
+from dtm_ray.core.specs import check_applicable
+from dtm_ray.core.state import Chain
 from dtm_ray.engines.base import (
     ScoreResult,
     continuation_length,
     keep_freed_memory,
-    residual_stride,
     token_stats,
     torch_dtype,
 )
@@ -40,6 +42,7 @@ from dtm_ray.engines.config import (
     ORIGINAL_CACHE_BYTES,
     RESIDUAL_CACHE_BYTES,
     RESIDUAL_HOST_BYTES,
+    residual_stride,
 )
 
 
@@ -112,6 +115,7 @@ class HFEngine:
         self._matches_checkpoint: set[str] = set()  # checked once, bit for bit
         self._edited: set[str] = set()  # edited weights whose original is the checkpoint's
         self._originals: dict[str, torch.Tensor] = {}
+        self._saved: dict[str, torch.Tensor] = {}  # what a probe overwrote, for put_back
         self._closed = False
         self.residual_cache_bytes = residual_cache_bytes
         self.residual_host_bytes = residual_host_bytes
@@ -148,6 +152,7 @@ class HFEngine:
         del self.model
         self._params.clear()
         self._originals.clear()
+        self._saved.clear()
         if self._checkpoint is not None:
             self._checkpoint.clear()
         self._residuals = None
@@ -315,10 +320,38 @@ class HFEngine:
     def weight_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._param(name).shape)
 
-    def held_weight(self, name: str) -> torch.Tensor:
-        """A copy of the weight as the model holds it now, on the model's device."""
+    @torch.no_grad()
+    def compress_in_place(self, chains: Mapping[str, Chain], keep: bool = False) -> None:
+        """Apply each named weight's links in order to the weight the model holds, on its
+        device; `keep` saves a copy of what was overwritten, for `put_back`. The links are
+        checked before any weight changes."""
         self._check_open()
-        return self._param(name).detach().clone()
+        for name, chain in chains.items():
+            shape = tuple(self._param(name).shape)
+            for link in chain:
+                check_applicable(link.spec, shape, has_stats=link.input_norm is not None)
+        for name, chain in chains.items():
+            param = self._param(name)
+            if name not in self._edited and name not in self._originals:
+                self._keep_original(name, param)
+            if keep:
+                self._saved[name] = param.detach().clone()
+            param.copy_(apply_links(param.detach(), chain))
+
+    @torch.no_grad()
+    def put_back(self, names: Iterable[str]) -> None:
+        """Write back the copies `compress_in_place(keep=True)` saved, bit for bit."""
+        self._check_open()
+        names = list(dict.fromkeys(names))
+        missing = [name for name in names if name not in self._saved]
+        if missing:
+            raise KeyError(f"no saved copy of {missing} to put back")
+        for name in names:
+            self._param(name).copy_(self._saved.pop(name))
+
+    def nonzero_counts(self, names: Iterable[str]) -> dict[str, int]:
+        self._check_open()
+        return {name: int(torch.count_nonzero(self._param(name))) for name in names}
 
     @torch.no_grad()
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -352,6 +385,7 @@ class HFEngine:
     def restore(self, names: Iterable[str]) -> None:
         self._check_open()
         for name in names:
+            self._saved.pop(name, None)  # a restored weight has nothing left to put back
             original = self._originals.pop(name, None)
             if original is not None:
                 self._param(name).copy_(original)

@@ -1,9 +1,10 @@
 """A loaded engine plus the model state it holds: the stateful part of an engine actor, Ray-free.
 
 `EngineSession` keeps three promises, each tested without Ray:
-- `apply_state(state)` makes the engine hold exactly `state` (chains replayed on the originals,
-  so any session anywhere holds bit-identical weights); it is all or nothing: the new weights are
-  computed before any is written, and a failed write puts the old state back.
+- `apply_state(state)` makes the engine hold exactly `state` (bit-identical to the chains
+  replayed on the originals, so any session anywhere holds the same weights); it is all or
+  nothing: the new chains are checked before any weight is written, and a failed write puts the
+  old state back.
 - `probe(delta, ...)` compresses a set of components on top of the state, scores, and puts those
   components back as the state has them, whatever happened in between.
 - When putting weights back fails, the engine's weights are unknown: `EngineBroken` is raised and
@@ -24,10 +25,10 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from dtm_ray.core.compress import apply_links, compress, replay
+from dtm_ray.core.compress import apply_links, replay, replay_links
 from dtm_ray.core.specs import check_applicable, parse_spec
-from dtm_ray.core.state import Chain, ModelState, Reference, chain_key
-from dtm_ray.engines.base import Engine
+from dtm_ray.core.state import Chain, Link, ModelState, Reference, chain_key
+from dtm_ray.engines.base import EditsInPlace, Engine
 from dtm_ray.engines.config import STATE_CACHE_BYTES, STATE_PUSH_BYTES
 from dtm_ray.engines.probe import ProbeResult, build_reference, score_against
 
@@ -48,6 +49,9 @@ class EngineSession:
         self._cache_bytes = cache_bytes
         self._push_bytes = push_bytes
         self._current: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # Engines that compress the weights they hold (both engines here) get names and specs;
+        # others get whole tensors computed here.
+        self._in_place = isinstance(engine, EditsInPlace)
         # (state key, reference digest) of the residual stream the engine keeps, if any.
         self._residuals: tuple | None = None
 
@@ -91,12 +95,6 @@ class EngineSession:
         if weights:
             self.engine.set_weights(dict(weights))
 
-    def _held(self, component: str) -> torch.Tensor | None:
-        """A copy of the component as the engine holds it now, on the engine's device, where the
-        engine can give one (the hf engine); None otherwise."""
-        held = getattr(self.engine, "held_weight", None)
-        return held(component) if held is not None else None
-
     def _shape(self, component: str) -> tuple[int, ...]:
         shape = getattr(self.engine, "weight_shape", None)
         if shape is not None:
@@ -118,31 +116,45 @@ class EngineSession:
 
     def _reach(self, component: str, chain: Chain) -> torch.Tensor:
         """The component's weight under `chain`, from the weight the session holds when `chain`
-        only adds links to it (only the new links run, on the engine's device), else replayed
-        from the original."""
+        only adds links to it (only the new links run), else replayed from the original."""
         held_chain = self.state.chain(component)
         cached = self._current.get((component, chain_key(chain)))
         if cached is not None:
             return cached
-        if held_chain and chain_key(chain[: len(held_chain)]) == chain_key(held_chain):
+        if _extends(chain, held_chain):
             held = self._current.get((component, chain_key(held_chain)))
-            if held is None:
-                held = self._held(component)
             if held is not None:
                 return apply_links(held, chain[len(held_chain) :])
         return self.replay(component, chain)
 
+    def _reach_in_place(self, component: str, chain: Chain, held_chain: Chain | None) -> None:
+        """Have the engine turn the weight it holds under `held_chain` (None: in doubt) into the
+        one `chain` makes, where it lives: only the new links when `chain` extends the held one,
+        else the original back (one weight) and the chain replayed on it. No weight computed
+        here."""
+        if held_chain and _extends(chain, held_chain):
+            self.engine.compress_in_place({component: chain[len(held_chain) :]})
+            return
+        if held_chain == ():  # the engine holds the original
+            self.engine.compress_in_place({component: replay_links(chain)})
+            return
+        self.engine.restore([component])
+        self.engine.compress_in_place({component: replay_links(chain)})
+
     def _push(self, state: ModelState, names: list[str], reach: Callable) -> None:
         """Write `names` as `state` has them, in batches of at most `push_bytes` of new weights
         (plus one weight), so memory during a state change is bounded by the budget, not by the
-        model."""
+        model. `reach` returns None for a weight the engine reached in place."""
         batch: dict[str, torch.Tensor] = {}
         size = 0
         for name in names:
             chain = state.chain(name)
             if not chain:
                 continue
-            batch[name] = weight = reach(name, chain)
+            weight = reach(name, chain)
+            if weight is None:
+                continue
+            batch[name] = weight
             size += weight.nbytes
             if size >= self._push_bytes:
                 self._write(batch, [])
@@ -165,12 +177,14 @@ class EngineSession:
         ]
         self._check(state, changed)
         self._residuals = None
-        keep = not hasattr(self.engine, "held_weight")  # else probes read the engine's own copy
 
-        def reach(name: str, chain: Chain) -> torch.Tensor:
+        def reach(name: str, chain: Chain) -> torch.Tensor | None:
+            if self._in_place:
+                self._reach_in_place(name, chain, self.state.chain(name))
+                return None
             weight = self._reach(name, chain)
-            if keep:  # the first probe of the component needs no replay
-                self._remember((name, chain_key(chain)), weight)
+            # The first probe of the component needs no replay.
+            self._remember((name, chain_key(chain)), weight)
             return weight
 
         try:
@@ -184,32 +198,28 @@ class EngineSession:
         """Write `names` back as `self.state` has them (replayed, never read from the engine,
         whose weights are in doubt); when that fails the engine's weights are unknown and the
         session must not be used again."""
+
+        def reach(name: str, chain: Chain) -> torch.Tensor | None:
+            if self._in_place:  # from the original: the held weight is in doubt
+                self._reach_in_place(name, chain, None)
+                return None
+            return self.current_weight(name)
+
         try:
-            self._push(self.state, names, lambda name, _chain: self.current_weight(name))
+            self._push(self.state, names, reach)
         except BaseException as err:
             raise EngineBroken(f"could not put {names} back after {after}: {err!r}") from err
 
     # --- probing ----------------------------------------------------------------------------
     def compressed(
-        self,
-        delta: Mapping[str, str],
-        stats: Mapping[str, np.ndarray] | None = None,
-        current: Mapping[str, torch.Tensor] | None = None,
+        self, delta: Mapping[str, str], stats: Mapping[str, np.ndarray] | None = None
     ) -> dict[str, torch.Tensor]:
-        """The delta's new weights: each spec applied to the component's current weight (taken
-        from `current` where given)."""
-        weights = {}
-        for name, spec in delta.items():
-            needs = parse_spec(spec).needs_stats
-            norm = (stats or {}).get(name) if needs else None
-            if needs and norm is None:
-                raise ValueError(f"'{spec}' on {name} needs calibration input norms; none given")
-            link_stats = None if norm is None else {"input_norm": norm}
-            weight = (current or {}).get(name)
-            if weight is None:
-                weight = self.current_weight(name)
-            weights[name] = compress(weight, spec, link_stats)
-        return weights
+        """The delta's new weights, computed here: each spec applied to the component's current
+        weight."""
+        return {
+            name: apply_links(self.current_weight(name), (link,))
+            for name, link in _probe_links(delta, stats).items()
+        }
 
     def probe(
         self,
@@ -219,32 +229,38 @@ class EngineSession:
     ) -> ProbeResult:
         """Score the state plus `delta` (component -> spec applied to its current weight).
 
-        Where the engine gives a copy of what it holds (the hf engine, on its own device), the
-        probe compresses that copy and puts it back from it afterwards: no replay, and no weight
-        leaves the engine's device. Elsewhere the current weight comes from the session's cache
-        or a replay."""
+        Where the engine compresses the weights it holds (both engines here), the probe sends it
+        only the specs and statistics: it compresses in place, on its device (every vLLM worker
+        rank its own shard), keeps a copy of what it overwrote and puts that back afterwards; no
+        weight crosses a process boundary and nothing is replayed. Elsewhere the current weight
+        comes from the session's cache or a replay."""
         start = time.perf_counter()
-        saved = {name: self._held(name) for name in delta}
-        saved = {name: weight for name, weight in saved.items() if weight is not None}
-        weights = self.compressed(delta, stats, saved)
+        links = _probe_links(delta, stats)
+        for name, link in links.items():  # a bad spec fails before the engine is touched
+            check_applicable(link.spec, self._shape(name), has_stats=link.input_norm is not None)
         from_layer = self._first_layer(delta, reference)
+        names = list(delta)
+        weights = None if self._in_place else self.compressed(delta, stats)
         try:
-            self.engine.set_weights(weights)
+            if self._in_place:
+                self.engine.compress_in_place({n: (link,) for n, link in links.items()}, keep=True)
+            else:
+                self.engine.set_weights(weights)
             result = score_against(self.engine, reference, from_layer)
         finally:
-            self._restore_after_probe(list(delta), saved)
+            self._restore_after_probe(names)
         result.seconds = time.perf_counter() - start
         return result
 
-    def _restore_after_probe(self, names: list[str], saved: Mapping[str, torch.Tensor]) -> None:
-        """Put the probed components back: original ones through the engine's restore, others
-        from the copies saved before the probe (or replayed when none was saved)."""
-        if set(names) - set(saved):
+    def _restore_after_probe(self, names: list[str]) -> None:
+        """Put the probed components back: from the engine's own copies where it kept them,
+        else as the state has them (through the engine's restore for original components, from
+        the cache or a replay for the others)."""
+        if not self._in_place:
             self._put_back(names, "a probe")
             return
         try:
-            chained = {n: saved[n] for n in names if self.state.chain(n)}
-            self._write(chained, [n for n in names if not self.state.chain(n)])
+            self.engine.put_back(names)
         except BaseException as err:
             self._put_back(names, f"a failed put-back after a probe ({err!r})")
 
@@ -300,10 +316,32 @@ class EngineSession:
         return str(self.engine.original_weight(component).dtype).removeprefix("torch.")
 
     def zero_shares(self, names: Iterable[str]) -> dict[str, tuple[float, int]]:
-        """Per component: (share of zeros, count of nonzeros) of its current weight."""
+        """Per component: (share of zeros, count of nonzeros) of its current weight, counted
+        where the engine holds it when it can (no replay, no weight copied out)."""
+        names = list(names)
+        if self._in_place:
+            counts = self.engine.nonzero_counts(names)
+        else:
+            counts = {name: int(torch.count_nonzero(self.current_weight(name))) for name in names}
         out = {}
         for name in names:
-            weight = self.current_weight(name)
-            nonzero = int(torch.count_nonzero(weight))
-            out[name] = (1.0 - nonzero / weight.numel(), nonzero)
+            numel = int(np.prod(self._shape(name)))
+            out[name] = (1.0 - counts[name] / numel, counts[name])
         return out
+
+
+def _extends(chain: Chain, held: Chain) -> bool:
+    """Whether `chain` is `held` plus links after it."""
+    return chain_key(chain[: len(held)]) == chain_key(held)
+
+
+def _probe_links(delta: Mapping[str, str], stats: Mapping[str, np.ndarray] | None) -> dict:
+    """A probe's delta as one link per component, with its input norms where the spec needs
+    them; a missing statistic is an error before anything runs."""
+    links = {}
+    for name, spec in delta.items():
+        norm = (stats or {}).get(name) if parse_spec(spec).needs_stats else None
+        if parse_spec(spec).needs_stats and norm is None:
+            raise ValueError(f"'{spec}' on {name} needs calibration input norms; none given")
+        links[name] = Link(spec, None, norm)
+    return links

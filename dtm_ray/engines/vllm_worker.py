@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from vllm import _custom_ops
+from vllm.distributed import get_tp_group
 from vllm.model_executor.layers import utils as _layer_utils
-from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 
+from dtm_ray.core.compress import compress
 from dtm_ray.engines.base import token_stats
 
 # The CPU build packs each linear weight into a oneDNN handle at load and leaves `weight` empty;
@@ -44,9 +53,63 @@ class WeightEditExtension:
         (gate/up into `gate_up_proj`) and keeps only this rank's tensor-parallel shard; it copies
         into the existing parameters, so CUDA graphs keep valid pointers.
         """
+        saved = self.__dict__.setdefault("_dtm_saved", {})
         with torch.no_grad():
             loaded = self._dtm_model().load_weights(list(weights))
+        for name, _ in weights:  # a loaded weight has nothing left to put back
+            saved.pop(name, None)
         return sorted(loaded or [])
+
+    # --- edits by spec ----------------------------------------------------------------------
+    # A probe or a state change sends (HF name, specs, calibration stats), never a tensor: each
+    # rank rebuilds the whole HF weight from the tensor-parallel group's shards (magnitude needs
+    # the whole matrix's threshold, a row-parallel layer's int scales the whole row), applies the
+    # pure reference compression to it on its own device (the function the export uses, so the
+    # bits are the same) and writes back only its own shard.
+    def dtm_compress(
+        self, edits: Sequence[tuple[str, Sequence[tuple[str, Any]]]], keep: bool
+    ) -> list[str]:
+        """Apply each weight's links (spec, input norm or None) in order to the weight this rank
+        holds. `keep` saves a device copy of every overwritten slice for `dtm_put_back`; a
+        failure part way puts back what this call already changed (when keeping)."""
+        model = self._dtm_model()
+        saved = self.__dict__.setdefault("_dtm_saved", {})
+        done = []
+        try:
+            with torch.no_grad():
+                for name, links in edits:
+                    place = _place(model, name)
+                    weight = place.gather()
+                    for spec, norm in links:
+                        stats = None if norm is None else {"input_norm": norm}
+                        weight = compress(weight, spec, stats)
+                    if keep:
+                        saved[name] = place.piece().clone()
+                    done.append(name)
+                    place.write(weight)
+        except BaseException:
+            if keep:
+                self.dtm_put_back(done)
+            raise
+        return done
+
+    def dtm_put_back(self, names: Sequence[str]) -> list[str]:
+        """Write back the slices `dtm_compress(keep=True)` saved, bit for bit, and drop them."""
+        model = self._dtm_model()
+        saved = self.__dict__.setdefault("_dtm_saved", {})
+        missing = [name for name in names if name not in saved]
+        if missing:
+            raise KeyError(f"no saved copy of {missing} to put back")
+        with torch.no_grad():
+            for name in names:
+                _place(model, name).piece().copy_(saved.pop(name))
+        return list(names)
+
+    def dtm_nonzero(self, names: Sequence[str]) -> dict[str, int]:
+        """Nonzero values of each whole HF weight (gathered from the group's shards)."""
+        model = self._dtm_model()
+        with torch.no_grad():
+            return {name: int(torch.count_nonzero(_place(model, name).gather())) for name in names}
 
     def dtm_empty_params(self) -> list[str]:
         """Parameters with no elements: weights a backend packed away, which edits cannot reach."""
@@ -235,6 +298,80 @@ class WeightEditExtension:
         if not bool(scoring.done.any()):
             return None
         return scoring.argmax, scoring.margin, scoring.ref_logprob, scoring.done
+
+
+@dataclass
+class _Place:
+    """Where this rank holds its shard of one HF weight: rows `offset:offset + rows` of the
+    (possibly fused) parameter `param`. Column-parallel layers split the HF weight's rows over
+    the tensor-parallel ranks (`dim` 0), row-parallel layers its input columns (`dim` 1);
+    `replicas` ranks in a row hold the same shard (KV heads replicated when there are fewer of
+    them than ranks)."""
+
+    param: torch.Tensor
+    offset: int
+    rows: int
+    dim: int
+    replicas: int
+    sharded: bool
+
+    def piece(self) -> torch.Tensor:
+        return self.param.narrow(0, self.offset, self.rows)
+
+    def gather(self) -> torch.Tensor:
+        """The whole HF weight, on this rank's device (a new tensor)."""
+        piece = self.piece()
+        if not self.sharded:
+            return piece.clone()
+        group = get_tp_group()
+        whole = group.all_gather(piece.contiguous(), dim=self.dim)
+        if self.replicas > 1:
+            chunks = whole.chunk(group.world_size, dim=self.dim)
+            whole = torch.cat(chunks[:: self.replicas], dim=self.dim)
+        return whole
+
+    def write(self, weight: torch.Tensor) -> None:
+        """Copy this rank's shard of the whole HF `weight` into the parameter."""
+        if self.sharded:
+            size = self.piece().shape[self.dim]
+            index = get_tp_group().rank_in_group // (self.replicas if self.dim == 0 else 1)
+            weight = weight.narrow(self.dim, index * size, size)
+        self.piece().copy_(weight)
+
+
+def _place(model: torch.nn.Module, name: str) -> _Place:
+    """This rank's `_Place` of HF weight `name`, read off vLLM's (fused) linear module: the
+    model's `packed_modules_mapping` says which fused module holds which HF projection."""
+    modules = dict(model.named_modules())
+    prefix, _, leaf = name.removesuffix(".weight").rpartition(".")
+    module = modules.get(f"{prefix}.{leaf}")
+    part = None
+    if not isinstance(module, LinearBase):
+        for fused, parts in getattr(model, "packed_modules_mapping", {}).items():
+            if leaf in parts and isinstance(modules.get(f"{prefix}.{fused}"), LinearBase):
+                module, part = modules[f"{prefix}.{fused}"], parts.index(leaf)
+    if not isinstance(module, LinearBase) or not name.endswith(".weight"):
+        raise ValueError(f"{name!r} is not the weight of a linear layer of this vLLM model")
+    param = module.weight.data
+    if param.numel() == 0 or param.dim() != 2:
+        raise ValueError(f"{name}: vLLM holds no plain 2-D weight for it (packed or quantized)")
+    tp = getattr(module, "tp_size", 1)
+    sharded = tp > 1 and not isinstance(module, ReplicatedLinear)
+    if isinstance(module, RowParallelLinear):
+        return _Place(param, 0, param.shape[0], 1, 1, sharded)
+    if isinstance(module, QKVParallelLinear) and part is not None:
+        heads, kv_heads = module.num_heads, module.num_kv_heads
+        offsets = [0, heads * module.head_size, (heads + kv_heads) * module.head_size]
+        sizes = [heads * module.head_size, kv_heads * module.head_size]
+        sizes.append(kv_heads * module.v_head_size)
+        replicas = 1 if part == 0 else module.num_kv_head_replicas
+        return _Place(param, offsets[part], sizes[part], 0, replicas, sharded)
+    if isinstance(module, MergedColumnParallelLinear) and part is not None:
+        sizes = [size // tp for size in module.output_sizes]
+        return _Place(param, sum(sizes[:part]), sizes[part], 0, 1, sharded)
+    if part is not None:
+        raise ValueError(f"{name}: fused into a {type(module).__name__}, which is not handled")
+    return _Place(param, 0, param.shape[0], 0, 1, sharded)
 
 
 class _Skip:

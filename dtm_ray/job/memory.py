@@ -17,12 +17,11 @@ model's parameters; TP the tensor-parallel size):
   float32) for hf (B = min(P, `batch_size`)); vLLM's scoring hook holds the sequences of one
   scheduler step (about 8192 tokens) instead of B;
   its activations: tokens of the step x (2 x intermediate + 4 x H) x b.
-- a probe: the held copy of the weight it overwrites (the largest component x b).
-- a state change: one push batch (`state_push_bytes`) on the device; on vLLM in host memory in
-  the actor, the engine core and every rank: push x (2 + TP).
-- caches: the current compressed weights (`state_cache_bytes`, on the engine's device for hf,
-  in host memory for vLLM) and originals read back from the checkpoint (`original_cache_bytes`,
-  host), each at most the selected components' bytes.
+- an edit in place (a probe, or one link of a state change; no weight crosses a process): the
+  weight gathered whole from the ranks, the copy of the rank's shard it puts back, and
+  compression's float32 temporaries: w x b + w x b / TP + 3 x w x 4 (w the largest component).
+- originals read back from the checkpoint when a chain changes otherwise than by one link
+  (`original_cache_bytes`, host), at most the selected components' bytes.
 - per process (Python, torch, vLLM, CUDA context): about 1 GiB of host memory; a vLLM actor runs
   2 processes at TP = 1 (actor, engine core), 2 + TP above.
 - vLLM on a GPU reserves `gpu_memory_utilization` of the GPU (weights, activations and its KV
@@ -164,34 +163,23 @@ def memory_plan(
     step_sequences = max(1, step_tokens // sequence)
     logits = step_sequences * n_new * vocab * (8 if b == 4 else 8 + b)
     activations = step_tokens * (2 * intermediate + 4 * hidden) * b
-    state_cache = min(engine.state_cache_bytes, selected_bytes)
     originals = min(engine.original_cache_bytes, selected_bytes)
-    push = min(engine.state_push_bytes, selected_bytes)
+    largest_values = max((c.params for c in selected), default=0)
+    edit = largest + largest // tp + 3 * largest_values * 4
 
     engine_side = [
         ("weights", weights // tp),
         ("kept residual stream", 0 if residual_on_host else residual),
         ("logits or activations of one step", max(logits, activations)),
-        ("copy of the probed weight", largest),
+        ("an edit in place (weight, copy, temporaries)", edit),
     ]
-    if on_gpu:  # a batch on its way to the GPU (its host copies are counted below)
-        engine_side.append(("state push batch", push // tp))
-    if not vllm:
-        engine_side.append(("current weights cache", state_cache))
     processes = (2 + (tp if tp > 1 else 0)) if vllm else 1
     host = [("processes (Python, torch" + (", vLLM)" if vllm else ")"), processes * PROCESS_BYTES)]
     host.append(("originals read back", originals))
-    if vllm:
-        host += [
-            ("current weights cache", state_cache),
-            (f"state push batch x {2 + tp} processes", push * (2 + tp)),
-        ]
-        if not on_gpu:
-            host.append(("KV cache", engine.cpu_kv_cache_bytes))
-    else:
-        host.append(("state push batch", push))
-        if residual_on_host:
-            host.append(("kept residual stream, pinned", residual))
+    if vllm and not on_gpu:
+        host.append(("KV cache", engine.cpu_kv_cache_bytes))
+    if residual_on_host:
+        host.append(("kept residual stream, pinned", residual))
 
     if on_gpu:
         device = engine_side
