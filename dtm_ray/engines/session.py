@@ -1,9 +1,11 @@
 """A loaded engine plus the model state it holds: the stateful part of an engine actor, Ray-free.
 
 `EngineSession` keeps three promises, each tested without Ray:
-- `apply_state(state)` makes the engine hold exactly `state` (chains replayed on the originals,
-  so any session anywhere holds bit-identical weights); it is all or nothing: the new weights are
-  computed before any is written, and a failed write puts the old state back.
+- `apply_state(state)` makes the engine hold exactly `state` (chains replayed on the state's
+  base weights: a recovery base's tensors where it has them, else the originals, so any session
+  anywhere holds bit-identical weights; a new base is pushed in the same bounded batches); it is
+  all or nothing: the new weights are computed before any is written, and a failed write puts
+  the old state back.
 - `probe(delta, ...)` compresses a set of components on top of the state, scores, and puts those
   components back as the state has them, whatever happened in between.
 - When putting weights back fails, the engine's weights are unknown: `EngineBroken` is raised and
@@ -28,6 +30,7 @@ from dtm_ray.core.compress import apply_links, compress, replay
 from dtm_ray.core.specs import check_applicable, parse_spec
 from dtm_ray.core.state import Chain, ModelState, Reference, chain_key
 from dtm_ray.engines.base import Engine
+from dtm_ray.engines.checkpoint import BaseWeights
 from dtm_ray.engines.config import STATE_CACHE_BYTES, STATE_PUSH_BYTES
 from dtm_ray.engines.probe import ProbeResult, build_reference, score_against
 
@@ -48,15 +51,43 @@ class EngineSession:
         self._cache_bytes = cache_bytes
         self._push_bytes = push_bytes
         self._current: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bases: dict[str, BaseWeights] = {}  # the held state's base and the next one
         # (state key, reference digest) of the residual stream the engine keeps, if any.
         self._residuals: tuple | None = None
 
     # --- weights ----------------------------------------------------------------------------
-    def replay(self, component: str, chain: Chain) -> torch.Tensor:
-        """The weight `chain` makes of the component's original (the original for no chain),
+    def _base(self, location: str | None) -> BaseWeights | None:
+        if location is None:
+            return None
+        base = self._bases.get(location)
+        if base is None:
+            for other in [k for k in self._bases if k != self.state.base]:
+                self._bases.pop(other).close()  # only the held base and the next one stay open
+            base = self._bases[location] = BaseWeights(location)
+        return base
+
+    def in_base(self, location: str | None, component: str) -> bool:
+        base = self._base(location)
+        return base is not None and component in base
+
+    def _at_origin(self, state: ModelState, component: str) -> bool:
+        """True when `state` holds the component as the model's checkpoint has it."""
+        return not state.chain(component) and not self.in_base(state.base, component)
+
+    def base_weight(self, component: str, location: str | None) -> torch.Tensor:
+        """The weight a chain of a state with base `location` starts from: the base's tensor
+        where it has one, else the original."""
+        base = self._base(location)
+        original = self.engine.original_weight(component)
+        if base is None or component not in base:
+            return original
+        return base.get(component).to(original.dtype)
+
+    def replay(self, component: str, chain: Chain, base: str | None = None) -> torch.Tensor:
+        """The weight `chain` makes of the component's base weight (that weight for no chain),
         computed on the engine's device where it has one (a GPU: what a restarted actor or a
         cache miss replays runs there, not on one CPU thread)."""
-        original = self.engine.original_weight(component)
+        original = self.base_weight(component, base)
         device = getattr(self.engine, "device", None)
         if device is not None and chain:
             original = original.to(device)
@@ -66,11 +97,11 @@ class EngineSession:
         """The component as the current state has it (cached: replaying a chain costs a sort)."""
         chain = self.state.chain(component)
         if not chain:
-            return self.engine.original_weight(component)
-        key = (component, chain_key(chain))
+            return self.base_weight(component, self.state.base)
+        key = (component, self.state.base, chain_key(chain))
         weight = self._current.get(key)
         if weight is None:
-            weight = self._remember(key, self.replay(component, chain))
+            weight = self._remember(key, self.replay(component, chain, self.state.base))
         else:
             self._current.move_to_end(key)
         return weight
@@ -116,21 +147,24 @@ class EngineSession:
                         f"expected ({shape[1]},)"
                     )
 
-    def _reach(self, component: str, chain: Chain) -> torch.Tensor:
-        """The component's weight under `chain`, from the weight the session holds when `chain`
-        only adds links to it (only the new links run, on the engine's device), else replayed
-        from the original."""
+    def _reach(self, component: str, chain: Chain, base: str | None) -> torch.Tensor:
+        """The component's weight under `chain` on `base`, from the weight the session holds
+        when `chain` only adds links to it on the same base (only the new links run, on the
+        engine's device), else replayed from the base weight."""
         held_chain = self.state.chain(component)
-        cached = self._current.get((component, chain_key(chain)))
+        cached = self._current.get((component, base, chain_key(chain)))
         if cached is not None:
             return cached
-        if held_chain and chain_key(chain[: len(held_chain)]) == chain_key(held_chain):
-            held = self._current.get((component, chain_key(held_chain)))
+        same_base = base == self.state.base
+        if same_base and held_chain and chain_key(chain[: len(held_chain)]) == chain_key(
+            held_chain
+        ):
+            held = self._current.get((component, base, chain_key(held_chain)))
             if held is None:
                 held = self._held(component)
             if held is not None:
                 return apply_links(held, chain[len(held_chain) :])
-        return self.replay(component, chain)
+        return self.replay(component, chain, base)
 
     def _push(self, state: ModelState, names: list[str], reach: Callable) -> None:
         """Write `names` as `state` has them, in batches of at most `push_bytes` of new weights
@@ -139,15 +173,14 @@ class EngineSession:
         batch: dict[str, torch.Tensor] = {}
         size = 0
         for name in names:
-            chain = state.chain(name)
-            if not chain:
+            if self._at_origin(state, name):
                 continue
-            batch[name] = weight = reach(name, chain)
+            batch[name] = weight = reach(name, state.chain(name))
             size += weight.nbytes
             if size >= self._push_bytes:
                 self._write(batch, [])
                 batch, size = {}, 0
-        self._write(batch, [name for name in names if not state.chain(name)])
+        self._write(batch, [name for name in names if self._at_origin(state, name)])
 
     def apply_state(self, state: ModelState) -> None:
         """Make the engine hold exactly `state`; unlisted components are original.
@@ -158,19 +191,26 @@ class EngineSession:
         everything back as the old state has it."""
         if state.key == self.state.key:
             return
+        names = set(self.state.components()) | set(state.components())
+        new_base = state.base != self.state.base
+        if new_base:  # every tensor of either base changes with the base
+            for location in (self.state.base, state.base):
+                base = self._base(location)
+                names |= set(base.names) if base is not None else set()
         changed = [
             name
-            for name in sorted(set(self.state.components()) | set(state.components()))
-            if state.chain(name) != self.state.chain(name)
+            for name in sorted(names)
+            if chain_key(state.chain(name)) != chain_key(self.state.chain(name))
+            or (new_base and any(self.in_base(s.base, name) for s in (state, self.state)))
         ]
         self._check(state, changed)
         self._residuals = None
         keep = not hasattr(self.engine, "held_weight")  # else probes read the engine's own copy
 
         def reach(name: str, chain: Chain) -> torch.Tensor:
-            weight = self._reach(name, chain)
-            if keep:  # the first probe of the component needs no replay
-                self._remember((name, chain_key(chain)), weight)
+            weight = self._reach(name, chain, state.base)
+            if keep and chain:  # the first probe of the component needs no replay
+                self._remember((name, state.base, chain_key(chain)), weight)
             return weight
 
         try:
@@ -243,8 +283,8 @@ class EngineSession:
             self._put_back(names, "a probe")
             return
         try:
-            chained = {n: saved[n] for n in names if self.state.chain(n)}
-            self._write(chained, [n for n in names if not self.state.chain(n)])
+            held = {n: saved[n] for n in names if not self._at_origin(self.state, n)}
+            self._write(held, [n for n in names if self._at_origin(self.state, n)])
         except BaseException as err:
             self._put_back(names, f"a failed put-back after a probe ({err!r})")
 
