@@ -123,7 +123,7 @@ def _base(
     )
     if not keep:
         log(f"round {round_}: releasing the engine actors while training (they restart after)")
-        engines.close()
+        engines.release()  # Ray stays up: the training runs on this same cluster
     log(
         f"round {round_}: recovery training, {config.steps} steps of {config.batch_size} "
         f"sequences on {config.workers} Ray Train workers"
