@@ -189,6 +189,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     else:
         net = ray.train.torch.prepare_model(model, move_to_device=False)
     named = [(n, p) for n, p in model.named_parameters() if n in trainable]
+    masks = {name: _placed(masks[name], param) for name, param in named}
     optimizer = torch.optim.AdamW(
         [p for _, p in named], lr=recovery.learning_rate, weight_decay=recovery.weight_decay
     )
@@ -216,6 +217,17 @@ def _train_loop(config: dict[str, Any]) -> None:
         losses.append(float(mean))
         save = step % recovery.checkpoint_every == 0 or step == recovery.steps
         _report(step, losses, named, optimizer, rank, save)
+
+
+def _placed(mask: Any, param: Any) -> Any:
+    """A full mask as the parameter holds its values: on its device, and for an FSDP2 shard (a
+    DTensor) the rows this rank holds."""
+    mask = mask.to(param.device)
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(mask, param.device_mesh, param.placements).to_local()
+    return mask
 
 
 def _full(param: Any) -> Any:
