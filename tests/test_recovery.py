@@ -360,3 +360,26 @@ def test_a_driver_killed_during_training_resumes_from_the_ray_train_checkpoint_b
     assert all(torch.equal(straight.weights[n], trained[n]) for n in trained)
     index = json.loads((run / "base" / "round-000" / "base.json").read_text())
     assert index["loss"] == straight.loss
+
+
+def test_a_base_in_an_object_store_reads_back_bit_identically(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from s3_server import S3Server
+
+    from dtm_ray.engines.checkpoint import BaseWeights
+    from dtm_ray.records.store import RunStore
+
+    server = S3Server()
+    try:
+        store = RunStore(server.uri("based/run"))  # a URI with a query: the endpoint
+        tensors = {Q0: torch.randn(8, 4), UP1: torch.zeros(3, 3)}
+        save_file(tensors, tmp_path / "local.safetensors")
+        store.write_base_file(2, BASE_FILE, str(tmp_path / "local.safetensors"))
+        location = store.base_location(2)
+        assert location.startswith(f"s3://{server.bucket}/based/run/base/round-002?")
+        base = BaseWeights(location)
+        assert base.names == {Q0, UP1}
+        assert all(torch.equal(base.get(n), t) for n, t in tensors.items())
+        base.close()
+    finally:
+        server.close()

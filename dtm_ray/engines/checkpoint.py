@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from dtm_ray.records.store import filesystem_of, join_uri
+
 
 class Checkpoint:
     """Reads single tensors from a safetensors checkpoint, cast to the engine's dtype the way
@@ -96,7 +98,7 @@ class BaseWeights:
 
         self.location = location
         self.dtype = dtype
-        self._local, self._temp = _local_copy(f"{location.rstrip('/')}/{BASE_FILE}")
+        self._local, self._temp = _local_copy(join_uri(location, BASE_FILE))
         with safe_open(self._local, "pt") as f:
             self.names = frozenset(f.keys())
 
@@ -122,9 +124,7 @@ def _local_copy(uri: str) -> tuple[str, Path | None]:
         return uri.removeprefix("file://"), None
     import tempfile
 
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri)
+    fs, path = filesystem_of(uri)
     handle, name = tempfile.mkstemp(suffix=".safetensors", prefix="dtm-ray-base-")
     temp = Path(name)
     try:

@@ -92,6 +92,17 @@ def _split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, root
 
 
+def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a run-directory URI or local path, as RunStore opens it."""
+    return _split_uri(uri)
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """`uri` with path parts appended before its query (`s3://b/run?endpoint_override=…`)."""
+    base, sep, query = uri.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
 def _s3_filesystem(fs: pafs.S3FileSystem, uri: str) -> pafs.S3FileSystem:
     """The S3 filesystem `from_uri` made, with bounded client retries and, when the URI names no
     endpoint, the one in AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (the AWS SDKs' convention for
@@ -435,7 +446,7 @@ class RunStore:
     # --- recovery bases ----------------------------------------------------------------------
     def base_location(self, round_: int) -> str:
         """Where recovery round `round_` writes its base: a folder engines and export read."""
-        return f"{self.location.rstrip('/')}/base/round-{round_:03d}"
+        return join_uri(self.location, "base", f"round-{round_:03d}")
 
     def _base_path(self, round_: int, name: str) -> str:
         return self._path("base", f"round-{round_:03d}", name)
