@@ -209,7 +209,9 @@ def test_a_state_change_runs_only_the_new_links_on_the_weights_the_engine_holds(
     incremental.apply_state(first)
     replays = []
     real = incremental.replay
-    monkeypatch.setattr(incremental, "replay", lambda n, c: replays.append(n) or real(n, c))
+    monkeypatch.setattr(
+        incremental, "replay", lambda n, c, *base: replays.append(n) or real(n, c, *base)
+    )
     incremental.apply_state(later)
     # Q0 and DOWN1 grew by one link each, run on the held weights; only UP0 was new.
     assert replays == [UP0]
