@@ -20,7 +20,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dtm_ray.core.compress import compress, replay
-from dtm_ray.core.recovery import masks_of, reapply_masks, step_rows, worker_rows
+from dtm_ray.core.recovery import (
+    distill_loss,
+    masks_of,
+    reapply_masks,
+    step_rows,
+    worker_rows,
+)
 from dtm_ray.core.state import Link, ModelState
 from dtm_ray.engines.checkpoint import BASE_FILE
 from dtm_ray.engines.hf import HFEngine
@@ -66,6 +72,16 @@ def test_a_step_trains_on_a_fixed_batch_and_the_workers_split_it() -> None:
     assert not np.array_equal(step_rows(0, 5, 10, 7), step_rows(0, 5, 10, 8))
     rows = step_rows(1, 4, 10, 0)
     assert np.array_equal(np.concatenate([worker_rows(rows, r, 2) for r in range(2)]), rows)
+
+
+def test_the_distillation_loss_is_the_mean_per_token_kl_to_the_teacher() -> None:
+    generator = torch.Generator().manual_seed(1)
+    teacher = torch.randn(2, 3, 5, generator=generator)
+    student = torch.randn(2, 3, 5, generator=generator)
+    assert distill_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    p = torch.softmax(teacher, -1)
+    expected = (p * (torch.log_softmax(teacher, -1) - torch.log_softmax(student, -1))).sum(-1)
+    assert distill_loss(student, teacher).item() == pytest.approx(expected.mean().item(), 1e-6)
 
 
 # --- the engine session on a base ----------------------------------------------------------------
@@ -146,6 +162,7 @@ def _plan(tmp_path: Path, job: dict):
         ({"warmup": 3}, "unknown key compress.recovery.'warmup'"),
         ({"batch_size": 3}, "batch_size 3 must be a multiple of compress.recovery.workers 2"),
         ({"engines": "maybe"}, "compress.recovery.engines 'maybe' unknown"),
+        ({"objective": "mse"}, "compress.recovery.objective 'mse' unknown"),
         ({"sequence_tokens": 4096}, "compress.recovery.sequence_tokens = 4096 tokens exceed 512"),
     ],
 )
@@ -318,7 +335,9 @@ def test_a_driver_killed_during_training_resumes_from_the_ray_train_checkpoint_b
     ray_session, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    job = recovery_job(tiny_llama_dir, run, workers=1, steps=6, checkpoint_every=2)
+    job = recovery_job(
+        tiny_llama_dir, run, workers=1, steps=6, checkpoint_every=2, objective="distill"
+    )
     job["compress"]["target_sparsity"] = 0.1  # one round, one recovery
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -352,7 +371,7 @@ def test_a_driver_killed_during_training_resumes_from_the_ray_train_checkpoint_b
         Recovery(
             str(tiny_llama_dir), "float32", state, [c.name for c in plan.components],
             plan.training, settings.steps, settings.learning_rate, settings.weight_decay,
-            settings.batch_size, settings.seed, settings.checkpoint_every,
+            settings.batch_size, settings.seed, settings.checkpoint_every, settings.objective,
         ),
         1, {"CPU": 1}, "straight", str(tmp_path / "straight"),
     )

@@ -46,6 +46,9 @@ class Recovery:
     batch_size: int
     seed: int
     checkpoint_every: int
+    # lm: causal-LM loss on the text (the paper's continued training); distill: KL to the dense
+    # model's next-token distribution on the same text (the dense model runs beside, frozen).
+    objective: str = "lm"
 
 
 @dataclass
@@ -145,7 +148,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from dtm_ray.core.recovery import masks_of, reapply_masks, step_rows, worker_rows
+    from dtm_ray.core.recovery import (
+        distill_loss,
+        masks_of,
+        reapply_masks,
+        step_rows,
+        worker_rows,
+    )
     from dtm_ray.engines.models import resolve_model
 
     recovery: Recovery = config["recovery"]
@@ -162,6 +171,13 @@ def _train_loop(config: dict[str, Any]) -> None:
         resolve_model(recovery.model), dtype=torch.float32
     )
     model.config.use_cache = False
+    teacher = None
+    if recovery.objective == "distill":  # the dense model, as the checkpoint has it
+        teacher = AutoModelForCausalLM.from_pretrained(
+            resolve_model(recovery.model), dtype=torch.float32
+        )
+        teacher.requires_grad_(False)
+        teacher.to(device).eval()
     trainable = set(recovery.names)
     checkpoint = ray.train.get_checkpoint()
     step, losses = 0, []
@@ -205,7 +221,12 @@ def _train_loop(config: dict[str, Any]) -> None:
         rows = step_rows(step, recovery.batch_size, len(windows), recovery.seed)
         ids = windows[worker_rows(rows, rank, world)].to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = net(input_ids=ids, labels=ids).loss
+        if teacher is None:
+            loss = net(input_ids=ids, labels=ids).loss
+        else:
+            with torch.no_grad():
+                target = teacher(input_ids=ids, use_cache=False).logits
+            loss = distill_loss(net(input_ids=ids, use_cache=False).logits, target)
         loss.backward()
         optimizer.step()
         reapply_masks(named, masks)

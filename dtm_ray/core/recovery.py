@@ -35,6 +35,16 @@ def worker_rows(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
     return rows[rank * share : (rank + 1) * share]
 
 
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) over [B, T, V] logits: the loss that pulls the
+    pruned model back towards the dense model's next-token distribution (what FDT measures
+    against), instead of towards the training text."""
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
+    per_token = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none")
+    return per_token.sum(dim=-1).mean()
+
+
 def _local(weight: torch.Tensor) -> torch.Tensor:
     """The entries this process holds: an FSDP2 parameter (a DTensor) holds its shard."""
     to_local = getattr(weight, "to_local", None)

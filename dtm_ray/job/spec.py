@@ -26,6 +26,7 @@ CRITERIA = ("magnitude", "wanda")
 GUIDES = ("fdt", "nll", "uniform")
 REFERENCES = ("current", "original")
 RECOVERY_ENGINES = ("auto", "keep", "release")
+RECOVERY_OBJECTIVES = ("lm", "distill")
 
 
 @dataclass
@@ -67,6 +68,9 @@ class RecoveryConfig:
     # release them (they load the new base when they restart), or auto: keep when the workers
     # fit beside them now.
     engines: str = "auto"
+    # What training minimises: lm (causal-LM loss on the text, the paper's continued training)
+    # or distill (KL to the dense model's next-token distribution on the same text).
+    objective: str = "lm"
 
 
 @dataclass
@@ -418,6 +422,7 @@ def _check_recovery(recovery: RecoveryConfig) -> None:
     _check_int(recovery.seed, f"{where}seed", 0)
     _check_int(recovery.checkpoint_every, f"{where}checkpoint_every", 1)
     _check_choice(recovery.engines, f"{where}engines", RECOVERY_ENGINES)
+    _check_choice(recovery.objective, f"{where}objective", RECOVERY_OBJECTIVES)
     resources = recovery.resources_per_worker
     if not isinstance(resources, dict) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0

@@ -116,6 +116,7 @@ def _base(
         batch_size=config.batch_size,
         seed=config.seed + round_,
         checkpoint_every=config.checkpoint_every,
+        objective=config.objective,
     )
     fs, path = store.train_location()
     keep = config.engines == "keep" or (
