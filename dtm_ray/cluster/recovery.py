@@ -16,10 +16,12 @@ resumed run is bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,7 +69,7 @@ def train(
 ) -> Trained:
     """Run (or resume) the training `name` under `storage_path`; the trained weights and the
     loss curve. Uses the Ray cluster this process is connected to."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from safetensors.torch import load_file
 
@@ -79,7 +81,11 @@ def train(
             num_workers=workers, use_gpu=gpus, resources_per_worker=dict(resources)
         ),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=storage_filesystem
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            # The latest checkpoint is what a resume needs; one more covers a torn upload.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
     )
@@ -87,9 +93,7 @@ def train(
     if result.checkpoint is None:
         raise RuntimeError(f"recovery training {name} ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
-        import json
-
-        progress = json.loads(open(os.path.join(folder, PROGRESS_FILE)).read())
+        progress = json.loads(Path(folder, PROGRESS_FILE).read_text())
         weights = load_file(os.path.join(folder, WEIGHTS_FILE))
     if progress["step"] != recovery.steps:
         raise RuntimeError(f"recovery training {name} stopped at step {progress['step']}")
@@ -141,8 +145,6 @@ def start_weights(model: Any, recovery: Recovery) -> dict[str, Any]:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    import json
-
     import ray.train
     import torch
     from safetensors.torch import load_file
@@ -187,7 +189,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         if checkpoint is not None:  # resume: the weights as the last checkpoint has them
             with checkpoint.as_directory() as folder:
                 start = load_file(os.path.join(folder, WEIGHTS_FILE))
-                progress = json.loads(open(os.path.join(folder, PROGRESS_FILE)).read())
+                progress = json.loads(Path(folder, PROGRESS_FILE).read_text())
             step, losses = progress["step"], progress["loss"]
         params = dict(model.named_parameters())
         for name, param in params.items():
@@ -262,8 +264,6 @@ def _report(
 ) -> None:
     """Report the step's loss; with `save`, a checkpoint: rank 0 writes the trained weights
     and the progress, every rank its optimizer state and random state."""
-    import json
-
     import ray.train
     import torch
     from safetensors.torch import save_file
