@@ -227,7 +227,9 @@ def test_a_state_change_runs_only_the_new_links_on_the_weights_the_engine_holds(
     incremental.apply_state(first)
     replays = []
     real = incremental.replay
-    monkeypatch.setattr(incremental, "replay", lambda n, c: replays.append(n) or real(n, c))
+    monkeypatch.setattr(
+        incremental, "replay", lambda n, c, *base: replays.append(n) or real(n, c, *base)
+    )
     written = []
     monkeypatch.setattr(incremental.engine, "set_weights", lambda w: written.append(w))
     incremental.apply_state(later)

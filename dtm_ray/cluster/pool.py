@@ -503,10 +503,14 @@ class Engines:
                 self.on_start(self.infos)
         return self._pool
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Kill the engine actors (the next use of `pool` starts new ones); Ray stays up."""
         if self._pool is not None:
             self._pool.kill()
             self._pool = None
+
+    def close(self) -> None:
+        self.release()
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False

@@ -2,10 +2,12 @@
 
 - `Reference`: the prompts, the greedy continuation `y` of the model that built it, and that
   model's own teacher-forced argmax `a(F)` over `prefix ++ y`.
-- `ModelState`: per component, the ordered chain of compressions applied to its original weight.
-  Replaying a chain on the original gives the current weight bit-identically anywhere (any actor,
-  after a restart, on resume, at export), because every compression is a deterministic function
-  of its input and the link's own calibration statistics, which travel with the link.
+- `ModelState`: an optional base (weights that recovery training wrote to the run directory) and,
+  per component, the ordered chain of compressions applied to its base weight (the base's tensor
+  where the base holds one, else the model's original). Replaying a chain on that weight gives the
+  current weight bit-identically anywhere (any actor, after a restart, on resume, at export),
+  because every compression is a deterministic function of its input and the link's own
+  calibration statistics, which travel with the link, and a base is a file that never changes.
 """
 
 from __future__ import annotations
@@ -94,9 +96,13 @@ def chain_key(chain: Chain) -> tuple[tuple[str, int | None], ...]:
 
 @dataclass(frozen=True)
 class ModelState:
-    """component -> chain of links applied to its original weight; untouched components absent."""
+    """component -> chain of links applied to its base weight; untouched components absent.
+
+    `base` is the location (path or URI) of a base folder written by recovery training
+    (`model.safetensors` with the trained tensors); None: every chain starts at the original."""
 
     chains: Mapping[str, Chain] = field(default_factory=dict)
+    base: str | None = None
 
     def __post_init__(self) -> None:
         # Empty chains are the same as no entry; dropping them keeps keys and equality canonical.
@@ -113,14 +119,15 @@ class ModelState:
     @property
     def key(self) -> tuple:
         """Hashable identity: equal keys mean the engines must hold the same weights."""
-        return tuple((name, chain_key(chain)) for name, chain in sorted(self.chains.items()))
+        chains = tuple((name, chain_key(chain)) for name, chain in sorted(self.chains.items()))
+        return (self.base, chains)
 
     def extended(self, links: Mapping[str, Link]) -> ModelState:
         """A new state with one more link on each named component."""
         chains = dict(self.chains)
         for name, link in links.items():
             chains[name] = (*self.chain(name), link)
-        return ModelState(chains)
+        return ModelState(chains, self.base)
 
     def components(self) -> Iterable[str]:
         return self.chains.keys()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from dtm_ray.records.store import join_uri, open_filesystem
+
 
 class Checkpoint:
     """Reads single tensors from a safetensors checkpoint, cast to the engine's dtype the way
@@ -80,3 +82,56 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self._files
+
+
+BASE_FILE = "model.safetensors"  # a base folder's trained tensors
+BASE_INDEX = "base.json"  # written after BASE_FILE: a base folder without it is not committed
+
+
+class BaseWeights:
+    """The tensors of one recovery base (`<base>/model.safetensors`, a path or a `pyarrow.fs`
+    URI), read one at a time (cast to `dtype` when given). A remote file is copied to a local
+    temporary file once, so a read is a memory map like a local one."""
+
+    def __init__(self, location: str, dtype: torch.dtype | None = None) -> None:
+        from safetensors import safe_open
+
+        self.location = location
+        self.dtype = dtype
+        self._local, self._temp = _local_copy(join_uri(location, BASE_FILE))
+        with safe_open(self._local, "pt") as f:
+            self.names = frozenset(f.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self._local, "pt") as f:
+            tensor = f.get_tensor(name)
+        return tensor if self.dtype is None else tensor.to(self.dtype)
+
+    def close(self) -> None:
+        if self._temp is not None:
+            self._temp.unlink(missing_ok=True)
+            self._temp = None
+
+
+def _local_copy(uri: str) -> tuple[str, Path | None]:
+    """(a local path of `uri`, the temporary file to delete afterwards or None)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://"), None
+    import tempfile
+
+    fs, path = open_filesystem(uri)
+    handle, name = tempfile.mkstemp(suffix=".safetensors", prefix="dtm-ray-base-")
+    temp = Path(name)
+    try:
+        with open(handle, "wb") as out, fs.open_input_stream(path) as stream:
+            while chunk := stream.read(1 << 24):
+                out.write(chunk)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return str(temp), temp

@@ -346,3 +346,51 @@ def load_calibration(
 
 def _bos_id(tokenizer) -> int:  # noqa: ANN001
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+# --- recovery training text ----------------------------------------------------------------------
+def _kgrams(rows: np.ndarray, k: int) -> set[bytes]:
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    return {row[i : i + k].tobytes() for row in rows for i in range(rows.shape[1] - k + 1)}
+
+
+def overlapping(windows: np.ndarray, others: np.ndarray, k: int) -> np.ndarray:
+    """bool [W]: which rows of `windows` share a run of `k` consecutive tokens with a row of
+    `others`."""
+    k = min(k, others.shape[1], windows.shape[1])
+    seen = _kgrams(others, k)
+    rows = np.ascontiguousarray(windows, dtype=np.int64)
+    return np.asarray(
+        [any(row[i : i + k].tobytes() in seen for i in range(len(row) - k + 1)) for row in rows],
+        dtype=bool,
+    )
+
+
+def load_training(
+    source: str,
+    model_dir: str | Path,
+    length: int,
+    avoid: list[tuple[str, int, int, int]],
+) -> np.ndarray:
+    """int64 [W, length]: every window of `length` tokens of `source` on a grid from each text's
+    start, leaving out those that overlap the windows `load_prompts(s, count, tokens, seed)`
+    picks, for each (s, count, tokens, seed) of `avoid` whose source is this one.
+
+    Raises ValueError when the source is not text or gives no window."""
+    if source == "self" or source.startswith(RUN_PREFIX):
+        raise ValueError(f"training needs text, and {source!r} holds none")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = _token_lists(tokenizer, source)
+    taken: list[Span] = []
+    for other, count, other_tokens, seed in avoid:
+        if other == source:
+            taken += _choose(_spans(tokens, other_tokens), count, seed, "windows")
+    free = [s for s in _spans(tokens, length) if not _overlaps(s, taken)]
+    if not free:
+        raise ValueError(
+            f"text {source} gives no window of {length} tokens apart from the scored prompts "
+            "and the evaluation text"
+        )
+    return np.asarray([tokens[t][a:b] for t, a, b in free], dtype=np.int64)

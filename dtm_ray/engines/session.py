@@ -2,9 +2,9 @@
 
 `EngineSession` keeps three promises, each tested without Ray:
 - `apply_state(state)` makes the engine hold exactly `state` (bit-identical to the chains
-  replayed on the originals, so any session anywhere holds the same weights); it is all or
-  nothing: the new chains are checked before any weight is written, and a failed write puts the
-  old state back.
+  replayed on the state's base weights: a recovery base's tensors where it has them, else the
+  originals, so any session anywhere holds the same weights); it is all or nothing: the new
+  chains are checked before any weight is written, and a failed write puts the old state back.
 - `probe(delta, ...)` compresses a set of components on top of the state, scores, and puts those
   components back as the state has them, whatever happened in between.
 - When putting weights back fails, the engine's weights are unknown: `EngineBroken` is raised and
@@ -29,6 +29,7 @@ from dtm_ray.core.compress import apply_links, replay, replay_links
 from dtm_ray.core.specs import check_applicable, parse_spec
 from dtm_ray.core.state import Chain, Link, ModelState, Reference, chain_key
 from dtm_ray.engines.base import EditsInPlace, Engine
+from dtm_ray.engines.checkpoint import BaseWeights
 from dtm_ray.engines.config import STATE_CACHE_BYTES, STATE_PUSH_BYTES
 from dtm_ray.engines.probe import ProbeResult, build_reference, score_against
 
@@ -52,15 +53,43 @@ class EngineSession:
         # Engines that compress the weights they hold (both engines here) get names and specs;
         # others get whole tensors computed here.
         self._in_place = isinstance(engine, EditsInPlace)
+        self._bases: dict[str, BaseWeights] = {}  # the held state's base and the next one
         # (state key, reference digest) of the residual stream the engine keeps, if any.
         self._residuals: tuple | None = None
 
     # --- weights ----------------------------------------------------------------------------
-    def replay(self, component: str, chain: Chain) -> torch.Tensor:
-        """The weight `chain` makes of the component's original (the original for no chain),
+    def _base(self, location: str | None) -> BaseWeights | None:
+        if location is None:
+            return None
+        base = self._bases.get(location)
+        if base is None:
+            for other in [k for k in self._bases if k != self.state.base]:
+                self._bases.pop(other).close()  # only the held base and the next one stay open
+            base = self._bases[location] = BaseWeights(location)
+        return base
+
+    def in_base(self, location: str | None, component: str) -> bool:
+        base = self._base(location)
+        return base is not None and component in base
+
+    def _at_origin(self, state: ModelState, component: str) -> bool:
+        """True when `state` holds the component as the model's checkpoint has it."""
+        return not state.chain(component) and not self.in_base(state.base, component)
+
+    def base_weight(self, component: str, location: str | None) -> torch.Tensor:
+        """The weight a chain of a state with base `location` starts from: the base's tensor
+        where it has one, else the original."""
+        base = self._base(location)
+        original = self.engine.original_weight(component)
+        if base is None or component not in base:
+            return original
+        return base.get(component).to(original.dtype)
+
+    def replay(self, component: str, chain: Chain, base: str | None = None) -> torch.Tensor:
+        """The weight `chain` makes of the component's base weight (that weight for no chain),
         computed on the engine's device where it has one (a GPU: what a restarted actor or a
         cache miss replays runs there, not on one CPU thread)."""
-        original = self.engine.original_weight(component)
+        original = self.base_weight(component, base)
         device = getattr(self.engine, "device", None)
         if device is not None and chain:
             original = original.to(device)
@@ -70,11 +99,11 @@ class EngineSession:
         """The component as the current state has it (cached: replaying a chain costs a sort)."""
         chain = self.state.chain(component)
         if not chain:
-            return self.engine.original_weight(component)
-        key = (component, chain_key(chain))
+            return self.base_weight(component, self.state.base)
+        key = (component, self.state.base, chain_key(chain))
         weight = self._current.get(key)
         if weight is None:
-            weight = self._remember(key, self.replay(component, chain))
+            weight = self._remember(key, self.replay(component, chain, self.state.base))
         else:
             self._current.move_to_end(key)
         return weight
@@ -114,32 +143,38 @@ class EngineSession:
                         f"expected ({shape[1]},)"
                     )
 
-    def _reach(self, component: str, chain: Chain) -> torch.Tensor:
-        """The component's weight under `chain`, from the weight the session holds when `chain`
-        only adds links to it (only the new links run), else replayed from the original."""
+    def _reach(self, component: str, chain: Chain, base: str | None) -> torch.Tensor:
+        """The component's weight under `chain` on `base`, from the weight the session holds
+        when `chain` only adds links to it on the same base (only the new links run), else
+        replayed from the base weight."""
         held_chain = self.state.chain(component)
-        cached = self._current.get((component, chain_key(chain)))
+        cached = self._current.get((component, base, chain_key(chain)))
         if cached is not None:
             return cached
-        if _extends(chain, held_chain):
-            held = self._current.get((component, chain_key(held_chain)))
+        if base == self.state.base and _extends(chain, held_chain):
+            held = self._current.get((component, base, chain_key(held_chain)))
             if held is not None:
                 return apply_links(held, chain[len(held_chain) :])
-        return self.replay(component, chain)
+        return self.replay(component, chain, base)
 
-    def _reach_in_place(self, component: str, chain: Chain, held_chain: Chain | None) -> None:
-        """Have the engine turn the weight it holds under `held_chain` (None: in doubt) into the
-        one `chain` makes, where it lives: only the new links when `chain` extends the held one,
-        else the original back (one weight) and the chain replayed on it. No weight computed
-        here."""
+    def _reach_in_place(
+        self, component: str, chain: Chain, held_chain: Chain | None, base: str | None
+    ) -> None:
+        """Have the engine turn the weight it holds under `held_chain` (on the same base; None:
+        in doubt, or another base) into the one `chain` makes on `base`, where it lives: only the
+        new links when `chain` extends the held one, else the base weight back (the original
+        through the engine's own restore, a recovery base's tensor written as one weight) and
+        the chain replayed on it. No weight computed here."""
         if held_chain and _extends(chain, held_chain):
             self.engine.compress_in_place({component: chain[len(held_chain) :]})
             return
-        if held_chain == ():  # the engine holds the original
+        if held_chain != ():  # the engine does not hold the base weight: put it back first
+            if self.in_base(base, component):
+                self.engine.set_weights({component: self.base_weight(component, base)})
+            else:
+                self.engine.restore([component])
+        if chain:
             self.engine.compress_in_place({component: replay_links(chain)})
-            return
-        self.engine.restore([component])
-        self.engine.compress_in_place({component: replay_links(chain)})
 
     def _push(self, state: ModelState, names: list[str], reach: Callable) -> None:
         """Write `names` as `state` has them, in batches of at most `push_bytes` of new weights
@@ -148,10 +183,9 @@ class EngineSession:
         batch: dict[str, torch.Tensor] = {}
         size = 0
         for name in names:
-            chain = state.chain(name)
-            if not chain:
+            if self._at_origin(state, name):
                 continue
-            weight = reach(name, chain)
+            weight = reach(name, state.chain(name))
             if weight is None:
                 continue
             batch[name] = weight
@@ -159,7 +193,7 @@ class EngineSession:
             if size >= self._push_bytes:
                 self._write(batch, [])
                 batch, size = {}, 0
-        self._write(batch, [name for name in names if not state.chain(name)])
+        self._write(batch, [name for name in names if self._at_origin(state, name)])
 
     def apply_state(self, state: ModelState) -> None:
         """Make the engine hold exactly `state`; unlisted components are original.
@@ -170,21 +204,29 @@ class EngineSession:
         everything back as the old state has it."""
         if state.key == self.state.key:
             return
+        names = set(self.state.components()) | set(state.components())
+        new_base = state.base != self.state.base
+        if new_base:  # every tensor of either base changes with the base
+            for location in (self.state.base, state.base):
+                base = self._base(location)
+                names |= set(base.names) if base is not None else set()
         changed = [
             name
-            for name in sorted(set(self.state.components()) | set(state.components()))
-            if state.chain(name) != self.state.chain(name)
+            for name in sorted(names)
+            if chain_key(state.chain(name)) != chain_key(self.state.chain(name))
+            or (new_base and any(self.in_base(s.base, name) for s in (state, self.state)))
         ]
         self._check(state, changed)
         self._residuals = None
 
         def reach(name: str, chain: Chain) -> torch.Tensor | None:
             if self._in_place:
-                self._reach_in_place(name, chain, self.state.chain(name))
+                held = None if new_base else self.state.chain(name)
+                self._reach_in_place(name, chain, held, state.base)
                 return None
-            weight = self._reach(name, chain)
-            # The first probe of the component needs no replay.
-            self._remember((name, chain_key(chain)), weight)
+            weight = self._reach(name, chain, state.base)
+            if chain:  # the first probe of the component needs no replay
+                self._remember((name, state.base, chain_key(chain)), weight)
             return weight
 
         try:
@@ -200,8 +242,8 @@ class EngineSession:
         session must not be used again."""
 
         def reach(name: str, chain: Chain) -> torch.Tensor | None:
-            if self._in_place:  # from the original: the held weight is in doubt
-                self._reach_in_place(name, chain, None)
+            if self._in_place:  # from the base weight: the held weight is in doubt
+                self._reach_in_place(name, chain, None, self.state.base)
                 return None
             return self.current_weight(name)
 

@@ -17,7 +17,13 @@ from dtm_ray.core.components import Component, select
 from dtm_ray.core.specs import Spec, check_applicable, parse_spec
 from dtm_ray.engines.config import DEFAULT_MAX_MODEL_LEN
 from dtm_ray.engines.models import load_components, read_model_config
-from dtm_ray.engines.prompts import RUN_PREFIX, load_calibration, load_prompts
+from dtm_ray.engines.prompts import (
+    RUN_PREFIX,
+    load_calibration,
+    load_prompts,
+    load_training,
+    overlapping,
+)
 from dtm_ray.engines.sources import ModelSource, driver_folder, resolve_source
 from dtm_ray.errors import ConfigError
 from dtm_ray.job.memory import check_memory
@@ -45,6 +51,9 @@ class Plan:
     @property
     def model_source(self) -> ModelSource:
         return self.source if self.source is not None else resolve_source(str(self.model_dir))
+    # Recovery training sequences [W, sequence_tokens], disjoint from the scored prompts and the
+    # evaluation text (None: the job trains nothing).
+    training: np.ndarray | None = None
 
     @property
     def probes(self) -> list[tuple[Component, str]]:
@@ -76,14 +85,11 @@ def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
         elif job.compress.method == "sparsify":
             specs = []  # a compressing run derives its probes round by round
             checked = [str(Spec(job.compress.criterion, sparsity=0.5))]
+            _check_min_fdt(job)
         else:
             specs = []
             checked = list(job.compress.levels)
-            if job.compress.min_fdt > job.new_tokens:
-                raise ValueError(
-                    f"compress.min_fdt {job.compress.min_fdt} exceeds new_tokens "
-                    f"{job.new_tokens}, the largest FDT there is"
-                )
+            _check_min_fdt(job)
         for spec in checked:
             for component in components:
                 try:
@@ -93,11 +99,64 @@ def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
         check_token_budget(job, model_config)
         check_memory(job, model_config, components, every)
         prefixes = _prepare_prompts(job, model_dir, model_config, read_hub)
+        training = _training_text(job, model_dir, prefixes)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     # lm-eval's task index is read once, here, and the result kept for the run.
     tasks = resolve_tasks(job.evaluate.tasks) if job.evaluate is not None else None
-    return Plan(job, model_dir, components, specs, prefixes, tasks=tasks, source=source)
+    return Plan(
+        job, model_dir, components, specs, prefixes, tasks=tasks, training=training, source=source
+    )
+
+
+def _check_min_fdt(job: JobConfig) -> None:
+    min_fdt = job.compress.min_fdt
+    if min_fdt is not None and min_fdt > job.new_tokens:
+        raise ValueError(
+            f"compress.min_fdt {min_fdt} exceeds new_tokens {job.new_tokens}, the largest FDT "
+            "there is"
+        )
+
+
+# Evaluation windows share no run of this many tokens with a training sequence.
+EVALUATION_OVERLAP_TOKENS = 32
+
+
+def _training_text(
+    job: JobConfig, model_dir: Path, prefixes: np.ndarray | None
+) -> np.ndarray | None:
+    """The recovery training sequences: windows of `compress.recovery.text` that overlap neither
+    the scored prompts nor the evaluation windows. Where the training text is the prompts' or
+    the evaluation's own source, the windows that overlap them (or repeat a whole scored prompt,
+    or 32 tokens of an evaluation window, elsewhere) are left out; another source that holds
+    them is an error: the measurements would reward memorising them."""
+    compress = job.compress
+    if compress is None or compress.method != "sparsify" or compress.recovery is None:
+        return None
+    recovery, p, e = compress.recovery, job.prompts, job.evaluation
+    where = f"compress.recovery.text {recovery.text}"
+    avoid = [(p.source, p.count, p.prefix_tokens, p.seed), (e.text, e.count, e.tokens, 0)]
+    try:
+        windows = load_training(recovery.text, model_dir, recovery.sequence_tokens, avoid)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    evaluation = load_prompts(e.text, model_dir, e.count, e.tokens, seed=0)
+    checks = [(evaluation, EVALUATION_OVERLAP_TOKENS, e.text, "the evaluation text")]
+    if prefixes is not None:
+        checks.insert(0, (prefixes, p.prefix_tokens, p.source, "the scored prompts"))
+    for others, k, source, what in checks:
+        hits = overlapping(windows, others, k)
+        if source == recovery.text:
+            windows = windows[~hits]
+        elif hits.any():
+            raise ValueError(
+                f"{where} shares {min(k, others.shape[1])} consecutive tokens with {what} "
+                f"(training window {int(np.argmax(hits))}); train on text disjoint from {source}"
+            )
+    if len(windows) == 0:
+        raise ValueError(f"{where}: no window is left apart from the prompts and evaluation")
+    return windows
+
 
 
 def check_token_budget(job: JobConfig, model_config: Mapping[str, Any]) -> None:
@@ -106,6 +165,8 @@ def check_token_budget(job: JobConfig, model_config: Mapping[str, Any]) -> None:
     needs = {"prompts.prefix_tokens + new_tokens": job.prompts.prefix_tokens + job.new_tokens}
     if job.compress is not None:
         needs["evaluation.tokens"] = job.evaluation.tokens
+        if job.compress.recovery is not None:
+            needs["compress.recovery.sequence_tokens"] = job.compress.recovery.sequence_tokens
     model_max = model_config.get("max_position_embeddings")
     asked = job.engine_options.get("max_model_len")
     if asked is not None:

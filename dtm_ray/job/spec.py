@@ -25,6 +25,8 @@ COMPRESS_METHODS = ("sparsify", "quantize")
 CRITERIA = ("magnitude", "wanda")
 GUIDES = ("fdt", "nll", "uniform")
 REFERENCES = ("current", "original")
+RECOVERY_ENGINES = ("auto", "keep", "release")
+RECOVERY_OBJECTIVES = ("lm", "distill")
 
 
 @dataclass
@@ -41,6 +43,34 @@ class ProbeConfig:
     # Probe-only jobs: the specs to probe every component at (default magnitude:0.5). With a
     # `compress:` section the probes follow from it and `specs` must be left out.
     specs: list[str] | None = None
+
+
+@dataclass
+class RecoveryConfig:
+    """Recovery training after sparsify rounds (the DTM paper's Algorithm 1 trains between
+    pruning steps): the pruned components' weights are fine-tuned on Ray Train with their zeros
+    kept, and the result becomes the base the next rounds prune further (see the README)."""
+
+    every: int = 1  # after every k-th round (and never after the last one)
+    steps: int = 200  # optimizer steps per recovery
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.01  # AdamW's; the mask re-applied after each step keeps zeros zero
+    batch_size: int = 8  # sequences per optimizer step, split evenly over the workers
+    sequence_tokens: int = 256  # tokens per training sequence
+    # Training text, disjoint from the scored prompts and the evaluation text (windows of the
+    # same source that overlap them are left out; any overlap left is an error).
+    text: str = "pydoc"
+    workers: int = 2  # Ray Train workers (gloo on CPU; NCCL + FSDP2 on GPUs)
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    seed: int = 0
+    checkpoint_every: int = 25  # steps between Ray Train checkpoints (a killed run resumes there)
+    # The engine actors during training: keep them loaded (the workers need room of their own),
+    # release them (they load the new base when they restart), or auto: keep when the workers
+    # fit beside them now.
+    engines: str = "auto"
+    # What training minimises: lm (causal-LM loss on the text, the paper's continued training)
+    # or distill (KL to the dense model's next-token distribution on the same text).
+    objective: str = "lm"
 
 
 @dataclass
@@ -67,6 +97,8 @@ class CompressConfig:
     # q/k/v of a layer, and gate/up, move between levels together (vLLM fuses them and needs one
     # scheme per fused layer); unset: true when the engine is vllm.
     fused: bool | None = None
+    # sparsify: fine-tune between rounds (None: no training)
+    recovery: RecoveryConfig | None = None
 
 
 SPARSIFY_DEFAULTS = {
@@ -77,6 +109,8 @@ SPARSIFY_DEFAULTS = {
     "calibration_count": 16,
 }
 QUANTIZE_DEFAULTS = {"levels": None, "min_fdt": None, "max_params_share": 1.0, "fused": None}
+# Keys both methods take: min_fdt is the quantize search's bound and sparsify's quality floor.
+SHARED_KEYS = ("min_fdt",)
 
 
 @dataclass
@@ -171,6 +205,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if unknown:
         raise ConfigError(f"unknown key {where}{unknown[0]!r}; expected one of {sorted(known)}")
     kwargs = dict(data)
+    if cls is CompressConfig and kwargs.get("recovery") is not None:
+        kwargs["recovery"] = _build(RecoveryConfig, kwargs["recovery"], f"{where}recovery.")
     if cls is JobConfig:
         _check_engine_options(kwargs.get("engine_options", {}))
         for key, sub in _NESTED.items():
@@ -301,6 +337,8 @@ def _fill_defaults(compress: CompressConfig) -> None:
     own = SPARSIFY_DEFAULTS if compress.method == "sparsify" else QUANTIZE_DEFAULTS
     other = QUANTIZE_DEFAULTS if compress.method == "sparsify" else SPARSIFY_DEFAULTS
     for key in other:
+        if key in SHARED_KEYS:
+            continue
         if getattr(compress, key) is not None:
             raise ConfigError(
                 f"compress.{key} does not apply to method {compress.method!r}; "
@@ -322,7 +360,16 @@ def _check_compress(compress: CompressConfig) -> None:
         _check_fraction(compress.target_sparsity, "compress.target_sparsity", True, 1, True)
         _check_fraction(compress.step, "compress.step", True, 1, False)
         _check_int(compress.calibration_count, "compress.calibration_count", 1)
+        if compress.min_fdt is not None:
+            _check_min_fdt(compress.min_fdt)
+        if compress.recovery is not None:
+            _check_recovery(compress.recovery)
         return
+    if compress.recovery is not None:
+        raise ConfigError(
+            "compress.recovery trains between sparsify rounds; it does not apply to method "
+            "'quantize' (remove it or use method: sparsify)"
+        )
     levels = compress.levels
     if not isinstance(levels, list) or not levels:
         raise ConfigError(
@@ -340,12 +387,55 @@ def _check_compress(compress: CompressConfig) -> None:
                 "expected int8, int8-tensor, int4-gG or fp8-e4m3"
             )
     compress.levels = [str(parse_spec(str(level))) for level in levels]
-    min_fdt = compress.min_fdt
-    if not isinstance(min_fdt, (int, float)) or isinstance(min_fdt, bool) or min_fdt < 0:
-        raise ConfigError(f"compress.min_fdt must be a number >= 0 (an FDT@75), got {min_fdt!r}")
+    _check_min_fdt(compress.min_fdt)
     _check_fraction(compress.max_params_share, "compress.max_params_share", True, 1, False)
     if compress.fused is not None and not isinstance(compress.fused, bool):
         raise ConfigError(f"compress.fused must be true or false, got {compress.fused!r}")
+
+
+def _check_min_fdt(min_fdt: Any) -> None:
+    if not isinstance(min_fdt, (int, float)) or isinstance(min_fdt, bool) or min_fdt < 0:
+        raise ConfigError(f"compress.min_fdt must be a number >= 0 (an FDT@75), got {min_fdt!r}")
+
+
+def _check_positive(value: Any, name: str, allow_zero: bool = False) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or value < 0 or (value == 0 and not allow_zero):
+        relation = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a number {relation}, got {value!r}")
+
+
+def _check_recovery(recovery: RecoveryConfig) -> None:
+    where = "compress.recovery."
+    _check_int(recovery.every, f"{where}every", 1)
+    _check_int(recovery.steps, f"{where}steps", 1)
+    _check_positive(recovery.learning_rate, f"{where}learning_rate")
+    _check_positive(recovery.weight_decay, f"{where}weight_decay", allow_zero=True)
+    _check_int(recovery.sequence_tokens, f"{where}sequence_tokens", 2)
+    _check_int(recovery.workers, f"{where}workers", 1)
+    _check_int(recovery.batch_size, f"{where}batch_size", 1)
+    if recovery.batch_size % recovery.workers:
+        raise ConfigError(
+            f"{where}batch_size {recovery.batch_size} must be a multiple of {where}workers "
+            f"{recovery.workers} (each worker trains on the same number of sequences)"
+        )
+    _check_int(recovery.seed, f"{where}seed", 0)
+    _check_int(recovery.checkpoint_every, f"{where}checkpoint_every", 1)
+    _check_choice(recovery.engines, f"{where}engines", RECOVERY_ENGINES)
+    _check_choice(recovery.objective, f"{where}objective", RECOVERY_OBJECTIVES)
+    resources = recovery.resources_per_worker
+    if not isinstance(resources, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+        for v in resources.values()
+    ):
+        raise ConfigError(
+            f"{where}resources_per_worker must map resource names to amounts >= 0, "
+            f"e.g. {{GPU: 1}}, got {resources!r}"
+        )
+    try:
+        check_source(recovery.text, f"{where}text", text_only=True)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def _set_dotted(data: dict[str, Any], assignment: str) -> None:

@@ -8,10 +8,19 @@ selected components reach the target sparsity.
 what it already wrote (its reference, calibration and finished probes are read back, never
 recomputed), and a round with it is replayed from the table. Every step is deterministic, so a
 run killed anywhere and resumed reaches the same final state as one that never stopped.
+
+Two options extend the round:
+- `min_fdt` (the quality floor): the decided state is scored against the dense model's reference
+  before it is committed; when its FDT@75 falls below the floor, the round's added sparsities are
+  scaled back by bisection to the largest scale that keeps it (`floor/round-r` holds every
+  candidate) and the run stops after that round, at the sparsity it reached.
+- `recovery`: after a committed round, training on Ray Train makes a new base the next rounds
+  start from (`dtm_ray.loop.recovery`; it commits with `recovery/round-r`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,23 +39,35 @@ from dtm_ray.core.decisions.sparsify import (
     round_step,
     uniform_step,
 )
+from dtm_ray.core.metrics import fdt_at
 from dtm_ray.core.specs import parse_spec
 from dtm_ray.core.state import Link, ModelState
 from dtm_ray.job.checks import Plan
 from dtm_ray.job.spec import CompressConfig
 from dtm_ray.log import log
 from dtm_ray.loop.progress import Streaming
+from dtm_ray.loop.recovery import recover, recovery_due
 from dtm_ray.loop.rounds import (
     JobEngines,
     Probe,
     build_reference,
     calibrate,
     read_calibration,
+    reference_of,
     reuse_reference,
     run_probes,
 )
-from dtm_ray.records.schemas import STATE_SCHEMA, decision_table, state_from_table, state_table
+from dtm_ray.records.schemas import (
+    FLOOR_SCHEMA,
+    STATE_SCHEMA,
+    decision_table,
+    state_from_table,
+    state_table,
+)
 from dtm_ray.records.store import RunStore
+
+# Bisection steps of the quality floor: the committed scale is within 1/2**6 of the step.
+FLOOR_BISECTIONS = 6
 
 
 @dataclass
@@ -77,7 +98,7 @@ def run_sparsify(
     params = {c.name: c.params for c in plan.components}
     names = [c.name for c in plan.components]
     ran = 0
-    state, sparsity = ModelState(), None
+    state, sparsity, base_round = ModelState(), None, None
     calibration = read_calibration(store)
     for round_ in range(config.max_rounds + 1):
         committed = store.read_round_table("states", STATE_SCHEMA, round_)
@@ -91,14 +112,34 @@ def run_sparsify(
             if round_ == config.max_rounds:
                 log(f"stopping at max_rounds={config.max_rounds}, sparsity {overall:.4f}")
                 break
-            ran += _sparsify_round(plan, store, engines, round_, state, sparsity, streaming)
+            ran += _sparsify_round(
+                plan, store, engines, round_, state, sparsity, streaming, base_round
+            )
             committed = store.read_round_table("states", STATE_SCHEMA, round_)
             calibration = read_calibration(store)  # the round may have calibrated
         # Replay from the table, on resume and straight on alike: one path, one result.
-        state, sparsity = state_from_table(committed, calibration)
+        state, sparsity = state_from_table(committed, calibration, store.base_location)
+        base_round = committed.column("base_round")[0].as_py()
+        if recovery_due(plan, round_):
+            state, base_round = recover(plan, store, engines, round_, state), round_
+        if _floor_stopped(store, round_):
+            log(
+                f"round {round_}: the quality floor min_fdt={config.min_fdt} stops the run at "
+                f"sparsity {overall_sparsity(params, sparsity):.4f}"
+            )
+            break
     rounds = len(store.rounds_written("states"))
-    states = state_table(max(rounds - 1, 0), state, plan.components, sparsity)
+    states = state_table(max(rounds - 1, 0), state, plan.components, sparsity, base_round)
     return LoopResult(ran, state, states, rounds)
+
+
+def _floor_stopped(store: RunStore, round_: int) -> bool:
+    """Whether round `round_` was cut back by the quality floor (then the run ends there)."""
+    table = store.read_round_table("floor", FLOOR_SCHEMA, round_)
+    if table is None:
+        return False
+    committed = [r["scale"] for r in table.to_pylist() if r["passed"]]
+    return max(committed, default=0.0) < 1.0
 
 
 def _sparsify_round(
@@ -109,6 +150,7 @@ def _sparsify_round(
     state: ModelState,
     sparsity: dict[str, float],
     streaming: Streaming,
+    base_round: int | None = None,
 ) -> int:
     """One round of the sparsify loop, ending with its decisions/ and states/ rows."""
     job, config = plan.job, plan.compress
@@ -148,15 +190,9 @@ def _sparsify_round(
         decision = decide_sparsify(
             candidates, config.target_sparsity, step, config.guide, job.new_tokens
         )
-    links = {
-        name: Link(
-            _spec(config, absolute_sparsity(sparsity[name], added)),
-            round_ if wanda else None,
-            stats.get(name) if wanda else None,
-        )
-        for name, added in decision.added.items()
-        if added > 0
-    }
+    if config.min_fdt is not None:
+        decision = _floor(plan, store, engines, round_, state, sparsity, decision, stats)
+    links = _links(config, round_, sparsity, decision.added, stats)
     new_state = state.extended(links)
     new_sparsity = dict(sparsity)
     if links:
@@ -166,11 +202,102 @@ def _sparsify_round(
     store.write_round_table("decisions", round_, decision_table(rows))
     # The commit: once states/round-r exists, the round is done.
     store.write_round_table(
-        "states", round_, state_table(round_, new_state, plan.components, new_sparsity)
+        "states",
+        round_,
+        state_table(round_, new_state, plan.components, new_sparsity, base_round),
     )
     now = overall_sparsity(params, new_sparsity)
     log(f"round {round_}: pruned {len(links)} components further; sparsity now {now:.4f}")
     return ran
+
+
+def _links(
+    config: CompressConfig,
+    round_: int,
+    sparsity: dict[str, float],
+    added: dict[str, float],
+    stats: dict[str, Any],
+) -> dict[str, Link]:
+    """The round's new link per component it prunes further."""
+    wanda = config.criterion == "wanda"
+    return {
+        name: Link(
+            _spec(config, absolute_sparsity(sparsity[name], a)),
+            round_ if wanda else None,
+            stats.get(name) if wanda else None,
+        )
+        for name, a in added.items()
+        if a > 0
+    }
+
+
+def _floor(
+    plan: Plan,
+    store: RunStore,
+    engines: JobEngines,
+    round_: int,
+    state: ModelState,
+    sparsity: dict[str, float],
+    decision: SparsifyDecision,
+    stats: dict[str, Any],
+) -> SparsifyDecision:
+    """The decision cut back to keep FDT@75 against the dense model's reference >= min_fdt: the
+    decided state is scored as a whole; when it falls below, the added sparsities are scaled by
+    the largest scale in [0, 1] that keeps the floor, found by bisection (each candidate scored
+    as a whole). Every candidate goes to `floor/round-r`."""
+    config = plan.compress
+    params = {c.name: c.params for c in plan.components}
+    dense = reference_of(store, 0)
+    rows = []
+
+    def scaled(scale: float) -> dict[str, float]:
+        return {name: a * scale for name, a in decision.added.items()}
+
+    def passes(scale: float) -> bool:
+        added = scaled(scale)
+        links = _links(config, round_, sparsity, added, stats)
+        result = engines.pool.call("score", state.extended(links), dense)
+        value = float(fdt_at(result.fdt, 75))
+        after = {n: absolute_sparsity(sparsity[n], added.get(n, 0.0)) for n in sparsity}
+        rows.append(
+            {
+                "round": round_,
+                "scale": scale,
+                "sparsity": overall_sparsity(params, after),
+                "fdt_at_75": value,
+                "fdt_mean": float(result.fdt.mean()),
+                "passed": value >= config.min_fdt,
+                "fdt": [int(v) for v in result.fdt],
+            }
+        )
+        log(f"round {round_}: quality floor, scale {scale:.4f}: FDT@75 {value:g} vs dense")
+        return value >= config.min_fdt
+
+    low = 1.0
+    if not passes(1.0):
+        low, high = 0.0, 1.0
+        for _ in range(FLOOR_BISECTIONS):
+            middle = (low + high) / 2
+            if passes(middle):
+                low = middle
+            else:
+                high = middle
+    store.write_round_table("floor", round_, pa.Table.from_pylist(rows, schema=FLOOR_SCHEMA))
+    if low == 1.0:
+        return decision
+    reason = f"cut back to {low:.4f} of the step by the quality floor min_fdt={config.min_fdt}"
+    added = scaled(low)
+    reasons = dict(decision.reasons)
+    reasons.update({name: reason for name, a in decision.added.items() if a > 0})
+    return dataclasses.replace(
+        decision,
+        added=added,
+        new_sparsity={n: absolute_sparsity(sparsity[n], added.get(n, 0.0)) for n in sparsity},
+        overall_after=overall_sparsity(
+            params, {n: absolute_sparsity(sparsity[n], added.get(n, 0.0)) for n in sparsity}
+        ),
+        reasons=reasons,
+    )
 
 
 def _spec(config: CompressConfig, absolute: float) -> str:

@@ -16,7 +16,7 @@ Tables (all carry `round` where they belong to one):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,6 +115,45 @@ STATE_SCHEMA = pa.schema(
         ("chain", pa.list_(pa.string())),  # spec strings in the order they were applied
         ("stats_rounds", pa.list_(pa.int32())),  # per link: calibration round, or null
         ("sparsity", pa.float64()),  # share of zeros of the component's current weight
+        # The recovery round whose base (base/round-r/) the chain starts from; null: the original.
+        ("base_round", pa.int32()),
+    ]
+)
+
+# One row per recovery (`compress.recovery`): the round it followed, what training did and the
+# model against the dense model's reference before and after. Its presence commits the recovery
+# (base/round-r/ is complete before it is written).
+RECOVERY_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("steps", pa.int32()),
+        ("workers", pa.int32()),
+        ("tensors", pa.int32()),  # trained tensors written to base/round-r/
+        ("loss", pa.list_(pa.float64())),  # mean training loss per optimizer step
+        ("seconds", pa.float64()),  # training wall time (this invocation's, on resume)
+        ("fdt_at_75_before", pa.float64()),
+        ("fdt_mean_before", pa.float64()),
+        ("perplexity_before", pa.float64()),  # on the evaluation text
+        ("fdt_at_75_after", pa.float64()),
+        ("fdt_mean_after", pa.float64()),
+        ("perplexity_after", pa.float64()),
+        ("fdt_before", pa.list_(pa.int32())),  # per prompt
+        ("fdt_after", pa.list_(pa.int32())),
+    ]
+)
+
+# The quality floor of a sparsify run (`compress.min_fdt`): each candidate state of a round,
+# scored against the dense model's reference. `scale` multiplies the round's decided added
+# sparsities (1: the decision as made); the round commits the largest passing scale.
+FLOOR_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("scale", pa.float64()),
+        ("sparsity", pa.float64()),  # parameter-weighted over the selected components
+        ("fdt_at_75", pa.float64()),
+        ("fdt_mean", pa.float64()),
+        ("passed", pa.bool_()),
+        ("fdt", pa.list_(pa.int32())),  # per prompt
     ]
 )
 
@@ -365,8 +404,10 @@ def state_table(
     state: ModelState,
     components: Sequence[Any],
     sparsity: Mapping[str, float],
+    base_round: int | None = None,
 ) -> pa.Table:
-    """One row per selected component (untouched ones with an empty chain)."""
+    """One row per selected component (untouched ones with an empty chain); `base_round`: the
+    recovery round whose base `state.base` is."""
     rows = [
         {
             "round": round_,
@@ -377,6 +418,7 @@ def state_table(
             "chain": state.specs(c.name),
             "stats_rounds": [link.stats_round for link in state.chain(c.name)],
             "sparsity": float(sparsity[c.name]),
+            "base_round": base_round,
         }
         for c in components
     ]
@@ -384,9 +426,12 @@ def state_table(
 
 
 def state_from_table(
-    table: pa.Table, calibration: Mapping[int, Mapping[str, np.ndarray]]
+    table: pa.Table,
+    calibration: Mapping[int, Mapping[str, np.ndarray]],
+    base_location: Callable[[int], str] | None = None,
 ) -> tuple[ModelState, dict[str, float]]:
-    """The state and per-component sparsity; `calibration` maps round -> component -> norm."""
+    """The state and per-component sparsity; `calibration` maps round -> component -> norm,
+    `base_location` a recovery round to its base folder (the run's `RunStore.base_location`)."""
     chains: dict[str, tuple[Link, ...]] = {}
     sparsity: dict[str, float] = {}
     for row in table.to_pylist():
@@ -397,7 +442,16 @@ def state_from_table(
             links.append(Link(spec, stats_round, norm))
         chains[name] = tuple(links)
         sparsity[name] = row["sparsity"]
-    return ModelState(chains), sparsity
+    rounds = {row.get("base_round") for row in table.to_pylist()}
+    if len(rounds) > 1:
+        raise ValueError(f"a state's rows name more than one base round: {sorted(rounds)}")
+    base_round = rounds.pop() if rounds else None
+    base = None
+    if base_round is not None:
+        if base_location is None:
+            raise ValueError(f"this state starts from recovery round {base_round}'s base")
+        base = base_location(base_round)
+    return ModelState(chains, base), sparsity
 
 
 # --- decisions -----------------------------------------------------------------------------------
@@ -412,6 +466,8 @@ TABLE_SCHEMAS = {
     "calibration": CALIBRATION_SCHEMA,
     "decisions": DECISION_SCHEMA,
     "states": STATE_SCHEMA,
+    "recovery": RECOVERY_SCHEMA,
+    "floor": FLOOR_SCHEMA,
     "final/prompts": FINAL_PROMPTS_SCHEMA,
     "final/components": FINAL_COMPONENTS_SCHEMA,
     "final/summary": FINAL_SUMMARY_SCHEMA,

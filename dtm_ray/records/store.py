@@ -98,6 +98,12 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return _split_uri(uri)
 
 
+def join_uri(uri: str, *parts: str) -> str:
+    """`uri` with path parts appended before its query (`s3://b/run?endpoint_override=…`)."""
+    base, sep, query = uri.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
 def _s3_filesystem(fs: pafs.S3FileSystem, uri: str) -> pafs.S3FileSystem:
     """The S3 filesystem `from_uri` made, with bounded client retries and, when the URI names no
     endpoint, the one in AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (the AWS SDKs' convention for
@@ -486,3 +492,26 @@ class RunStore:
         for name, text in files.items():
             data = redact(text).encode()
             self._write_atomically(self._path(folder, name), lambda stream, d=data: stream.write(d))
+
+    # --- recovery bases ----------------------------------------------------------------------
+    def base_location(self, round_: int) -> str:
+        """Where recovery round `round_` writes its base: a folder engines and export read."""
+        return join_uri(self.location, "base", f"round-{round_:03d}")
+
+    def _base_path(self, round_: int, name: str) -> str:
+        return self._path("base", f"round-{round_:03d}", name)
+
+    def write_base_file(self, round_: int, name: str, local_file: str) -> None:
+        """Copy a local file into round `round_`'s base folder (temp name, then renamed)."""
+        path = self._base_path(round_, name)
+
+        def write(stream: Any) -> None:
+            with open(local_file, "rb") as source:
+                while chunk := source.read(1 << 24):
+                    stream.write(chunk)
+
+        self._write_atomically(path, write)
+
+    def train_location(self) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, path) of `train/`, where Ray Train keeps its checkpoints."""
+        return self.fs, self._path("train")

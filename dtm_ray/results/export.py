@@ -52,6 +52,7 @@ from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.records.schemas import (
     CALIBRATION_SCHEMA,
     FINAL_SUMMARY_SCHEMA,
+    RECOVERY_SCHEMA,
     STATE_SCHEMA,
     calibration_from_table,
     state_from_table,
@@ -129,7 +130,7 @@ def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path 
         for k, v in summary.to_pylist()[0].items()
     }
     engine_dtype = _engine_dtype(config.get("dtype", "auto"), summary_row)
-    state, _ = state_from_table(states, _calibration(store, states))
+    state = final_state(store, states, _calibration(store, states))
     # Module order (layer, then q k v o gate up down): the order llm-compressor matches targets.
     rows = sorted(states.to_pylist(), key=lambda r: (r["layer"], KINDS.index(r["kind"])))
 
@@ -191,6 +192,18 @@ def _final_states(store: RunStore) -> pa.Table | None:
     return table.filter(pc.equal(table.column("round"), last))
 
 
+def final_state(
+    store: RunStore, states: pa.Table, calibration: Mapping[int, Mapping[str, Any]]
+) -> ModelState:
+    """The state the run ended in: its last committed round's, or the base that round's
+    recovery trained (recovery/round-r commits it)."""
+    state, _ = state_from_table(states, calibration, store.base_location)
+    last = pc.max(states.column("round")).as_py()
+    if store.read_round_table("recovery", RECOVERY_SCHEMA, last) is not None:
+        return ModelState({}, store.base_location(last))
+    return state
+
+
 def _calibration(store: RunStore, states: pa.Table) -> dict[int, dict[str, Any]]:
     """round -> component -> input norm, for the rounds the wanda links name."""
     rounds = {r for chain in states.column("stats_rounds").to_pylist() for r in chain}
@@ -234,7 +247,10 @@ def _write_checkpoint(
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    wanted = set(state.components())
+    from dtm_ray.engines.checkpoint import BaseWeights
+
+    base = BaseWeights(state.base) if state.base is not None else None
+    wanted = set(state.components()) | (set(base.names) if base is not None else set())
     saved: dict[str, tuple[float, str]] = {}
     for shard in shards(model_dir):
         path = model_dir / shard
@@ -243,7 +259,11 @@ def _write_checkpoint(
         tensors = load_file(path)
         for name, tensor in tensors.items():
             if name in wanted:
-                tensors[name] = tensor = _replay(tensor, state.chain(name), engine_dtype)
+                start = tensor
+                if base is not None and name in base:  # recovery's trained weight
+                    start = base.get(name)
+                replayed = _replay(start, state.chain(name), engine_dtype)
+                tensors[name] = tensor = replayed.to(tensor.dtype)
             nonzero = int(torch.count_nonzero(tensor))
             saved[name] = (1.0 - nonzero / tensor.numel(), str(tensor.dtype).removeprefix("torch."))
         if write:

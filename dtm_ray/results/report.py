@@ -388,6 +388,50 @@ def progress_section(run: RunTables, out: Path) -> Section | None:
     return Section("Compression per round", images=[(name, title)])
 
 
+def recovery_section(run: RunTables, out: Path) -> Section | None:
+    """Recovery training: the loss curve of every recovery, and the model against the dense
+    model's reference before and after it."""
+    recovery = run.recovery.sort_values("round")
+    if recovery.empty:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), constrained_layout=True)
+    start = 0
+    for row in recovery.itertuples():
+        steps = np.arange(start + 1, start + len(row.loss) + 1)
+        ax.plot(steps, row.loss, lw=1.2, label=f"after round {row.round}")
+        start += len(row.loss)
+    ax.set_xlabel("optimizer step (all recoveries in order)")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    title = "recovery training loss"
+    ax.set_title(title, fontsize=10)
+    name = _save(fig, out, "recovery_loss.png")
+    table = recovery[
+        [
+            "round",
+            "steps",
+            "workers",
+            "seconds",
+            "fdt_at_75_before",
+            "fdt_at_75_after",
+            "fdt_mean_before",
+            "fdt_mean_after",
+            "perplexity_before",
+            "perplexity_after",
+        ]
+    ]
+    paragraphs = [
+        "After each listed round the pruned weights were fine-tuned on Ray Train with their zeros "
+        "kept; the trained tensors became the base the next round pruned further. FDT against "
+        "the dense model's reference, perplexity on the evaluation text, before -> after."
+    ]
+    return Section(
+        "Recovery training", paragraphs, [("one row per recovery", table)], [(name, title)]
+    )
+
+
 def _start_sparsity(run: RunTables) -> float | None:
     """The selected components' sparsity before round 0 (from round 0's decision rows)."""
     first = run.decisions[run.decisions["round"] == 0]
@@ -448,6 +492,7 @@ SECTIONS: list[Callable[[RunTables, Path], Section | None]] = [
     heatmap_section,
     curves_section,
     progress_section,
+    recovery_section,
     tasks_section,
     components_section,
 ]

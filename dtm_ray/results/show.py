@@ -21,6 +21,8 @@ from dtm_ray.records.schemas import (
     FINAL_PROMPTS_SCHEMA,
     FINAL_SUMMARY_SCHEMA,
     FINAL_TASKS_SCHEMA,
+    FLOOR_SCHEMA,
+    RECOVERY_SCHEMA,
     REFERENCE_SCHEMA,
     STATE_SCHEMA,
     STATUS_OK,
@@ -48,6 +50,8 @@ class RunTables:
     decisions: pd.DataFrame
     states: pd.DataFrame
     final: dict[str, pd.DataFrame] = field(default_factory=dict)
+    recovery: pd.DataFrame = field(default_factory=RECOVERY_SCHEMA.empty_table().to_pandas)
+    floor: pd.DataFrame = field(default_factory=FLOOR_SCHEMA.empty_table().to_pandas)
 
     @property
     def new_tokens(self) -> int:
@@ -139,6 +143,8 @@ def load_run(run_dir: str) -> RunTables:
         decisions=_frame(store.read_round_table("decisions", DECISION_SCHEMA), DECISION_SCHEMA),
         states=_frame(store.read_round_table("states", STATE_SCHEMA), STATE_SCHEMA),
         final=finals,
+        recovery=_frame(store.read_round_table("recovery", RECOVERY_SCHEMA), RECOVERY_SCHEMA),
+        floor=_frame(store.read_round_table("floor", FLOOR_SCHEMA), FLOOR_SCHEMA),
     )
 
 
@@ -177,6 +183,19 @@ def rounds_table(run: RunTables) -> pd.DataFrame:
                 row["sparsity_after"] = float(
                     (states["sparsity"] * states["params"]).sum() / params
                 )
+        floor = run.floor[run.floor["round"] == round_]
+        if len(floor):  # the largest scale of the step that kept the quality floor
+            row["floor_scale"] = float(floor.loc[floor["passed"], "scale"].max()) if (
+                floor["passed"].any()
+            ) else 0.0
+        recovery = run.recovery[run.recovery["round"] == round_]
+        if len(recovery):
+            r = recovery.iloc[0]
+            row["loss"] = f"{r['loss'][0]:.3f}->{r['loss'][-1]:.3f}"
+            # Against the dense model's reference, before -> after the training.
+            row["fdt75_dense"] = f"{r['fdt_at_75_before']:g}->{r['fdt_at_75_after']:g}"
+            row["fdt_mean_dense"] = f"{r['fdt_mean_before']:.1f}->{r['fdt_mean_after']:.1f}"
+            row["perplexity"] = f"{r['perplexity_before']:.2f}->{r['perplexity_after']:.2f}"
         rows.append(row)
     return pd.DataFrame(rows)
 
