@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dtm_ray.core.state import ModelState
+from dtm_ray.engines.sources import ModelSource
 
 WEIGHTS_FILE = "weights.safetensors"  # the trained tensors, in the engines' dtype
 PROGRESS_FILE = "progress.json"  # steps done and the loss of each
@@ -37,7 +38,7 @@ class Recovery:
     """What one recovery trains: the model, the state it starts from, the weights it may
     change, its sequences and its settings."""
 
-    model: str  # a name or folder every node can resolve
+    model: ModelSource  # materialised once per node, as the engine actors do
     dtype: str  # the engines' dtype; training runs in float32 and hands back this dtype
     state: ModelState
     names: list[str]  # the weights to train (the selected components)
@@ -157,7 +158,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         step_rows,
         worker_rows,
     )
-    from dtm_ray.engines.models import resolve_model
+    from dtm_ray.engines.sources import node_folder
 
     recovery: Recovery = config["recovery"]
     if config.get("threads"):
@@ -169,15 +170,12 @@ def _train_loop(config: dict[str, Any]) -> None:
         torch.device("cpu")
     )
 
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(recovery.model), dtype=torch.float32
-    )
+    folder = node_folder(recovery.model)  # this node's copy, fetched once per node
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.config.use_cache = False
     teacher = None
     if recovery.objective == "distill":  # the dense model, as the checkpoint has it
-        teacher = AutoModelForCausalLM.from_pretrained(
-            resolve_model(recovery.model), dtype=torch.float32
-        )
+        teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         teacher.requires_grad_(False)
         teacher.to(device).eval()
     trainable = set(recovery.names)

@@ -28,7 +28,6 @@ from dtm_ray.cluster.recovery import Recovery, fits_beside, train
 from dtm_ray.core.metrics import fdt_at
 from dtm_ray.core.state import ModelState
 from dtm_ray.engines.checkpoint import BASE_FILE, BASE_INDEX
-from dtm_ray.engines.models import model_for_nodes
 from dtm_ray.job.checks import Plan
 from dtm_ray.log import log
 from dtm_ray.loop.rounds import JobEngines, reference_of, source_for_actors
@@ -105,7 +104,7 @@ def _base(
     names = [c.name for c in plan.components]
     _, dtype = engines.pool.call("dtype_of", names[0])
     recovery = Recovery(
-        model=model_for_nodes(plan.job.model),
+        model=plan.model_source,
         dtype=dtype,
         state=state,
         names=names,
