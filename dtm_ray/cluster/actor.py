@@ -196,14 +196,17 @@ def startup_report(index: int) -> str | None:
     return value.decode() if value else None
 
 
-def clear_startup_reports() -> None:
-    """Forget what this job's actors said while starting (a later pool of the same driver
-    starts with a clean slate)."""
+def clear_startup_reports(index: int | None = None) -> None:
+    """Forget what actor `index` (or every actor of this job) said while starting, once it
+    answers: a later start begins with a clean slate."""
     import ray
     from ray.experimental import internal_kv
 
-    prefix = _startup_key(0, ray.get_runtime_context().get_job_id())[:-1]
-    internal_kv._internal_kv_del(prefix, del_by_prefix=True, namespace=_STARTUP_NAMESPACE)
+    key = _startup_key(0 if index is None else index, ray.get_runtime_context().get_job_id())
+    if index is None:
+        internal_kv._internal_kv_del(key[:-1], del_by_prefix=True, namespace=_STARTUP_NAMESPACE)
+    else:
+        internal_kv._internal_kv_del(key, namespace=_STARTUP_NAMESPACE)
 
 
 def _quiet_transformers() -> None:

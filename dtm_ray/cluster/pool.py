@@ -144,6 +144,7 @@ class EnginePool:
         since = self.down.pop(index, None)
         if since is None:
             return
+        clear_startup_reports(index)
         old = self.name(index)
         if self.names:
             self.names[index] = info["worker"]
@@ -164,10 +165,10 @@ class EnginePool:
     def waiting(self, started: float) -> str:
         """How long the down actors have been restarting, and what holds them up."""
         names = ", ".join(self.name(i) for i in sorted(self.down))
-        return (
-            f"waiting {time.monotonic() - started:.0f} s for {names} to restart: "
-            f"{_restart_holdup(self.resources)}"
-        )
+        holdup = _restart_holdup(self.resources)
+        if holdup == RELOADING:  # what each says it is doing (fetching on a new node, loading)
+            holdup = _reports(sorted(self.down)) or holdup
+        return f"waiting {time.monotonic() - started:.0f} s for {names} to restart: {holdup}"
 
     def give_up(self, started: float) -> StartupError:
         names = ", ".join(self.name(i) for i in sorted(self.down))
@@ -600,6 +601,7 @@ def _holdup(resources: dict[str, float], count: int) -> str:
 
 
 LOADING = "loading the model"
+RELOADING = "loading the model again"
 
 
 def _reports(indexes: Sequence[int]) -> str:
@@ -616,7 +618,7 @@ def _restart_holdup(resources: dict[str, float]) -> str:
     wanted, ask = _wanted(resources)
     free = ray.available_resources()
     if all(free.get(k, 0) >= v for k, v in wanted.items()):
-        return "loading the model again"
+        return RELOADING
     return (
         f"it needs {ask} and no node has that free (free: {_amounts(free)}); it waits for room "
         "on a node (an autoscaler may add one)"
