@@ -43,6 +43,13 @@ LLAMA2 = {
         "num_hidden_layers": 40,
         "num_attention_heads": 40,
     },
+    "70b": {
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+    },
 }
 
 
@@ -52,7 +59,9 @@ def llama2_folder(root: Path, size: str) -> Path:
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "num_key_value_heads": LLAMA2[size]["num_attention_heads"],
+        "num_key_value_heads": LLAMA2[size].get(
+            "num_key_value_heads", LLAMA2[size]["num_attention_heads"]
+        ),
         "vocab_size": 32000,
         "max_position_embeddings": 4096,
         "torch_dtype": "float16",
@@ -63,7 +72,8 @@ def llama2_folder(root: Path, size: str) -> Path:
 
 
 def model_override(job: Path, tmp_path: Path) -> list[str]:
-    """Llama-2 jobs point at a folder on a cluster volume; validate them against its config."""
+    """Llama-2 jobs name hub ids, unreachable here; validate them against a folder holding the
+    same config.json."""
     for size in LLAMA2:
         if f"llama2-{size}" in job.name:
             return ["--set", f"model={llama2_folder(tmp_path, size)}"]
