@@ -337,9 +337,7 @@ def test_a_driver_killed_during_training_resumes_from_the_ray_train_checkpoint_b
     ray_session, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    job = recovery_job(
-        tiny_llama_dir, run, workers=1, steps=6, checkpoint_every=2, objective="distill"
-    )
+    job = recovery_job(tiny_llama_dir, run, workers=1, steps=6, checkpoint_every=2)
     job["compress"]["target_sparsity"] = 0.1  # one round, one recovery
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))

@@ -12,7 +12,7 @@ run killed anywhere and resumed reaches the same final state as one that never s
 Two options extend the round:
 - `min_fdt` (the quality floor): the decided state is scored against the dense model's reference
   before it is committed; when its FDT@75 falls below the floor, the round's added sparsities are
-  scaled back by bisection to the largest scale that keeps it (`floor/round-r` holds every
+  scaled back by bisection to a scale that keeps it (`floor/round-r` holds every
   candidate) and the run stops after that round, at the sparsity it reached.
 - `recovery`: after a committed round, training on Ray Train makes a new base the next rounds
   start from (`dtm_ray.loop.recovery`; it commits with `recovery/round-r`).
@@ -243,8 +243,9 @@ def _floor(
 ) -> SparsifyDecision:
     """The decision cut back to keep FDT@75 against the dense model's reference >= min_fdt: the
     decided state is scored as a whole; when it falls below, the added sparsities are scaled by
-    the largest scale in [0, 1] that keeps the floor, found by bisection (each candidate scored
-    as a whole). Every candidate goes to `floor/round-r`."""
+    a factor in [0, 1] that keeps the floor, found by bisection (each candidate scored as a
+    whole; FDT@75 is noisy, so the result passes within 1/64 of a scale that fails, which need
+    not be the largest passing one). Every candidate goes to `floor/round-r`."""
     config = plan.compress
     params = {c.name: c.params for c in plan.components}
     dense = reference_of(store, 0)
