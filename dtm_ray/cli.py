@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dtm_ray.engines import models
-from dtm_ray.errors import ConfigError, StorageError, UserError
+from dtm_ray.errors import StorageError, UserError
 from dtm_ray.job.checks import Plan, plan_job
 from dtm_ray.job.spec import EvaluateConfig, load_job
 from dtm_ray.redact import redact
@@ -93,6 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from dtm_ray.job.memory import refuse_unless_fits
     from dtm_ray.loop.estimate import (
         calibrate,
         estimate,
@@ -104,8 +105,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     plan = _load_plan(args)
     gpu_bytes = int(args.gpu_gib * (1 << 30)) if args.gpu_gib else None
     memory = plan_memory(plan, gpu_bytes, args.node_gpus)
-    if memory.problems:  # --gpu-gib is checked here; what the job declares, by its checks
-        raise ConfigError("; ".join(memory.problems))
+    refuse_unless_fits(memory)  # with --gpu-gib; what the job declares, its checks refused
     if args.no_calibrate:
         costs = flop_costs(plan, args.worker_tflops * 1e12 if args.worker_tflops else None)
     else:

@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from dtm_ray.core.components import ARCHITECTURES, KINDS  # noqa: E402
 from dtm_ray.core.compress import compress  # noqa: E402
 from dtm_ray.core.state import Link, ModelState  # noqa: E402
 from dtm_ray.engines.session import EngineSession  # noqa: E402
@@ -24,17 +25,8 @@ from dtm_ray.engines.vllm import VLLMEngine  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-KINDS = ["q", "k", "v", "o", "gate", "up", "down"]
-PATHS = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
-NAMES = [f"model.layers.{layer}.{PATHS[kind]}.weight" for layer in (0, 1) for kind in KINDS]
+LLAMA = ARCHITECTURES["LlamaForCausalLM"]  # kind -> weight name pattern
+NAMES = [LLAMA[kind].format(layer=layer) for layer in (0, 1) for kind in KINDS]
 SPECS = ["magnitude:0.5", "wanda:0.5", "int8", "int4-g128"]
 N_PREFIX, N_NEW = 8, 16
 

@@ -40,6 +40,7 @@ from typing import Any
 
 from dtm_ray.core.components import Component
 from dtm_ray.engines.config import residual_stride
+from dtm_ray.errors import ConfigError
 from dtm_ray.job.spec import JobConfig
 
 GIB = 1 << 30
@@ -123,7 +124,7 @@ def memory_plan(
     warnings: list[str] = []
 
     weights = model_weights(config, every) * b
-    largest = max((c.params for c in selected), default=0) * b
+    largest = max((c.params for c in selected), default=0)  # values of the largest weight
     selected_bytes = sum(c.params for c in selected) * b
 
     # The residual stream layer skip keeps.
@@ -164,8 +165,7 @@ def memory_plan(
     logits = step_sequences * n_new * vocab * (8 if b == 4 else 8 + b)
     activations = step_tokens * (2 * intermediate + 4 * hidden) * b
     originals = min(engine.original_cache_bytes, selected_bytes)
-    largest_values = max((c.params for c in selected), default=0)
-    edit = largest + largest // tp + 3 * largest_values * 4
+    edit = largest * b + largest * b // tp + 3 * largest * 4
 
     engine_side = [
         ("weights", weights // tp),
@@ -253,16 +253,20 @@ def format_memory(plan: MemoryPlan) -> list[str]:
     return lines
 
 
+def refuse_unless_fits(plan: MemoryPlan) -> None:
+    """Raise ConfigError (one line) when the plan does not fit the memory declared for it."""
+    if plan.problems:
+        raise ConfigError(
+            "; ".join(plan.problems) + " (see `dtm-ray plan`; lower engine_options budgets, or "
+            "declare more)"
+        )
+
+
 def check_memory(
     job: JobConfig,
     config: Mapping[str, Any],
     selected: Sequence[Component],
     every: Sequence[Component],
 ) -> None:
-    """Raise ValueError (one line) when the job cannot fit the memory its resources declare."""
-    problems = memory_plan(config, job, selected, every).problems
-    if problems:
-        raise ValueError(
-            "; ".join(problems) + " (see `dtm-ray plan`; lower engine_options budgets, or "
-            "declare more)"
-        )
+    """Refuse, in one line, a job that cannot fit the memory its resources declare."""
+    refuse_unless_fits(memory_plan(config, job, selected, every))
