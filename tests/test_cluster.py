@@ -98,7 +98,7 @@ def check_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
     mounts = filled["file_mounts"]
     remote_dirs = [remote for remote, local in mounts.items() if local in (".", "./")]
     assert remote_dirs, "the project directory is not in file_mounts"
-    install = re.compile(r"pip install .*-e \S*dtm_ray\[vllm\]")
+    install = re.compile(r"pip install .*-e \S*dtm_ray\[vllm[\],]")
     for key in ("head_setup_commands", "worker_setup_commands"):
         commands = "\n".join(filled[key])
         assert install.search(commands), f"{key} do not install dtm_ray[vllm]"
@@ -129,7 +129,8 @@ def _break(config: dict[str, Any], what: str) -> None:
     elif what == "min-over-max":
         types["gpu.a10g.x4"]["min_workers"] = config["max_workers"] + 1
     elif what == "no-vllm-extra":
-        config["setup_commands"] = [c.replace("[vllm]", "") for c in config["setup_commands"]]
+        extras = re.compile(r"\[vllm[^\]]*\]")
+        config["setup_commands"] = [extras.sub("", c) for c in config["setup_commands"]]
     elif what == "no-gpu-workers":
         for name, t in types.items():
             if name != config["head_node_type"]:
