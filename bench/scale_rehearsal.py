@@ -35,6 +35,7 @@ import torch
 
 from dtm_ray.core.state import Link, ModelState
 from dtm_ray.engines import EngineConfig, make_engine
+from dtm_ray.engines.config import ORIGINAL_CACHE_BYTES
 from dtm_ray.engines.probe import build_reference
 from dtm_ray.engines.session import EngineSession
 
@@ -62,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--push-mib", type=int, default=512, help="state_push_bytes, where known")
+    p.add_argument(
+        "--original-cache-mib",
+        type=int,
+        default=ORIGINAL_CACHE_BYTES >> 20,
+        help="original_cache_bytes: the engine's LRU of checkpoint originals (host memory)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
@@ -133,6 +140,15 @@ class Counting:
         self.bytes = self.crossed = 0
 
 
+def original_cache_bytes(engine: Any) -> int:
+    """Bytes the engine holds in its LRU of checkpoint originals: a declared budget
+    (`original_cache_bytes`), filled by the first edit of each weight, counted apart from the
+    state change's own peak."""
+    checkpoint = getattr(engine, "_checkpoint", None)
+    cache = getattr(checkpoint, "_cache", {})
+    return sum(t.nbytes for t in cache.values())
+
+
 def state_of_round(names: list[str], r: int, criterion: str, shapes: dict) -> ModelState:
     chains = {}
     for name in names:
@@ -156,10 +172,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from dtm_ray.engines.vllm import VLLMEngine
 
         # The built model has no tokenizer; the engine passes token ids and never detokenizes.
-        vllm = VLLMEngine(folder, dtype=args.dtype, llm_kwargs={"skip_tokenizer_init": True})
+        vllm = VLLMEngine(
+            folder,
+            dtype=args.dtype,
+            original_cache_bytes=args.original_cache_mib << 20,
+            llm_kwargs={"skip_tokenizer_init": True},
+        )
         engine = Counting(vllm)
     else:
-        engine = Counting(make_engine(folder, EngineConfig(kind=args.engine, dtype=args.dtype)))
+        config = EngineConfig(
+            kind=args.engine, dtype=args.dtype, original_cache_bytes=args.original_cache_mib << 20
+        )
+        engine = Counting(make_engine(folder, config))
     try:
         session = EngineSession(engine, push_bytes=args.push_mib << 20)
         push = f"{args.push_mib} MiB"
@@ -186,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.cuda.synchronize()
         change_s = time.perf_counter() - start
         peak_above = rss_kib("VmHWM") - resident
+        cache = original_cache_bytes(engine.engine)
         gpu_peak = gpu_peak_above(gpu_before)
         change_bytes, change_crossed = engine.bytes, engine.crossed
         engine.reset()
@@ -207,6 +232,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "round": r,
                 "state_change_s": change_s,
                 "peak_above_model_mib": peak_above / 1024,
+                # The originals' LRU (a budget of its own, kept between rounds), and the peak
+                # beside the model and that cache: what the push budget bounds.
+                "original_cache_mib": cache / 2**20,
+                "peak_above_model_and_cache_mib": peak_above / 1024 - cache / 2**20,
                 "gpu_peak_above_model_mib": gpu_peak,
                 "state_change_weight_mib": change_bytes / 2**20,
                 "probe_s": float(np.median(probe_s)),
@@ -221,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gpu = "" if gpu_peak is None else f" (GPU +{gpu_peak:.0f} MiB)"
         print(
             f"round {r}: state change {change_s:6.2f} s, peak +{row['peak_above_model_mib']:7.0f} "
-            f"MiB{gpu} above the model, {row['state_change_weight_mib']:7.0f} MiB handed over, "
+            f"MiB{gpu} above the model ({row['original_cache_mib']:.0f} MiB of it the originals' "
+            f"cache), {row['state_change_weight_mib']:7.0f} MiB handed over, "
             f"{row['state_change_crossed_mib']:7.0f} MiB between processes; "
             f"probe {row['probe_s']:.2f} s ({row['probe_weight_mib']:.1f} MiB handed over, "
             f"{row['probe_crossed_mib']:.1f} MiB between processes, each); "
