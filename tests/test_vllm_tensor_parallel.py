@@ -37,8 +37,9 @@ def _norm(in_features: int) -> np.ndarray:
 
 def by_spec_against_reference(engine: VLLMEngine) -> list[str]:
     """Every weight x spec: the digest (per rank) after a probe by spec in the workers equals the
-    one after loading the weight computed here, and the put-back restores the dense digest with
-    no weight sent. Returns the failures."""
+    one after loading the weight computed here, and the restore (from the checkpoint file, read by
+    the ranks) and the put-back (from the ranks' copies) give back the dense digest with no weight
+    sent. Returns the failures."""
     dense = engine.params_digest()
     failures = []
     for name in NAMES:
@@ -48,8 +49,10 @@ def by_spec_against_reference(engine: VLLMEngine) -> list[str]:
             link = Link(spec, None, norm if spec.startswith("wanda") else None)
             engine.set_weights({name: compress(original, spec, link.stats)})
             reference = engine.params_digest()
-            engine.restore([name])
             sent = engine.weight_bytes_sent
+            engine.restore([name])  # the ranks read the original themselves
+            if engine.params_digest() != dense:
+                failures.append(f"{name} {spec}: restore not bit-identical")
             engine.compress_in_place({name: (link,)}, keep=True)
             in_workers = engine.params_digest()
             engine.put_back([name])

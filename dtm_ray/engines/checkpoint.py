@@ -49,6 +49,10 @@ class Checkpoint:
         except KeyError:
             raise KeyError(f"the model has no weight named {name!r}") from None
 
+    def path(self, name: str) -> Path:
+        """The safetensors file that holds `name`."""
+        return self._file(name)
+
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self._shapes:
             from safetensors import safe_open

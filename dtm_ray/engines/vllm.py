@@ -579,13 +579,19 @@ class VLLMEngine:
             self._edited.update(name for name, _ in batch)
 
     def restore(self, names: Iterable[str]) -> None:
-        # The original goes back through the same loader (never a swapped tensor object: CUDA
-        # graphs keep pointers), cast exactly as vLLM cast it at start-up, so bits match.
+        # Each rank reads the original from the checkpoint file on this node itself and copies
+        # its shard into the live parameter (never a swapped tensor object: CUDA graphs keep
+        # pointers), cast as the checkpoint reader casts it, so bits match. Only names and
+        # paths cross into the workers; each rank holds one original at a time on the host.
         self._check_open()
         todo = [name for name in dict.fromkeys(names) if name in self._edited]
         if todo:
-            self._load([(name, self._checkpoint.get(name)) for name in todo])
+            files = [(name, str(self._checkpoint.path(name))) for name in todo]
+            dtype = str(self._checkpoint.dtype).removeprefix("torch.")
+            with self._threads():
+                self.llm.collective_rpc("dtm_restore", args=(files, dtype))
             self._edited.difference_update(todo)
+            self._edits_done()
 
     def params_digest(self) -> list[str]:
         """sha256 of every live parameter (vLLM names, fused), one digest per worker rank."""

@@ -105,6 +105,24 @@ class WeightEditExtension:
                 _place(model, name).piece().copy_(saved.pop(name))
         return list(names)
 
+    def dtm_restore(self, files: Sequence[tuple[str, str]], dtype: str) -> list[str]:
+        """Write back each named HF weight's original from its safetensors file on this node
+        (`(name, path)` pairs), cast to `dtype` as the checkpoint reader casts it: the engine
+        sends names, never the tensors. Each rank reads one whole weight at a time (host
+        memory: the largest weight) and writes its own shard."""
+        from safetensors import safe_open
+
+        model = self._dtm_model()
+        saved = self.__dict__.setdefault("_dtm_saved", {})
+        with torch.no_grad():
+            for name, path in files:
+                place = _place(model, name)
+                with safe_open(path, "pt") as f:
+                    original = f.get_tensor(name).to(getattr(torch, dtype))
+                place.write(original.to(place.param.device))
+                saved.pop(name, None)  # a restored weight has nothing left to put back
+        return [name for name, _ in files]
+
     def dtm_nonzero(self, names: Sequence[str]) -> dict[str, int]:
         """Nonzero values of each whole HF weight (gathered from the group's shards)."""
         model = self._dtm_model()
