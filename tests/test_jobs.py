@@ -171,8 +171,10 @@ def test_demo_schedule_is_two_rounds_of_two_probes_per_component():
     rounds = schedule(plan)
     assert [r.label for r in rounds] == ["0", "1", "final", "finish"]
     assert [r.probes for r in rounds] == [42, 42, 0, 0]  # 3 layers x 7 kinds x 2 added sparsities
-    # 16 prompts x (16 + 32) tokens per probe, plus the reference generated and scored.
-    assert tokens_scored(plan, rounds[0]) == 42 * 16 * 48 + 16 * (48 + 32)
+    # 16 prompts x (16 + 32) tokens per probe and per actor's noise floor, plus the reference
+    # generated and scored.
+    passes = 42 + plan.job.workers
+    assert tokens_scored(plan, rounds[0]) == passes * 16 * 48 + 16 * (48 + 32)
 
 
 def test_sparsify_steps_land_on_the_target():

@@ -105,6 +105,8 @@ class EngineActor:
             "dtype": self.dtype,
             "hardware": hardware,
             "model_fetched": self.fetched,  # this actor fetched the model for its node
+            # VLLM_BATCH_INVARIANT as this actor's engine runs (the hf engine has no such mode).
+            "batch_invariant": bool(getattr(self.session.engine, "batch_invariant", False)),
         }
 
     def load_prompts(self, source: str, count: int, prefix_tokens: int, seed: int) -> np.ndarray:
@@ -138,6 +140,28 @@ class EngineActor:
     def zero_shares(self, state: ModelState, names: list[str]) -> dict[str, tuple[float, int]]:
         self._guarded(self.session.apply_state, state)
         return self.session.zero_shares(names)
+
+    def null_probe(self, context: RoundContext) -> dict[str, Any]:
+        """The round's model, unmodified (a probe with no compression), scored against the
+        round's reference on this actor: what this actor's numerics alone make of it (its noise
+        floor). One scoring pass over the P prompts x (prefix + N) tokens, like one probe; on
+        the hf engine it also keeps the residual stream the round's first probe here would
+        otherwise pay a pass for."""
+        import ray
+
+        self._guarded(self.session.apply_state, context.state)
+        result = self.session.score(context.reference)
+        return {
+            "worker": self.worker,
+            "host": socket.gethostname(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "engine": self.engine_kind,
+            "dtype": self.dtype,
+            "batch_invariant": bool(getattr(self.session.engine, "batch_invariant", False)),
+            "fdt": result.fdt,
+            "sdt": result.sdt,
+            "seconds": result.seconds,
+        }
 
     def dtype_of(self, component: str) -> tuple[int, str]:
         """(bytes per value, dtype name) of the weights as this engine holds them."""

@@ -33,6 +33,66 @@ ORIGINAL_CACHE_BYTES = 2 * _GIB
 CPU_KV_CACHE_BYTES = 1 * _GIB
 
 
+# vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`): every sequence's logits are the same
+# bits whatever else shares its batch, so a reference built in slices on many actors and probes
+# scoring all prompts at once on another agree exactly. vLLM 0.32 runs it on NVIDIA GPUs of
+# compute capability >= 8.0 (Ampere, Hopper, Blackwell: its own Triton matmuls on 8.x, cuBLAS
+# without split-k above) with the FlashAttention, FlexAttention or Triton attention backends.
+BATCH_INVARIANT_MIN_CAPABILITY = (8, 0)
+
+
+def batch_invariant_blocker(
+    engine: str, device: str, capability: tuple[int, int] | None = None
+) -> str | None:
+    """Why an engine on `device` ("cuda" = NVIDIA, "rocm", "xpu", "cpu", ...) with compute
+    `capability` (major, minor) cannot run batch-invariant; None when it can."""
+    if engine != "vllm":
+        return f"the {engine} engine has no batch-invariant mode (only vllm has one)"
+    if device != "cuda":
+        return f"vLLM's batch-invariant mode needs an NVIDIA GPU and this engine runs on {device}"
+    if capability is None:
+        return "the GPU's compute capability is unknown"
+    if tuple(capability) < BATCH_INVARIANT_MIN_CAPABILITY:
+        major, minor = BATCH_INVARIANT_MIN_CAPABILITY
+        return (
+            f"vLLM's batch-invariant mode needs compute capability >= {major}.{minor} and this "
+            f"GPU has {capability[0]}.{capability[1]}"
+        )
+    return None
+
+
+def resolve_batch_invariant(
+    setting: bool | None, engine: str, device: str, capability: tuple[int, int] | None = None
+) -> bool:
+    """Whether an engine runs batch-invariant: `setting` None = where it can (the vllm engine on
+    an NVIDIA GPU of capability >= 8.0), False = off; True where it cannot is a ValueError."""
+    blocker = batch_invariant_blocker(engine, device, capability)
+    if setting is True and blocker is not None:
+        raise ValueError(f"engine_options.batch_invariant: true cannot be honoured: {blocker}")
+    if setting is None:
+        return blocker is None
+    return bool(setting)
+
+
+def describe_batch_invariance(setting: bool | None, engine: str, gpus: float) -> str:
+    """What the job's actors will do, as `dtm-ray plan` says it (before any engine exists: a GPU's
+    capability is known only where the engine starts)."""
+    if setting is False:
+        return "batch invariance: off (engine_options.batch_invariant: false)"
+    if engine != "vllm" or not gpus:
+        where = f"the {engine} engine" if engine != "vllm" else "the engine actors run on CPU"
+        return f"batch invariance: off ({where}; the noise/ table shows each actor's noise floor)"
+    if setting is True:
+        return (
+            "batch invariance: on (engine_options.batch_invariant: true; an engine on a GPU that "
+            "cannot run it fails to start)"
+        )
+    return (
+        "batch invariance: on where the actors' GPUs are NVIDIA with compute capability >= 8.0, "
+        "off elsewhere (decided as each engine starts; recorded in run.json and noise/)"
+    )
+
+
 def residual_stride(per_layer_bytes: int, layers: int, budget: int) -> int:
     """Keep the input of every k-th decoder layer, k the smallest that fits `budget` bytes."""
     return max(1, -(-per_layer_bytes * layers // budget))
@@ -61,6 +121,9 @@ class EngineConfig:
     state_push_bytes: int = STATE_PUSH_BYTES
     original_cache_bytes: int = ORIGINAL_CACHE_BYTES  # vllm
     cpu_kv_cache_bytes: int = CPU_KV_CACHE_BYTES  # vllm on CPU
+    # vllm: VLLM_BATCH_INVARIANT. None: on where it can be (an NVIDIA GPU of compute capability
+    # >= 8.0), off elsewhere; True: required (an engine that cannot fails to start); False: off.
+    batch_invariant: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ENGINE_KINDS:
@@ -75,6 +138,10 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len {self.max_model_len} must be >= 2")
+        if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
+            raise ValueError(
+                f"batch_invariant must be true, false or null (auto), got {self.batch_invariant!r}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size} must be >= 1")
         if self.state_push_bytes == 0:

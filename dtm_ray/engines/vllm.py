@@ -43,6 +43,7 @@ from dtm_ray.engines.config import (
     ORIGINAL_CACHE_BYTES,
     RESIDUAL_CACHE_BYTES,
     residual_stride,
+    resolve_batch_invariant,
 )
 
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
@@ -56,6 +57,28 @@ def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def _device() -> tuple[str, tuple[int, int] | None]:
+    """What vLLM will run on, by its own platform detection: ("cuda" for NVIDIA, "rocm", "xpu",
+    "cpu", ...) and the GPU's compute capability (major, minor) where it has one."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return "cpu", None
+    if current_platform.is_cuda():
+        capability = current_platform.get_device_capability()
+        return "cuda", (capability.major, capability.minor) if capability else None
+    if current_platform.is_rocm():
+        return "rocm", None
+    return str(getattr(current_platform, "device_type", "") or "unknown"), None
+
+
+def _set_batch_invariant(on: bool) -> None:
+    """VLLM_BATCH_INVARIANT for the engine about to be built and the worker processes it starts
+    (they inherit this process's environment). Set either way: a value left in the environment
+    must not turn the mode on where it cannot run (its Triton kernels on a CPU)."""
+    os.environ["VLLM_BATCH_INVARIANT"] = "1" if on else "0"
 
 
 def _cpu_env_defaults(tensor_parallel_size: int) -> None:
@@ -211,7 +234,9 @@ class VLLMEngine:
     `distributed_executor_backend` (default "mp" when tensor_parallel_size > 1: vLLM would pick
     "ray" inside a Ray placement group), `cpu_threads` (torch threads while vLLM runs on CPU;
     default OMP_NUM_THREADS if set, else 1), `seed`, `original_cache_bytes` (LRU of checkpoint
-    originals), and `llm_kwargs` passed on to `vllm.LLM` unchanged.
+    originals), `batch_invariant` (VLLM_BATCH_INVARIANT: None = on where vLLM can run it, an
+    NVIDIA GPU of compute capability >= 8.0; True where it cannot raises ValueError), and
+    `llm_kwargs` passed on to `vllm.LLM` unchanged.
     """
 
     def __init__(
@@ -229,6 +254,7 @@ class VLLMEngine:
         seed: int = 0,
         original_cache_bytes: int = ORIGINAL_CACHE_BYTES,
         residual_cache_bytes: int = RESIDUAL_CACHE_BYTES,
+        batch_invariant: bool | None = None,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         torch_dtype(dtype)  # a bad name fails before vLLM starts
@@ -237,6 +263,10 @@ class VLLMEngine:
         config = json.loads((self.model_dir / "config.json").read_text())
         self.max_model_len = max_model_len or _default_max_model_len(config)
         self.on_cpu = _on_cpu()
+        # Decided before vLLM exists (true where it cannot run fails here, in one line) and
+        # set in the environment the engine core and its workers start from.
+        self.batch_invariant = resolve_batch_invariant(batch_invariant, "vllm", *_device())
+        _set_batch_invariant(self.batch_invariant)
         self.cpu_threads = (cpu_threads or _cpu_threads_default()) if self.on_cpu else None
         kwargs = {
             "dtype": dtype,

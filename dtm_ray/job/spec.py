@@ -13,7 +13,7 @@ import yaml
 
 from dtm_ray.core.components import check_selector
 from dtm_ray.core.specs import parse_spec
-from dtm_ray.engines.config import EngineConfig
+from dtm_ray.engines.config import EngineConfig, resolve_batch_invariant
 from dtm_ray.engines.prompts import check_source
 from dtm_ray.errors import ConfigError
 from dtm_ray.job.tasks import BACKENDS, TASK_SETS
@@ -258,6 +258,7 @@ def check_fields(job: JobConfig) -> None:
             f"e.g. {{GPU: 1}}, got {job.resources_per_worker!r}"
         )
     _check_gpus(job)
+    _check_batch_invariant(job)
     if job.compress is not None and job.probe.specs is not None:
         raise ConfigError(
             "probe.specs is not used with a compress: section (its probes follow from "
@@ -317,6 +318,22 @@ def _check_gpus(job: JobConfig) -> None:
         )
 
 
+def _check_batch_invariant(job: JobConfig) -> None:
+    """`engine_options.batch_invariant: true` on actors that cannot run it, found before Ray: the
+    hf engine, or actors with no GPU. A GPU's compute capability is checked where the engine
+    starts (the driver may have no GPU)."""
+    if job.engine_options.get("batch_invariant") is not True:
+        return
+    gpus = job.resources_per_worker.get("GPU", 0)
+    if job.engine == "vllm" and gpus:
+        return
+    device = "cuda" if gpus else "CPU (resources_per_worker gives the actors no GPU)"
+    try:
+        resolve_batch_invariant(True, job.engine, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} {value!r} unknown; expected one of {list(choices)}")
@@ -324,8 +341,10 @@ def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
 
 def _check_fraction(value: Any, name: str, low_open: bool, high: float, high_open: bool) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = number and (value > 0 if low_open else value >= 0) and (
-        value < high if high_open else value <= high
+    ok = (
+        number
+        and (value > 0 if low_open else value >= 0)
+        and (value < high if high_open else value <= high)
     )
     if not ok:
         interval = f"(0, {high:g}{')' if high_open else ']'}"

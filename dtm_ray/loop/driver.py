@@ -36,6 +36,7 @@ from dtm_ray.loop.rounds import (
     JobEngines,
     Probe,
     build_reference,
+    noise_floor,
     reference_of,
     run_probes,
     source_for_actors,
@@ -134,9 +135,7 @@ def _report(run_dir: str) -> None:
         )
 
 
-def _run_plan(
-    plan: Plan, streaming: Streaming, print_summary: bool
-) -> RunOutcome:
+def _run_plan(plan: Plan, streaming: Streaming, print_summary: bool) -> RunOutcome:
     start = time.monotonic()
     job = plan.job
     store = RunStore(job.out)
@@ -274,15 +273,17 @@ def _probe_only(plan: Plan, store: RunStore, streaming: Streaming) -> int:
     job = plan.job
     probes = [Probe(c, s) for c, s in plan.probes]
     # The reference is split across every worker; probes alone never need more actors than probes.
+    done = store.finished_probes(0, failed=not plan.retry_failed)
+    pending = sum(p.key not in done for p in probes)
     if store.read_reference(0) is None:
         workers = job.workers
     else:
-        done = store.finished_probes(0, failed=not plan.retry_failed)
-        workers = min(job.workers, max(1, sum(p.key not in done for p in probes)))
+        workers = min(job.workers, max(1, pending))
     engines = _engines(plan, store, workers)
     try:
         state = ModelState()
         reference = build_reference(engines, store, job, 0, state)
+        noise_floor(engines, store, 0, state, reference.reference, reference.expected, pending > 0)
         context = RoundContext(0, state, reference.reference)
         return run_probes(engines, store, context, probes, streaming)
     finally:
@@ -290,9 +291,7 @@ def _probe_only(plan: Plan, store: RunStore, streaming: Streaming) -> int:
 
 
 # --- compression ---------------------------------------------------------------------------------
-def _compress(
-    plan: Plan, store: RunStore, streaming: Streaming
-) -> tuple[int, dict[str, pa.Table]]:
+def _compress(plan: Plan, store: RunStore, streaming: Streaming) -> tuple[int, dict[str, pa.Table]]:
     engines = _engines(plan, store, plan.job.workers)
     loop = run_sparsify if plan.compress.method == "sparsify" else run_quantize
     try:

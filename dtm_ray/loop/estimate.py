@@ -4,7 +4,9 @@ The schedule (rounds, probes per round, tokens scored) follows from the job alon
 from one of two cost models:
 
 - calibrated (the default): start one engine actor, build the reference for all prompts on it
-  and time a probe; a round then takes  reference / workers + ceil(probes / workers) x probe.
+  and time a probe; a round then takes  reference / workers + ceil(probes / workers) x probe,
+  plus one probe's time for the noise floor when it probes (every actor scores the round's
+  model once, all at the same time: `workers` x P x (prefix + N) more tokens).
 - FLOPs (`--no-calibrate`, and `dtm-ray run --dry-run`): 2 x model parameters FLOPs per token,
   over the tokens generated and scored, divided by a stated per-worker throughput. Generation is
   memory-bound on GPUs, so this is a floor there, not a forecast.
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from dtm_ray.core.decisions.sparsify import TARGET_TOLERANCE, probe_points, round_step
 from dtm_ray.core.serving import fused_groups, serving_notes
 from dtm_ray.core.state import concat_references
+from dtm_ray.engines.config import describe_batch_invariance
 from dtm_ray.engines.models import load_components
 from dtm_ray.job.checks import Plan
 from dtm_ray.job.memory import MemoryPlan, format_memory, memory_plan
@@ -134,6 +137,8 @@ def tokens_scored(plan: Plan, round_: RoundPlan) -> int:
     sequence = job.prompts.prefix_tokens + job.new_tokens
     prompts = job.prompts.count
     tokens = round_.probes * prompts * sequence
+    if round_.probes:  # the noise floor: the round's model scored once on every actor
+        tokens += job.workers * prompts * sequence
     if round_.reference == "new":
         tokens += prompts * (sequence + job.new_tokens)  # scored, plus generated one by one
     elif round_.reference == "reused":
@@ -252,6 +257,8 @@ def estimate(plan: Plan, costs: Costs) -> Estimate:
     seconds = []
     for round_ in rounds:
         s = math.ceil(round_.probes / workers) * costs.probe
+        if round_.probes:  # the noise floor: one null probe per actor, all at once
+            s += costs.probe
         if round_.reference == "new":
             s += costs.reference / min(workers, plan.job.prompts.count)
         elif round_.reference == "reused":
@@ -301,6 +308,11 @@ def format_estimate(plan: Plan, result: Estimate, memory: MemoryPlan | None = No
         f"job: {what}, engine {job.engine} ({job.dtype}), {job.workers} worker(s) of "
         f"{job.resources_per_worker}; {job.prompts.count} prompts x "
         f"({job.prompts.prefix_tokens} + {job.new_tokens}) tokens",
+        describe_batch_invariance(
+            job.engine_options.get("batch_invariant"),
+            job.engine,
+            job.resources_per_worker.get("GPU", 0),
+        ),
         "",
         f"{'round':>6} {'probes':>7} {'reference':>9} {'tokens':>12} {'time':>12}  what",
     ]

@@ -45,7 +45,7 @@ from dtm_ray.core.state import Link, ModelState
 from dtm_ray.job.checks import Plan
 from dtm_ray.log import log
 from dtm_ray.loop.progress import Streaming
-from dtm_ray.loop.rounds import JobEngines, Probe, build_reference, run_probes
+from dtm_ray.loop.rounds import JobEngines, Probe, build_reference, noise_floor, run_probes
 from dtm_ray.loop.sparsify import LoopResult
 from dtm_ray.records.schemas import STATE_SCHEMA, decision_table, state_table
 from dtm_ray.records.store import RunStore
@@ -60,7 +60,8 @@ class _Rounds:
     ) -> None:
         self.plan, self.store, self.engines, self.streaming = plan, store, engines, streaming
         # Every quantize round measures against the dense model: round 0's reference.
-        self.dense = build_reference(engines, store, plan.job, 0, ModelState()).reference
+        self.dense_round = build_reference(engines, store, plan.job, 0, ModelState())
+        self.dense = self.dense_round.reference
         self.by_name = {c.name: c for c in plan.components}
         self.params = {c.name: c.params for c in plan.components}
         # unit name -> its components' names: a fused group, or one component under its own name
@@ -87,6 +88,18 @@ class _Rounds:
     def probe(self, state: ModelState, probes: list[Probe]) -> int:
         """Run the next round's probes on top of `state`; returns the round number."""
         round_ = self.next
+        done = self.store.finished_probes(round_, failed=not self.engines.plan.retry_failed)
+        # The dense model's own scores are stored; a compressed state's the first actor gives.
+        dense = state.base is None and not any(state.chains.values())
+        noise_floor(
+            self.engines,
+            self.store,
+            round_,
+            state,
+            self.dense,
+            self.dense_round.expected if dense else None,
+            needed=any(p.key not in done for p in probes),
+        )
         context = RoundContext(round_, state, self.dense)
         self.ran += run_probes(self.engines, self.store, context, probes, self.streaming)
         return round_

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from dtm_ray.cluster.actor import EngineActor, RoundContext
 from dtm_ray.cluster.pool import Engines, Outcome, PoolSpec, Task
@@ -24,8 +25,10 @@ from dtm_ray.log import log
 from dtm_ray.loop.progress import ProbeWriter, Progress, Streaming
 from dtm_ray.records.schemas import (
     CALIBRATION_SCHEMA,
+    NOISE_SCHEMA,
     calibration_from_table,
     calibration_table,
+    noise_table,
     probe_failed_row,
     probe_ok_row,
     reference_from_table,
@@ -77,6 +80,7 @@ class RoundReference:
     reference: Reference
     current_fdt: np.ndarray  # the round's current model against the reference, per prompt
     current_nll: np.ndarray
+    current_sdt: np.ndarray | None = None  # None: all 0 (the reference is the model's own)
 
     @property
     def base_fdt(self) -> float:
@@ -85,6 +89,12 @@ class RoundReference:
     @property
     def base_nll(self) -> float:
         return float(np.mean(self.current_nll))
+
+    @property
+    def expected(self) -> tuple[np.ndarray, np.ndarray]:
+        """(FDT, SDT) per prompt of the round's model against the reference, as stored."""
+        sdt = self.current_sdt
+        return self.current_fdt, sdt if sdt is not None else np.zeros_like(self.current_fdt)
 
 
 def source_for_actors(source: str) -> str:
@@ -101,6 +111,7 @@ def _read_round_reference(store: RunStore, round_: int) -> RoundReference | None
         reference_from_table(table),
         np.asarray(table.column("current_fdt").to_pylist()),
         np.asarray(table.column("current_nll").to_pylist(), dtype=np.float64),
+        np.asarray(table.column("current_sdt").to_pylist()),
     )
 
 
@@ -160,6 +171,53 @@ def reuse_reference(
     )
     store.write_reference(table, round_)
     return _read_round_reference(store, round_)
+
+
+def noise_floor(
+    engines: JobEngines,
+    store: RunStore,
+    round_: int,
+    state: ModelState,
+    reference: Reference,
+    expected: tuple[np.ndarray, np.ndarray] | None = None,
+    needed: bool = True,
+) -> pa.Table | None:
+    """The round's noise floor per engine actor: stored, or measured and stored (`noise/`,
+    one file per round, so a resumed round reads it back and never adds rows).
+
+    Every actor scores the round's model, unmodified, against the round's reference (a null
+    probe), before the round's probes are read. `expected` is (FDT, SDT) per prompt of that
+    model as the run stored it (`RoundReference.expected`); None: the first actor's own result
+    (a quantize round's model against the dense reference, which the run scores nowhere else).
+
+    Cost per round: one scoring pass per actor, all actors at once, over the P prompts x
+    (prefix + N) tokens -- the time of one probe without layer skip, no decoding: about
+    1 / (probes per actor) of a round. `needed=False` only reads (a round whose probes are all
+    done: a finished run from before this table starts no engine to fill it in)."""
+    stored = store.read_round_table("noise", NOISE_SCHEMA, round_)
+    if stored is not None or not needed:
+        return stored
+    import ray
+
+    context = ray.put(RoundContext(round_, state, reference))
+    measured = engines.pool.broadcast("null_probe", context)
+    fdt, sdt = expected if expected is not None else (measured[0]["fdt"], measured[0]["sdt"])
+    table = noise_table(round_, measured, reference.n_new, fdt, sdt)
+    store.write_round_table("noise", round_, table)
+    rows = table.to_pylist()
+    worst = max(rows, key=lambda r: (r["noise_positions"], r["noise_prompts"]))
+    seconds = max(r["seconds"] for r in rows)
+    if worst["noise_positions"] or worst["noise_prompts"]:
+        on = sum(r["batch_invariant"] for r in rows)
+        log(
+            f"round {round_}: noise floor: {worst['worker']} departs from the reference on "
+            f"{worst['noise_prompts']} of {worst['prompts']} prompts "
+            f"({worst['noise_positions']} positions; batch-invariant on {on} of "
+            f"{len(rows)} actor(s)): its probes read damage the model does not have"
+        )
+    else:
+        log(f"round {round_}: noise floor 0 on all {len(rows)} actor(s) ({seconds:.1f} s)")
+    return table
 
 
 def reference_of(store: RunStore, round_: int) -> Reference:

@@ -52,6 +52,7 @@ from dtm_ray.loop.rounds import (
     Probe,
     build_reference,
     calibrate,
+    noise_floor,
     read_calibration,
     reference_of,
     reuse_reference,
@@ -166,6 +167,9 @@ def _sparsify_round(
         current = build_reference(engines, store, job, round_, state)
     else:
         current = reuse_reference(engines, store, round_, state)
+    if config.guide != "uniform":
+        # Before any probe is read: what each actor's numerics alone make of the round's model.
+        noise_floor(engines, store, round_, state, current.reference, current.expected)
     wanda = config.criterion == "wanda"
     stats = (
         calibrate(engines, store, job, round_, state, list(params), config.calibration_count)
@@ -350,5 +354,3 @@ def _decision_rows(
             }
         )
     return rows
-
-

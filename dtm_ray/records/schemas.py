@@ -7,6 +7,8 @@ Tables (all carry `round` where they belong to one):
 - `reference/`  one row per (round, prompt): the reference the round measured against, and the
                 round's current model scored against it (`current_*`).
 - `probes/`     one row per (round, component, spec): per-prompt FDT/SDT and summaries.
+- `noise/`     one row per (round, engine actor): the round's model, unmodified, scored on each
+                actor against the round's reference (the noise floor per actor).
 - `calibration/` one row per (round, component): input-activation norms for wanda.
 - `decisions/`  one row per (round, component): what the decision did and why.
 - `states/`     one row per (round, component): the chain after the round's decision.
@@ -78,6 +80,41 @@ REFERENCE_SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("engine", pa.string()),
         ("dtype", pa.string()),
+    ]
+)
+
+# The noise floor per engine actor (`dtm_ray.loop.rounds.noise_floor`): after a round's reference
+# exists and before its probes are read, every engine actor scores the round's model with no
+# compression (a null probe) on all prompts against the reference. The reference's own slices
+# were built on several actors and probes score on any of them, so whatever an actor gets
+# differently from the reference table's `current_*` (its own result, FDT = N and SDT = 0, when
+# the reference is the round's model's) is numerics, not compression: near-ties that another
+# device, kernel or batch shape flips. 0 everywhere on a CPU in float32.
+NOISE_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("actor", pa.int32()),  # the actor's index in the engine pool
+        ("worker", pa.string()),  # engine-i@host:pid
+        ("host", pa.string()),
+        ("node", pa.string()),  # Ray's node id
+        ("engine", pa.string()),
+        ("dtype", pa.string()),
+        ("batch_invariant", pa.bool_()),  # VLLM_BATCH_INVARIANT on this actor's engine
+        ("prompts", pa.int32()),
+        ("short_prompts", pa.int32()),  # prompts whose FDT is below new_tokens
+        ("divergent_positions", pa.int64()),  # the SDT numerator: sum of SDT over prompts
+        ("min_fdt", pa.int32()),
+        # The same sum in the reference table (`current_sdt`): 0 when the reference is the
+        # round's model's own, its measured damage when it is the dense model's.
+        ("expected_positions", pa.int64()),
+        # Where this actor departs from the reference table's `current_fdt` / `current_sdt`: the
+        # prompts whose FDT or SDT differ, and sum |SDT - current_sdt| (the actor's noise; equal
+        # to short_prompts and divergent_positions against the model's own reference).
+        ("noise_prompts", pa.int32()),
+        ("noise_positions", pa.int64()),
+        ("fdt", pa.list_(pa.int32())),  # per prompt
+        ("sdt", pa.list_(pa.int32())),
+        ("seconds", pa.float64()),  # the scoring pass
     ]
 )
 
@@ -378,6 +415,43 @@ def reference_from_table(table: pa.Table) -> Reference:
     )
 
 
+# --- noise floor ---------------------------------------------------------------------------------
+def noise_table(
+    round_: int,
+    measured: Sequence[Mapping[str, Any]],
+    n_new: int,
+    current_fdt: Sequence[int],
+    current_sdt: Sequence[int],
+) -> pa.Table:
+    """One row per actor from each actor's `null_probe` answer (in pool order), against the
+    reference table's `current_fdt` / `current_sdt` of the round."""
+    expected_fdt = np.asarray(current_fdt, dtype=np.int64)
+    expected_sdt = np.asarray(current_sdt, dtype=np.int64)
+    rows = []
+    for actor, m in enumerate(measured):
+        fdt = np.asarray(m["fdt"], dtype=np.int64)
+        sdt = np.asarray(m["sdt"], dtype=np.int64)
+        rows.append(
+            {
+                "round": round_,
+                "actor": actor,
+                **{key: m.get(key) for key in ("worker", "host", "node", "engine", "dtype")},
+                "batch_invariant": bool(m.get("batch_invariant", False)),
+                "prompts": len(fdt),
+                "short_prompts": int((fdt < n_new).sum()),
+                "divergent_positions": int(sdt.sum()),
+                "min_fdt": int(fdt.min()) if len(fdt) else n_new,
+                "expected_positions": int(expected_sdt.sum()),
+                "noise_prompts": int(((fdt != expected_fdt) | (sdt != expected_sdt)).sum()),
+                "noise_positions": int(np.abs(sdt - expected_sdt).sum()),
+                "fdt": fdt.astype(np.int32).tolist(),
+                "sdt": sdt.astype(np.int32).tolist(),
+                "seconds": float(m["seconds"]),
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=NOISE_SCHEMA)
+
+
 # --- calibration ---------------------------------------------------------------------------------
 def calibration_table(round_: int, norms: Mapping[str, np.ndarray]) -> pa.Table:
     names = sorted(norms)
@@ -463,6 +537,7 @@ def decision_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 TABLE_SCHEMAS = {
     "reference": REFERENCE_SCHEMA,
     "probes": PROBE_SCHEMA,
+    "noise": NOISE_SCHEMA,
     "calibration": CALIBRATION_SCHEMA,
     "decisions": DECISION_SCHEMA,
     "states": STATE_SCHEMA,

@@ -97,6 +97,9 @@ def key_numbers(run: RunTables) -> pd.DataFrame | None:
         ("rounds", str(s["rounds"]), ""),
         ("noise floor (positions, all rounds)", str(noise), ""),
     ]
+    if len(run.noise):  # the worst engine actor's null probe, summed over rounds
+        worst = run.noise.groupby("round")["noise_positions"].max().sum()
+        rows.append(("worst actor's noise (positions, all rounds)", str(int(worst)), ""))
     return pd.DataFrame(rows, columns=["", "compressed", "dense"])
 
 
@@ -129,6 +132,24 @@ def rounds_section(run: RunTables, out: Path) -> Section | None:
         "from its greedy output (decode and prefill kernels disagree at near-ties); these are "
         f"the noise floor, not compression damage. This run: {noise} in total."
     ]
+    if "actor_noise" in table:
+        worst = int(np.nansum(table["actor_noise"]))
+        invariant = run.noise["batch_invariant"]
+        mode = (
+            "on every actor"
+            if invariant.all()
+            else "off"
+            if not invariant.any()
+            else f"on {int(invariant.sum())} of {len(invariant)} actor-rounds"
+        )
+        paragraphs.append(
+            "actor_noise: each round, every engine actor scores the round's model unmodified "
+            "against the round's reference (a null probe, `noise/`); actor_noise is the worst "
+            "actor's count of positions that depart from the reference's own result "
+            "(actor_noise_prompts: its prompts). Probes scored on that actor read this much "
+            "damage the model does not have; near-ties that another GPU, kernel or batch shape "
+            f"flips. This run: {worst} in all rounds; batch invariance {mode}."
+        )
     if "current_fdt75" in table:
         paragraphs.append(
             "current_fdt75: FDT@75 of the round's model against the round's reference "

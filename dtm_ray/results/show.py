@@ -22,6 +22,7 @@ from dtm_ray.records.schemas import (
     FINAL_SUMMARY_SCHEMA,
     FINAL_TASKS_SCHEMA,
     FLOOR_SCHEMA,
+    NOISE_SCHEMA,
     RECOVERY_SCHEMA,
     REFERENCE_SCHEMA,
     STATE_SCHEMA,
@@ -52,6 +53,7 @@ class RunTables:
     final: dict[str, pd.DataFrame] = field(default_factory=dict)
     recovery: pd.DataFrame = field(default_factory=RECOVERY_SCHEMA.empty_table().to_pandas)
     floor: pd.DataFrame = field(default_factory=FLOOR_SCHEMA.empty_table().to_pandas)
+    noise: pd.DataFrame = field(default_factory=NOISE_SCHEMA.empty_table().to_pandas)
 
     @property
     def new_tokens(self) -> int:
@@ -145,6 +147,7 @@ def load_run(run_dir: str) -> RunTables:
         final=finals,
         recovery=_frame(store.read_round_table("recovery", RECOVERY_SCHEMA), RECOVERY_SCHEMA),
         floor=_frame(store.read_round_table("floor", FLOOR_SCHEMA), FLOOR_SCHEMA),
+        noise=_frame(store.read_round_table("noise", NOISE_SCHEMA), NOISE_SCHEMA),
     )
 
 
@@ -157,7 +160,8 @@ def kind_order(kinds: Any) -> list[str]:
 
 
 def rounds_table(run: RunTables) -> pd.DataFrame:
-    """One row per round: probes, failures, time, noise floor and the sparsity it ended at."""
+    """One row per round: probes, failures, time, noise floor (the reference's own, and the worst
+    engine actor's from `noise/`) and the sparsity it ended at."""
     rows = []
     for round_ in run.rounds:
         probes = run.probes[run.probes["round"] == round_]
@@ -170,6 +174,15 @@ def rounds_table(run: RunTables) -> pd.DataFrame:
             "noise_positions": int(ref["noise_positions"].sum()) if len(ref) else np.nan,
             "min_margin": float(ref["min_margin"].min()) if len(ref) else np.nan,
         }
+        noise = run.noise[run.noise["round"] == round_]
+        if len(run.noise):
+            # The worst engine actor's null probe: positions (and prompts) where the unmodified
+            # model on that actor departs from the reference's own result.
+            worst = noise.sort_values(["noise_positions", "noise_prompts"]).tail(1)
+            row["actor_noise"] = int(worst["noise_positions"].iloc[0]) if len(worst) else np.nan
+            row["actor_noise_prompts"] = (
+                int(worst["noise_prompts"].iloc[0]) if len(worst) else np.nan
+            )
         if len(ref) and run.config.get("compress"):
             # The current model against the round's reference: N when it is its own.
             row["current_fdt75"] = _fdt75(ref["current_fdt"].to_numpy())
@@ -185,9 +198,9 @@ def rounds_table(run: RunTables) -> pd.DataFrame:
                 )
         floor = run.floor[run.floor["round"] == round_]
         if len(floor):  # the largest scale of the step that kept the quality floor
-            row["floor_scale"] = float(floor.loc[floor["passed"], "scale"].max()) if (
-                floor["passed"].any()
-            ) else 0.0
+            row["floor_scale"] = (
+                float(floor.loc[floor["passed"], "scale"].max()) if (floor["passed"].any()) else 0.0
+            )
         recovery = run.recovery[run.recovery["round"] == round_]
         if len(recovery):
             r = recovery.iloc[0]

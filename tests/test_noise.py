@@ -1,0 +1,297 @@
+"""The noise floor per engine actor (`noise/`) and batch invariance (`engine_options.
+batch_invariant`): the decision as a pure function, the job checks, the table on local and s3://
+run dirs and on resume, and real runs where the noise is 0 and where one actor is made to differ.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dtm_ray.cluster.actor import EngineActor
+from dtm_ray.core.state import ModelState, Reference
+from dtm_ray.engines.config import (
+    EngineConfig,
+    describe_batch_invariance,
+    resolve_batch_invariant,
+)
+from dtm_ray.errors import ConfigError
+from dtm_ray.job.checks import plan_job
+from dtm_ray.job.spec import JobConfig, check_fields, load_job
+from dtm_ray.loop import driver
+from dtm_ray.loop.rounds import JobEngines, noise_floor
+from dtm_ray.records.schemas import NOISE_SCHEMA, noise_table
+from dtm_ray.records.store import RunStore
+from dtm_ray.results.show import load_run, rounds_table
+
+
+# --- batch invariance: the decision ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("engine", "device", "capability", "on"),
+    [
+        ("vllm", "cuda", (8, 0), True),  # A100
+        ("vllm", "cuda", (8, 6), True),  # A10G, RTX 30xx
+        ("vllm", "cuda", (8, 9), True),  # L4, L40S
+        ("vllm", "cuda", (9, 0), True),  # H100, H200
+        ("vllm", "cuda", (10, 0), True),  # B200
+        ("vllm", "cuda", (7, 5), False),  # T4
+        ("vllm", "cuda", (7, 0), False),  # V100
+        ("vllm", "cuda", None, False),
+        ("vllm", "cpu", None, False),
+        ("vllm", "rocm", None, False),
+        ("vllm", "xpu", None, False),
+        ("hf", "cuda", (9, 0), False),
+        ("hf", "cpu", None, False),
+    ],
+)
+def test_batch_invariance_is_on_by_default_exactly_where_vllm_can_run_it(
+    engine, device, capability, on
+):
+    assert resolve_batch_invariant(None, engine, device, capability) is on
+    assert resolve_batch_invariant(False, engine, device, capability) is False
+    if on:
+        assert resolve_batch_invariant(True, engine, device, capability) is True
+    else:
+        with pytest.raises(ValueError, match=r"^engine_options.batch_invariant: true") as err:
+            resolve_batch_invariant(True, engine, device, capability)
+        assert "\n" not in str(err.value)
+
+
+def test_true_on_an_old_gpu_names_the_value_and_why():
+    with pytest.raises(ValueError) as err:
+        resolve_batch_invariant(True, "vllm", "cuda", (7, 5))
+    assert "compute capability >= 8.0" in str(err.value) and "has 7.5" in str(err.value)
+
+
+def test_engine_config_takes_only_a_bool_or_null():
+    assert EngineConfig(batch_invariant=None).batch_invariant is None
+    assert EngineConfig(batch_invariant=False).batch_invariant is False
+    for bad in ("yes", 1, 0):
+        with pytest.raises(ValueError, match="batch_invariant must be true, false or null"):
+            EngineConfig(batch_invariant=bad)
+
+
+def _job(engine: str, gpus: float, setting) -> JobConfig:  # noqa: ANN001
+    resources = {"GPU": gpus} if gpus else {"CPU": 1}
+    options = {} if setting is None else {"batch_invariant": setting}
+    return JobConfig(
+        model="x", engine=engine, engine_options=options, resources_per_worker=resources
+    )
+
+
+def test_the_job_refuses_true_where_no_actor_can_run_it_before_ray():
+    with pytest.raises(ConfigError, match="the hf engine has no batch-invariant mode"):
+        check_fields(_job("hf", 1, True))
+    with pytest.raises(ConfigError, match="gives the actors no GPU"):
+        check_fields(_job("vllm", 0, True))
+    with pytest.raises(ConfigError, match="must be true, false or null"):
+        check_fields(_job("vllm", 1, "on"))
+    for fine in (_job("vllm", 1, True), _job("vllm", 0, False), _job("hf", 0, None)):
+        check_fields(fine)  # a GPU's capability is checked where its engine starts
+
+
+def test_the_plan_states_batch_invariance():
+    assert "off (the engine actors run on CPU" in describe_batch_invariance(None, "vllm", 0)
+    assert "off (the hf engine" in describe_batch_invariance(None, "hf", 1)
+    assert "off (engine_options.batch_invariant: false)" in describe_batch_invariance(
+        False, "vllm", 1
+    )
+    assert "on where the actors' GPUs are NVIDIA" in describe_batch_invariance(None, "vllm", 1)
+    assert describe_batch_invariance(True, "vllm", 1).startswith("batch invariance: on (")
+
+
+def test_the_vllm_engine_decides_before_vllm_starts_and_sets_the_environment(
+    tiny_llama_dir: Path, monkeypatch
+):
+    """The actor-side check, without a GPU: the engine sees the device vLLM would run on."""
+    from dtm_ray.engines import vllm as vllm_module
+
+    class Built(Exception):
+        pass
+
+    def build(self, kwargs):  # noqa: ANN001, ANN202
+        raise Built(vllm_module.os.environ["VLLM_BATCH_INVARIANT"])
+
+    monkeypatch.setattr(vllm_module.VLLMEngine, "_build", build)
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
+    monkeypatch.setattr(vllm_module, "_on_cpu", lambda: False)
+    for device, setting, env in [
+        (("cuda", (9, 0)), None, "1"),
+        (("cuda", (9, 0)), False, "0"),
+        (("cuda", (7, 0)), None, "0"),
+    ]:
+        monkeypatch.setattr(vllm_module, "_device", lambda d=device: d)
+        with pytest.raises(Built, match=f"^{env}$"):
+            vllm_module.VLLMEngine(tiny_llama_dir, batch_invariant=setting)
+    monkeypatch.setattr(vllm_module, "_device", lambda: ("cuda", (7, 0)))
+    with pytest.raises(ValueError, match="needs compute capability >= 8.0 and this GPU has 7.0"):
+        vllm_module.VLLMEngine(tiny_llama_dir, batch_invariant=True)
+    # What vLLM itself reports on this machine: its CPU build, so off (the CPU path as before).
+    monkeypatch.undo()
+    assert vllm_module._device() == ("cpu", None)
+    assert resolve_batch_invariant(None, "vllm", *vllm_module._device()) is False
+
+
+# --- the table ----------------------------------------------------------------------------------
+def _measured(fdt: list[int], sdt: list[int], worker: str) -> dict:
+    return {
+        "worker": worker,
+        "host": "h",
+        "node": "n",
+        "engine": "hf",
+        "dtype": "float32",
+        "batch_invariant": False,
+        "fdt": np.array(fdt),
+        "sdt": np.array(sdt),
+        "seconds": 0.5,
+    }
+
+
+def test_noise_rows_against_the_models_own_reference_and_the_dense_one():
+    own = noise_table(
+        3, [_measured([4, 4, 4], [0, 0, 0], "a"), _measured([4, 1, 2], [0, 2, 1], "b")],
+        4, [4, 4, 4], [0, 0, 0],
+    )  # fmt: skip
+    assert own.schema == NOISE_SCHEMA
+    a, b = own.to_pylist()
+    assert (a["actor"], a["short_prompts"], a["divergent_positions"], a["noise_positions"]) == (
+        0, 0, 0, 0,
+    )  # fmt: skip
+    assert (b["short_prompts"], b["divergent_positions"], b["min_fdt"]) == (2, 3, 1)
+    assert (b["noise_prompts"], b["noise_positions"]) == (2, 3)
+    # Against the dense reference the model's own damage is expected; only departures count.
+    dense = noise_table(
+        1, [_measured([2, 4, 0], [1, 0, 3], "a"), _measured([2, 4, 1], [1, 0, 2], "b")],
+        4, [2, 4, 0], [1, 0, 3],
+    )  # fmt: skip
+    a, b = dense.to_pylist()
+    assert (a["short_prompts"], a["expected_positions"], a["noise_positions"]) == (2, 4, 0)
+    assert (b["noise_prompts"], b["noise_positions"]) == (1, 1)
+
+
+class _Pool:
+    def __init__(self, answers: list[dict]) -> None:
+        self.answers, self.calls = answers, 0
+
+    def broadcast(self, method: str, context) -> list[dict]:  # noqa: ANN001
+        assert method == "null_probe"
+        self.calls += 1
+        return self.answers
+
+
+class _Engines:
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool
+
+
+def _reference(prompts: int = 3, n_new: int = 4) -> Reference:
+    tokens = np.zeros((prompts, n_new), dtype=np.int64)
+    return Reference(np.zeros((prompts, 2), np.int64), tokens, tokens, np.ones_like(tokens, float))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_resumed_round_reads_its_noise_back_and_adds_no_rows(
+    where, tmp_path: Path, ray_session, request
+):
+    uri = str(tmp_path / "run")
+    if where == "s3":
+        uri = request.getfixturevalue("s3_server").uri(f"noise-{tmp_path.name}")
+    store = RunStore(uri)
+    answers = [_measured([4, 4, 4], [0, 0, 0], f"engine-{i}") for i in range(2)]
+    engines = _Engines(_Pool(answers))
+    expected = (np.full(3, 4), np.zeros(3))
+    first = noise_floor(engines, store, 0, ModelState(), _reference(), expected)
+    again = noise_floor(engines, store, 0, ModelState(), _reference(), expected)
+    assert engines.pool.calls == 1  # the second call read the stored round
+    assert first.equals(again) and again.num_rows == 2
+    assert store.read_round_table("noise", NOISE_SCHEMA).num_rows == 2
+    # A finished round from before this table: read only, no engine started.
+    assert noise_floor(engines, store, 1, ModelState(), _reference(), expected, False) is None
+    assert engines.pool.calls == 1
+
+
+# --- real runs ------------------------------------------------------------------------------------
+def test_a_normal_run_has_one_noiseless_row_per_actor_per_round(fdt_sparsify_run):
+    run, _ = fdt_sparsify_run
+    tables = load_run(str(run))
+    noise, rounds = tables.noise, sorted(tables.states["round"].unique())
+    assert len(rounds) >= 2
+    assert sorted(noise["round"].unique()) == rounds
+    for round_ in rounds:
+        rows = noise[noise["round"] == round_]
+        assert sorted(rows["actor"]) == [0, 1]
+        assert rows["worker"].str.startswith(("engine-0@", "engine-1@")).all()
+        assert rows["node"].str.len().gt(0).all()
+    assert (noise["short_prompts"] == 0).all() and (noise["divergent_positions"] == 0).all()
+    assert (noise["noise_positions"] == 0).all() and (noise["min_fdt"] == 16).all()
+    assert (noise["prompts"] == 8).all() and (noise["seconds"] > 0).all()
+    assert not noise["batch_invariant"].any()  # the hf engine on CPU
+    shown = rounds_table(tables)
+    assert (shown["actor_noise"] == 0).all()
+    assert "actor_noise" in (run / "report" / "report.md").read_text()
+
+
+PERTURBED = "model.layers.1.mlp.down_proj.weight"
+
+
+class PerturbedActor(EngineActor):
+    """Engine actor 1 scores its null probe with one weight slightly off (as another GPU's
+    kernels might round): a test-only fault, the weight put back afterwards."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.perturbed = self.worker.startswith("engine-1@")
+
+    def null_probe(self, context):  # noqa: ANN001, ANN201
+        if not self.perturbed:
+            return super().null_probe(context)
+        engine = self.session.engine
+        weight = engine.original_weight(PERTURBED)
+        engine.set_weights({PERTURBED: weight * 1.05})
+        try:
+            return super().null_probe(context)
+        finally:
+            engine.restore([PERTURBED])
+            self.session._residuals = None  # the kept stream was the perturbed model's
+
+
+def test_an_actor_that_computes_differently_shows_its_noise_and_the_others_none(
+    ray_session, monkeypatch, tiny_llama_dir: Path, tmp_path: Path
+):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(
+        driver, "JobEngines", functools.partial(JobEngines, actor_class=PerturbedActor)
+    )
+    out = tmp_path / "run"
+    job = {
+        "model": str(tiny_llama_dir),
+        "engine": "hf",
+        "prompts": {"source": "pydoc", "count": 8, "prefix_tokens": 8},
+        "new_tokens": 16,
+        "probe": {"components": [{"kinds": ["q"]}], "specs": ["int8"]},
+        "workers": 2,
+        "out": str(out),
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    driver.run_plan(plan_job(load_job(tmp_path / "job.yaml")), print_summary=False)
+
+    tables = load_run(str(out))
+    rows = {r["actor"]: r for r in tables.noise.to_dict("records")}
+    assert sorted(rows) == [0, 1]
+    clean, off = rows[0], rows[1]
+    assert off["worker"].startswith("engine-1@")
+    assert off["divergent_positions"] > 0 and off["short_prompts"] > 0 and off["min_fdt"] < 16
+    assert off["noise_positions"] == off["divergent_positions"]
+    assert (clean["divergent_positions"], clean["short_prompts"], clean["min_fdt"]) == (0, 0, 16)
+    shown = rounds_table(tables)
+    assert shown["actor_noise"].tolist() == [off["noise_positions"]]
+    # Resumed: the round is done, nothing is measured again, no row is added.
+    driver.run_plan(plan_job(load_job(tmp_path / "job.yaml")), print_summary=False)
+    assert RunStore(str(out)).read_round_table("noise", NOISE_SCHEMA).num_rows == 2
