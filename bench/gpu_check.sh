@@ -13,3 +13,7 @@ for criterion in magnitude wanda; do
         --intermediate 5632 --dtype bfloat16 --rounds 3 --criterion "$criterion" \
         --json "${OUT:-.}/scale_rehearsal_$criterion.json"
 done
+# Export speed: the dense checkpoint of a 2-round magnitude and a 2-round wanda state of the same
+# model, replayed on every CPU core and on the GPU (bench/export_speed.py; seconds per GB).
+PYTHONPATH=. PYTHONUNBUFFERED=1 python3 bench/export_speed.py --size 1b --dtype bfloat16 \
+    --settings cpu,cuda --json "${OUT:-.}/export_speed.json"

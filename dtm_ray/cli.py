@@ -138,7 +138,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         export_run,  # torch and safetensors load only for this command
     )
 
-    print(export_run(args.run_dir, args.out, args.format))
+    print(export_run(args.run_dir, args.out, args.format, args.device, args.threads))
     return 0
 
 
@@ -251,6 +251,17 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
         help="dense: safetensors with the compressed values; compressed: a compressed-tensors "
         "checkpoint in OUT/compressed (quantized weights packed); both; auto (default): both "
         "for a quantize run, dense for a sparsify run",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where chains are replayed: auto (default: cuda when torch sees a GPU, else cpu), "
+        "cpu, cuda or cuda:N; the files are the same on every device",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for the replay (default: every core this process may use)",
     )
 
 

@@ -33,21 +33,20 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 import yaml
 
 import dtm_ray
 from dtm_ray.core.components import KINDS, components_from_config
 from dtm_ray.core.serving import serving_notes
 from dtm_ray.core.specs import parse_spec, precision_of
-from dtm_ray.core.state import Chain, ModelState
+from dtm_ray.core.state import ModelState
 from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.records.schemas import (
     CALIBRATION_SCHEMA,
@@ -60,7 +59,7 @@ from dtm_ray.records.schemas import (
 from dtm_ray.records.store import RunStore, is_persistent
 from dtm_ray.redact import redact, redact_data
 from dtm_ray.results.export_compressed import stored_level, write_compressed
-from dtm_ray.results.model_files import is_plain_file, shards
+from dtm_ray.results.export_dense import replay_device, torch_threads, write_dense
 
 _MARKER = "export.json"  # its presence tells a previous export, which may be replaced
 
@@ -83,14 +82,25 @@ FORMATS = ("auto", "dense", "compressed", "both")
 COMPRESSED = "compressed"  # the compressed checkpoint's folder inside the export
 
 
-def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path | str:
+def export_run(
+    run_dir: str,
+    out: str | None = None,
+    fmt: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
+) -> Path | str:
     """Export the final state of the compressing run in `run_dir`; returns the output folder
     (the export's URI for a run on an object store: it exports into its own `export/`).
     `fmt`: which checkpoints to write; `auto` is `both` for a quantize run (the dense one for
     tools that read plain weights, the compressed one to serve) and `dense` for a sparsify run
-    (compressed-tensors has no sparse format any more)."""
+    (compressed-tensors has no sparse format any more). `device`: where chains are replayed
+    (`auto`: cuda when torch sees a GPU, else cpu); `threads`: torch's threads meanwhile (None:
+    every core this process may use). The files are the same on every device and thread count."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads} is not a whole number >= 1")
+    replay_on = replay_device(device)  # a device this machine lacks is refused before any work
     store = RunStore(run_dir)
     info = store.read_run_info()
     if info is None:
@@ -121,6 +131,7 @@ def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path 
         fmt = "both" if quantize else "dense"
 
     # The originals the run measured, as this node holds them (fetched once into its cache).
+    from dtm_ray.engines.base import torch_dtype
     from dtm_ray.engines.sources import node_folder, source_of_run
 
     model_dir = node_folder(source_of_run(info))
@@ -137,7 +148,16 @@ def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path 
     scratch = sink.scratch()
     try:
         dense = fmt != COMPRESSED
-        saved = _write_checkpoint(model_dir, scratch, state, engine_dtype, dense, sink.shard_done)
+        with torch_threads(threads):
+            saved = write_dense(
+                model_dir,
+                scratch,
+                state,
+                torch_dtype(engine_dtype),
+                dense,
+                sink.shard_done,
+                replay_on,
+            )
         missing = [r["component"] for r in rows if r["component"] not in saved]
         if missing:
             raise ConfigError(f"the checkpoint in {model_dir} has no weight {missing[0]!r}")
@@ -150,9 +170,16 @@ def export_run(run_dir: str, out: str | None = None, fmt: str = "auto") -> Path 
         checkpoints = {"dense": "."} if fmt != COMPRESSED else {}
         if fmt != "dense":
             (scratch / COMPRESSED).mkdir()
-            write_compressed(
-                model_dir, scratch / COMPRESSED, state, engine_dtype, linears, sink.shard_done
-            )
+            with torch_threads(threads):
+                write_compressed(
+                    model_dir,
+                    scratch / COMPRESSED,
+                    state,
+                    engine_dtype,
+                    linears,
+                    sink.shard_done,
+                    replay_on,
+                )
             checkpoints["compressed"] = COMPRESSED
         _write_json(scratch / "sparsity_map.json", sparsity)
         _write_json(scratch / "precision_map.json", precision)
@@ -223,59 +250,6 @@ def _engine_dtype(dtype: str, summary: Mapping[str, Any]) -> str:
         return dtype
     itemsize = summary["dense_bytes"] // max(1, summary["selected_params"])
     return _DTYPE_OF_ITEMSIZE.get(itemsize, "float32")
-
-
-# --- the checkpoint ------------------------------------------------------------------------------
-def _replay(weight: torch.Tensor, chain: Chain, engine_dtype: str) -> torch.Tensor:
-    from dtm_ray.core.compress import replay
-    from dtm_ray.engines.base import torch_dtype
-
-    return replay(weight.to(torch_dtype(engine_dtype)), chain).to(weight.dtype).contiguous()
-
-
-def _write_checkpoint(
-    model_dir: Path,
-    out: Path,
-    state: ModelState,
-    engine_dtype: str,
-    write: bool = True,
-    shard_done: Callable[[Path], None] | None = None,
-) -> dict[str, tuple[float, str]]:
-    """Write the dense checkpoint into `out` (only measure it when not `write`); returns, per
-    tensor found, (share of zeros, dtype name) as saved. `shard_done` gets each shard as soon
-    as it is written (an export to an object store uploads it and frees the disk)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from dtm_ray.engines.checkpoint import BaseWeights
-
-    base = BaseWeights(state.base) if state.base is not None else None
-    wanted = set(state.components()) | (set(base.names) if base is not None else set())
-    saved: dict[str, tuple[float, str]] = {}
-    for shard in shards(model_dir):
-        path = model_dir / shard
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata()
-        tensors = load_file(path)
-        for name, tensor in tensors.items():
-            if name in wanted:
-                start = tensor
-                if base is not None and name in base:  # recovery's trained weight
-                    start = base.get(name)
-                replayed = _replay(start, state.chain(name), engine_dtype)
-                tensors[name] = tensor = replayed.to(tensor.dtype)
-            nonzero = int(torch.count_nonzero(tensor))
-            saved[name] = (1.0 - nonzero / tensor.numel(), str(tensor.dtype).removeprefix("torch."))
-        if write:
-            save_file(tensors, out / shard, metadata=metadata)
-            if shard_done is not None:
-                shard_done(out / shard)
-        del tensors  # one shard in memory at a time
-    for item in sorted(model_dir.iterdir() if write else ()):
-        # config, tokenizer, generation config and the index (names and shapes are unchanged).
-        if is_plain_file(item):
-            shutil.copy2(item, out / item.name)
-    return saved
 
 
 # --- the llm-compressor recipe -------------------------------------------------------------------

@@ -62,17 +62,22 @@ def write_compressed(
     engine_dtype: str,
     linears: Sequence[Component],
     shard_done: Callable[[Path], None] | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, str | None]:
     """Write the compressed checkpoint of `state` into the existing folder `out`. `linears` are
-    the model's linear components (selected or not); `shard_done` gets each shard once written.
+    the model's linear components (selected or not); `shard_done` gets each shard once written;
+    chains replay on `device` (default cpu; the same bits on every device). Memory as the dense
+    checkpoint's (`export_dense`): one shard's saved tensors plus one weight's working copies.
     Returns component -> stored level (None: dense) for every component of `state`."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from dtm_ray.core.compress import quantize, replay
+    from dtm_ray.core.compress import quantize
     from dtm_ray.engines.base import torch_dtype
+    from dtm_ray.results.export_dense import replay_on
 
+    device = device or torch.device("cpu")
     dtype = torch_dtype(engine_dtype)
     levels = {name: stored_level(state.specs(name)) for name in state.components()}
     narrowed = False
@@ -80,32 +85,38 @@ def write_compressed(
     total = 0
     for shard in shards(model_dir):
         path = model_dir / shard
+        tensors: dict[str, torch.Tensor] = {}  # the shard as saved, filled one by one
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata()
-        tensors = load_file(path)
-        for name in list(tensors):
-            original = tensors.pop(name)
-            level = levels.get(name)
-            if level is None:  # dense: the replayed chain (if any) in the narrower dtype
-                weight = original
-                if original.is_floating_point() and original.itemsize > dtype.itemsize:
-                    weight, narrowed = original.to(dtype), True
-                if name in levels:
-                    weight = replay(original.to(dtype), state.chain(name)).to(weight.dtype)
-                tensors[name] = weight.contiguous()
-                continue
-            # The chain's earlier links, then the stored form of its last (quantizing) one.
-            q = quantize(replay(original.to(dtype), state.chain(name)[:-1]), level)
-            module = name.removesuffix(".weight")
-            scale = q.scale.expand(q.values.shape[0], -1).to(dtype).contiguous()
-            tensors[f"{module}.weight_scale"] = scale
-            spec = parse_spec(level)
-            if spec.method == "fp8-e4m3":
-                tensors[f"{module}.weight"] = q.values.contiguous()
-            else:
-                bits = _SCHEMES[spec.method][0]["num_bits"]
-                tensors[f"{module}.weight_packed"] = pack_to_int32(q.values, bits).contiguous()
-                tensors[f"{module}.weight_shape"] = torch.tensor(q.values.shape)
+            for name in handle.keys():  # one tensor read at a time
+                original = handle.get_tensor(name)
+                level = levels.get(name)
+                if level is None:  # dense: the replayed chain (if any) in the narrower dtype
+                    weight = original
+                    if original.is_floating_point() and original.itemsize > dtype.itemsize:
+                        weight, narrowed = original.to(dtype), True
+                    if name in levels:
+                        chain = state.chain(name)
+                        weight = replay_on(original, chain, dtype, device, weight.dtype).cpu()
+                    tensors[name] = weight.contiguous()
+                    continue
+                # The chain's earlier links, then the stored form of its last (quantizing) one.
+                earlier = replay_on(original, state.chain(name)[:-1], dtype, device, dtype)
+                del original
+                q = quantize(earlier, level)
+                del earlier
+                module = name.removesuffix(".weight")
+                scale = q.scale.expand(q.values.shape[0], -1).to(dtype).contiguous()
+                tensors[f"{module}.weight_scale"] = scale.cpu()
+                values = q.values.cpu()
+                del q
+                spec = parse_spec(level)
+                if spec.method == "fp8-e4m3":
+                    tensors[f"{module}.weight"] = values.contiguous()
+                else:
+                    bits = _SCHEMES[spec.method][0]["num_bits"]
+                    tensors[f"{module}.weight_packed"] = pack_to_int32(values, bits).contiguous()
+                    tensors[f"{module}.weight_shape"] = torch.tensor(values.shape)
         save_file(tensors, out / shard, metadata=metadata)
         weight_map.update(dict.fromkeys(tensors, shard))
         total += sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,324 @@
+"""Export speed and memory: the dense checkpoint of a compressed state written shard by shard
+(`dtm_ray.results.export_dense.write_dense`, what `dtm-ray export` runs), on one CPU thread, on
+every core, and on CUDA when torch sees a GPU. Seconds, seconds per GB written, peak resident
+memory (and peak GPU memory), and whether every setting wrote the same bytes.
+
+    python bench/export_speed.py                       # ~0.67 B fp32 model, 1 GB shards
+    python bench/export_speed.py --size 1b --json export_speed.json
+    python bench/export_speed.py --size tiny           # seconds: the same code path
+
+A random-weight Llama is built on the machine (no hub). States, every linear weight of every
+layer: `magnitude` (2 rounds, magnitude:0.25 then magnitude:0.5, which replays as one pass) and
+`wanda` (2 rounds, wanda:0.25 and wanda:0.5 with made-up input norms, replayed link by link);
+`--states` adds `int4` (int4-g128) or `int8`. Each (state, setting) runs in a fresh process, so its
+peak RSS (the kernel's high-water mark) is its own. Needs torch, transformers and safetensors
+only: no Ray, no vLLM, no compressed-tensors, no pyarrow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SIZES = {  # hidden, layers, intermediate, heads, kv heads, vocab
+    "tiny": (256, 4, 768, 4, 2, 4000),
+    "small": (1024, 16, 2816, 16, 4, 32000),  # ~0.27 B (bench/scale_rehearsal.py's default)
+    "half": (1536, 22, 4224, 12, 4, 32000),  # ~0.67 B
+    "1b": (2048, 22, 5632, 16, 4, 32000),  # ~1.1 B (TinyLlama's shape)
+}
+KINDS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=list(SIZES), default="half")
+    p.add_argument("--dtype", default="float32", help="the checkpoint's and the run's dtype")
+    p.add_argument("--shard-mib", type=int, default=1024, help="largest shard (save_pretrained)")
+    p.add_argument("--states", default="magnitude,wanda", help="of magnitude, wanda, int4, int8")
+    p.add_argument(
+        "--settings",
+        default="",
+        help="comma-separated cpu:N (N threads), cpu (every core) and cuda "
+        "(default: cpu:1, cpu, and cuda when torch sees a GPU)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of dtm_ray: every measurement also runs its code, side by side",
+    )
+    p.add_argument("--json", type=Path)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # one measurement, in a fresh process
+    return p.parse_args(argv)
+
+
+def build_model(size: str, dtype: str, shard_mib: int, folder: Path) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, intermediate, heads, kv_heads, vocab = SIZES[size]
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=f"{shard_mib}MB")
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_state(kind: str, model_dir: Path) -> Any:
+    import numpy as np
+    from safetensors import safe_open
+
+    from dtm_ray.core.state import Link, ModelState
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                if any(name.endswith(f"{k}.weight") for k in KINDS):
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+    chains = {}
+    for name, (_, columns) in sorted(shapes.items()):
+        if kind == "magnitude":
+            chains[name] = (Link("magnitude:0.25"), Link("magnitude:0.5"))
+        elif kind == "wanda":
+            rng = np.random.default_rng(len(chains))
+            norms = [rng.uniform(0.5, 2.0, columns).astype("f4") for _ in range(2)]
+            chains[name] = (Link("wanda:0.25", 1, norms[0]), Link("wanda:0.5", 2, norms[1]))
+        elif kind == "int4":
+            chains[name] = (Link("int4-g128"),)
+        elif kind == "int8":
+            chains[name] = (Link("int8"),)
+        else:
+            raise SystemExit(f"unknown state {kind!r}; expected magnitude, wanda, int4 or int8")
+    return ModelState(chains)
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class AnonPeak:
+    """The peak of this process's anonymous resident memory (RssAnon: what a shard's tensors and
+    the working copies take; file pages mapped from the checkpoint are page cache the kernel can
+    drop), sampled every 10 ms on a thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = rss_kib("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_kib("RssAnon"))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, rss_kib("RssAnon"))
+
+
+def writer() -> Any:
+    """`write_dense`, or an older version's `_write_checkpoint` (run against two checkouts with
+    PYTHONPATH to compare): (model_dir, out, state, dtype name, device) -> None."""
+    try:
+        from dtm_ray.results.export_dense import write_dense
+    except ImportError:
+        from dtm_ray.results.export import _write_checkpoint
+
+        return lambda model_dir, out, state, dtype, device: _write_checkpoint(
+            model_dir, out, state, dtype
+        )
+    import torch
+
+    return lambda model_dir, out, state, dtype, device: write_dense(
+        model_dir, out, state, getattr(torch, dtype), device=device
+    )
+
+
+@contextlib.contextmanager
+def threads_set(threads: int | None) -> Any:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure(task: dict[str, Any]) -> dict[str, Any]:
+    """One export of one state with one setting, in this (fresh) process."""
+    import torch
+
+    model_dir, out = Path(task["model_dir"]), Path(task["out"])
+    state = make_state(task["state"], model_dir)
+    setting = task["setting"]
+    device = torch.device("cuda" if setting == "cuda" else "cpu")
+    threads = int(setting.split(":")[1]) if setting.startswith("cpu:") else None
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # CUDA's start-up is not the export's
+        torch.cuda.reset_peak_memory_stats()
+    write = writer()
+    before, anon_before = rss_kib("VmRSS"), rss_kib("RssAnon")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+    out.mkdir(parents=True, exist_ok=True)
+    with threads_set(threads) as used:
+        anon = AnonPeak()
+        start = time.perf_counter()
+        write(model_dir, out, state, task["dtype"], device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        anon_peak = anon.stop()
+    files = sorted(out.glob("*.safetensors"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return {
+        "state": task["state"],
+        "setting": setting,
+        "threads": used,
+        "seconds": seconds,
+        "bytes": sum(p.stat().st_size for p in files),
+        "peak_rss_mib": rss_kib("VmHWM") / 1024,
+        "peak_above_start_mib": (rss_kib("VmHWM") - before) / 1024,
+        "peak_anon_above_start_mib": (anon_peak - anon_before) / 1024,
+        "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else None,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return {}
+    import torch
+    from safetensors import safe_open
+
+    cores = len(os.sched_getaffinity(0))
+    settings = args.settings.split(",") if args.settings else ["cpu:1", "cpu"]
+    if not args.settings and torch.cuda.is_available():
+        settings.append("cuda")
+    folder = Path(tempfile.mkdtemp(prefix="dtm-export-speed-"))
+    try:
+        model_dir = folder / "model"
+        start = time.perf_counter()
+        params = build_model(args.size, args.dtype, args.shard_mib, model_dir)
+        built_s = time.perf_counter() - start
+        shard_bytes = [p.stat().st_size for p in model_dir.glob("*.safetensors")]
+        largest_weight = 0
+        for path in model_dir.glob("*.safetensors"):
+            with safe_open(path, "pt") as f:
+                for name in f.keys():
+                    if any(name.endswith(f"{k}.weight") for k in KINDS):
+                        shape = f.get_slice(name).get_shape()
+                        largest_weight = max(largest_weight, shape[0] * shape[1] * 4)
+        print(
+            f"{params / 1e6:.0f} M parameters ({args.dtype}), {len(shard_bytes)} shards, largest "
+            f"{max(shard_bytes) / 2**20:.0f} MiB; largest selected weight "
+            f"{largest_weight / 2**20:.0f} MiB in float32; built in {built_s:.0f} s; "
+            f"{cores} cores available",
+            flush=True,
+        )
+        codes = {"this": os.pathsep.join(sys.path)}
+        if args.baseline:
+            codes = {"baseline": str(args.baseline.resolve()), **codes}
+        rows = []
+        for state in args.states.split(","):
+            for setting, code in ((s, c) for s in settings for c in codes):
+                env = {**os.environ, "PYTHONPATH": codes[code]}
+                out = folder / f"export-{state}-{setting.replace(':', '')}"
+                task = {
+                    "model_dir": str(model_dir),
+                    "out": str(out),
+                    "state": state,
+                    "setting": setting,
+                    "dtype": args.dtype,
+                }
+                done = subprocess.run(
+                    [sys.executable, __file__, "--worker", json.dumps(task)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
+                if done.returncode:
+                    sys.exit(f"{state} on {setting} failed:\n{done.stderr[-3000:]}")
+                row = {"code": code, **json.loads(done.stdout.strip().splitlines()[-1])}
+                row["s_per_gb"] = row["seconds"] / (row["bytes"] / 1e9)
+                rows.append(row)
+                shutil.rmtree(out, ignore_errors=True)
+                gpu = "" if row["gpu_peak_mib"] is None else f", GPU {row['gpu_peak_mib']:.0f} MiB"
+                print(
+                    f"{code:8s} {state:9s} {setting:5s} {row['threads']:2d} threads"
+                    f" {row['seconds']:7.1f} s  {row['s_per_gb']:6.2f} s/GB"
+                    f"  peak RSS {row['peak_rss_mib']:6.0f} MiB (+{row['peak_above_start_mib']:.0f}"
+                    f" during the export, anonymous +{row['peak_anon_above_start_mib']:.0f}{gpu})"
+                    f"  sha256 {row['sha256'][:12]}",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    identical = {  # across settings and code versions
+        state: len({r["sha256"] for r in rows if r["state"] == state}) == 1
+        for state in args.states.split(",")
+    }
+    print(f"same bytes in every setting: {identical}")
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "cores_available": cores,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "torch": torch.__version__,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "parameters": params,
+        "shards": len(shard_bytes),
+        "largest_shard_mib": max(shard_bytes) / 2**20,
+        "largest_weight_f32_mib": largest_weight / 2**20,
+        "rows": rows,
+        "identical_across_settings": identical,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
