@@ -13,8 +13,6 @@ from pathlib import Path
 
 import torch
 
-from dtm_ray.records.store import join_uri, open_filesystem
-
 
 class Checkpoint:
     """Reads single tensors from a safetensors checkpoint, cast to the engine's dtype the way
@@ -102,6 +100,8 @@ class BaseWeights:
 
         self.location = location
         self.dtype = dtype
+        from dtm_ray.records.store import join_uri  # pyarrow: only where a base is read
+
         self._local, self._temp = _local_copy(join_uri(location, BASE_FILE))
         with safe_open(self._local, "pt") as f:
             self.names = frozenset(f.keys())
@@ -127,6 +127,8 @@ def _local_copy(uri: str) -> tuple[str, Path | None]:
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://"), None
     import tempfile
+
+    from dtm_ray.records.store import open_filesystem
 
     fs, path = open_filesystem(uri)
     handle, name = tempfile.mkstemp(suffix=".safetensors", prefix="dtm-ray-base-")
