@@ -35,7 +35,9 @@ from dtm_ray.job.spec import DEFAULT_PROBE_SPECS
 CPU_FLOPS_PER_CORE = 50e9  # fp32 matmul on one AVX2 core, about what the demo sees
 GPU_FLOPS_PER_GPU = 100e12  # bf16 prefill on an A100/H100-class GPU at moderate utilization
 REPORT_SECONDS = 3.0  # the plots and pages at the end of a run
-EXPORT_BYTES_PER_SECOND = 200e6  # replaying chains and writing safetensors, on local disk
+# Replaying chains and writing safetensors on local disk: measured 400 MB/s replaying on an H100,
+# 100-120 MB/s on 16 CPU cores (bench/export_speed.py); the plan assumes between.
+EXPORT_BYTES_PER_SECOND = 200e6
 
 
 @dataclass
