@@ -309,25 +309,6 @@ def test_compressed_checkpoint_decodes_to_the_measured_weights_and_fdt(
 
 
 @pytest.mark.slow
-def test_export_on_one_thread_writes_the_same_bytes_as_on_every_core(exported, tmp_path: Path):
-    import hashlib
-
-    run, default = exported("quantize")  # written with the default: every core (or the GPU)
-    out = tmp_path / "one-thread"
-    args = ("--device", "cpu", "--threads", "1")
-    assert cli("export", str(run), "--out", str(out), *args) == (0, f"{out}\n")
-
-    def digests(folder: Path) -> dict[str, str]:
-        files = sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("config.json"))
-        return {
-            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
-        }
-
-    assert digests(out) == digests(default)
-    assert any(name.startswith("compressed/") for name in digests(out))
-
-
-@pytest.mark.slow
 def test_export_formats(exported, tmp_path: Path):
     run, _ = exported("quantize")
     for fmt in ("dense", "compressed"):
