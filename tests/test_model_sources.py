@@ -336,6 +336,48 @@ def test_no_network_and_no_cache_is_one_line(tmp_path, monkeypatch, capsys) -> N
     )
 
 
+def test_a_hub_download_reports_its_bytes_as_they_arrive(tmp_path, monkeypatch) -> None:
+    """The hub client writes each file into the repo's blob folder (`*.incomplete` until done);
+    the node's fetch reports those bytes against the model's size while it runs."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(sources, "REPORT_EVERY_S", 0.05)
+    source = sources.ModelSource(HUB, "acme/big", SHA, "digest", bytes=3_000_000)
+    repo = tmp_path / "hub" / "models--acme--big"
+
+    def download(
+        repo_id: str, revision: str, allow_patterns: list[str] = (), local_files_only: bool = False
+    ) -> str:
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        if local_files_only:  # the cache is asked first: it holds nothing yet
+            raise LocalEntryNotFoundError("not in the cache")
+        assert (repo_id, revision) == ("acme/big", SHA) and "model*.safetensors" in allow_patterns
+        blobs = repo / "blobs"
+        blobs.mkdir(parents=True)
+        for i in range(3):  # three 1 MB files, each in ten pieces
+            part = blobs / f"blob{i}.incomplete"
+            for _ in range(10):
+                with part.open("ab") as f:
+                    f.write(b"x" * 100_000)
+                time.sleep(0.02)
+            part.rename(blobs / f"blob{i}")
+        snapshot = repo / "snapshots" / SHA
+        snapshot.mkdir(parents=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    said: list[str] = []
+    assert node_folder(source, said.append) == repo / "snapshots" / SHA
+    done = [float(m.split(": ")[1].split(" MB")[0]) for m in said]
+    assert said[0] == f"fetching acme/big@{SHA} from the hub: 0.0 MB of 3.0 MB"
+    assert all(m.endswith(" of 3.0 MB") for m in said)
+    assert done == sorted(done) and 0 < max(done) <= 3.0 and len(set(done)) >= 3
+
+
 def test_a_string_that_is_no_source_is_one_line() -> None:
     with pytest.raises(ConfigError, match="neither a local folder nor a known name"):
         sources.kind_of("not a model")

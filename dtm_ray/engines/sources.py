@@ -24,6 +24,7 @@ import hashlib
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -308,9 +309,14 @@ def _hub_snapshot(source: ModelSource, weights: bool, progress: Progress | None 
                 return _cached_snapshot_files(source, weights)
             except ConfigError:
                 pass
-            if weights and progress is not None:
-                progress(f"fetching {source.name} from the hub: {_gb(source.bytes)}")
-            folder = snapshot_download(source.id, revision=source.revision, allow_patterns=patterns)
+            watch = _hub_watch(source, progress) if weights and progress is not None else None
+            try:
+                folder = snapshot_download(
+                    source.id, revision=source.revision, allow_patterns=patterns
+                )
+            finally:
+                if watch is not None:
+                    watch.set()
             return Path(folder)
     except _hub_errors() as err:
         raise ConfigError(_hub_message(source.name, err)) from None
@@ -321,6 +327,37 @@ def _hub_snapshot(source: ModelSource, weights: bool, progress: Progress | None 
             f"model {source.name}: the hub cannot be reached and the revision is not in the "
             f"local hub cache ({_hub_cache()})"
         ) from None
+
+
+def _hub_blob_bytes(source: ModelSource) -> int:
+    """Bytes in the hub cache's blob folder of the source's repo, partial downloads included
+    (`*.incomplete`): what `snapshot_download` has fetched so far."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    blobs = Path(_hub_cache()) / repo_folder_name(repo_id=source.id, repo_type="model") / "blobs"
+    total = 0
+    for path in blobs.glob("*"):
+        try:
+            total += path.stat().st_size
+        except OSError:  # renamed from .incomplete between the listing and the stat
+            pass
+    return total
+
+
+def _hub_watch(source: ModelSource, progress: Progress) -> threading.Event:
+    """Report the hub download's bytes every `REPORT_EVERY_S` from a daemon thread until the
+    returned event is set (the hub client shows no progress of its own to a caller)."""
+    stop = threading.Event()
+    start = _hub_blob_bytes(source)  # what the cache held before: other revisions' blobs
+    progress(f"fetching {source.name} from the hub: {_gb(0)} of {_gb(source.bytes)}")
+
+    def watch() -> None:
+        while not stop.wait(REPORT_EVERY_S):
+            done = min(max(_hub_blob_bytes(source) - start, 0), source.bytes)
+            progress(f"fetching {source.name} from the hub: {_gb(done)} of {_gb(source.bytes)}")
+
+    threading.Thread(target=watch, name="dtm-ray-hub-progress", daemon=True).start()
+    return stop
 
 
 def _cached_snapshot_files(source: ModelSource, weights: bool) -> Path:
