@@ -377,3 +377,39 @@ def test_close_is_idempotent_and_final(vllm_engine, sequences):
     for call in calls:
         with pytest.raises(RuntimeError, match="closed"):
             call()
+
+
+@pytest.mark.slow
+def test_compiled_execution_scores_through_the_hook_and_falls_back_when_it_misses(
+    tiny_llama_dir, monkeypatch, one_thread
+):
+    """With `enforce_eager: false` (torch.compile on this CPU build) the scoring hook on the
+    whole model still sees every position and gives what `prompt_logprobs` gives; a pass where
+    it misses positions moves the engine to `prompt_logprobs` for good, that pass included."""
+    import dtm_ray.engines.vllm as vllm_module
+
+    engine = VLLMEngine(tiny_llama_dir, dtype="float32", enforce_eager=False)
+    try:
+        assert not engine._eager
+        seqs = np.random.default_rng(5).integers(3, 40000, size=(6, 24)).tolist()
+        by_logprobs = engine._score_by_prompt_logprobs(seqs, 8)
+        by_hook = engine.score(seqs, 8)
+        assert engine._hook_scoring
+        for field in ("argmax", "margin", "ref_logprob"):
+            expected = getattr(by_logprobs, field)
+            np.testing.assert_array_equal(getattr(by_hook, field), expected, err_msg=field)
+
+        missed = []
+
+        def missing(ranks, positions):
+            missed.append(positions)
+            raise RuntimeError("the hook saw 0 positions")
+
+        monkeypatch.setattr(vllm_module, "_hook_scores", missing)
+        fallback = engine.score(seqs, 8)
+        assert missed == [6 * 16] and not engine._hook_scoring
+        np.testing.assert_array_equal(fallback.argmax, by_logprobs.argmax)
+        engine.score(seqs, 8)  # no hook from now on
+        assert missed == [6 * 16]
+    finally:
+        engine.close()

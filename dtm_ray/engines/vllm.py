@@ -302,9 +302,12 @@ class VLLMEngine:
         # Layer skip needs eager execution (wrapped layers are Python calls) and no prefix cache
         # (layers below the skip write no KV a later request could reuse).
         self.residual_cache_bytes = residual_cache_bytes
-        # Hooks and wrapped layers are Python calls: eager execution only (CUDA graphs replay
-        # recorded kernels). Without them, scoring falls back to vLLM's prompt_logprobs.
+        # Wrapped layers (layer skip) are Python calls: eager execution only. The scoring hook
+        # sits on the whole model, outside the compiled decoder, so compiled execution (and
+        # piecewise CUDA graphs) still call it: it scores by default, and a pass where it missed
+        # positions moves the engine to vLLM's prompt_logprobs for good.
         self._eager = bool(self.llm.llm_engine.vllm_config.model_config.enforce_eager)
+        self._hook_scoring = True
         self._layer_skip = residual_cache_bytes > 0 and self._eager and not self._prefix_caching
         self._hidden_size = config["hidden_size"]
         self._num_layers = config["num_hidden_layers"]
@@ -481,11 +484,8 @@ class VLLMEngine:
         length = n_prefix + continuation_length(sequences, n_prefix)
         self._check_length(length, 1)  # vLLM must still generate one token after the prompt
         prompts = [[int(t) for t in s] for s in sequences]
-        if not self._eager:
-            # prompt_logprobs=2: the top-2 tokens (ranks 1 and 2) plus the prompt's own token.
-            params = SamplingParams(max_tokens=1, prompt_logprobs=2, detokenize=False)
-            argmax, margin, ref_lp = _score_rows(self._run(prompts, params), prompts, n_prefix)
-            return ScoreResult(argmax=argmax, margin=margin, ref_logprob=ref_lp)
+        if not self._hook_scoring:
+            return self._score_by_prompt_logprobs(prompts, n_prefix)
         if from_layer > 0 and self._kept != prompts:
             raise ValueError("from_layer needs the residual stream kept for these same sequences")
         # One sampled token ends each request: the prefill is the only forward pass, and the
@@ -501,11 +501,30 @@ class VLLMEngine:
                 stack.enter_context(self._in_workers("dtm_keep", (self._keep_stride(prompts),)))
             scored = stack.enter_context(self._in_workers("dtm_score", (prompts, n_prefix)))
             self._run(prompts, params)
+        try:
+            result = _hook_scores(scored, len(prompts) * (length - n_prefix))
+        except RuntimeError:
+            if self._eager:
+                raise
+            # Compiled execution where the hook missed positions (e.g. a backend that replays
+            # whole-batch CUDA graphs for prefills): prompt_logprobs from now on, this pass too.
+            self._hook_scoring = False
+            return self._score_by_prompt_logprobs(prompts, n_prefix)
         if from_layer > 0:
             self.skip_counts = [tuple(rank) for rank in skipped]
         elif keeping:
             self._kept = prompts
-        return _hook_scores(scored, len(prompts) * (length - n_prefix))
+        return result
+
+    def _score_by_prompt_logprobs(self, prompts: list[list[int]], n_prefix: int) -> ScoreResult:
+        """The same metrics from vLLM's `prompt_logprobs`: slower (Python objects per position)
+        but independent of how the model executes."""
+        from vllm import SamplingParams
+
+        # prompt_logprobs=2: the top-2 tokens (ranks 1 and 2) plus the prompt's own token.
+        params = SamplingParams(max_tokens=1, prompt_logprobs=2, detokenize=False)
+        argmax, margin, ref_lp = _score_rows(self._run(prompts, params), prompts, n_prefix)
+        return ScoreResult(argmax=argmax, margin=margin, ref_logprob=ref_lp)
 
     def layer_of(self, name: str) -> int | None:
         """The decoder layer of HF weight `name`; None where layer skip is off (compiled or
