@@ -71,12 +71,19 @@ def test_13b_on_one_gpu_per_actor() -> None:
     device = items(plan.device)
     assert device["weights"] == model_weights(LLAMA2_13B, every) * 2
     # vLLM keeps hidden and residual: 2 x 512 x 288 x 5120 x 2 bytes = 2.8 GiB per layer, more
-    # than the 2 GiB budget: only layer 0 is kept and layer skip is inactive, as the engine
-    # itself would decide with the same budget.
+    # than the 2 GiB GPU budget; pinned host memory (32 GiB) keeps every 4th layer's, 10 of 40,
+    # as the engine itself would decide with the same budgets.
     per_layer = 2 * 512 * 288 * 5120 * 2
     assert residual_stride(per_layer, 40, 2 * GIB) >= 40
-    assert device["kept residual stream"] == per_layer
-    assert any("layer skip is inactive" in w for w in plan.warnings)
+    assert residual_stride(per_layer, 40, 32 * GIB) == 4
+    assert device["kept residual stream"] == 0
+    assert items(plan.host)["kept residual stream, pinned"] == 10 * per_layer
+    assert any("keeps one layer input in 4 (10 of 40)" in w for w in plan.warnings)
+    # Without the host budget only layer 0's input fits: layer skip is inactive.
+    options = {"enforce_eager": True, "residual_host_bytes": 0}
+    no_host = memory_plan(LLAMA2_13B, job(engine_options=options), every, every)
+    assert items(no_host.device)["kept residual stream"] == per_layer
+    assert any("layer skip is inactive" in w for w in no_host.warnings)
     # The largest 13B weight (an MLP matrix, 5120 x 13824): gathered, its copy, float32 temporaries.
     w = 5120 * 13824
     assert device["an edit in place (weight, copy, temporaries)"] == 2 * w + 2 * w + 3 * w * 4

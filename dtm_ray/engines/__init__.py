@@ -47,6 +47,7 @@ def make_engine(model_dir: str | Path, config: EngineConfig | None = None) -> En
         cpu_kv_cache_bytes=config.cpu_kv_cache_bytes,
         original_cache_bytes=config.original_cache_bytes,
         residual_cache_bytes=config.residual_cache_bytes,
+        residual_host_bytes=config.residual_host_bytes,
         batch_invariant=config.batch_invariant,
     )
 

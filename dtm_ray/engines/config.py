@@ -18,7 +18,7 @@ _GIB = 1 << 30
 # Memory budgets, per engine, in bytes. Each buys speed, never a different result.
 # Layer skip: the current model's residual stream (every layer's input, or every k-th one's).
 RESIDUAL_CACHE_BYTES = 2 * _GIB
-# hf engine on a GPU: the residual stream in pinned host memory when it does not fit the GPU
+# On a GPU (both engines): the residual stream in pinned host memory when it does not fit the GPU
 # budget above (512 prompts x 288 tokens of a 13B model: 1.5 GB per layer, 60 GB for all 40).
 RESIDUAL_HOST_BYTES = 32 * _GIB
 # The session's current (compressed) weights, kept so repeated probes need not replay chains.
@@ -116,10 +116,10 @@ class EngineConfig:
     enforce_eager: bool | None = None
     batch_size: int = 16  # hf engine: sequences per forward pass
     residual_cache_bytes: int = RESIDUAL_CACHE_BYTES  # 0 turns layer skip off
-    residual_host_bytes: int = RESIDUAL_HOST_BYTES  # hf on a GPU: the stream in host memory
+    residual_host_bytes: int = RESIDUAL_HOST_BYTES  # on a GPU: the stream in host memory
     state_cache_bytes: int = STATE_CACHE_BYTES
     state_push_bytes: int = STATE_PUSH_BYTES
-    original_cache_bytes: int = ORIGINAL_CACHE_BYTES  # vllm
+    original_cache_bytes: int = ORIGINAL_CACHE_BYTES
     cpu_kv_cache_bytes: int = CPU_KV_CACHE_BYTES  # vllm on CPU
     # vllm: VLLM_BATCH_INVARIANT. None: on where it can be (an NVIDIA GPU of compute capability
     # >= 8.0), off elsewhere; True: required (an engine that cannot fails to start); False: off.

@@ -42,6 +42,7 @@ from dtm_ray.engines.config import (
     DEFAULT_MAX_MODEL_LEN,
     ORIGINAL_CACHE_BYTES,
     RESIDUAL_CACHE_BYTES,
+    RESIDUAL_HOST_BYTES,
     residual_stride,
     resolve_batch_invariant,
 )
@@ -254,6 +255,7 @@ class VLLMEngine:
         seed: int = 0,
         original_cache_bytes: int = ORIGINAL_CACHE_BYTES,
         residual_cache_bytes: int = RESIDUAL_CACHE_BYTES,
+        residual_host_bytes: int = RESIDUAL_HOST_BYTES,
         batch_invariant: bool | None = None,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -302,6 +304,8 @@ class VLLMEngine:
         # Layer skip needs eager execution (wrapped layers are Python calls) and no prefix cache
         # (layers below the skip write no KV a later request could reuse).
         self.residual_cache_bytes = residual_cache_bytes
+        self.residual_host_bytes = residual_host_bytes  # GPU: the stream in pinned host memory
+        self.tensor_parallel_size = tensor_parallel_size
         # Wrapped layers (layer skip) are Python calls: eager execution only. The scoring hook
         # sits on the whole model, outside the compiled decoder, so compiled execution (and
         # piecewise CUDA graphs) still call it: it scores by default, and a pass where it missed
@@ -498,7 +502,7 @@ class VLLMEngine:
                 skipped = stack.enter_context(self._in_workers("dtm_skip", (from_layer,)))
             elif keeping:
                 self._kept = None
-                stack.enter_context(self._in_workers("dtm_keep", (self._keep_stride(prompts),)))
+                stack.enter_context(self._in_workers("dtm_keep", self._keep_plan(prompts)))
             scored = stack.enter_context(self._in_workers("dtm_score", (prompts, n_prefix)))
             self._run(prompts, params)
         try:
@@ -534,11 +538,22 @@ class VLLMEngine:
             return None
         return int(match.group(1))
 
-    def _keep_stride(self, prompts: list[list[int]]) -> int:
-        """Record every layer's input when they fit in `residual_cache_bytes`, else every k-th."""
+    def _keep_plan(self, prompts: list[list[int]]) -> tuple[int, bool]:
+        """(stride, on_host): record every layer's input when they fit in
+        `residual_cache_bytes`, else every k-th; on a GPU, in pinned host memory when
+        `residual_host_bytes` keeps more layers than the device budget does. Every rank keeps
+        the whole stream (it is replicated over tensor-parallel ranks), so the ranks of one
+        actor share the host budget."""
         tokens = sum(len(p) for p in prompts)
         per_layer = 2 * tokens * self._hidden_size * torch_dtype(self.dtype).itemsize
-        return residual_stride(per_layer, self._num_layers, self.residual_cache_bytes)
+        stride = residual_stride(per_layer, self._num_layers, self.residual_cache_bytes)
+        on_host = False
+        host_budget = self.residual_host_bytes // max(1, self.tensor_parallel_size)
+        if not self.on_cpu and stride > 1 and host_budget > 0:
+            host_stride = residual_stride(per_layer, self._num_layers, host_budget)
+            on_host = host_stride < stride
+            stride = min(stride, host_stride)
+        return stride, on_host
 
     @contextlib.contextmanager
     def _in_workers(self, name: str, args: tuple) -> Iterator[list[Any]]:

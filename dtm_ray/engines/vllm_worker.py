@@ -224,8 +224,10 @@ class WeightEditExtension:
     def _dtm_layers(self) -> torch.nn.ModuleList:
         return self._dtm_model().model.layers
 
-    def dtm_keep_begin(self, stride: int) -> None:
-        """Record the inputs of layers 0, stride, 2*stride, ... during the next passes."""
+    def dtm_keep_begin(self, stride: int, on_host: bool = False) -> None:
+        """Record the inputs of layers 0, stride, 2*stride, ... during the next passes; with
+        `on_host` (a GPU rank whose stream exceeds the device budget) in pinned host memory,
+        copied back to the device when a skipping pass hands it over."""
         self.dtm_keep_end()
         layers = self._dtm_layers()
         steps: list[dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]] = []
@@ -241,8 +243,8 @@ class WeightEditExtension:
             def hook(_module: Any, args: tuple[Any, ...], index: int = index) -> None:
                 # Cloned: the layer's fused add + norm updates its inputs in place.
                 positions, hidden, residual = args[:3]
-                kept = None if residual is None else residual.clone()
-                steps[-1][index] = (hidden.clone(), kept, positions.clone())
+                kept = None if residual is None else _keep(residual, on_host)
+                steps[-1][index] = (_keep(hidden, on_host), kept, positions.clone())
 
             hooks.append(layers[index].register_forward_pre_hook(hook))
         self._dtm_keeping = (steps, hooks)
@@ -392,6 +394,21 @@ def _place(model: torch.nn.Module, name: str) -> _Place:
     return _Place(param, 0, param.shape[0], 0, 1, sharded)
 
 
+def _keep(tensor: torch.Tensor, on_host: bool) -> torch.Tensor:
+    """A copy of `tensor`: on the device, or (`on_host`) in pinned host memory. The copy is
+    queued on the stream before the layer's in-place update, so it holds the input."""
+    if not on_host or tensor.device.type == "cpu":
+        return tensor.clone()
+    kept = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return kept.copy_(tensor, non_blocking=True)
+
+
+def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if tensor.device == device:
+        return tensor.clone()
+    return tensor.to(device, non_blocking=True)
+
+
 class _Skip:
     """Shared by the wrapped layers of one pass: which recorded step comes next, and whether
     the running step matches it."""
@@ -428,8 +445,9 @@ class _SkippedLayer(torch.nn.Module):
         if self.index < self.skip.start - 1:
             return hidden, hidden if residual is None else residual
         kept_hidden, kept_residual, _ = self.skip.steps[self.skip.step][self.skip.start]
-        # Copies: layer `start` updates its inputs in place, and the record serves many probes.
-        return kept_hidden.clone(), kept_residual.clone()
+        # Copies (onto the device, from pinned host memory where kept there): layer `start`
+        # updates its inputs in place, and the record serves many probes.
+        return _copy_to(kept_hidden, hidden.device), _copy_to(kept_residual, hidden.device)
 
 
 class _Scoring:

@@ -10,8 +10,9 @@ model's parameters; TP the tensor-parallel size):
 - kept residual stream (layer skip): one layer's input is T x H x b (the hf engine; vLLM keeps
   hidden and residual, twice that); every layer's when L of them fit `residual_cache_bytes`,
   else every k-th, k = ceil(L x layer / budget). With k >= L only layer 0's input is kept and a
-  probe always runs the whole model: layer skip is inactive. The hf engine on a GPU keeps a
-  stream too large for that budget in pinned host memory (`residual_host_bytes`) instead.
+  probe always runs the whole model: layer skip is inactive. On a GPU a stream too large for
+  that budget goes to pinned host memory (`residual_host_bytes`) instead; every vLLM rank keeps
+  the whole stream there, so TP ranks share that budget and an actor holds TP copies.
 - one step, the larger of (activations are freed before the lm_head runs):
   its logits in the model's dtype, in float32 and their log-softmax: B x N x V x (8 + b, or 8 in
   float32) for hf (B = min(P, `batch_size`)); vLLM's scoring hook holds the sequences of one
@@ -140,9 +141,11 @@ def memory_plan(
         )
     else:
         stride = residual_stride(per_layer, layers, engine.residual_cache_bytes)
-        if not vllm and on_gpu and stride > 1 and engine.residual_host_bytes > 0:
-            # The hf engine keeps a stream too large for the GPU budget in pinned host memory.
-            host_stride = residual_stride(per_layer, layers, engine.residual_host_bytes)
+        host_budget = engine.residual_host_bytes // (tp if vllm else 1)
+        if on_gpu and stride > 1 and host_budget > 0:
+            # A stream too large for the GPU budget is kept in pinned host memory; every vLLM
+            # rank keeps the whole stream, so an actor's ranks share the host budget.
+            host_stride = residual_stride(per_layer, layers, host_budget)
             residual_on_host = host_stride < stride
             stride = min(stride, host_stride)
         kept = math.ceil(layers / stride)
@@ -179,7 +182,7 @@ def memory_plan(
     if vllm and not on_gpu:
         host.append(("KV cache", engine.cpu_kv_cache_bytes))
     if residual_on_host:
-        host.append(("kept residual stream, pinned", residual))
+        host.append(("kept residual stream, pinned", residual * (tp if vllm else 1)))
 
     if on_gpu:
         device = engine_side
