@@ -290,3 +290,30 @@ def test_two_drivers_on_one_s3_run_dir_one_is_refused_in_one_line(
     assert b._file.write(b._record(), etag) is None  # the same stale etag: refused
     assert json.loads(json.dumps(store.read_json(LEASE_FILE)))["token"] == a.token
     store.delete(LEASE_FILE)
+
+
+def test_a_write_that_fails_in_the_probe_writer_is_raised_on_the_driver(
+    monkeypatch, tmp_path
+) -> None:
+    from dtm_ray.loop.progress import ProbeWriter
+
+    def fail(method: str, path: str) -> OSError | None:
+        full = OSError(errno.ENOSPC, "No space left on device")
+        return full if method == "open_output_stream" and "part-" in path else None
+
+    faulty_store(monkeypatch, fail)
+    store = RunStore(str(tmp_path / "run"))
+    writer = ProbeWriter(store, 0, every=1, seconds=60.0)
+    writer.add(_row("a"))  # handed to the writer thread, which fails
+    with pytest.raises(StorageError, match="ENOSPC"):
+        writer.close()
+    assert not list((tmp_path / "run").glob("probes/*.parquet"))
+
+
+def _row(component: str) -> dict:
+    return {
+        "round": 0, "component": component, "layer": 0, "kind": "q", "spec": "int8",
+        "params": 16, "fdt": [1], "sdt": [0], "fdt_mean": 1.0, "fdt_at_75": 1, "sdt_mean": 0.0,
+        "nll_mean": 1.0, "seconds": 0.1, "worker": "engine-0", "attempts": 1, "status": "ok",
+        "error": None,
+    }

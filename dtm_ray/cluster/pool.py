@@ -281,8 +281,15 @@ class EnginePool:
         fan_out.fill()
         while fan_out.in_flight or fan_out.queue:
             waits = [*fan_out.in_flight, *fan_out.checks]
-            done = ray.wait(waits, num_returns=1, timeout=1.0)[0] if waits else []
-            if not waits:
+            if waits:
+                # Every call finished by now, then (when none has) the first to finish: one
+                # pass over the calls in flight serves all the completions it finds, so with
+                # hundreds of actors the driver does not scan them all once per completion.
+                done = ray.wait(waits, num_returns=len(waits), timeout=0)[0]
+                if not done:
+                    done = ray.wait(waits, num_returns=1, timeout=1.0)[0]
+            else:
+                done = []
                 time.sleep(0.2)  # every actor is down and its next ping is not due yet
             for ref in done:
                 if ref in fan_out.checks:
@@ -311,6 +318,10 @@ class _FanOut:
         # ref -> (actor index, submission number, task); an actor runs its calls in that order.
         self.in_flight: dict[ray.ObjectRef, tuple[int, int, Task]] = {}
         self.load = [0] * len(pool.actors)
+        # The actors that are up and have room for another call (an ordered set): `fill` visits
+        # these only, not every actor, after each completion.
+        up = [i for i in range(len(pool.actors)) if i not in pool.down]
+        self.free: dict[int, None] = dict.fromkeys(up)
         self.numbers = itertools.count()
         # Per actor, the last submission number its latest crash took down: a call numbered at
         # or below it that failed with the actor was queued behind the crashing one, not run.
@@ -320,10 +331,16 @@ class _FanOut:
         self.next_check: dict[int, tuple[float, int]] = {}  # index -> (time, pauses so far)
         self.next_report = 0.0
 
+    def _room(self, index: int) -> None:
+        """Note whether actor `index` can take another call now."""
+        if index not in self.pool.down and self.load[index] < self.pool.max_in_flight:
+            self.free[index] = None
+        else:
+            self.free.pop(index, None)  # calls sent to a down actor would fail without running
+
     def fill(self) -> None:
-        for index, actor in enumerate(self.pool.actors):
-            if index in self.pool.down:
-                continue  # calls sent now would fail without running
+        for index in sorted(self.free) if self.queue else ():
+            actor = self.pool.actors[index]
             while self.queue and self.load[index] < self.pool.max_in_flight:
                 task = self.queue.popleft()
                 task.attempts += 1
@@ -331,6 +348,7 @@ class _FanOut:
                 call = getattr(actor, self.method).options(max_task_retries=0)
                 self.in_flight[call.remote(*task.args)] = (index, next(self.numbers), task)
                 self.load[index] += 1
+            self._room(index)
 
     # --- down actors ----------------------------------------------------------------------------
     def check_down(self) -> None:
@@ -360,10 +378,12 @@ class _FanOut:
         index = self.checks.pop(ref)
         if self.pool.answered(index, ref):
             self.next_check.pop(index, None)
+            self._room(index)
 
     def _take(self, ref: ray.ObjectRef) -> tuple[int, int, Task]:
         index, number, task = self.in_flight.pop(ref)
         self.load[index] -= 1
+        self._room(index)
         return index, number, task
 
     def _again(self, task: Task, ran: bool) -> None:
@@ -416,6 +436,7 @@ class _FanOut:
             f"at most {self.pool.max_crashes + 1}); Ray restarts it"
         )
         self.pool.mark_down(index)
+        self._room(index)
         if suspect.crashes > self.pool.max_crashes:
             text = (
                 f"its engine actor died under it {suspect.crashes} times (killed or crashed: "
