@@ -191,6 +191,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_same_command_resumes(
 
 # --- an object store (the s3_server fixture: conftest) ------------------------------------------
 
+
 def test_an_s3_run_dir_takes_its_endpoint_from_the_aws_environment(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{s3_server.endpoint}")
     store = RunStore(f"s3://{s3_server.bucket}/from-env/run")  # no endpoint in the URI
@@ -292,6 +293,49 @@ def test_two_drivers_on_one_s3_run_dir_one_is_refused_in_one_line(
     store.delete(LEASE_FILE)
 
 
+def test_a_driver_releasing_its_lease_never_deletes_one_another_driver_took_over(
+    s3_server, monkeypatch
+) -> None:
+    """On S3 the release deletes the lease with If-Match on the etag it read as its own: a
+    takeover between that read and the delete keeps the new holder's lease. A store without
+    conditional deletes gets the read-then-delete of other stores."""
+    from botocore.exceptions import ClientError
+
+    run_uri = s3_server.uri("release/run")
+    a = RunLease(RunStore(run_uri), heartbeat_s=60).acquire()
+    b = RunLease(RunStore(run_uri), heartbeat_s=60)
+    assert a.conditional and b.conditional
+    read = a._file.read
+
+    def read_then_taken_over():  # a stalled holder: its lease is taken over right after
+        holder, etag = read()
+        assert holder["token"] == a.token
+        b._etag = b._file.write(b._record(), etag)
+        assert b._etag is not None
+        return holder, etag
+
+    monkeypatch.setattr(a._file, "read", read_then_taken_over)
+    a.release()
+    monkeypatch.undo()
+    assert RunStore(run_uri).read_json(LEASE_FILE)["token"] == b.token  # still b's
+    b.release()
+    assert RunStore(run_uri).read_json(LEASE_FILE) is None  # b's own release deletes it
+
+    # A store that answers a conditional delete with 501: the lease read as ours is deleted.
+    c = RunLease(RunStore(run_uri), heartbeat_s=60).acquire()
+    plain = c._file.client.delete_object
+
+    def no_conditions(**kwargs):
+        if "IfMatch" in kwargs:
+            error = {"Error": {"Code": "NotImplemented", "Message": "If-Match"}}
+            raise ClientError(error, "DeleteObject")
+        return plain(**kwargs)
+
+    monkeypatch.setattr(c._file.client, "delete_object", no_conditions)
+    c.release()
+    assert RunStore(run_uri).read_json(LEASE_FILE) is None
+
+
 def test_a_write_that_fails_in_the_probe_writer_is_raised_on_the_driver(
     monkeypatch, tmp_path
 ) -> None:
@@ -312,8 +356,21 @@ def test_a_write_that_fails_in_the_probe_writer_is_raised_on_the_driver(
 
 def _row(component: str) -> dict:
     return {
-        "round": 0, "component": component, "layer": 0, "kind": "q", "spec": "int8",
-        "params": 16, "fdt": [1], "sdt": [0], "fdt_mean": 1.0, "fdt_at_75": 1, "sdt_mean": 0.0,
-        "nll_mean": 1.0, "seconds": 0.1, "worker": "engine-0", "attempts": 1, "status": "ok",
+        "round": 0,
+        "component": component,
+        "layer": 0,
+        "kind": "q",
+        "spec": "int8",
+        "params": 16,
+        "fdt": [1],
+        "sdt": [0],
+        "fdt_mean": 1.0,
+        "fdt_at_75": 1,
+        "sdt_mean": 0.0,
+        "nll_mean": 1.0,
+        "seconds": 0.1,
+        "worker": "engine-0",
+        "attempts": 1,
+        "status": "ok",
         "error": None,
     }
