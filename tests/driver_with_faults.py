@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from faults import TRANSIENT, faulty_split, once_at_write  # noqa: E402
+from faults import TRANSIENT, faulty_split, once_at_write, small_probe_files  # noqa: E402
 
 from dtm_ray import cli  # noqa: E402
 from dtm_ray.records import store as store_module  # noqa: E402
@@ -30,11 +30,7 @@ def main(argv: list[str]) -> int:
     if args.flush_every > 0:
         from dtm_ray.loop import rounds
 
-        class SmallFiles(rounds.ProbeWriter):
-            def __init__(self, store, round_: int, every: int, seconds: float) -> None:
-                super().__init__(store, round_, min(every, args.flush_every), seconds)
-
-        rounds.ProbeWriter = SmallFiles
+        rounds.ProbeWriter = small_probe_files(args.flush_every)
     if args.fault_at_write > 0:
         n = args.fault_at_write
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import FDT_SPARSIFY, assert_same_result, tiny_compress_job, visible_files
-from faults import TRANSIENT, Fail, every_nth_write, faulty_split
+from faults import TRANSIENT, Fail, every_nth_write, faulty_split, small_probe_files
 
 from dtm_ray import cli
 from dtm_ray.cluster.logs import EngineLog
@@ -137,9 +137,14 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
 
 @pytest.mark.slow
 def test_a_full_disk_ends_the_run_in_one_line_and_the_same_command_resumes(
-    ray_session, fdt_sparsify_run, tiny_llama_dir: Path, tmp_path: Path, capsys
+    ray_session, fdt_sparsify_run, tiny_llama_dir: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
+    from dtm_ray.loop import rounds
+
     undisturbed, _ = fdt_sparsify_run
+    # Files of 2 rows: the disk fills at round 0's first file, and the writer thread's next file
+    # fails mid-round.
+    monkeypatch.setattr(rounds, "ProbeWriter", small_probe_files(2))
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "64m"):
         pytest.skip("mounting a tmpfs needs root and the mount command")
@@ -212,7 +217,9 @@ def test_an_object_store_that_goes_away_ends_the_run_in_one_line_and_the_same_co
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(tiny_compress_job(tiny_llama_dir, run_uri, FDT_SPARSIFY)))
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
+    # Files of 4 rows: the store goes away at round 0's first file, while the round goes on.
+    faults = Path(__file__).resolve().parent / "driver_with_faults.py"
+    command = [sys.executable, str(faults), str(job), "--flush-every", "4"]
     store = s3_server.filesystem()
 
     def part_files() -> list:
