@@ -101,9 +101,7 @@ class ProbeWriter:
 class Progress:
     """A tqdm bar on a terminal; elsewhere (logs, `ray job submit`) a line every `interval` s."""
 
-    def __init__(
-        self, total: int, done: int, interval: float, label: str = "probes"
-    ) -> None:
+    def __init__(self, total: int, done: int, interval: float, label: str = "probes") -> None:
         self.total, self.done, self.interval, self.label = total, done, interval, label
         self._start_done = done
         self._start = time.monotonic()
