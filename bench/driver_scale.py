@@ -6,11 +6,14 @@ fixed time and returns real FDT rows), fed by the real pool, progress and Parque
 
 For each actor count: the round's wall time against the ideal (probes x cost / actors), the
 driver's CPU time per probe (its overhead: scheduling, result transfer, rows, Parquet), the
-driver's peak memory, how many Parquet files the round wrote before compaction, and the time of
-the compaction. Also the Parquet write cost per row alone. The null actors hold 0.01 CPU each;
-to fit hundreds in this machine's memory, `--per-process K` lets one threaded actor process serve
-K pool slots (the pool sees K engines there, each with its own queue), so the driver's side —
-what this measures — is that of `actors` engines.
+driver's peak memory, and the Parquet write cost per row alone. Also the object-store requests
+per `--s3-probes` probes (default 1,000) written and compacted on moto's S3 server on 127.0.0.1
+(tests/s3_server.py), counted on the wire, with rows arriving as fast as the largest pool makes
+them; `--flush-every 4 --flush-seconds 30` gives the former writer's files.
+
+The null actors hold 0.01 CPU each; to fit hundreds in this machine's memory, `--per-process K`
+lets one threaded actor process serve K pool slots (the pool sees K engines there, each with its
+own queue), so the driver's side — what this measures — is that of `actors` engines.
 Prints a table and writes JSON.
 """
 
@@ -50,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-flight", type=int, default=2, help="probes queued per actor")
     p.add_argument("--per-process", type=int, default=4, help="pool slots per actor process")
     p.add_argument("--flush-every", type=int, default=Streaming().flush_every)
+    p.add_argument("--flush-seconds", type=float, default=Streaming().flush_seconds)
+    p.add_argument(
+        "--s3-probes", type=int, default=1000, help="rows written to the local S3 server (0: none)"
+    )
     p.add_argument("--out", default="bench/results/driver_scale.json")
     return p.parse_args(argv)
 
@@ -153,7 +160,9 @@ def simulate(actors: int, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter() - start
     slots = [handles[i // per] for i in range(actors)]
     pool = EnginePool(slots, max_in_flight=args.in_flight, max_retries=0)
-    streaming = Streaming(flush_every=args.flush_every, progress_interval=30.0)
+    streaming = Streaming(
+        flush_every=args.flush_every, flush_seconds=args.flush_seconds, progress_interval=30.0
+    )
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(str(Path(tmp) / "run"))
         work = probes(args.probes)
@@ -161,8 +170,8 @@ def simulate(actors: int, args: argparse.Namespace) -> dict[str, Any]:
         ran = run_probes(NullEngines(pool), store, NullContext(), work, streaming)
         wall = time.perf_counter() - wall
         cpu = time.process_time() - cpu
+        files_before = len(store.probe_files())  # compacted: the round file
         stored = store.read_probes(round_=0).num_rows
-        files_before = -(-args.probes // args.flush_every)
     for h in handles:
         ray.kill(h)
     ideal = args.probes * args.cost / actors
@@ -177,7 +186,54 @@ def simulate(actors: int, args: argparse.Namespace) -> dict[str, Any]:
         "wall_over_ideal": wall / ideal,
         "driver_cpu_ms_per_probe": 1000 * cpu / ran,
         "driver_peak_rss_mib": peak_rss_mib(),
-        "parquet_files_before_compaction": files_before,
+        "probe_files_after_compaction": files_before,
+    }
+
+
+def s3_requests(args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """Object-store requests per `--s3-probes` probes: rows arriving at `rate` per second (a
+    round on `max(--actors)` actors) through the real writer into a run directory on moto's
+    S3 server on 127.0.0.1, then the round's compaction; requests are counted on the wire."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from s3_server import S3Server
+
+    server = S3Server()
+    try:
+        store = RunStore(server.uri("bench/run"))
+        rng = np.random.default_rng(0)
+        fdt = rng.integers(0, args.new + 1, args.prompts)
+        sdt = rng.integers(0, args.new + 1, args.prompts)
+        margin = np.zeros((args.prompts, args.new), np.float32)
+        summary = summarize(fdt, sdt, args.new)
+        result = NullResult(fdt, sdt, rng.random(args.prompts), 1.0, margin, summary)
+        rows = [
+            probe_ok_row(0, p.component, p.spec, None, p.names, result, "null", 1)
+            for p in probes(args.s3_probes)
+        ]
+        start_requests = server.relay.requests
+        writer = ProbeWriter(store, 0, args.flush_every, args.flush_seconds)
+        start = time.perf_counter()
+        for i, row in enumerate(rows):
+            time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            writer.add(row)
+            writer.flush_if_due()
+        writer.close()
+        writes = server.relay.requests - start_requests
+        files = len(store.probe_files())
+        store.compact_probes(0)
+        total = server.relay.requests - start_requests
+        assert store.read_probes(round_=0).num_rows == len(rows)
+    finally:
+        server.close()
+    per = 1000 / len(rows)
+    return {
+        "probes": len(rows),
+        "rate_per_s": rate,
+        "files": files,
+        "write_requests_per_1000": writes * per,
+        "requests_per_1000": total * per,
     }
 
 
@@ -204,7 +260,7 @@ def parquet_cost(args: argparse.Namespace, rows: int = 2000) -> dict[str, Any]:
         start = time.perf_counter()
         for row in built:
             writer.add(row)
-        writer.flush()
+        writer.close()
         write = time.perf_counter() - start
         start = time.perf_counter()
         store.compact_probes(0)
@@ -231,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "parquet": parquet_cost(args),
         "runs": [],
     }
+    if args.s3_probes:
+        report["s3"] = s3_requests(args, max(args.actors) / args.cost)
     try:
         for actors in args.actors:
             report["runs"].append(simulate(actors, args))
@@ -266,6 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{p['row_build_ms']:.2f} ms/row, write {p['write_ms_per_row']:.2f} ms/row "
         f"(files of {args.flush_every} rows), compact {p['compact_ms_per_row']:.2f} ms/row"
     )
+    if "s3" in report:
+        s3 = report["s3"]
+        print(
+            f"Object store (local S3 server), {s3['probes']} probes at {s3['rate_per_s']:.0f}/s, "
+            f"files of <= {args.flush_every} rows or {args.flush_seconds:g} s: {s3['files']} "
+            f"files, {s3['write_requests_per_1000']:.0f} requests per 1,000 probes writing, "
+            f"{s3['requests_per_1000']:.0f} with the compaction"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -1,9 +1,10 @@
 """`dtm-ray run JOB` in this process, with faults for the failure tests:
 
-    python tests/driver_with_faults.py JOB [--fault-at-write N]
+    python tests/driver_with_faults.py JOB [--fault-at-write N] [--flush-every K]
 
 `--fault-at-write N`: the N-th file the run opens for writing fails once with S3's timeout error
-(tests/test_chaos.py).
+(tests/test_chaos.py). `--flush-every K`: probe rows are written in files of at most K rows (the
+default is hundreds), so a test can stop a driver with part of a round written.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from faults import TRANSIENT, faulty_split, once_at_write  # noqa: E402
+from faults import TRANSIENT, faulty_split, once_at_write, small_probe_files  # noqa: E402
 
 from dtm_ray import cli  # noqa: E402
 from dtm_ray.records import store as store_module  # noqa: E402
@@ -24,7 +25,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("job")
     parser.add_argument("--fault-at-write", type=int, default=0)
+    parser.add_argument("--flush-every", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.flush_every > 0:
+        from dtm_ray.loop import rounds
+
+        rounds.ProbeWriter = small_probe_files(args.flush_every)
     if args.fault_at_write > 0:
         n = args.fault_at_write
 

@@ -76,3 +76,15 @@ def once_at_write(n: int, error: Callable[[], OSError], seen: Callable[[str], No
         return error()
 
     return fail
+
+
+def small_probe_files(rows: int) -> type:
+    """The round's probe writer with files of at most `rows` rows (the default is hundreds), so a
+    test can stop or fail a run with part of a round written; set it as `rounds.ProbeWriter`."""
+    from dtm_ray.loop import rounds
+
+    class SmallFiles(rounds.ProbeWriter):
+        def __init__(self, store, round_: int, every: int, seconds: float) -> None:
+            super().__init__(store, round_, min(every, rows), seconds)
+
+    return SmallFiles

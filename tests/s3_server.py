@@ -5,6 +5,7 @@ store that went away) and restore, while the server keeps what it holds."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,6 +18,8 @@ CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+_REQUEST_LINE = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.[01]\r\n")
 
 
 def free_port() -> int:
@@ -33,6 +36,7 @@ class Relay:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self.requests = 0  # HTTP requests relayed to the server (a benchmark counts them)
         self.restore()
 
     def restore(self) -> None:
@@ -70,13 +74,14 @@ class Relay:
                 continue
             with self._lock:
                 self._conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, count in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, count), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
         try:
             while data := source.recv(65536):
+                if count:  # request lines ("PUT /bucket/key HTTP/1.1") in what clients send
+                    self.requests += len(_REQUEST_LINE.findall(data))
                 sink.sendall(data)
         except OSError:
             pass

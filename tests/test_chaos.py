@@ -37,7 +37,8 @@ class PartFiles:
 
 def driver(job: Path, nth_write: int, log: Path, env: dict) -> subprocess.Popen:
     command = [sys.executable, str(HERE / "driver_with_faults.py"), str(job)]
-    command += ["--fault-at-write", str(nth_write)]
+    # Files of 4 rows, so that the kills land mid-round with part of the round written.
+    command += ["--fault-at-write", str(nth_write), "--flush-every", "4"]
     with open(log, "w") as out:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
 

@@ -197,7 +197,10 @@ def test_a_run_killed_between_rounds_and_mid_round_resumes_to_the_same_final_sta
     run = tmp_path / "killed"
     job = write_job(tmp_path, compress_job(tiny_llama_dir, run))
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
+    # Probe rows in files of 2 (the default is hundreds), so that the mid-round kill finds part
+    # of round 1 written.
+    faults = Path(__file__).resolve().parent / "driver_with_faults.py"
+    command = [sys.executable, str(faults), str(job), "--flush-every", "2"]
 
     def run_until(condition, what: str) -> None:
         with open(tmp_path / "driver.log", "a") as log:

@@ -310,7 +310,9 @@ def test_a_killed_driver_resumes_with_every_probe_exactly_once(
     # The driver joins this session's cluster, so killing it leaves no Ray processes behind:
     # Ray removes a dead driver's actors itself.
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job_file)]
+    # Probe rows in files of 4 (the default is hundreds), so the kill finds part of them written.
+    faults = Path(__file__).resolve().parent / "driver_with_faults.py"
+    command = [sys.executable, str(faults), str(job_file), "--flush-every", "4"]
 
     with open(tmp_path / "first.log", "w") as log:
         driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

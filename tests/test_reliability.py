@@ -445,3 +445,18 @@ def test_sigterm_while_waiting_for_resources_stops_cleanly(gpu_jobs_on_a_cpu_clu
     assert "interrupted" in lines[-1]
     assert not driver.out.exists()
     assert _ray_left_behind(driver.marker) == []
+
+
+def test_the_fan_out_gathers_completions_only_with_many_calls_in_flight() -> None:
+    from dtm_ray.cluster.pool import GATHER_FROM, GATHER_MAX_S, EnginePool, _FanOut
+
+    fan_out = _FanOut(EnginePool([None] * 64, max_in_flight=2), "probe", [])
+    assert fan_out.gather_window(128) == 0.0  # no call has finished: their length is unknown
+    fan_out.shortest = 1.0
+    assert fan_out.gather_window(GATHER_FROM - 1) == 0.0  # few in flight: a pass is cheap
+    assert fan_out.gather_window(128) == pytest.approx(0.1)  # the freed actor runs its next call
+    fan_out.shortest = 60.0
+    assert fan_out.gather_window(128) == GATHER_MAX_S
+    alone = _FanOut(EnginePool([None] * 64, max_in_flight=1), "probe", [])
+    alone.shortest = 1.0
+    assert alone.gather_window(64) == pytest.approx(0.01)  # a freed actor idles: keep it short

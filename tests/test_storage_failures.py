@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import FDT_SPARSIFY, assert_same_result, tiny_compress_job, visible_files
-from faults import TRANSIENT, Fail, every_nth_write, faulty_split
+from faults import TRANSIENT, Fail, every_nth_write, faulty_split, small_probe_files
 
 from dtm_ray import cli
 from dtm_ray.cluster.logs import EngineLog
@@ -137,9 +137,14 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
 
 @pytest.mark.slow
 def test_a_full_disk_ends_the_run_in_one_line_and_the_same_command_resumes(
-    ray_session, fdt_sparsify_run, tiny_llama_dir: Path, tmp_path: Path, capsys
+    ray_session, fdt_sparsify_run, tiny_llama_dir: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
+    from dtm_ray.loop import rounds
+
     undisturbed, _ = fdt_sparsify_run
+    # Files of 2 rows: the disk fills at round 0's first file, and the writer thread's next file
+    # fails mid-round.
+    monkeypatch.setattr(rounds, "ProbeWriter", small_probe_files(2))
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "64m"):
         pytest.skip("mounting a tmpfs needs root and the mount command")
@@ -191,6 +196,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_same_command_resumes(
 
 # --- an object store (the s3_server fixture: conftest) ------------------------------------------
 
+
 def test_an_s3_run_dir_takes_its_endpoint_from_the_aws_environment(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{s3_server.endpoint}")
     store = RunStore(f"s3://{s3_server.bucket}/from-env/run")  # no endpoint in the URI
@@ -211,7 +217,9 @@ def test_an_object_store_that_goes_away_ends_the_run_in_one_line_and_the_same_co
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(tiny_compress_job(tiny_llama_dir, run_uri, FDT_SPARSIFY)))
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "dtm_ray.cli", "run", str(job)]
+    # Files of 4 rows: the store goes away at round 0's first file, while the round goes on.
+    faults = Path(__file__).resolve().parent / "driver_with_faults.py"
+    command = [sys.executable, str(faults), str(job), "--flush-every", "4"]
     store = s3_server.filesystem()
 
     def part_files() -> list:
@@ -290,3 +298,86 @@ def test_two_drivers_on_one_s3_run_dir_one_is_refused_in_one_line(
     assert b._file.write(b._record(), etag) is None  # the same stale etag: refused
     assert json.loads(json.dumps(store.read_json(LEASE_FILE)))["token"] == a.token
     store.delete(LEASE_FILE)
+
+
+def test_a_driver_releasing_its_lease_never_deletes_one_another_driver_took_over(
+    s3_server, monkeypatch
+) -> None:
+    """On S3 the release deletes the lease with If-Match on the etag it read as its own: a
+    takeover between that read and the delete keeps the new holder's lease. A store without
+    conditional deletes gets the read-then-delete of other stores."""
+    from botocore.exceptions import ClientError
+
+    run_uri = s3_server.uri("release/run")
+    a = RunLease(RunStore(run_uri), heartbeat_s=60).acquire()
+    b = RunLease(RunStore(run_uri), heartbeat_s=60)
+    assert a.conditional and b.conditional
+    read = a._file.read
+
+    def read_then_taken_over():  # a stalled holder: its lease is taken over right after
+        holder, etag = read()
+        assert holder["token"] == a.token
+        b._etag = b._file.write(b._record(), etag)
+        assert b._etag is not None
+        return holder, etag
+
+    monkeypatch.setattr(a._file, "read", read_then_taken_over)
+    a.release()
+    monkeypatch.undo()
+    assert RunStore(run_uri).read_json(LEASE_FILE)["token"] == b.token  # still b's
+    b.release()
+    assert RunStore(run_uri).read_json(LEASE_FILE) is None  # b's own release deletes it
+
+    # A store that answers a conditional delete with 501: the lease read as ours is deleted.
+    c = RunLease(RunStore(run_uri), heartbeat_s=60).acquire()
+    plain = c._file.client.delete_object
+
+    def no_conditions(**kwargs):
+        if "IfMatch" in kwargs:
+            error = {"Error": {"Code": "NotImplemented", "Message": "If-Match"}}
+            raise ClientError(error, "DeleteObject")
+        return plain(**kwargs)
+
+    monkeypatch.setattr(c._file.client, "delete_object", no_conditions)
+    c.release()
+    assert RunStore(run_uri).read_json(LEASE_FILE) is None
+
+
+def test_a_write_that_fails_in_the_probe_writer_is_raised_on_the_driver(
+    monkeypatch, tmp_path
+) -> None:
+    from dtm_ray.loop.progress import ProbeWriter
+
+    def fail(method: str, path: str) -> OSError | None:
+        full = OSError(errno.ENOSPC, "No space left on device")
+        return full if method == "open_output_stream" and "part-" in path else None
+
+    faulty_store(monkeypatch, fail)
+    store = RunStore(str(tmp_path / "run"))
+    writer = ProbeWriter(store, 0, every=1, seconds=60.0)
+    writer.add(_row("a"))  # handed to the writer thread, which fails
+    with pytest.raises(StorageError, match="ENOSPC"):
+        writer.close()
+    assert not list((tmp_path / "run").glob("probes/*.parquet"))
+
+
+def _row(component: str) -> dict:
+    return {
+        "round": 0,
+        "component": component,
+        "layer": 0,
+        "kind": "q",
+        "spec": "int8",
+        "params": 16,
+        "fdt": [1],
+        "sdt": [0],
+        "fdt_mean": 1.0,
+        "fdt_at_75": 1,
+        "sdt_mean": 0.0,
+        "nll_mean": 1.0,
+        "seconds": 0.1,
+        "worker": "engine-0",
+        "attempts": 1,
+        "status": "ok",
+        "error": None,
+    }

@@ -215,3 +215,27 @@ def test_compaction_merges_one_rounds_parts_and_a_kill_in_between_loses_nothing(
 
 def probe_keys_of(table: pa.Table) -> list[str]:
     return table.column("component").to_pylist()
+
+
+# --- the probe writer: files by size and time, written off the driver's loop ---------------------
+def test_the_probe_writer_flushes_by_size_and_by_time_and_writes_every_row_at_close(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    from dtm_ray.loop.progress import ProbeWriter
+
+    store = RunStore(str(tmp_path / "run"))
+    writer = ProbeWriter(store, 0, every=3, seconds=0.3)
+    for name in "abcd":  # three rows make a file; the fourth waits for time or close
+        writer.add(probe_row(name))
+    deadline = time.monotonic() + 10
+    while len(store.probe_files()) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the writer thread writes it
+    assert sorted(probe_keys_of(store.read_probes())) == ["a", "b", "c"]
+    time.sleep(0.35)
+    writer.flush_if_due()  # the fourth row is due by time
+    writer.add(probe_row("e"))
+    writer.close()  # and the fifth at close: every row once, in three files
+    assert len(store.probe_files()) == 3
+    assert sorted(probe_keys_of(store.read_probes(dedupe=False))) == ["a", "b", "c", "d", "e"]

@@ -57,6 +57,15 @@ FIRST_REPORT_S = 3.0
 REPORT_S = 15.0
 # A crashed actor is asked whether it is back after these pauses (the last one repeats).
 CHECK_DELAYS_S = (0.5, 1.0, 2.0, 4.0)
+# A fan-out over at least GATHER_FROM calls in flight, once the driver has caught up, takes the
+# first call to finish and those that finish within a short window after it, so that one pass
+# over the calls in flight (ray.wait's cost grows with their number) serves many completions. The
+# window is GATHER_SHARE of the shortest call seen so far (GATHER_SHARE_ALONE when each actor
+# runs one call at a time and so idles until it is refilled), and at most GATHER_MAX_S.
+GATHER_FROM = 32
+GATHER_SHARE = 0.1  # a freed actor still runs a queued call, at least this long
+GATHER_SHARE_ALONE = 0.01
+GATHER_MAX_S = 0.2
 # Start-up time allowed per byte of weights beyond `startup_timeout_s`: a node fetches them once
 # and each actor reads them, at no less than this rate (a slow object store or disk).
 STARTUP_BYTES_PER_S = 50e6
@@ -281,8 +290,19 @@ class EnginePool:
         fan_out.fill()
         while fan_out.in_flight or fan_out.queue:
             waits = [*fan_out.in_flight, *fan_out.checks]
-            done = ray.wait(waits, num_returns=1, timeout=1.0)[0] if waits else []
-            if not waits:
+            if waits:
+                # Every call finished by now, then (when none has) the first to finish and, with
+                # many in flight, those that finish soon after it: one pass over the calls in
+                # flight serves all the completions it finds, so with hundreds of actors the
+                # driver does not scan them all once per completion.
+                done = ray.wait(waits, num_returns=len(waits), timeout=0)[0]
+                if not done:
+                    done = ray.wait(waits, num_returns=1, timeout=1.0)[0]
+                    window = fan_out.gather_window(len(waits)) if done else 0.0
+                    if window > 0:
+                        done = ray.wait(waits, num_returns=len(waits), timeout=window)[0]
+            else:
+                done = []
                 time.sleep(0.2)  # every actor is down and its next ping is not due yet
             for ref in done:
                 if ref in fan_out.checks:
@@ -310,7 +330,13 @@ class _FanOut:
         self.queue = deque(tasks)
         # ref -> (actor index, submission number, task); an actor runs its calls in that order.
         self.in_flight: dict[ray.ObjectRef, tuple[int, int, Task]] = {}
+        self.sent_at: dict[ray.ObjectRef, float] = {}  # ref -> when it was submitted
+        self.shortest = float("inf")  # the shortest call so far, submission to completion
         self.load = [0] * len(pool.actors)
+        # The actors that are up and have room for another call (an ordered set): `fill` visits
+        # these only, not every actor, after each completion.
+        up = [i for i in range(len(pool.actors)) if i not in pool.down]
+        self.free: dict[int, None] = dict.fromkeys(up)
         self.numbers = itertools.count()
         # Per actor, the last submission number its latest crash took down: a call numbered at
         # or below it that failed with the actor was queued behind the crashing one, not run.
@@ -320,17 +346,33 @@ class _FanOut:
         self.next_check: dict[int, tuple[float, int]] = {}  # index -> (time, pauses so far)
         self.next_report = 0.0
 
+    def _room(self, index: int) -> None:
+        """Note whether actor `index` can take another call now."""
+        if index not in self.pool.down and self.load[index] < self.pool.max_in_flight:
+            self.free[index] = None
+        else:
+            self.free.pop(index, None)  # calls sent to a down actor would fail without running
+
+    def gather_window(self, waiting: int) -> float:
+        """How long to collect completions after the first, with `waiting` refs in flight."""
+        if waiting < GATHER_FROM or self.shortest == float("inf"):
+            return 0.0
+        share = GATHER_SHARE if self.pool.max_in_flight > 1 else GATHER_SHARE_ALONE
+        return min(GATHER_MAX_S, share * self.shortest)
+
     def fill(self) -> None:
-        for index, actor in enumerate(self.pool.actors):
-            if index in self.pool.down:
-                continue  # calls sent now would fail without running
+        for index in sorted(self.free) if self.queue else ():
+            actor = self.pool.actors[index]
             while self.queue and self.load[index] < self.pool.max_in_flight:
                 task = self.queue.popleft()
                 task.attempts += 1
                 # No retries by Ray: the pool itself counts a crash against the call that ran.
                 call = getattr(actor, self.method).options(max_task_retries=0)
-                self.in_flight[call.remote(*task.args)] = (index, next(self.numbers), task)
+                ref = call.remote(*task.args)
+                self.in_flight[ref] = (index, next(self.numbers), task)
+                self.sent_at[ref] = time.monotonic()
                 self.load[index] += 1
+            self._room(index)
 
     # --- down actors ----------------------------------------------------------------------------
     def check_down(self) -> None:
@@ -360,10 +402,13 @@ class _FanOut:
         index = self.checks.pop(ref)
         if self.pool.answered(index, ref):
             self.next_check.pop(index, None)
+            self._room(index)
 
     def _take(self, ref: ray.ObjectRef) -> tuple[int, int, Task]:
         index, number, task = self.in_flight.pop(ref)
+        self.shortest = min(self.shortest, time.monotonic() - self.sent_at.pop(ref))
         self.load[index] -= 1
+        self._room(index)
         return index, number, task
 
     def _again(self, task: Task, ran: bool) -> None:
@@ -416,6 +461,7 @@ class _FanOut:
             f"at most {self.pool.max_crashes + 1}); Ray restarts it"
         )
         self.pool.mark_down(index)
+        self._room(index)
         if suspect.crashes > self.pool.max_crashes:
             text = (
                 f"its engine actor died under it {suspect.crashes} times (killed or crashed: "

@@ -326,8 +326,11 @@ def run_probes(
             ]
             pool.run("probe", tasks, on_outcome, tick=writer.flush_if_due)
     finally:
-        # Rows in the buffer are complete results; keep them even when the round is interrupted.
-        writer.flush()
-        progress.close()
+        # Rows in the buffer are complete results; keep them even when the round is interrupted
+        # (close waits for the writer thread to write every one).
+        try:
+            writer.close()
+        finally:
+            progress.close()
     store.compact_probes(round_)
     return ran

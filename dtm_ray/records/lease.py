@@ -9,7 +9,10 @@ process is gone (a killed driver); a stale lease is taken over.
 On S3 (and stores that speak its conditional writes) the lease is atomic: it is created with
 `If-None-Match: *` (only one of two drivers creating it at once succeeds), taken over and renewed
 with `If-Match: <etag>` (only one of two drivers replacing the same stale lease succeeds, and a
-driver whose lease was taken over learns it at its next beat). This needs boto3.
+driver whose lease was taken over learns it at its next beat), and deleted on release with
+`If-Match: <etag>` too, so a driver never removes a lease another driver took over between its
+read and its delete (a store that refuses conditional deletes gets a plain delete after the read,
+as elsewhere). This needs boto3.
 
 Elsewhere (local paths, GCS, a store that refuses conditional writes) it needs no atomic create:
 a driver writes its lease, waits `settle_s` and reads it back; of two drivers that wrote at
@@ -29,7 +32,7 @@ import time
 import uuid
 from typing import Any
 
-from dtm_ray.errors import ConfigError, StorageError
+from dtm_ray.errors import ConfigError
 from dtm_ray.log import log
 from dtm_ray.records.store import S3_ATTEMPTS, RunStore
 
@@ -101,6 +104,24 @@ class ConditionalLeaseFile:
                 raise _Unsupported(code) from err
             raise
         return put["ETag"]
+
+    def delete(self, etag: str) -> bool:
+        """Delete the lease if it still has `etag`; False when it changed (another driver took
+        it over) or is gone. Raises _Unsupported where the store takes no conditional delete."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return False
+            if code in ("NoSuchKey", "404"):
+                return False
+            if code in ("NotImplemented", "501"):
+                raise _Unsupported(code) from err
+            raise
+        return True
 
 
 class RunLease:
@@ -236,14 +257,32 @@ class RunLease:
         if self._thread is not None:
             self._thread.join()
         try:
-            holder = self.store.read_json(LEASE_FILE)
-            if holder is not None and holder.get("token") == self.token:
-                self.store.delete(LEASE_FILE)
-        except (ConfigError, StorageError, OSError) as err:
+            if self._file is not None:
+                self._release_conditional(self._file)
+            else:
+                holder = self.store.read_json(LEASE_FILE)
+                if holder is not None and holder.get("token") == self.token:
+                    self.store.delete(LEASE_FILE)
+        except Exception as err:  # noqa: BLE001 - storage or boto3 errors alike
             log(
                 f"warning: could not remove the lease of {self.store.location} ({err}); "
                 f"it lapses {self.stale_after_s:.0f} s after its last heartbeat"
             )
+
+    def _release_conditional(self, file: ConditionalLeaseFile) -> None:
+        """Delete the lease only while it is still the one read as ours (its etag then)."""
+        holder, etag = file.read()
+        if holder is None or holder.get("token") != self.token or etag is None:
+            return  # gone, or another driver's now: not ours to remove
+        try:
+            deleted = file.delete(etag)
+        except _Unsupported:
+            self.store.delete(LEASE_FILE)  # the read above is all the check this store allows
+            return
+        if not deleted:
+            holder = file.read()[0]
+            who = self._describe(holder) if holder else "nobody"
+            log(f"the lease of {self.store.location} is now held by {who}; left in place")
 
     def __enter__(self) -> RunLease:
         return self.acquire()

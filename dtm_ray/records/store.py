@@ -245,11 +245,19 @@ class RunStore:
         files = (i for i in infos if i.type == pafs.FileType.File)
         return sorted(i.path for i in files if _is_visible_data_file(i.base_name))
 
+    def _read_bytes(self, path: str) -> pa.Buffer:
+        with self.fs.open_input_file(path) as handle:
+            return handle.read_buffer()
+
     def _read_file(self, path: str, schema: pa.Schema, rows: bool = True) -> pa.Table:
         """One table file (only its schema checked when not `rows`); a corrupt or foreign file
         is a one-line error naming it."""
+        # The bytes first, through the retries: a store that is unreachable is a StorageError
+        # (resume once it is back), not a file to move away. Probe files are small; a round's
+        # compacted file is read whole anyway.
+        data = self._retrying("read", path, lambda: self._read_bytes(path))
         try:
-            with self.fs.open_input_file(path) as handle:
+            with pa.BufferReader(data) as handle:
                 names = pq.read_schema(handle).names
                 # A file of this table has at least its key columns; read with the table's
                 # schema, a foreign file would otherwise come back as rows of nulls.
@@ -268,7 +276,7 @@ class RunStore:
             ) from None
 
     def check_files(self, schemas: Mapping[str, pa.Schema]) -> None:
-        """Open every table file of the folders in `schemas` (folder -> schema), footers only,
+        """Open every table file of the folders in `schemas` (folder -> schema), schemas only,
         so a corrupt or foreign file is found before any work starts."""
         for folder, schema in schemas.items():
             for path in self._data_files(folder):
