@@ -147,17 +147,12 @@ class EngineActor:
         floor). One scoring pass over the P prompts x (prefix + N) tokens, like one probe; on
         the hf engine it also keeps the residual stream the round's first probe here would
         otherwise pay a pass for."""
-        import ray
-
         self._guarded(self.session.apply_state, context.state)
         result = self.session.score(context.reference)
+        info = self.info()
+        who = ("worker", "host", "node", "engine", "dtype", "batch_invariant")
         return {
-            "worker": self.worker,
-            "host": socket.gethostname(),
-            "node": ray.get_runtime_context().get_node_id(),
-            "engine": self.engine_kind,
-            "dtype": self.dtype,
-            "batch_invariant": bool(getattr(self.session.engine, "batch_invariant", False)),
+            **{k: info[k] for k in who},
             "fdt": result.fdt,
             "sdt": result.sdt,
             "seconds": result.seconds,

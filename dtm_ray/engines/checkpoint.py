@@ -14,6 +14,15 @@ from pathlib import Path
 import torch
 
 
+def read_tensor(path: Path | str, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor `name` of the safetensors file `path`, cast to `dtype` the way the model loaders
+    cast it: the one cast every reader of originals uses, so their bits agree."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(name).to(dtype)
+
+
 class Checkpoint:
     """Reads single tensors from a safetensors checkpoint, cast to the engine's dtype the way
     the model loaders cast them, with a bounded LRU cache."""
@@ -65,10 +74,7 @@ class Checkpoint:
         if tensor is not None:
             self._cache.move_to_end(name)
             return tensor
-        from safetensors import safe_open
-
-        with safe_open(self._file(name), "pt") as f:
-            tensor = f.get_tensor(name).to(self.dtype)
+        tensor = read_tensor(self._file(name), name, self.dtype)
         self._cache[name] = tensor
         self._evict()
         return tensor

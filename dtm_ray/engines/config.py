@@ -98,6 +98,20 @@ def residual_stride(per_layer_bytes: int, layers: int, budget: int) -> int:
     return max(1, -(-per_layer_bytes * layers // budget))
 
 
+def residual_keep(
+    per_layer_bytes: int, layers: int, device_budget: int, host_budget: int = 0
+) -> tuple[int, bool]:
+    """(stride, on_host) of the kept residual stream: every k-th layer's input in the device
+    budget, or, where a host budget is given (an engine on a GPU) and keeps more layers, in
+    pinned host memory instead."""
+    stride = residual_stride(per_layer_bytes, layers, device_budget)
+    if stride > 1 and host_budget > 0:
+        host_stride = residual_stride(per_layer_bytes, layers, host_budget)
+        if host_stride < stride:
+            return host_stride, True
+    return stride, False
+
+
 def _check_bytes(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a number of bytes >= 0, got {value!r}")

@@ -42,7 +42,7 @@ from dtm_ray.engines.config import (
     ORIGINAL_CACHE_BYTES,
     RESIDUAL_CACHE_BYTES,
     RESIDUAL_HOST_BYTES,
-    residual_stride,
+    residual_keep,
 )
 
 
@@ -253,12 +253,8 @@ class HFEngine:
         itemsize = next(self.model.parameters()).element_size()
         per_layer = sequences.size * width * itemsize
         layers = len(self._layers)
-        stride = residual_stride(per_layer, layers, self.residual_cache_bytes)
-        on_host = False
-        if self.device.type == "cuda" and stride > 1 and self.residual_host_bytes > 0:
-            host_stride = residual_stride(per_layer, layers, self.residual_host_bytes)
-            on_host = host_stride < stride
-            stride = min(stride, host_stride)
+        host_budget = self.residual_host_bytes if self.device.type == "cuda" else 0
+        stride, on_host = residual_keep(per_layer, layers, self.residual_cache_bytes, host_budget)
         return _KeepPlan(list(range(0, layers, stride)), on_host)
 
     def _full_pass(

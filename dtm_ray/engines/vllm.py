@@ -43,7 +43,7 @@ from dtm_ray.engines.config import (
     ORIGINAL_CACHE_BYTES,
     RESIDUAL_CACHE_BYTES,
     RESIDUAL_HOST_BYTES,
-    residual_stride,
+    residual_keep,
     resolve_batch_invariant,
 )
 
@@ -546,14 +546,8 @@ class VLLMEngine:
         actor share the host budget."""
         tokens = sum(len(p) for p in prompts)
         per_layer = 2 * tokens * self._hidden_size * torch_dtype(self.dtype).itemsize
-        stride = residual_stride(per_layer, self._num_layers, self.residual_cache_bytes)
-        on_host = False
-        host_budget = self.residual_host_bytes // max(1, self.tensor_parallel_size)
-        if not self.on_cpu and stride > 1 and host_budget > 0:
-            host_stride = residual_stride(per_layer, self._num_layers, host_budget)
-            on_host = host_stride < stride
-            stride = min(stride, host_stride)
-        return stride, on_host
+        host_budget = 0 if self.on_cpu else self.residual_host_bytes // self.tensor_parallel_size
+        return residual_keep(per_layer, self._num_layers, self.residual_cache_bytes, host_budget)
 
     @contextlib.contextmanager
     def _in_workers(self, name: str, args: tuple) -> Iterator[list[Any]]:

@@ -27,6 +27,7 @@ from vllm.model_executor.layers.linear import (
 
 from dtm_ray.core.compress import compress
 from dtm_ray.engines.base import token_stats
+from dtm_ray.engines.checkpoint import read_tensor
 
 # The CPU build packs each linear weight into a oneDNN handle at load and leaves `weight` empty;
 # an edit to the parameter would then never reach the matmul. With oneDNN off, CPU linears fall
@@ -110,15 +111,12 @@ class WeightEditExtension:
         (`(name, path)` pairs), cast to `dtype` as the checkpoint reader casts it: the engine
         sends names, never the tensors. Each rank reads one whole weight at a time (host
         memory: the largest weight) and writes its own shard."""
-        from safetensors import safe_open
-
         model = self._dtm_model()
         saved = self.__dict__.setdefault("_dtm_saved", {})
         with torch.no_grad():
             for name, path in files:
                 place = _place(model, name)
-                with safe_open(path, "pt") as f:
-                    original = f.get_tensor(name).to(getattr(torch, dtype))
+                original = read_tensor(path, name, getattr(torch, dtype))
                 place.write(original.to(place.param.device))
                 saved.pop(name, None)  # a restored weight has nothing left to put back
         return [name for name, _ in files]

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtm_ray.core.components import Component
-from dtm_ray.engines.config import residual_stride
+from dtm_ray.engines.config import residual_keep
 from dtm_ray.errors import ConfigError
 from dtm_ray.job.spec import JobConfig
 
@@ -140,14 +140,12 @@ def memory_plan(
             "to keep the residual stream; graphs may still be faster, measure both)"
         )
     else:
-        stride = residual_stride(per_layer, layers, engine.residual_cache_bytes)
-        host_budget = engine.residual_host_bytes // (tp if vllm else 1)
-        if on_gpu and stride > 1 and host_budget > 0:
-            # A stream too large for the GPU budget is kept in pinned host memory; every vLLM
-            # rank keeps the whole stream, so an actor's ranks share the host budget.
-            host_stride = residual_stride(per_layer, layers, host_budget)
-            residual_on_host = host_stride < stride
-            stride = min(stride, host_stride)
+        # A stream too large for the GPU budget is kept in pinned host memory; every vLLM rank
+        # keeps the whole stream, so an actor's ranks share the host budget.
+        host_budget = engine.residual_host_bytes // (tp if vllm else 1) if on_gpu else 0
+        stride, residual_on_host = residual_keep(
+            per_layer, layers, engine.residual_cache_bytes, host_budget
+        )
         kept = math.ceil(layers / stride)
         residual = kept * per_layer
         if stride >= layers:
