@@ -346,3 +346,44 @@ def test_the_vllm_and_hf_engines_agree_and_leave_their_weights_bit_identical(
             for column in columns:
                 assert a[column] > 0
                 assert b[column] == pytest.approx(a[column], rel=1e-4), (a, b)
+
+
+def test_the_engine_actor_answers_sensitivity_calls_on_its_state(
+    ray_session, tiny_llama_dir: Path
+) -> None:
+    from dtm_ray.cluster.actor import start_engine_actors
+    from dtm_ray.engines import EngineConfig
+
+    state = chained_state()
+    sequences = calibration(count=4)
+    local = EngineSession(HFEngine(tiny_llama_dir))
+    local.apply_state(state)
+    (actor,) = start_engine_actors(str(tiny_llama_dir), EngineConfig(kind="hf"), 1, {"CPU": 1})
+    try:
+        for guide in ("weight_error", "fisher"):
+            remote = ray_session.get(
+                actor.sensitivity.remote(state, guide, candidates(), sequences, None, 2)
+            )
+            expected = local.sensitivity(guide, candidates(), sequences, batch_size=2)
+            assert remote.guide == guide and remote.worker.startswith("engine-0@")
+            assert remote.passes == expected.passes and remote.seconds > 0
+            assert len(remote.rows) == len(expected.rows) == 6
+            for got, want in zip(remote.rows, expected.rows, strict=True):
+                assert got[guide] == pytest.approx(want[guide], rel=1e-6)
+    finally:
+        ray_session.kill(actor)
+
+
+def test_both_engines_offer_the_sensitivity_calls_with_the_protocols_signatures() -> None:
+    import inspect
+
+    from dtm_ray.engines.base import MeasuresSensitivity
+
+    pytest.importorskip("vllm")
+    from dtm_ray.engines.vllm import VLLMEngine
+
+    for cls in (HFEngine, VLLMEngine):
+        for name in ("weight_errors", "fisher_scores"):
+            want = list(inspect.signature(getattr(MeasuresSensitivity, name)).parameters)
+            have = list(inspect.signature(getattr(cls, name)).parameters)
+            assert have[: len(want)] == want, (cls.__name__, name, have)

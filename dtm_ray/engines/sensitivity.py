@@ -159,7 +159,9 @@ def fisher_values(
     weights are only read; its `requires_grad` flags and train/eval mode are put back."""
     batches = _calibration_batches(sequences, batch_size)
     linears = _linears(model, list(candidates))
-    pairs = [(name, link) for name, links in candidates.items() for link in links]
+    # One pair per (component, spec): a repeated spec would count its terms twice.
+    unique = {(name, link.spec): link for name, links in candidates.items() for link in links}
+    pairs = [(name, link) for (name, _), link in unique.items()]
     groups = _groups(pairs, lambda name: current(name).numel() * 4, delta_bytes)
     device = next(model.parameters()).device
     scores = {(name, link.spec): 0.0 for name, link in pairs}
@@ -240,7 +242,8 @@ def view_model(
     """The transformers causal LM of `model_dir`'s config, each parameter `name` of shape S
     replaced by `tensor_of(name, S)` (no copy; requires_grad off), buffers (rotary tables)
     computed as transformers computes them, on the tensors' device. Built with empty weights,
-    so it costs no weight memory. A tensor of the wrong shape or dtype is a ValueError."""
+    so it costs no weight memory. A tensor of the wrong shape or dtype, or an inference tensor,
+    is a ValueError."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -259,6 +262,8 @@ def view_model(
                     f"{name}: the engine holds {tuple(tensor.shape)} {tensor.dtype}, the "
                     f"transformers model expects {tuple(param.shape)} {dtype}"
                 )
+            if tensor.is_inference():  # made under torch.inference_mode: autograd refuses it
+                raise ValueError(f"{name}: the engine's tensor cannot take part in a backward pass")
             module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
             device = tensor.device
     if device is not None:
