@@ -22,8 +22,10 @@ import numpy as np
 
 from dtm_ray.core.state import ModelState, Reference
 from dtm_ray.engines import EngineConfig, make_engine, resolve_dtype
+from dtm_ray.engines.config import FISHER_BATCH_SIZE
 from dtm_ray.engines.probe import ProbeResult
 from dtm_ray.engines.prompts import load_calibration, load_prompts
+from dtm_ray.engines.sensitivity import SensitivityResult
 from dtm_ray.engines.session import EngineBroken, EngineSession
 from dtm_ray.engines.sources import ModelSource, node_folder
 
@@ -157,6 +159,24 @@ class EngineActor:
             "sdt": result.sdt,
             "seconds": result.seconds,
         }
+
+    def sensitivity(
+        self,
+        state: ModelState,
+        guide: str,
+        candidates: Mapping[str, list[str]],
+        sequences: np.ndarray | None = None,
+        stats: Mapping[str, np.ndarray] | None = None,
+        batch_size: int = FISHER_BATCH_SIZE,
+    ) -> SensitivityResult:
+        """The sensitivity signal `guide` (fisher | weight_error) of every (component, spec) of
+        `candidates` on `state`, on this actor's engine (see `EngineSession.sensitivity`):
+        `sequences` are fisher's calibration text, `stats` wanda's input norms. Rows, seconds,
+        passes; the state is left as it is."""
+        self._guarded(self.session.apply_state, state)
+        result = self.session.sensitivity(guide, candidates, sequences, stats, batch_size)
+        result.worker = self.worker
+        return result
 
     def dtype_of(self, component: str) -> tuple[int, str]:
         """(bytes per value, dtype name) of the weights as this engine holds them."""

@@ -40,12 +40,15 @@ from dtm_ray.engines.checkpoint import Checkpoint
 from dtm_ray.engines.config import (
     CPU_KV_CACHE_BYTES,
     DEFAULT_MAX_MODEL_LEN,
+    FISHER_BATCH_SIZE,
     ORIGINAL_CACHE_BYTES,
     RESIDUAL_CACHE_BYTES,
     RESIDUAL_HOST_BYTES,
+    SENSITIVITY_DELTA_BYTES,
     residual_keep,
     resolve_batch_invariant,
 )
+from dtm_ray.engines.sensitivity import Candidates, SignalValues
 
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
 
@@ -587,6 +590,18 @@ class VLLMEngine:
         workers. `keep` has the ranks save a device copy of what they overwrote, for
         `put_back`. Every spec is checked against the weight's shape before any rank is asked."""
         self._check_open()
+        edits = self._spec_edits(chains)
+        if not edits:
+            return
+        # Marked before the call: a rank that fails part way leaves an edit restore must undo.
+        self._edited.update(chains)
+        with self._threads():
+            self.llm.collective_rpc("dtm_compress", args=(edits, keep))
+        self._edits_done()
+
+    def _spec_edits(self, chains: Mapping[str, Sequence[Any]]) -> list[tuple[str, list]]:
+        """(name, [(spec, input norm or None)]) for the workers, every spec checked against
+        the weight's shape first (an unknown name is a KeyError)."""
         edits = []
         for name, chain in chains.items():
             shape = self._checkpoint.shape(name)  # KeyError names an unknown weight
@@ -596,13 +611,7 @@ class VLLMEngine:
                 norm = None if link.input_norm is None else torch.as_tensor(link.input_norm)
                 links.append((link.spec, norm))
             edits.append((name, links))
-        if not edits:
-            return
-        # Marked before the call: a rank that fails part way leaves an edit restore must undo.
-        self._edited.update(chains)
-        with self._threads():
-            self.llm.collective_rpc("dtm_compress", args=(edits, keep))
-        self._edits_done()
+        return edits
 
     def put_back(self, names: Iterable[str]) -> None:
         """Write back, bit for bit, the copies `compress_in_place(keep=True)` saved."""
@@ -692,3 +701,41 @@ class VLLMEngine:
             name: _full_input_norm(name, [rank[name] for rank in ranks], in_features[name], tokens)
             for name in names
         }
+
+    # --- sensitivity signals (see dtm_ray.engines.sensitivity) ------------------------------
+    def weight_errors(self, candidates: Candidates) -> SignalValues:
+        """Per (component, spec): the spec applied to the weight vLLM holds now, compared with
+        it, computed in the worker rank(s) on the weight's device; nothing is written and no
+        weight leaves the workers."""
+        self._check_open()
+        edits = self._spec_edits(candidates)
+        with self._threads():
+            ranks = self.llm.collective_rpc("dtm_weight_errors", args=(edits,))
+        return SignalValues.from_lists(ranks[0])
+
+    def fisher_scores(
+        self,
+        sequences: Sequence[Sequence[int]],
+        candidates: Candidates,
+        batch_size: int = FISHER_BATCH_SIZE,
+        delta_bytes: int = SENSITIVITY_DELTA_BYTES,
+    ) -> SignalValues:
+        """ModelOpt's gradient score of each (component, spec). vLLM has no backward pass, so the
+        worker builds a transformers model of the same architecture over views of its live
+        parameters (no weight copied: the extra memory is one calibration batch's activations
+        for a backward pass, its logits, and the candidates' ΔW up to `delta_bytes`), runs one
+        forward + backward per batch and drops it. On a GPU that memory must fit beside vLLM's
+        `gpu_memory_utilization` share. Tensor parallelism (weights sharded over processes) is
+        not supported: use tensor_parallel_size 1 or the hf engine."""
+        self._check_open()
+        if self.tensor_parallel_size > 1:
+            raise ValueError(
+                "fisher sensitivity on the vllm engine needs tensor_parallel_size 1 (the "
+                "backward pass runs on one rank's whole weights); use the hf engine"
+            )
+        edits = self._spec_edits(candidates)
+        prompts = [[int(t) for t in s] for s in sequences]
+        args = (str(self.model_dir), self.dtype, prompts, edits, batch_size, delta_bytes)
+        with self._threads():
+            ranks = self.llm.collective_rpc("dtm_fisher", args=args)
+        return SignalValues.from_lists(ranks[0])
