@@ -103,6 +103,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # What Python says of a module it cannot find, also inside Ray's text of a failed actor.
 _NO_MODULE = re.compile(r"No module named '([^']+)'")
+# The last line of a remote traceback that ends in one of dtm_ray's errors.
+_OUR_ERROR = re.compile(r"^dtm_ray\.errors\.\w+: (.+)$")
 
 
 def error_text(err: Exception) -> str:
@@ -112,6 +114,10 @@ def error_text(err: Exception) -> str:
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {cause}"
     text = _ANSI.sub("", str(err))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    ours = _OUR_ERROR.match(lines[-1]) if lines else None
+    if ours:  # one of dtm_ray's one-line errors, raised in the actor (a missing requirement)
+        return ours[1]
     missing = _NO_MODULE.search(text)
     if missing:
         # The actor's module could not be imported on its node (Ray's worker lacks a requirement).
@@ -119,7 +125,6 @@ def error_text(err: Exception) -> str:
         found = missing_requirement(error, python="the Python of Ray's workers on that node")
         if found is not None:
             return str(found)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__
 
 

@@ -59,7 +59,7 @@ from dtm_ray.records.schemas import (
     calibration_from_table,
     state_from_table,
 )
-from dtm_ray.records.store import RunStore
+from dtm_ray.records.store import RunStore, check_store_uri
 from dtm_ray.redact import redact, redact_data
 from dtm_ray.results.export_compressed import stored_level, write_compressed
 from dtm_ray.results.export_dense import replay_device, torch_threads, write_dense
@@ -100,6 +100,7 @@ def export_run(
     (compressed-tensors has no sparse format any more). `device`: where chains are replayed
     (`auto`: cuda when torch sees a GPU, else cpu); `threads`: torch's threads meanwhile (None:
     every core this process may use). The files are the same on every device and thread count."""
+    check_store_uri(run_dir)  # before torch looks for a device: a malformed URI is one line
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     if threads is not None and threads < 1:

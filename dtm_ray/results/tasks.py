@@ -31,7 +31,7 @@ import pyarrow as pa
 from dtm_ray.errors import ConfigError, StorageError, UserError, missing_requirement
 from dtm_ray.job.tasks import BACKENDS, resolve_tasks
 from dtm_ray.log import log
-from dtm_ray.records.store import RunStore, retrying
+from dtm_ray.records.store import RunStore, check_store_uri, retrying
 
 if TYPE_CHECKING:
     from dtm_ray.engines.sources import ModelSource
@@ -265,6 +265,7 @@ def evaluate_run(
     from dtm_ray.engines.sources import source_of_run
     from dtm_ray.records.schemas import FINAL_SUMMARY_SCHEMA
 
+    check_store_uri(run_dir)  # its shape first: no client, no lm-eval index for a bad URI
     tasks = tasks if tasks is not None else resolve_tasks(config.tasks)  # before any I/O
     store = RunStore(run_dir)
     info = store.read_run_info()
