@@ -85,7 +85,16 @@ def test_a_malformed_store_uri_is_refused_without_a_client(
 
 
 @pytest.mark.parametrize(
-    "uri", ["s3://bucket", "s3://bucket/", "s3://my.bucket-1/a/b/", "gs://bucket/a?x=1", "runs/x"]
+    "uri",
+    [
+        "s3://bucket",
+        "s3://bucket/",
+        "s3://my.bucket-1/a/b/",
+        "gs://bucket/a?x=1",
+        "s3://key:secret@bucket/run",
+        "file:///abs/run",
+        "runs/x",
+    ],
 )
 def test_a_well_formed_uri_passes_the_shape_check(uri: str) -> None:
     check_store_uri(uri, "out")

@@ -133,7 +133,8 @@ def check_store_uri(uri: str, what: str = "run dir") -> None:
             f"{what} {uri}: {scheme}:// is not a supported store; use s3://bucket/prefix, "
             "gs://bucket/prefix, file:///abs/path or a local path"
         )
-    bucket, _, prefix = path.partition("/")
+    authority, _, prefix = path.partition("/")
+    bucket = authority.rpartition("@")[2]  # s3://KEY:SECRET@bucket/… is pyarrow's too
     example = f"{scheme}://bucket/prefix"
     if not bucket:
         raise ConfigError(f"{what} {uri.split('?', 1)[0]} names no bucket; expected {example}")
