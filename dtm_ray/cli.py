@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import signal
 import sys
@@ -23,12 +24,22 @@ import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dtm_ray.engines import models
-from dtm_ray.errors import StorageError, UserError
-from dtm_ray.job.checks import Plan, plan_job
-from dtm_ray.job.spec import EvaluateConfig, load_job
+# Only the standard library and dtm_ray's own error module at import: a Python that lacks a
+# requirement (numpy, pyarrow, ...) gets its one line from `main`, not a traceback.
+from dtm_ray.errors import (
+    ADVICE,
+    StorageError,
+    UserError,
+    missing_requirement,
+    os_error_of,
+    storage_error,
+)
 from dtm_ray.redact import redact
+
+if TYPE_CHECKING:
+    from dtm_ray.job.checks import Plan
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -39,6 +50,9 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def _load_plan(args: argparse.Namespace, read_hub: bool = True) -> Plan:
+    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.spec import load_job
+
     job = load_job(args.job, args.set)
     if args.out:
         job.out = args.out
@@ -143,6 +157,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dtm_ray.job.spec import EvaluateConfig
+
     config = EvaluateConfig(
         tasks=args.tasks,
         backend=args.backend,
@@ -175,6 +191,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    from dtm_ray.engines import models
+
     parser.add_argument(
         "name",
         help=f"a known name ({', '.join(models.KNOWN_MODELS)}), a hub id (org/name[@revision]), "
@@ -266,6 +284,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from dtm_ray.job.spec import EvaluateConfig
+
     defaults = {f.name: f for f in dataclasses.fields(EvaluateConfig)}
     parser.add_argument("run_dir", help="run directory of a finished compressing run")
     parser.add_argument(
@@ -378,7 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        # The parser reads a few defaults from dtm_ray's modules: a missing requirement shows here.
+        parser = build_parser()
+    except ModuleNotFoundError as err:
+        missing = missing_requirement(err)
+        if missing is None or debug:
+            raise
+        print(f"dtm-ray: error: {_one_line(str(missing))}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UserError as err:
@@ -389,15 +419,24 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as err:  # storage, not the job and not a bug: the same command resumes
         if args.debug:
             raise
-        print(
-            f"dtm-ray: error: {_one_line(str(err))}; run the same command again to resume once "
-            "storage is back",
-            file=sys.stderr,
-        )
+        print(f"dtm-ray: error: {_one_line(str(err))}; {ADVICE}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as err:  # this Python lacks a requirement: not a bug either
+        missing = missing_requirement(err)
+        if args.debug or missing is None:
+            raise
+        print(f"dtm-ray: error: {_one_line(str(missing))}", file=sys.stderr)
+        return 2
     except Exception as err:  # a bug, not a user mistake: say so, and keep the traceback
         if args.debug:
             raise
+        failure = os_error_of(err)
+        if failure is not None and failure.errno in _NO_ROOM:
+            # A write no writer mapped (each maps its own): still a storage failure, not a bug.
+            where = getattr(failure, "filename", None) or "a file"
+            message = _one_line(str(storage_error(failure, "write", where)))
+            print(f"dtm-ray: error: {message}; {ADVICE}", file=sys.stderr)
+            return 1
         where = _save_traceback()
         print(
             f"dtm-ray: internal error: {type(err).__name__}: {_one_line(str(err))} "
@@ -405,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+# The failures that are the disk's whatever wrote: no space, no quota, a read-only filesystem.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def _save_traceback() -> str:

@@ -28,6 +28,7 @@ from dtm_ray.engines.prompts import load_calibration, load_prompts
 from dtm_ray.engines.sensitivity import SensitivityResult
 from dtm_ray.engines.session import EngineBroken, EngineSession
 from dtm_ray.engines.sources import ModelSource, node_folder
+from dtm_ray.errors import missing_requirement
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,17 @@ class EngineActor:
         engine_config: EngineConfig,
         index: int = 0,
         threads: int | None = None,
+    ) -> None:
+        try:
+            self._start(model, engine_config, index, threads)
+        except ModuleNotFoundError as err:  # this node's Python lacks a requirement: say which
+            missing = missing_requirement(err, f"node {socket.gethostname()}")
+            if missing is None:
+                raise
+            raise missing from None
+
+    def _start(
+        self, model: ModelSource | str, engine_config: EngineConfig, index: int, threads: int | None
     ) -> None:
         if threads:
             # Ray workers may inherit a thread count sized for the whole node; several engines

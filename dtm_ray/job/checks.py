@@ -51,6 +51,7 @@ class Plan:
     @property
     def model_source(self) -> ModelSource:
         return self.source if self.source is not None else resolve_source(str(self.model_dir))
+
     # Recovery training sequences [W, sequence_tokens], disjoint from the scored prompts and the
     # evaluation text (None: the job trains nothing).
     training: np.ndarray | None = None
@@ -158,7 +159,6 @@ def _training_text(
     return windows
 
 
-
 def check_token_budget(job: JobConfig, model_config: Mapping[str, Any]) -> None:
     """The longest sequence an engine sees must fit its context, for both engines alike (hf has
     no limit of its own and would run past the model's positions)."""
@@ -218,7 +218,12 @@ def _prepare_prompts(
             )
         length = p.prefix_tokens + job.new_tokens
         load_calibration(
-            p.source, model_dir, compress.calibration_count, length, p.count, p.prefix_tokens,
+            p.source,
+            model_dir,
+            compress.calibration_count,
+            length,
+            p.count,
+            p.prefix_tokens,
             seed=p.seed,
         )
     e = job.evaluation
@@ -228,7 +233,13 @@ def _prepare_prompts(
 
 
 def check_out(out: str) -> None:
-    """A local run directory must be creatable and writable; URIs are checked when opened."""
+    """A local run directory must be creatable and writable; a URI must have a store URI's
+    shape (scheme, bucket, prefix; no client is made: what the store holds is read when the
+    run opens it)."""
+    if "://" in out:
+        from dtm_ray.records.store import check_store_uri
+
+        check_store_uri(out, "out")
     if "://" in out and not out.startswith("file://"):
         return
     path = Path(out.removeprefix("file://")).expanduser().absolute()

@@ -19,6 +19,7 @@ The lm-eval backend is `hf` (transformers; what CPU machines use) or `vllm` (GPU
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -27,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from dtm_ray.errors import ConfigError
+from dtm_ray.errors import ConfigError, StorageError, UserError, missing_requirement
 from dtm_ray.job.tasks import BACKENDS, resolve_tasks
 from dtm_ray.log import log
-from dtm_ray.records.store import RunStore
+from dtm_ray.records.store import RunStore, check_store_uri, retrying
 
 if TYPE_CHECKING:
     from dtm_ray.engines.sources import ModelSource
@@ -152,13 +153,18 @@ def evaluate_model(
             "value": float(results["results"][task][f"{metric},{filter_name}"]),
             "answers": answers,
         }
+
     # lm-eval writes its files last: writing sanitizes the samples in place.
-    with tempfile.TemporaryDirectory() as folder:
-        tracker = EvaluationTracker(output_path=f"{folder}/results.json")
-        tracker.save_results_aggregated(results=results, samples=results["samples"])
-        for task in results["configs"]:
-            tracker.save_results_samples(task_name=task, samples=results["samples"][task])
-        files = {p.name: p.read_text() for p in Path(folder).iterdir() if p.is_file()}
+    def write_files() -> dict[str, str]:
+        with tempfile.TemporaryDirectory() as folder:
+            tracker = EvaluationTracker(output_path=f"{folder}/results.json")
+            tracker.save_results_aggregated(results=results, samples=results["samples"])
+            for task in results["configs"]:
+                tracker.save_results_samples(task_name=task, samples=results["samples"][task])
+            return {p.name: p.read_text() for p in Path(folder).iterdir() if p.is_file()}
+
+    where = f"lm-eval's output files in {tempfile.gettempdir()} on {socket.gethostname()}"
+    files = retrying("write", where, write_files)
     return {"tasks": summary, "files": files, "seconds": time.monotonic() - start}
 
 
@@ -172,12 +178,18 @@ def _evaluate_on_worker(
 ) -> dict[str, Any]:
     """The Ray task: `evaluate_model` on a model source materialised on this node (once per
     node), or a folder. `evaluation`: tasks, limit, num_fewshot, batch_size."""
-    from dtm_ray.engines.sources import node_folder
+    try:
+        from dtm_ray.engines.sources import node_folder
 
-    folder = str(node_folder(model).resolve())
-    return evaluate_model(
-        *lm_eval_model(backend, folder, dtype, resources, engine_options), *evaluation
-    )
+        folder = str(node_folder(model).resolve())
+        return evaluate_model(
+            *lm_eval_model(backend, folder, dtype, resources, engine_options), *evaluation
+        )
+    except ModuleNotFoundError as err:  # this node's Python lacks a requirement: say which
+        missing = missing_requirement(err, f"node {socket.gethostname()}")
+        if missing is None:
+            raise
+        raise missing from None
 
 
 def _task_options(resources: Mapping[str, float]) -> dict[str, Any]:
@@ -247,11 +259,13 @@ def evaluate_run(
     already as `tasks`, or here); write and return `final/tasks/`. Uses the Ray this process is
     connected to, else starts one."""
     import ray
+    from ray.exceptions import RayTaskError
 
     from dtm_ray.cluster.pool import connect_ray
     from dtm_ray.engines.sources import source_of_run
     from dtm_ray.records.schemas import FINAL_SUMMARY_SCHEMA
 
+    check_store_uri(run_dir)  # its shape first: no client, no lm-eval index for a bad URI
     tasks = tasks if tasks is not None else resolve_tasks(config.tasks)  # before any I/O
     store = RunStore(run_dir)
     info = store.read_run_info()
@@ -290,7 +304,13 @@ def evaluate_run(
                 for m in (dense_model, export)
             ]
             log(f"lm-eval ({backend}) on the dense model and the export: {_names(tasks)}")
-            dense, compressed = ray.get(refs)
+            try:
+                dense, compressed = ray.get(refs)
+            except RayTaskError as err:
+                # A storage failure or a missing requirement on the worker: its own line.
+                if isinstance(err.cause, (StorageError, UserError)):
+                    raise err.cause from None
+                raise
     finally:
         if started:
             ray.shutdown()
