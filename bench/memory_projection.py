@@ -67,6 +67,8 @@ def project(rate_bytes_per_s: float) -> list[dict]:
                     "weights_gib": model_weights(config, every) * 2 / GIB,
                     "gpu_gib": plan.device_total / GIB,
                     "gpu_residual_gib": device["kept residual stream"] / GIB,
+                    "host_residual_gib": dict(plan.host).get("kept residual stream, pinned", 0)
+                    / GIB,
                     "host_per_actor_gib": plan.host_total / GIB,
                     "host_per_node_gib": plan.node_host / GIB,
                     "actors_per_node": plan.actors_per_node,
@@ -77,6 +79,15 @@ def project(rate_bytes_per_s: float) -> list[dict]:
                 }
             )
     return rows
+
+
+def kept_stream(row: dict) -> str:
+    """Where layer skip keeps the residual stream: on the GPU, in pinned host memory, or not."""
+    if row["gpu_residual_gib"]:
+        return f"{row['gpu_residual_gib']:.1f} GiB on the GPU"
+    if row["host_residual_gib"]:
+        return f"{row['host_residual_gib']:.1f} GiB, pinned host"
+    return "0"
 
 
 def main() -> None:
@@ -93,7 +104,7 @@ def main() -> None:
             "prompts × new tokens",
             "CUDA graphs",
             "GPU per rank GiB",
-            "kept stream on the GPU GiB",
+            "kept stream per actor",
             "host per actor GiB",
             "host per node GiB",
             "state change s",
@@ -107,7 +118,7 @@ def main() -> None:
                 f"{r['prompts']} × {r['new_tokens']}",
                 "no" if r["eager"] else "yes",
                 f"{r['gpu_gib']:.1f}",
-                f"{r['gpu_residual_gib']:.1f}",
+                kept_stream(r),
                 f"{r['host_per_actor_gib']:.1f}",
                 f"{r['host_per_node_gib']:.0f}",
                 f"{r['state_change_s']:.0f}",
