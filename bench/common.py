@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -120,15 +121,21 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def markdown_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table; numbers right-aligned."""
-    first = rows[0] if rows else []
-    right = [isinstance(c, (int, float)) or _numeric(c) for c in first]
-    rule = ["---:" if r else "---" for r in right] + ["---"] * (len(head) - len(right))
+    # A column of numbers (a "-" where there is none) is right-aligned.
+    right = [
+        any(_numeric(row[i]) for row in rows)
+        and all(_numeric(row[i]) or row[i] == "-" for row in rows)
+        for i in range(len(head))
+    ]
+    rule = ["---:" if r else "---" for r in right]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def _numeric(cell: Any) -> bool:
+    if isinstance(cell, bool):
+        return False
     text = str(cell).replace(",", "").replace("%", "").replace("×", "").strip()
     try:
         float(text)
@@ -182,7 +189,7 @@ class Results:
         self.name, self.out, self.note = name, Path(args.out), args.note
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         module = spec.name if spec is not None else f"bench.{name}"
-        self.command = " ".join(["python -m", module, *sys.argv[1:]])
+        self.command = shlex.join(["python", "-m", module, *sys.argv[1:]])
         paragraphs = (doc or "").strip().split("\n\n")
         self.title = " ".join(paragraphs[0].split())
         self.started = machine()
