@@ -176,7 +176,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job", help="job YAML file (see the README's job-file reference)")
+    parser.add_argument("job", help="job YAML file (its keys: docs/reference.md)")
     parser.add_argument(
         "--out", help="run directory (local path or s3://, gs://); overrides the job's 'out'"
     )

@@ -1,7 +1,8 @@
 """Every Arrow table of a run directory: its schema and the functions that build and read its rows.
 
 One home for each schema, so the writer, the readers (store, decisions, report, tests, users'
-notebooks) and the README agree. Columns may be added; the ones the README lists are a contract.
+notebooks) and the docs agree. Columns may be added; the ones docs/reference.md lists are a
+contract.
 
 Tables (all carry `round` where they belong to one):
 - `reference/`  one row per (round, prompt): the reference the round measured against, and the
