@@ -418,7 +418,7 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--near-tie",
         type=float,
-        help="margin (top-1 minus top-2 log-probability) below which a divergence where both "
+        help="margin (top-1 minus top-2 log-probability) up to which a divergence where both "
         "models are that unsure counts as a near-tie (default 0.25)",
     )
     parser.add_argument(

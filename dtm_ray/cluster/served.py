@@ -10,6 +10,7 @@ reports, restarts) is `EngineActor`'s.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -21,6 +22,17 @@ from dtm_ray.core.state import Reference
 
 class ServedActor(EngineActor):
     EDITS = False
+
+    def info(self) -> dict[str, Any]:
+        """`EngineActor.info`, plus the VLLM_* environment the engine read: it picks kernels
+        (on CPUs with AMX, vLLM serves 4-bit weights with int8 activations unless
+        VLLM_CPU_INT4_W4A8=0), so a compare records what it measured."""
+        env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")}
+        if self.engine_kind == "vllm":  # the switch's effective value, set or not
+            from vllm import envs
+
+            env["VLLM_CPU_INT4_W4A8"] = str(int(envs.VLLM_CPU_INT4_W4A8))
+        return {**super().info(), "vllm_env": env}
 
     def built_by(self) -> dict[str, Any]:
         return {"worker": self.worker, "engine": self.engine_kind, "dtype": self.dtype}

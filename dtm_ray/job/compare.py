@@ -49,7 +49,7 @@ from dtm_ray.job.spec import (
 
 SIDES = ("base", "candidate")
 # A divergence is a near-tie when both models' top-1 minus top-2 log-probabilities there are
-# below this: each was nearly undecided, so any perturbation (a kernel, a rounding) may flip it.
+# at most this: each was nearly undecided, so any perturbation (a kernel, a rounding) may flip it.
 # 0.25 nats is two bf16 steps of a logit between 16 and 32, where greedy logits of small models sit.
 NEAR_TIE = 0.25
 # Prompts per chunk the candidate scores: each chunk's result is written as it finishes, so a

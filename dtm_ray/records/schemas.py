@@ -305,7 +305,7 @@ COMPARE_PROMPTS_SCHEMA = pa.schema(
         ("candidate_token", pa.int32()),  # and the candidate's
         ("base_margin", pa.float32()),  # the base's top-1 minus top-2 log-probability there
         ("candidate_margin", pa.float32()),  # the candidate's
-        ("near_tie", pa.bool_()),  # both margins below the run's near_tie (null: no divergence)
+        ("near_tie", pa.bool_()),  # both margins <= the run's near_tie (null: no divergence)
     ]
 )
 
@@ -328,7 +328,7 @@ COMPARE_SUMMARY_SCHEMA = pa.schema(
         ("diverged", pa.int32()),  # prompts whose FDT is below new_tokens
         ("near_ties", pa.int32()),  # of those, divergences at a near-tie
         ("near_tie_share", pa.float64()),  # near_ties / diverged (NaN when none diverged)
-        ("near_tie", pa.float64()),  # the margin (log-probability) below which it is a near-tie
+        ("near_tie", pa.float64()),  # the margin (log-probability) up to which it is a near-tie
         ("noise_positions", pa.int64()),  # base scoring vs its own greedy, all prompts
         ("ppl_reference", pa.float64()),  # the candidate on the base's continuations
         ("base_ppl_reference", pa.float64()),

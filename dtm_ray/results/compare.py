@@ -151,8 +151,9 @@ def prompt_table(
 
 
 def _near_tie(base: float, candidate: float, threshold: float) -> bool:
-    """Both models nearly undecided at the divergence; an unknown margin (NaN) is not small."""
-    return bool(base < threshold and candidate < threshold)
+    """Both models nearly undecided at the divergence (margins at most `threshold`); an unknown
+    margin (NaN) is not small."""
+    return bool(base <= threshold and candidate <= threshold)
 
 
 def perplexity(text: pa.Table) -> tuple[float, int]:
@@ -223,7 +224,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"  FDT@75 {s['fdt_at_75']} of {n} (90% CI {s['fdt_at_75_low']}-{s['fdt_at_75_high']}), "
         f"mean FDT {s['fdt_mean']:.2f}, SDT share {s['sdt_share']:.3f}",
         f"  {s['diverged']} of {s['prompts']} prompts diverge; {s['near_ties']} of them at a "
-        f"near-tie (both margins < {s['near_tie']:g}): share {share}; base noise positions "
+        f"near-tie (both margins <= {s['near_tie']:g}): share {share}; base noise positions "
         f"{s['noise_positions']}",
         f"  perplexity on the base's continuations {s['ppl_reference']:.3f} (base "
         f"{s['base_ppl_reference']:.3f}), on {s['text_source']} text {s['ppl_text']:.3f} "
@@ -380,7 +381,7 @@ def _summary_section(run: CompareTables, Section: type) -> Any:  # noqa: N803
         "point where free-running greedy text of the two parts). FDT@75 = the largest value "
         f"that 75 % of prompts reach; {run.new_tokens} means no divergence.",
         "A divergence is a near-tie when both models' top-1 minus top-2 log-probabilities "
-        f"there are below {run.summary['near_tie']:g}: each model was nearly undecided, so "
+        f"there are at most {run.summary['near_tie']:g}: each model was nearly undecided, so "
         "a kernel or a rounding flips it; a clear divergence is a real change of the model.",
     ]
     s = run.summary
