@@ -96,7 +96,9 @@ def run_compare(args: argparse.Namespace, workers: int, out: Path) -> dict[str, 
     }
 
 
-def run_plain(args: argparse.Namespace, compare_dir: Path, scratch: Path) -> dict[str, Any]:
+def run_plain(
+    args: argparse.Namespace, compare_dir: Path, scratch: Path, threads: int
+) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
 
@@ -108,7 +110,7 @@ def run_plain(args: argparse.Namespace, compare_dir: Path, scratch: Path) -> dic
     folders = [str(node_folder(model)) for model in (args.base, args.candidate)]
     command = [
         sys.executable, "-c", PLAIN_LOOP, *folders, args.dtype, str(prefixes),
-        str(args.new_tokens), str(args.plain_threads),
+        str(args.new_tokens), str(threads),
     ]  # fmt: skip
     start = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -116,11 +118,11 @@ def run_plain(args: argparse.Namespace, compare_dir: Path, scratch: Path) -> dic
     if done.returncode:
         raise SystemExit(f"plain loop failed: {done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"threads": args.plain_threads, "seconds": seconds, **result}
+    return {"threads": threads, "seconds": seconds, **result}
 
 
 def markdown(out: dict[str, Any]) -> str:
-    plain = out["plain_loop"]
+    plain = out["plain_loop"][0]
     lines = [
         f"# `dtm-ray compare` against a plain transformers loop ({out['date']})",
         "",
@@ -133,11 +135,16 @@ def markdown(out: dict[str, Any]) -> str:
         f"{out['count']} prompts x {out['new_tokens']} new tokens, {out['dtype']}.",
         "",
         "| contender | wall s | base phase s | candidate phase s | per-prompt FDT equal to the "
-        "plain loop's |",
+        f"first plain loop's ({plain['threads']} thread(s)) |",
         "| --- | ---: | ---: | ---: | --- |",
-        f"| plain transformers loop ({plain['threads']} torch thread(s), generate both) | "
-        f"{plain['seconds']:.1f} | {plain['base_s']:.1f} | {plain['candidate_s']:.1f} | - |",
     ]
+    for p in out["plain_loop"]:
+        equal = sum(a == b for a, b in zip(p["fdt"], plain["fdt"], strict=True))
+        lines.append(
+            f"| plain transformers loop, {p['threads']} torch thread(s), generate both | "
+            f"{p['seconds']:.1f} | {p['base_s']:.1f} | {p['candidate_s']:.1f} | "
+            f"{equal}/{len(plain['fdt'])} |"
+        )
     for c in out["compare"]:
         equal = sum(a == b for a, b in zip(c["fdt"], plain["fdt"], strict=True))
         lines.append(
@@ -147,10 +154,12 @@ def markdown(out: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Wall s: the whole process (imports, checks, Ray start, actor starts, report). A compare's "
-        "phases include starting its actors and each side's perplexity on real text, which the "
-        "plain loop does not measure. The machine was shared with other work while this ran: "
-        "compare the ratios within this table, not the seconds with other tables.",
+        "Wall s: the whole process (imports, checks, Ray start, actor starts, report). A "
+        "compare's phases include starting its actors and each side's perplexity on real text, "
+        "which the plain loop does not measure; the plain loop's phases include loading each "
+        "model. Each compare actor runs one torch thread. The machine was shared with other "
+        "work while this ran: compare the ratios within this table, not the seconds with other "
+        "tables.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -167,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--plain-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--plain-threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, os.cpu_count() or 1}),
+        help="torch threads of the plain loop, one run each (default: 1 and every core)",
+    )
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--json")
     parser.add_argument("--markdown")
@@ -176,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="compare-speed-"))
     try:
         runs = [run_compare(args, w, scratch / f"compare-w{w}") for w in args.workers]
-        plain = run_plain(args, scratch / f"compare-w{args.workers[0]}", scratch)
+        first = scratch / f"compare-w{args.workers[0]}"
+        plain = [run_plain(args, first, scratch, threads) for threads in args.plain_threads]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     out = {
