@@ -165,6 +165,13 @@ def test_unusable_pairs_end_in_one_line_before_ray(smollm2_dir: Path, tmp_path: 
     unknown = _folder_like(smollm2_dir, tmp_path / "unknown", None)
     config["quantization_config"] = {"quant_method": "made-up"}
     (unknown / "config.json").write_text(json.dumps(config))
+    int8 = _folder_like(smollm2_dir, tmp_path / "int8", None)
+    weights = {"type": "int", "num_bits": 8, "symmetric": True, "strategy": "channel"}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+    }
+    (int8 / "config.json").write_text(json.dumps(config))
     out = tmp_path / "run"
     hf = ["--engine", "hf", "--out", str(out)]
     cases = {
@@ -177,6 +184,10 @@ def test_unusable_pairs_end_in_one_line_before_ray(smollm2_dir: Path, tmp_path: 
             [str(unknown), "--engine", "vllm", "--out", str(out)],
             "which vLLM does not know",
         ),
+        "int8 on vllm's cpu build": (
+            [str(int8), "--engine", "vllm", "--dtype", "bfloat16", "--out", str(out)],
+            "runs 4-bit integer weights only; this checkpoint holds int8",
+        ),
     }
     for name, (args, words) in cases.items():
         result, stderr = compare_cli(str(smollm2_dir), *args)
@@ -188,7 +199,7 @@ def test_unusable_pairs_end_in_one_line_before_ray(smollm2_dir: Path, tmp_path: 
             the = json.loads((smollm2_dir / "tokenizer.json").read_text())["model"]["vocab"]
             first = min(the["the"], the["and"])
             assert f"id {first} is " in lines[0] and "49152 tokens" in lines[0], lines[0]
-        if name != "unknown on vllm":
+        if "vllm" not in name:
             assert not result["vllm"], name
         assert not out.exists(), name
 
@@ -212,6 +223,16 @@ def test_a_job_file_with_compare_runs_through_compare(smollm2_dir: Path, tmp_pat
     from dtm_ray import cli
 
     assert cli.main(["run", str(job)]) == 2  # a compressing job's command names the right one
+
+
+def test_compare_explains_itself(capsys):
+    from dtm_ray import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["compare", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: dtm-ray compare" in text and "--candidate-engine" in text and "--job" in text
 
 
 # --- end to end, against plain transformers ----------------------------------------------------

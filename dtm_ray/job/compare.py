@@ -376,7 +376,8 @@ def check_quantization(
         raise ConfigError(f"{where}, which vLLM does not know (it knows {QUANTIZATION_METHODS})")
     if resources.get("GPU", 0) > 0:
         return  # which kernel a GPU runs is decided where the engine starts
-    problem = _vllm_cpu_problem(method, quantization, config.dtype)
+    flag = "--candidate-dtype" if side == "candidate" else "--dtype"
+    problem = _vllm_cpu_problem(method, quantization, config.dtype, flag)
     if problem:
         raise ConfigError(f"{where}; vLLM's CPU build (the actors have no GPU) {problem}")
 
@@ -396,11 +397,13 @@ def _transformers_problem(quantization: dict[str, Any], dtype: str) -> str | Non
     return None
 
 
-# The CPU build's one weight-only kernel (W4A16) and the dtypes it runs in.
+# The dtypes the CPU build runs its 4-bit kernels in (W4A16, or W4A8 on CPUs with AMX).
 _VLLM_CPU_DTYPES = ("bfloat16", "float16")
 
 
-def _vllm_cpu_problem(method: str, quantization: dict[str, Any], dtype: str) -> str | None:
+def _vllm_cpu_problem(
+    method: str, quantization: dict[str, Any], dtype: str, flag: str
+) -> str | None:
     bits = set()
     if method == "compressed-tensors":
         for group in (quantization.get("config_groups") or {}).values():
@@ -413,15 +416,15 @@ def _vllm_cpu_problem(method: str, quantization: dict[str, Any], dtype: str) -> 
     other = sorted(f"{kind}{n}" for kind, n in bits if (kind, n) != ("int", 4))
     if other:
         held = ", ".join(other)
-        return f"runs 4-bit integer weights only (W4A16); this checkpoint holds {held}"
+        return f"runs 4-bit integer weights only; this checkpoint holds {held}"
     if dtype not in _VLLM_CPU_DTYPES:
-        return (
-            f"runs quantized weights in bf16 or fp16 only, not {dtype}: set its dtype to bfloat16"
-        )
+        return f"runs quantized weights in bf16 or fp16 only, not {dtype}: {flag} bfloat16"
     return None
 
 
-def check_budget(side: str, config: SideConfig, model_config: dict[str, Any], job: CompareJob):
+def check_budget(
+    side: str, config: SideConfig, model_config: dict[str, Any], job: CompareJob
+) -> None:
     """The longest sequence each engine sees must fit its context."""
     needs = {
         "prompts.prefix_tokens + new_tokens": job.prompts.prefix_tokens + job.new_tokens,
