@@ -225,6 +225,30 @@ def test_a_job_file_with_compare_runs_through_compare(smollm2_dir: Path, tmp_pat
     assert cli.main(["run", str(job)]) == 2  # a compressing job's command names the right one
 
 
+def test_a_resume_may_change_how_a_compare_runs_but_not_what_it_measures():
+    from dtm_ray.job.compare import compare_differences
+
+    def job(**changes) -> dict:
+        data = {"compare": {"base": {"model": "a", "engine": "hf"}, "candidate": {"model": "b"}}}
+        for key, value in changes.items():
+            *parents, leaf = key.split("__")
+            node = data
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return build_compare(data).to_dict()
+
+    stored = job()
+    assert compare_differences(stored, job(workers=4, out="elsewhere")) == []
+    options = {"cpu_kv_cache_bytes": 1 << 20}
+    assert compare_differences(stored, job(compare__candidate__engine_options=options)) == []
+    assert compare_differences(stored, job(compare__near_tie=0.5)) == ["compare.near_tie"]
+    assert compare_differences(stored, job(compare__chunk_prompts=4)) == ["compare.chunk_prompts"]
+    assert compare_differences(stored, job(compare__candidate__dtype="bfloat16")) == [
+        "compare.candidate.dtype"
+    ]
+
+
 def test_compare_explains_itself(capsys):
     from dtm_ray import cli
 

@@ -59,13 +59,13 @@ CHUNK_PROMPTS = 16
 COMPARE_PROMPT_SOURCE = "pydoc"  # real text that ships with Python; `self` samples the base
 DEFAULT_OUT = "runs/compare"
 # Keys that change how a compare runs, not what it measures: they may differ on resume.
+# (`compare.chunk_prompts` may not: the chunk files written so far are cut by it.)
 OPERATIONAL_KEYS = (
     "out",
     "workers",
     "resources_per_worker",
     "max_in_flight_per_worker",
     "startup_timeout_s",
-    "compare.chunk_prompts",
 )
 _OPERATIONAL_OPTIONS = (
     "gpu_memory_utilization",
