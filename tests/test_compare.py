@@ -249,6 +249,27 @@ def test_a_resume_may_change_how_a_compare_runs_but_not_what_it_measures():
     ]
 
 
+def test_a_side_in_an_object_store_is_read_on_the_driver_without_its_weights(
+    model_store, tiny_llama_dir: Path, tmp_path: Path, monkeypatch
+):
+    from conftest import model_uri
+
+    monkeypatch.setenv("DTM_RAY_CACHE", str(tmp_path / "cache"))
+    uri = model_uri(model_store, "tiny")
+    job = build_compare(
+        {
+            "compare": {"base": {"model": str(tiny_llama_dir), "engine": "hf"}, "candidate": uri},
+            "prompts": {"count": 4, "prefix_tokens": 8},
+            "new_tokens": 8,
+            "out": str(tmp_path / "run"),
+        }
+    )
+    plan = plan_compare(job)
+    assert plan.sources["candidate"].kind == "store" and plan.sources["candidate"].id == uri
+    assert not list(plan.folders["candidate"].glob("*.safetensors"))  # the actors fetch them
+    assert plan.prefixes.shape == (4, 8) and not (tmp_path / "run").exists()
+
+
 def test_compare_explains_itself(capsys):
     from dtm_ray import cli
 
