@@ -31,7 +31,7 @@ PENDING_PAGES = {
     "docs/guides.md",  # sensitivity guides (issue 29)
 }
 # Subcommands documented on a page of their own (pending above) until the reference has them.
-PENDING_COMMANDS = {"compare"}
+PENDING_COMMANDS: set[str] = set()
 RECIPE = "ray job submit --runtime-env jobs/runtime_env.yaml -- python -m dtm_ray.cli run jobs/"
 
 FENCE = re.compile(r"^```(\w*)\s*$")

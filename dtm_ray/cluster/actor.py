@@ -52,6 +52,10 @@ class Scored:
 
 
 class EngineActor:
+    # Whether the engine is loaded for dtm_ray's weight edits (False: as its engine serves it,
+    # for actors that only generate and score; see `make_engine`).
+    EDITS = True
+
     def __init__(
         self,
         model: ModelSource | str,
@@ -86,7 +90,7 @@ class EngineActor:
         self.engine_kind = engine_config.kind
         self.dtype = resolve_dtype(engine_config.dtype)  # what `auto` means on this actor's device
         self.session = EngineSession(
-            make_engine(self.model_dir, engine_config),
+            make_engine(self.model_dir, engine_config, edits=self.EDITS),
             engine_config.state_cache_bytes,
             engine_config.state_push_bytes,
         )

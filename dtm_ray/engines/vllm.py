@@ -228,6 +228,17 @@ def _hook_scores(ranks: Sequence[Any], positions: int) -> ScoreResult:
     return ScoreResult(argmax=argmax.astype(np.int64), margin=margin, ref_logprob=ref_lp)
 
 
+class _NoEdits:
+    """The checkpoint reader of an engine loaded as served (`edits=False`): every weight edit or
+    original read goes through it and fails in one line."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(
+            "this vLLM engine was loaded as served (edits=False): it generates and scores, it "
+            "does not read or edit weights"
+        )
+
+
 # --- the engine ---------------------------------------------------------------------------------
 class VLLMEngine:
     """A vLLM `LLM` plus in-place weight edits through the worker extension.
@@ -241,6 +252,11 @@ class VLLMEngine:
     originals), `batch_invariant` (VLLM_BATCH_INVARIANT: None = on where vLLM can run it, an
     NVIDIA GPU of compute capability >= 8.0; True where it cannot raises ValueError), and
     `llm_kwargs` passed on to `vllm.LLM` unchanged.
+
+    `edits=False` loads the model as vLLM serves it: no worker extension (so the CPU build keeps
+    its oneDNN weight packing and every kernel is the one a server runs), scoring through
+    vLLM's `prompt_logprobs`, and no weight edits (they raise). `dtm-ray compare` measures
+    checkpoints this way; quantized ones load through vLLM's own kernels.
     """
 
     def __init__(
@@ -261,10 +277,12 @@ class VLLMEngine:
         residual_host_bytes: int = RESIDUAL_HOST_BYTES,
         batch_invariant: bool | None = None,
         llm_kwargs: dict[str, Any] | None = None,
+        edits: bool = True,
     ) -> None:
         torch_dtype(dtype)  # a bad name fails before vLLM starts
         self.model_dir = Path(model_dir)
         self.dtype = dtype
+        self.edits = edits
         config = json.loads((self.model_dir / "config.json").read_text())
         self.max_model_len = max_model_len or _default_max_model_len(config)
         self.on_cpu = _on_cpu()
@@ -281,7 +299,7 @@ class VLLMEngine:
             "seed": seed,
             # Cached prefixes would be stale after a weight edit.
             "enable_prefix_caching": False,
-            "worker_extension_cls": WORKER_EXTENSION,
+            **({"worker_extension_cls": WORKER_EXTENSION} if edits else {}),
             **self._device_kwargs(
                 config,
                 enforce_eager,
@@ -293,13 +311,18 @@ class VLLMEngine:
         }
         self.llm = self._build(kwargs)
         if self.on_cpu:
-            self._check_weights_editable()
+            if edits:
+                self._check_weights_editable()
             keep_freed_memory()  # the in-process engine core runs the model in this process
         # Off unless a user turned it back on through llm_kwargs; then every edit must reset it.
         self._prefix_caching = bool(
             getattr(self.llm.llm_engine.vllm_config.cache_config, "enable_prefix_caching", True)
         )
-        self._checkpoint = Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
+        self._checkpoint = (
+            Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
+            if edits
+            else _NoEdits()
+        )
         self._edited: set[str] = set()
         # Weight bytes handed to vLLM's engine core for edits (on to every worker rank; another
         # process except in the CPU build's in-process mode): what edits by spec avoid.
@@ -314,8 +337,10 @@ class VLLMEngine:
         # piecewise CUDA graphs) still call it: it scores by default, and a pass where it missed
         # positions moves the engine to vLLM's prompt_logprobs for good.
         self._eager = bool(self.llm.llm_engine.vllm_config.model_config.enforce_eager)
-        self._hook_scoring = True
-        self._layer_skip = residual_cache_bytes > 0 and self._eager and not self._prefix_caching
+        self._hook_scoring = edits  # the hook lives in the worker extension
+        self._layer_skip = (
+            edits and residual_cache_bytes > 0 and self._eager and not self._prefix_caching
+        )
         self._hidden_size = config["hidden_size"]
         self._num_layers = config["num_hidden_layers"]
         self._kept: list[list[int]] | None = None
@@ -333,7 +358,8 @@ class VLLMEngine:
         if self.llm is None:
             return
         llm, self.llm = self.llm, None
-        self._checkpoint.clear()
+        if self.edits:
+            self._checkpoint.clear()
         try:
             # The engine core's own teardown: workers, scheduler and (in-process) the
             # distributed state; it does nothing if the core is already down.

@@ -487,6 +487,10 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
         raise ConfigError(f"job file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"job file {path} must hold a mapping of keys, got {type(data).__name__}")
+    if "compare" in data:
+        raise ConfigError(
+            f"job file {path} is a compare job: run it with `dtm-ray compare --job {path}`"
+        )
     for assignment in overrides or []:
         _set_dotted(data, assignment)
     if "model" not in data:

@@ -533,6 +533,24 @@ class RunStore:
         for path in parts:
             self._delete_file(path)
 
+    # --- tables by name (a compare run's `compare/`) -----------------------------------------
+    def write_table(self, name: str, table: pa.Table) -> None:
+        """Write the table file `name` (a `.parquet` path inside the run dir), atomically."""
+        self._write_table(self._path(name), table)
+
+    def read_table(self, name: str, schema: pa.Schema) -> pa.Table | None:
+        """The table file `name`, or None when it is not written yet."""
+        path = self._path(name)
+        return self._read_file(path, schema) if self._exists(path) else None
+
+    def read_folder(self, folder: str, schema: pa.Schema) -> pa.Table:
+        """Every table file in `folder`, concatenated in name order (empty when none)."""
+        return self._read_files(self._data_files(folder), schema)
+
+    def table_names(self, folder: str) -> list[str]:
+        """The names of the table files in `folder`, sorted."""
+        return [path.rpartition("/")[2] for path in self._data_files(folder)]
+
     # --- final -----------------------------------------------------------------------------
     def write_final(self, name: str, table: pa.Table) -> None:
         self._write_table(self._path("final", name, "data.parquet"), table)
