@@ -2,7 +2,7 @@
 cache): engine actors on both nodes materialise the model themselves, once per node, and the run
 equals the model measured from the local folder by an engine in this process. The cluster is
 real: a head without CPUs and two worker nodes of one CPU each, each with its own model cache
-(tests/two_node_cluster.py)."""
+(tests/support/two_node_cluster.py)."""
 
 from __future__ import annotations
 
@@ -13,22 +13,21 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
-from conftest import model_uri
-from test_driver import in_process_values, table_values
-from test_model_sources import SHA, _lay_out_hub_cache
-from test_node_loss import NodeCluster
+from support.checks import in_process_values, table_values
+from support.cluster import NodeCluster
+from support.hub import SHA, lay_out_hub_cache
+from support.jobs import SHORT, tiny_job
+from support.s3_server import model_uri
 
 from dtm_ray.engines.sources import evict, resolve_source
 
 
-@pytest.mark.slow
 def test_actors_on_two_nodes_each_materialise_the_model_and_match_the_local_folder(
     model_store, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     hub = tmp_path / "hub"
-    _lay_out_hub_cache(hub, "acme/tiny", tiny_llama_dir)
+    lay_out_hub_cache(hub, "acme/tiny", tiny_llama_dir)
     nodes = tmp_path / "nodes"
     s3_model = model_uri(model_store, "tiny")
     cluster = NodeCluster(cpus=[1, 1], node_caches=nodes)
@@ -38,15 +37,8 @@ def test_actors_on_two_nodes_each_materialise_the_model_and_match_the_local_fold
     env.update({"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})
 
     def run(model: str, name: str) -> list[dict]:
-        job = {
-            "model": model,
-            "engine": "hf",
-            "prompts": {"source": "pydoc", "count": 4, "prefix_tokens": 8},
-            "new_tokens": 8,
-            "probe": {"components": [{"layers": [0]}], "specs": ["magnitude:0.5"]},
-            "workers": 2,
-            "out": str(tmp_path / name),
-        }
+        probe = {"components": [{"layers": [0]}], "specs": ["magnitude:0.5"]}
+        job = tiny_job(model, tmp_path / name, SHORT, probe=probe, workers=2)
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job))
         started = time.monotonic()
         done = subprocess.run(

@@ -23,7 +23,7 @@ from dtm_ray.core.state import Link, ModelState  # noqa: E402
 from dtm_ray.engines.session import EngineSession  # noqa: E402
 from dtm_ray.engines.vllm import VLLMEngine  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LLAMA = ARCHITECTURES["LlamaForCausalLM"]  # kind -> weight name pattern
 NAMES = [LLAMA[kind].format(layer=layer) for layer in (0, 1) for kind in KINDS]

@@ -1,47 +1,26 @@
 """Compressing runs end to end on a real Ray cluster with real engines: rounds land on the target,
 the tables keep their contract, the final state is rebuilt independently with plain torch and
-transformers, and a run killed between rounds or mid-round resumes to the same final state."""
+transformers. (A run killed between rounds or mid-round: tests/e2e/test_disturbances.py.)"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
-from conftest import FDT_SPARSIFY, final_state, tiny_compress_job
-from transformers_check import dense_reference, first_divergence, free_running_greedy
-
-from dtm_ray.job.checks import plan_job
-from dtm_ray.job.spec import load_job
-from dtm_ray.loop.driver import run_plan
+from support.checks import final_state
+from support.jobs import EVALUATION, FDT_SPARSIFY, run_job, tiny_job
+from support.transformers_check import dense_reference, first_divergence, free_running_greedy
 
 TARGET = 0.3
 
 
-def write_job(folder: Path, job: dict) -> Path:
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
-
-
 def compress_job(model_dir: Path, out: Path, **compress) -> dict:
-    return tiny_compress_job(model_dir, out, {**FDT_SPARSIFY, **compress})
-
-
-def run_job(tmp_path: Path, job: dict, name: str = "job.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(job))
-    return run_plan(plan_job(load_job(path)), print_summary=False)
+    return tiny_job(model_dir, out, compress={**FDT_SPARSIFY, **compress}, evaluation=EVALUATION)
 
 
 def read(run: Path, table: str) -> pd.DataFrame:
@@ -78,7 +57,6 @@ def rebuild(model_dir: Path, chains: dict[str, list[str]]):
 
 
 # --- tests --------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_fdt_guided_sparsification_lands_on_the_target_and_is_checked_independently(
     fdt_sparsify_run, tiny_llama_dir: Path
 ) -> None:
@@ -137,7 +115,6 @@ def test_fdt_guided_sparsification_lands_on_the_target_and_is_checked_independen
         assert math.isclose(zeros, row.sparsity, abs_tol=1e-9)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "compress",
     [
@@ -180,54 +157,6 @@ def test_every_guide_reference_and_criterion_reaches_the_target(
         assert all(chain[0].startswith("wanda:") for chain in last["chain"] if len(chain))
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
-
-
-@pytest.mark.slow
-def test_a_run_killed_between_rounds_and_mid_round_resumes_to_the_same_final_state(
-    ray_session, fdt_sparsify_run, tiny_llama_dir: Path, tmp_path: Path
-) -> None:
-    straight, _ = fdt_sparsify_run  # the same job, never interrupted
-
-    run = tmp_path / "killed"
-    job = write_job(tmp_path, compress_job(tiny_llama_dir, run))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    # Probe rows in files of 2 (the default is hundreds), so that the mid-round kill finds part
-    # of round 1 written.
-    faults = Path(__file__).resolve().parent / "driver_with_faults.py"
-    command = [sys.executable, str(faults), str(job), "--flush-every", "2"]
-
-    def run_until(condition, what: str) -> None:
-        with open(tmp_path / "driver.log", "a") as log:
-            driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                _wait_for(lambda: condition() or driver.poll() is not None, 600, what)
-            finally:
-                driver.send_signal(signal.SIGKILL)
-                driver.wait()
-
-    # Between rounds: right after round 0 committed its state.
-    run_until(lambda: (run / "states" / "round-000.parquet").exists(), "round 0's state")
-    # Mid-round: once round 1 has written some, but not all, of its probes.
-    run_until(
-        lambda: any((run / "probes").glob("part-r001-*.parquet")), "round 1's first probe file"
-    )
-    assert not (run / "states" / "round-001.parquet").exists(), "round 1 was not interrupted"
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "round 1: probing:" in resumed.stderr and "done before" in resumed.stderr
-
-    assert final_state(run) == final_state(straight)
-    pd.testing.assert_frame_equal(read(run, "final/prompts"), read(straight, "final/prompts"))
-    probes = read(run, "probes")
-    assert not probes.duplicated(["round", "component", "spec"]).any()
-
-
 # --- quantize ---------------------------------------------------------------------------------
 def quantize_job(model_dir: Path, out: Path, **compress) -> dict:
     job = compress_job(model_dir, out)
@@ -240,7 +169,6 @@ def quantize_job(model_dir: Path, out: Path, **compress) -> dict:
     return job
 
 
-@pytest.mark.slow
 def test_quantize_search_keeps_min_fdt_and_resumes_to_the_same_assignment(
     ray_session, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
@@ -280,7 +208,6 @@ def test_quantize_search_keeps_min_fdt_and_resumes_to_the_same_assignment(
     pd.testing.assert_frame_equal(read(run, "final/components").set_index("component"), final)
 
 
-@pytest.mark.slow
 def test_quantize_uniform_baseline_fills_the_parameter_cap_in_model_order(
     ray_session, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
@@ -298,7 +225,6 @@ def test_quantize_uniform_baseline_fills_the_parameter_cap_in_model_order(
     assert not (run / "probes").exists()
 
 
-@pytest.mark.slow
 def test_fused_search_moves_qkv_and_gate_up_together(
     ray_session, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:

@@ -20,14 +20,11 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
-from conftest import FDT_SPARSIFY, tiny_compress_job
 from safetensors.torch import load_file
-from transformers_check import dense_reference, first_divergence, free_running_greedy
+from support.jobs import EVALUATION, FDT_SPARSIFY, run_job, tiny_job
+from support.transformers_check import dense_reference, first_divergence, free_running_greedy
 
 from dtm_ray.cli import main
-from dtm_ray.job.checks import plan_job
-from dtm_ray.job.spec import load_job
-from dtm_ray.loop.driver import run_plan
 from dtm_ray.records.schemas import STATE_SCHEMA
 from dtm_ray.records.store import RunStore
 
@@ -75,15 +72,16 @@ def exported(
                 run = fdt_sparsify_run[0]
             else:
                 folder = tmp_path_factory.mktemp(name)
-                path = folder / "job.yaml"
                 compress, dtype = {
                     "bfloat16": (UNIFORM, "bfloat16"),
                     "mixed": (MIXED, "bfloat16"),
                     "int4": (INT4, "bfloat16"),
                 }.get(name, (RUNS.get(name), "auto"))
-                job = tiny_compress_job(tiny_llama_dir, folder / "run", compress, dtype)
-                path.write_text(yaml.safe_dump(job))
-                run_plan(plan_job(load_job(path)), print_summary=False)
+                job = tiny_job(
+                    tiny_llama_dir, folder / "run", compress=compress, dtype=dtype,
+                    evaluation=EVALUATION,
+                )  # fmt: skip
+                run_job(folder, job)
                 run = folder / "run"
             code, printed = cli("export", str(run))
             assert code == 0
@@ -115,7 +113,6 @@ def linear_modules_in_order(model_dir: Path) -> list[str]:
 
 
 # --- the checkpoint ------------------------------------------------------------------------------
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_exported_checkpoint_generates_the_runs_final_fdt_in_transformers(exported, name):
     from transformers import AutoModelForCausalLM
@@ -128,7 +125,6 @@ def test_exported_checkpoint_generates_the_runs_final_fdt_in_transformers(export
     np.testing.assert_array_equal(fdt, final["fdt"].to_numpy())
 
 
-@pytest.mark.slow
 def test_exported_checkpoint_generates_the_same_tokens_in_vllm(exported):
     pytest.importorskip("vllm")
     from dtm_ray.engines.vllm import VLLMEngine
@@ -144,7 +140,6 @@ def test_exported_checkpoint_generates_the_same_tokens_in_vllm(exported):
     np.testing.assert_array_equal(first_divergence(tokens, continuation), final["fdt"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_maps_describe_the_exported_tensors_and_untouched_weights_are_bit_identical(
     exported, tiny_llama_dir: Path, name: str
@@ -177,7 +172,6 @@ def test_maps_describe_the_exported_tensors_and_untouched_weights_are_bit_identi
     assert meta["summary"]["fdt_at_75"] == summary["fdt_at_75"]
 
 
-@pytest.mark.slow
 def test_wanda_links_replay_with_the_runs_calibration_norms(exported, tiny_llama_dir: Path):
     run, export = exported("wanda")
     states = final_states(run)
@@ -195,7 +189,6 @@ def test_wanda_links_replay_with_the_runs_calibration_norms(exported, tiny_llama
         assert torch.equal(saved[weight], expected), weight
 
 
-@pytest.mark.slow
 def test_chains_replay_in_the_runs_engine_dtype_and_save_in_the_checkpoints(
     exported, tiny_llama_dir: Path
 ):
@@ -232,7 +225,6 @@ def _teacher_forced_fdt(model_dir: Path, dtype: str, run: Path) -> np.ndarray:
     return first_divergence(scored.argmax, np.stack(dense["base_argmax"].to_numpy()))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name, dtype", [("quantize", torch.float32), ("mixed", torch.bfloat16)])
 def test_compressed_checkpoint_decodes_to_the_measured_weights_and_fdt(
     exported, tiny_llama_dir: Path, name: str, dtype: torch.dtype
@@ -308,7 +300,6 @@ def test_compressed_checkpoint_decodes_to_the_measured_weights_and_fdt(
         assert torch.equal(decoded[weight].view(as_int), expected_weight.view(as_int)), weight
 
 
-@pytest.mark.slow
 def test_export_formats(exported, tmp_path: Path):
     run, _ = exported("quantize")
     for fmt in ("dense", "compressed"):
@@ -330,7 +321,6 @@ def test_export_formats(exported, tmp_path: Path):
     assert json.loads((export / "export.json").read_text())["checkpoints"] == {"dense": "."}
 
 
-@pytest.mark.slow
 def test_vllm_cpu_build_serves_an_int4_export_in_bfloat16(exported):
     """W4A16 is the CPU build's one weight-only kernel: the packed checkpoint loads through it and
     scores what the dense export of the same weights scores in the same engine, up to the
@@ -361,7 +351,6 @@ def test_vllm_cpu_build_serves_an_int4_export_in_bfloat16(exported):
 
 
 # --- the recipe ----------------------------------------------------------------------------------
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_recipe_lists_the_allocation_in_module_order(exported, tiny_llama_dir: Path, name: str):
     run, export = exported(name)
@@ -440,7 +429,6 @@ def _llmcompressor_python() -> str | None:
     return os.environ.get("DTM_RAY_LLMCOMPRESSOR_PYTHON")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     _llmcompressor_python() is None,
     reason="llm-compressor not importable here; DTM_RAY_LLMCOMPRESSOR_PYTHON names one that has it",
@@ -513,7 +501,6 @@ def test_export_of_an_unfinished_run_is_refused_and_writes_nothing(
     assert _listing(tmp_path) == before
 
 
-@pytest.mark.slow
 def test_export_replaces_a_previous_export_but_never_other_folders(exported, tmp_path: Path):
     run, export = exported("magnitude")
     out = tmp_path / "out"

@@ -13,17 +13,16 @@ import torch
 
 pytest.importorskip("vllm")
 
-from transformers_check import full_logit_stats, protocol_drift  # noqa: E402
+from support.transformers_check import full_logit_stats, protocol_drift  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from dtm_ray.core.compress import compress  # noqa: E402
 from dtm_ray.core.metrics import first_divergent_token, share_of_divergent_tokens  # noqa: E402
 from dtm_ray.core.state import Link  # noqa: E402
-from dtm_ray.engines.hf import HFEngine  # noqa: E402
 from dtm_ray.engines.prompts import load_prompts  # noqa: E402
 from dtm_ray.engines.vllm import VLLMEngine, _full_input_norm  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_PROMPTS = 32
 N_PREFIX = 32
@@ -65,16 +64,9 @@ PROBES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def vllm_engine(smollm2_dir, one_thread):
-    engine = VLLMEngine(smollm2_dir, dtype="float32")
-    yield engine
-    engine.close()  # frees the model and KV cache for later test modules
-
-
-@pytest.fixture(scope="module")
-def hf_engine(smollm2_dir, one_thread):
-    return HFEngine(smollm2_dir, dtype="float32", batch_size=N_PROMPTS)
+# The engine fixtures: SmolLM2 in float32 on both engines (vLLM's is closed after the module, to
+# free the model and KV cache for later modules), torch on one thread.
+HF_ENGINE = {"model": "smollm2", "dtype": "float32", "batch_size": N_PROMPTS}
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +371,6 @@ def test_close_is_idempotent_and_final(vllm_engine, sequences):
             call()
 
 
-@pytest.mark.slow
 def test_compiled_execution_scores_through_the_hook_and_falls_back_when_it_misses(
     tiny_llama_dir, monkeypatch, one_thread
 ):
@@ -427,8 +418,13 @@ def test_a_stream_too_large_for_the_gpu_budget_is_kept_in_pinned_host_memory():
 
     def plan(on_cpu: bool, tp: int = 1, host: int = 32 * gib) -> tuple[int, bool]:
         engine = SimpleNamespace(
-            _hidden_size=5120, _num_layers=40, dtype="bfloat16", on_cpu=on_cpu,
-            residual_cache_bytes=2 * gib, residual_host_bytes=host, tensor_parallel_size=tp,
+            _hidden_size=5120,
+            _num_layers=40,
+            dtype="bfloat16",
+            on_cpu=on_cpu,
+            residual_cache_bytes=2 * gib,
+            residual_host_bytes=host,
+            tensor_parallel_size=tp,
         )
         return VLLMEngine._keep_plan(engine, prompts)
 
@@ -440,7 +436,12 @@ def test_a_stream_too_large_for_the_gpu_budget_is_kept_in_pinned_host_memory():
     assert stride >= 40 and not on_host
     small = [[1] * 24] * 8
     engine = SimpleNamespace(
-        _hidden_size=5120, _num_layers=40, dtype="bfloat16", on_cpu=False,
-        residual_cache_bytes=2 * gib, residual_host_bytes=32 * gib, tensor_parallel_size=1,
+        _hidden_size=5120,
+        _num_layers=40,
+        dtype="bfloat16",
+        on_cpu=False,
+        residual_cache_bytes=2 * gib,
+        residual_host_bytes=32 * gib,
+        tensor_parallel_size=1,
     )
     assert VLLMEngine._keep_plan(engine, small) == (1, False)  # fits the GPU budget

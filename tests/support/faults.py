@@ -1,10 +1,14 @@
 """Storage faults for the failure tests: a pyarrow filesystem that fails the calls it is told to,
 installed under every RunStore made afterwards (in the test process, or in a driver process
-started by tests/chaos_driver.py)."""
+started by support/driver_with_faults.py)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
@@ -88,3 +92,15 @@ def small_probe_files(rows: int) -> type:
             super().__init__(store, round_, min(every, rows), seconds)
 
     return SmallFiles
+
+
+def mount_tmpfs(folder: Path, size: str) -> bool:
+    """A small disk of its own at `folder` (tmpfs, `size` as mount takes it), to be filled up;
+    False where this process may not mount (not root, no mount command)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    folder.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    return done.returncode == 0

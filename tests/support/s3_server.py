@@ -23,9 +23,15 @@ _REQUEST_LINE = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.[01]\r\n
 
 
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: bound, then closed."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def store_at(path: str, port: int) -> str:
+    """The URI of `path` on an S3 endpoint at 127.0.0.1:`port`."""
+    return f"s3://{path}?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
 
 
 class Relay:
@@ -149,3 +155,8 @@ class S3Server:
         self.relay.cut()
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+def model_uri(server: S3Server, path: str) -> str:
+    """The URI of `models/<path>` on the local server (the `model_store` fixture's bucket)."""
+    return server.uri(path).replace(f"s3://{server.bucket}/", "s3://models/", 1)

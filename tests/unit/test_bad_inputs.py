@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from support.jobs import existing_run
 
 from dtm_ray import cli
 from dtm_ray.cluster import pool
 from dtm_ray.core.state import Reference
-from dtm_ray.engines.models import model_digest
 from dtm_ray.job.spec import load_job
 from dtm_ray.loop import driver
 from dtm_ray.records.schemas import reference_table
@@ -65,26 +63,9 @@ def _parquet(path: Path, columns: dict) -> str:
     return str(path)
 
 
-def _existing_run(tmp: Path, model_dir: Path, job: dict, probe_file: bytes | None = None) -> Path:
-    """A run directory of `job` as an earlier invocation left it: run.json and a probes file."""
-    out = tmp / "run"
-    path = tmp / "earlier.yaml"
-    path.write_text(yaml.safe_dump({**job, "out": str(out)}))
-    store = RunStore(str(out))
-    config = load_job(path).to_dict()
-    store.write_json("run.json", {"config": config, "model_digest": model_digest(model_dir)})
-    (out / "probes").mkdir()
-    target = out / "probes" / "part-r000-00000000000000000001-abcdef01.parquet"
-    if probe_file is None:
-        pq.write_table(pa.table({"round": [0], "component": ["x"]}), target)
-    else:
-        target.write_bytes(probe_file)
-    return out
-
-
 def _run_with_reference(tmp: Path, model_dir: Path) -> Path:
     """A run directory whose round-0 reference holds 4 prompts of 8 tokens."""
-    out = _existing_run(tmp, model_dir, job_dict(model_dir))
+    out = existing_run(tmp, model_dir, job_dict(model_dir))
     n = 4
     reference = Reference(
         prefixes=np.arange(n * 8, dtype=np.int64).reshape(n, 8) + 100,
@@ -104,13 +85,13 @@ Case = Callable[[Path, Path], tuple[dict | str, list[str], str, Path | None]]
 
 def _case_corrupt_probe_file(tmp: Path, m: Path):
     job = job_dict(m)
-    out = _existing_run(tmp, m, job, probe_file=b"PAR1 not really parquet")
+    out = existing_run(tmp, m, job, probe_file=b"PAR1 not really parquet")
     return job, ["--out", str(out)], "part-r000-00000000000000000001-abcdef01.parquet is not", out
 
 
 def _case_foreign_probe_file(tmp: Path, m: Path):
     job = job_dict(m)
-    out = _existing_run(tmp, m, job)
+    out = existing_run(tmp, m, job)
     pq.write_table(pa.table({"city": ["Oslo"]}), out / "probes" / "cities.parquet")
     return job, ["--out", str(out)], "cities.parquet is not a readable table of this run", out
 
@@ -124,7 +105,7 @@ def _case_broken_run_json(tmp: Path, m: Path):
 
 def _case_lease_held(tmp: Path, m: Path):
     job = job_dict(m)
-    out = _existing_run(tmp, m, job)
+    out = existing_run(tmp, m, job)
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": "x"}
     holder["heartbeat"] = time.time()
     (out / "lease.json").write_text(json.dumps(holder))
@@ -133,7 +114,7 @@ def _case_lease_held(tmp: Path, m: Path):
 
 def _case_changed_model(tmp: Path, m: Path):
     job = job_dict(m)
-    out = _existing_run(tmp, m, job)
+    out = existing_run(tmp, m, job)
     run = json.loads((out / "run.json").read_text())
     run["model_digest"] = "0123456789abcdef"
     (out / "run.json").write_text(json.dumps(run))
@@ -409,7 +390,9 @@ CASES: dict[str, Case] = {
     ),
     "self as evaluation text": lambda t, m: (
         job_dict(
-            m, probe={"components": "all"}, compress={"target_sparsity": 0.2},
+            m,
+            probe={"components": "all"},
+            compress={"target_sparsity": 0.2},
             evaluation={"text": "self"},
         ),
         [],
@@ -606,41 +589,6 @@ def test_a_quantize_run_of_an_older_version_is_not_continued(
     RunStore(str(out)).open_run(older, {"created": "earlier"})
     expected = "is a quantize run from an older dtm-ray (no compress.fused in its run.json)"
     refused("older quantize run", job, [], expected, out, tmp_path, capsys, no_ray)
-
-
-# The installed command, in a fresh process: real exit code, real stderr, no traceback.
-SUBPROCESS_CASES = [
-    "pruning sparsity out of range",
-    "--set value that is not YAML",
-    "out under /proc",
-    "corrupt Parquet file in probes/",
-]
-
-
-@pytest.mark.parametrize("case", SUBPROCESS_CASES)
-def test_the_command_itself_prints_one_line(case: str, warm: Path, tmp_path: Path) -> None:
-    job, argv, expected, existing = CASES[case](tmp_path, warm)
-    job_path = _job_file(tmp_path, job)
-    argv, out = _with_out(tmp_path, job, argv)
-    before = _listing(existing) if existing else None
-    start = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "dtm_ray.cli", "run", str(job_path), *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    seconds = time.monotonic() - start
-    print(f"\n{case} (subprocess): {seconds:.2f} s: {done.stderr.strip()}")
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dtm-ray: error: "), done.stderr
-    assert expected in lines[0], done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
-    if existing is None:
-        assert not out.exists()
-    else:
-        assert _listing(existing) == before
 
 
 def test_debug_shows_the_traceback(warm: Path, tmp_path: Path, no_ray) -> None:

@@ -16,7 +16,7 @@ import pytest
 from dtm_ray.cli import build_parser
 from dtm_ray.job.spec import load_job
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = sorted(
     [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "bench/README.md"]
     + list((ROOT / "docs").rglob("*.md"))

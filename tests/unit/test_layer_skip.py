@@ -4,8 +4,6 @@ the session never uses a stream kept for another state or reference."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -34,26 +32,27 @@ def sequences() -> list[list[int]]:
     return np.random.default_rng(0).integers(3, 49000, size=(5, 24)).tolist()
 
 
-@pytest.fixture(scope="module")
-def engine(smollm2_dir: Path) -> HFEngine:
-    # batch_size 2 over 5 sequences: the kept stream is per batch, the last one ragged.
-    return HFEngine(smollm2_dir, batch_size=2)
+# The `hf_engine` fixture: SmolLM2 in batches of 2. Over 5 sequences: the kept stream is per
+# batch, the last one ragged.
+HF_ENGINE = {"model": "smollm2", "batch_size": 2}
 
 
-def test_a_pass_from_layer_l_is_bit_identical_to_a_full_pass(engine, sequences) -> None:
-    dense = engine.score(sequences, 8, keep_residuals=True)
+def test_a_pass_from_layer_l_is_bit_identical_to_a_full_pass(hf_engine, sequences) -> None:
+    dense = hf_engine.score(sequences, 8, keep_residuals=True)
     diverged = 0
     for layer, name, spec in PROBES:
-        engine.set_weights({name: compress(engine.original_weight(name), spec)})
-        full = engine.score(sequences, 8)
-        skipped = engine.score(sequences, 8, from_layer=layer)
-        engine.restore([name])
+        hf_engine.set_weights({name: compress(hf_engine.original_weight(name), spec)})
+        full = hf_engine.score(sequences, 8)
+        skipped = hf_engine.score(sequences, 8, from_layer=layer)
+        hf_engine.restore([name])
         for a, b in zip(fields(full), fields(skipped), strict=True):
             np.testing.assert_array_equal(a, b)
         diverged += int((full.argmax != dense.argmax).any())
     assert diverged >= 2  # the edits changed outputs, so equality is not trivial
     # The kept stream survives the probes: the unedited model from layer 20 is the dense model.
-    for a, b in zip(fields(dense), fields(engine.score(sequences, 8, from_layer=20)), strict=True):
+    for a, b in zip(
+        fields(dense), fields(hf_engine.score(sequences, 8, from_layer=20)), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -69,11 +68,11 @@ def test_a_small_budget_keeps_every_kth_layer_and_stays_exact(smollm2_dir, seque
         np.testing.assert_array_equal(a, b)
 
 
-def test_from_layer_refuses_sequences_it_kept_nothing_for(engine, sequences) -> None:
-    engine.score(sequences, 8, keep_residuals=True)
+def test_from_layer_refuses_sequences_it_kept_nothing_for(hf_engine, sequences) -> None:
+    hf_engine.score(sequences, 8, keep_residuals=True)
     other = [row[::-1] for row in sequences]
     with pytest.raises(ValueError, match="residual stream kept for these same sequences"):
-        engine.score(other, 8, from_layer=3)
+        hf_engine.score(other, 8, from_layer=3)
     off = HFEngine.__new__(HFEngine)
     off.residual_cache_bytes, off._layer_of = 0, {"model.layers.3.mlp.up_proj.weight": 3}
     assert off.layer_of("model.layers.3.mlp.up_proj.weight") is None  # budget 0: skip off

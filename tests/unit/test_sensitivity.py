@@ -5,12 +5,13 @@ hf and vllm engines against each other on one model state."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support.checks import weights_digest
+from support.fakes import ADDED, Q0, S0, calibration, candidates, chained_state
 
 from dtm_ray.core.compress import compress, replay
 from dtm_ray.core.decisions.sparsify import absolute_sparsity
@@ -24,44 +25,6 @@ from dtm_ray.core.sensitivity import (
 from dtm_ray.core.state import Link, ModelState
 from dtm_ray.engines.hf import HFEngine
 from dtm_ray.engines.session import EngineSession
-
-Q0 = "model.layers.0.self_attn.q_proj.weight"
-V1 = "model.layers.1.self_attn.v_proj.weight"
-GATE0 = "model.layers.0.mlp.gate_proj.weight"
-DOWN1 = "model.layers.1.mlp.down_proj.weight"
-S0 = 0.36  # Q0's sparsity in the state below
-ADDED = 0.5
-
-
-def chained_state() -> ModelState:
-    return ModelState(
-        {
-            Q0: (Link("magnitude:0.2"), Link(f"magnitude:{S0}")),
-            DOWN1: (Link("int8"),),
-        }
-    )
-
-
-def candidates() -> dict[str, list[str]]:
-    # A sparsify probe on a component that has a chain prunes to s0 + a (1 - s0).
-    return {
-        Q0: [f"magnitude:{absolute_sparsity(S0, ADDED)}", "int8"],
-        V1: ["int4-g64", "magnitude:0.5"],
-        GATE0: ["nm:2:4"],
-        DOWN1: ["int4-g64"],
-    }
-
-
-def digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        h.update(name.encode())
-        h.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def calibration(count: int = 6, length: int = 24, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(3, 5000, size=(count, length))
 
 
 # --- pure math ------------------------------------------------------------------------------
@@ -205,7 +168,7 @@ def test_fisher_on_the_hf_engine_matches_autograd_and_leaves_the_model_as_it_was
     session = EngineSession(engine)
     state = chained_state()
     session.apply_state(state)
-    before = digest(engine.model)
+    before = weights_digest(engine.model)
     flags = [p.requires_grad for p in engine.model.parameters()]
     sequences = calibration()
     result = session.sensitivity("fisher", candidates(), sequences, batch_size=4)
@@ -216,7 +179,7 @@ def test_fisher_on_the_hf_engine_matches_autograd_and_leaves_the_model_as_it_was
         assert value > 0
         assert got[key] == pytest.approx(value, rel=1e-4), key
     assert result.passes == 2 and result.tokens == sequences.size  # 6 sequences, batches of 4
-    assert digest(engine.model) == before
+    assert weights_digest(engine.model) == before
     assert [p.requires_grad for p in engine.model.parameters()] == flags
     assert not engine.model.training
 
@@ -307,71 +270,6 @@ def biased_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: P
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_llama_dir / name, out / name)
     return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["smollm2", "biased_llama"])
-def test_the_vllm_and_hf_engines_agree_and_leave_their_weights_bit_identical(
-    model: str, request: pytest.FixtureRequest, one_thread
-) -> None:
-    pytest.importorskip("vllm")
-    from dtm_ray.engines.vllm import VLLMEngine
-
-    model_dir = request.getfixturevalue(f"{model}_dir")
-    state = chained_state()
-    cands = candidates()
-    sequences = calibration(count=4, length=32)
-    results = {}
-    for kind in ("hf", "vllm"):
-        engine = HFEngine(model_dir) if kind == "hf" else VLLMEngine(model_dir, dtype="float32")
-        try:
-            session = EngineSession(engine)
-            session.apply_state(state)
-            before = digest(engine.model) if kind == "hf" else engine.params_digest()
-            results[kind] = {
-                guide: session.sensitivity(guide, cands, sequences, batch_size=2)
-                for guide in ("fisher", "weight_error")
-            }
-            after = digest(engine.model) if kind == "hf" else engine.params_digest()
-            assert after == before
-        finally:
-            engine.close()
-    for guide, columns in (("fisher", ["fisher"]), ("weight_error", ["weight_error"])):
-        hf, vllm = results["hf"][guide], results["vllm"][guide]
-        assert [(r["component"], r["spec"]) for r in hf.rows] == [
-            (r["component"], r["spec"]) for r in vllm.rows
-        ]
-        assert hf.passes == vllm.passes
-        for a, b in zip(hf.rows, vllm.rows, strict=True):
-            for column in columns:
-                assert a[column] > 0
-                assert b[column] == pytest.approx(a[column], rel=1e-4), (a, b)
-
-
-def test_the_engine_actor_answers_sensitivity_calls_on_its_state(
-    ray_session, tiny_llama_dir: Path
-) -> None:
-    from dtm_ray.cluster.actor import start_engine_actors
-    from dtm_ray.engines import EngineConfig
-
-    state = chained_state()
-    sequences = calibration(count=4)
-    local = EngineSession(HFEngine(tiny_llama_dir))
-    local.apply_state(state)
-    (actor,) = start_engine_actors(str(tiny_llama_dir), EngineConfig(kind="hf"), 1, {"CPU": 1})
-    try:
-        for guide in ("weight_error", "fisher"):
-            remote = ray_session.get(
-                actor.sensitivity.remote(state, guide, candidates(), sequences, None, 2)
-            )
-            expected = local.sensitivity(guide, candidates(), sequences, batch_size=2)
-            assert remote.guide == guide and remote.worker.startswith("engine-0@")
-            assert remote.passes == expected.passes and remote.seconds > 0
-            assert len(remote.rows) == len(expected.rows) == 6
-            for got, want in zip(remote.rows, expected.rows, strict=True):
-                assert got[guide] == pytest.approx(want[guide], rel=1e-6)
-    finally:
-        ray_session.kill(actor)
 
 
 def test_both_engines_offer_the_sensitivity_calls_with_the_protocols_signatures() -> None:

@@ -3,12 +3,12 @@ every weight back as the state has it."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support.checks import weights_digest
 
 from dtm_ray.core.compress import compress
 from dtm_ray.core.metrics import first_divergent_token
@@ -22,23 +22,10 @@ DOWN1 = "model.layers.1.mlp.down_proj.weight"
 UP0 = "model.layers.0.mlp.up_proj.weight"
 
 
-def weights_digest(engine: HFEngine) -> str:
-    digest = hashlib.sha256()
-    for name, param in sorted(engine.model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 @pytest.fixture()
-def engine(tiny_llama_dir: Path) -> HFEngine:
-    return HFEngine(tiny_llama_dir, batch_size=8)
-
-
-@pytest.fixture()
-def reference(engine: HFEngine):
+def reference(fresh_hf_engine: HFEngine):
     prefixes = np.random.default_rng(0).integers(3, 1000, size=(6, 8))
-    return build_reference(engine, prefixes, 12)
+    return build_reference(fresh_hf_engine, prefixes, 12)
 
 
 def chained_state() -> ModelState:
@@ -71,29 +58,29 @@ def test_a_state_replays_bit_identically_on_any_session(tiny_llama_dir: Path) ->
     assert weights_digest(first) == dense
 
 
-def test_a_state_that_fails_half_way_leaves_nothing_edited(engine: HFEngine) -> None:
-    session = EngineSession(engine)
+def test_a_state_that_fails_half_way_leaves_nothing_edited(fresh_hf_engine: HFEngine) -> None:
+    session = EngineSession(fresh_hf_engine)
     session.apply_state(ModelState({Q0: (Link("int8"),)}))
-    before = weights_digest(engine)
+    before = weights_digest(fresh_hf_engine)
     # The wanda link has no statistics: replaying it fails after the q link would be computed.
     bad = ModelState({Q0: (Link("magnitude:0.5"),), DOWN1: (Link("wanda:0.5"),)})
     with pytest.raises(ValueError, match="input_norm"):
         session.apply_state(bad)
-    assert weights_digest(engine) == before
+    assert weights_digest(fresh_hf_engine) == before
     assert session.state.specs(Q0) == ["int8"]
 
 
 @pytest.mark.parametrize("route", ["set_weights", "compress_in_place"])
 def test_a_failed_engine_write_puts_the_old_state_back(
-    engine: HFEngine, monkeypatch, route: str
+    fresh_hf_engine: HFEngine, monkeypatch, route: str
 ) -> None:
-    # set_weights: an engine that only takes whole tensors; compress_in_place: one that
+    # set_weights: an fresh_hf_engine that only takes whole tensors; compress_in_place: one that
     # compresses the weights it holds (both engines here).
-    target = PlainEngine(engine) if route == "set_weights" else engine
+    target = PlainEngine(fresh_hf_engine) if route == "set_weights" else fresh_hf_engine
     session = EngineSession(target)
     session.apply_state(ModelState({Q0: (Link("int8"),)}))
-    before = weights_digest(engine)
-    real = getattr(engine, route)
+    before = weights_digest(fresh_hf_engine)
+    real = getattr(fresh_hf_engine, route)
     calls = []
 
     def fail_once(*args, **kwargs):
@@ -102,28 +89,30 @@ def test_a_failed_engine_write_puts_the_old_state_back(
         if len(calls) == 1:
             raise RuntimeError("device lost")  # ... then fails
 
-    monkeypatch.setattr(engine, route, fail_once)
+    monkeypatch.setattr(fresh_hf_engine, route, fail_once)
     with pytest.raises(RuntimeError, match="device lost"):
         session.apply_state(ModelState({Q0: (Link("magnitude:0.5"),), UP0: (Link("int8"),)}))
-    assert weights_digest(engine) == before
+    assert weights_digest(fresh_hf_engine) == before
     assert session.state.specs(Q0) == ["int8"]
 
 
 def test_a_probe_on_top_of_a_state_compresses_the_current_weight_and_puts_it_back(
-    engine: HFEngine, reference
+    fresh_hf_engine: HFEngine, reference
 ) -> None:
-    session = EngineSession(engine)
+    session = EngineSession(fresh_hf_engine)
     state = ModelState({Q0: (Link("magnitude:0.3"),)})
     session.apply_state(state)
-    before = weights_digest(engine)
+    before = weights_digest(fresh_hf_engine)
     result = session.probe({Q0: "magnitude:0.6", UP0: "int8"}, reference)
-    assert weights_digest(engine) == before
+    assert weights_digest(fresh_hf_engine) == before
 
     # The same model built by hand: Q0 pruned 0.3 then 0.6 from there, UP0 quantized.
-    q = compress(compress(engine.original_weight(Q0), "magnitude:0.3"), "magnitude:0.6")
-    engine.set_weights({Q0: q, UP0: compress(engine.original_weight(UP0), "int8")})
-    by_hand = engine.score(reference.sequences.tolist(), reference.n_prefix)
-    engine.restore([Q0, UP0])
+    q = compress(compress(fresh_hf_engine.original_weight(Q0), "magnitude:0.3"), "magnitude:0.6")
+    fresh_hf_engine.set_weights(
+        {Q0: q, UP0: compress(fresh_hf_engine.original_weight(UP0), "int8")}
+    )
+    by_hand = fresh_hf_engine.score(reference.sequences.tolist(), reference.n_prefix)
+    fresh_hf_engine.restore([Q0, UP0])
     np.testing.assert_array_equal(
         result.fdt, first_divergent_token(reference.base_argmax, by_hand.argmax)
     )
@@ -131,30 +120,33 @@ def test_a_probe_on_top_of_a_state_compresses_the_current_weight_and_puts_it_bac
     # A one-component probe of the dense model equals the in-process probe.
     session.apply_state(ModelState())
     np.testing.assert_array_equal(
-        session.probe({UP0: "int8"}, reference).fdt, run_probe(engine, reference, UP0, "int8").fdt
+        session.probe({UP0: "int8"}, reference).fdt,
+        run_probe(fresh_hf_engine, reference, UP0, "int8").fdt,
     )
 
 
 def test_a_probe_that_raises_puts_weights_back_and_a_failed_put_back_breaks_the_session(
-    engine: HFEngine, reference, monkeypatch
+    fresh_hf_engine: HFEngine, reference, monkeypatch
 ) -> None:
-    session = EngineSession(engine)
+    session = EngineSession(fresh_hf_engine)
     session.apply_state(ModelState({Q0: (Link("int8"),)}))
-    before = weights_digest(engine)
-    monkeypatch.setattr(engine, "score", lambda *a: (_ for _ in ()).throw(RuntimeError("oom")))
+    before = weights_digest(fresh_hf_engine)
+    monkeypatch.setattr(
+        fresh_hf_engine, "score", lambda *a: (_ for _ in ()).throw(RuntimeError("oom"))
+    )
     with pytest.raises(RuntimeError, match="oom"):
         session.probe({Q0: "magnitude:0.5"}, reference)
-    assert weights_digest(engine) == before
+    assert weights_digest(fresh_hf_engine) == before
 
     gone = lambda *a: (_ for _ in ()).throw(OSError("gone"))  # noqa: E731
-    monkeypatch.setattr(engine, "put_back", gone)
-    monkeypatch.setattr(engine, "restore", gone)
+    monkeypatch.setattr(fresh_hf_engine, "put_back", gone)
+    monkeypatch.setattr(fresh_hf_engine, "restore", gone)
     with pytest.raises(EngineBroken, match="could not put"):
         session.probe({UP0: "magnitude:0.5"}, reference)
 
 
-def test_zero_shares_measure_the_current_weights(engine: HFEngine) -> None:
-    session = EngineSession(engine)
+def test_zero_shares_measure_the_current_weights(fresh_hf_engine: HFEngine) -> None:
+    session = EngineSession(fresh_hf_engine)
     session.apply_state(ModelState({Q0: (Link("magnitude:0.25"),)}))
     shares = session.zero_shares([Q0, UP0])
     numel = 128 * 128
@@ -189,8 +181,8 @@ class PlainEngine:
     """An engine offering only the `Engine` protocol: it takes whole weights (set_weights) and
     does not compress what it holds itself."""
 
-    def __init__(self, engine: HFEngine) -> None:
-        self.engine = engine
+    def __init__(self, fresh_hf_engine: HFEngine) -> None:
+        self.engine = fresh_hf_engine
 
     def __getattr__(self, name: str):  # noqa: ANN204
         if name in ("compress_in_place", "put_back", "nonzero_counts"):
@@ -201,8 +193,8 @@ class PlainEngine:
 class CountingEngine(PlainEngine):
     """A plain engine that counts the weights each call writes."""
 
-    def __init__(self, engine: HFEngine) -> None:
-        super().__init__(engine)
+    def __init__(self, fresh_hf_engine: HFEngine) -> None:
+        super().__init__(fresh_hf_engine)
         self.writes, self.bytes_per_write = 0, []
 
     def set_weights(self, weights) -> None:  # noqa: ANN001
@@ -257,18 +249,20 @@ def test_a_state_change_writes_in_batches_bounded_by_the_push_budget(tiny_llama_
 
 
 def test_a_probe_compresses_and_puts_back_the_engines_own_copy_without_replays(
-    engine: HFEngine, reference, monkeypatch
+    fresh_hf_engine: HFEngine, reference, monkeypatch
 ) -> None:
-    session = EngineSession(engine)
+    session = EngineSession(fresh_hf_engine)
     session.apply_state(ModelState({Q0: (Link("magnitude:0.3"), Link("magnitude:0.5"))}))
-    before = weights_digest(engine)
+    before = weights_digest(fresh_hf_engine)
     monkeypatch.setattr(session, "replay", lambda *a: pytest.fail("a probe replayed a chain"))
     probed = session.probe({Q0: "int8", UP0: "magnitude:0.9"}, reference)
-    assert weights_digest(engine) == before
+    assert weights_digest(fresh_hf_engine) == before
     # The model the probe scored, built by hand from the originals.
-    q = compress(compress(engine.original_weight(Q0), "magnitude:0.5"), "int8")
-    engine.set_weights({Q0: q, UP0: compress(engine.original_weight(UP0), "magnitude:0.9")})
-    by_hand = engine.score(reference.sequences.tolist(), reference.n_prefix)
+    q = compress(compress(fresh_hf_engine.original_weight(Q0), "magnitude:0.5"), "int8")
+    fresh_hf_engine.set_weights(
+        {Q0: q, UP0: compress(fresh_hf_engine.original_weight(UP0), "magnitude:0.9")}
+    )
+    by_hand = fresh_hf_engine.score(reference.sequences.tolist(), reference.n_prefix)
     expected = first_divergent_token(reference.base_argmax, by_hand.argmax)
     np.testing.assert_array_equal(probed.fdt, expected)
     assert expected.min() < reference.n_new

@@ -5,18 +5,18 @@ job). The bound is tested against a closed port on 127.0.0.1, never a real endpo
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from support.s3_server import free_port, store_at
 
 from dtm_ray import cli
 from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.records import store as store_module
-from dtm_ray.records.store import RETRY_DELAYS_S, RunStore, check_store_uri
+from dtm_ray.records.store import RunStore, check_store_uri
 
 
 @pytest.fixture
@@ -45,17 +45,6 @@ def no_store_clients(monkeypatch) -> list[str]:
     except ImportError:
         pass
     return made
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on: bound, then closed."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def closed_store(path: str, port: int) -> str:
-    return f"s3://{path}?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
 
 
 # --- the shape of a URI ----------------------------------------------------------------------
@@ -159,41 +148,6 @@ def test_a_run_dir_uri_without_a_bucket_is_one_line_exit_2(
 
 
 # --- a store that cannot be reached ----------------------------------------------------------
-def test_an_unreachable_run_dir_store_is_one_line_naming_its_endpoint_within_the_bound(
-    capsys,
-) -> None:
-    port = closed_port()
-    start = time.monotonic()
-    code = cli.main(["show", closed_store("runs/gone", port)])
-    seconds = time.monotonic() - start
-    err = capsys.readouterr().err
-    with capsys.disabled():
-        print(f"\nclosed port run dir: exit {code} in {seconds:.1f} s: {err.strip()[:200]}")
-    assert code == 1
-    assert err.count("\n") == 1 and err.startswith(
-        "dtm-ray: error: cannot read run.json in run dir"
-    )
-    assert "run dir s3://runs/gone?" in err
-    assert f"the store at http://127.0.0.1:{port} cannot be reached" in err
-    assert err.rstrip().endswith("run the same command again to resume once storage is back")
-    # Our retries (RETRY_DELAYS_S) and, per try, the client's two refused connections.
-    assert sum(RETRY_DELAYS_S) <= seconds < sum(RETRY_DELAYS_S) + 10
-
-
-def test_an_unreachable_model_store_is_one_line_naming_its_endpoint_within_the_bound(
-    capsys,
-) -> None:
-    port = closed_port()
-    start = time.monotonic()
-    code = cli.main(["model", closed_store("models/tiny", port)])
-    seconds = time.monotonic() - start
-    err = capsys.readouterr().err
-    with capsys.disabled():
-        print(f"\nclosed port model: exit {code} in {seconds:.1f} s: {err.strip()[:200]}")
-    assert code == 1
-    assert err.count("\n") == 1 and err.startswith("dtm-ray: error: cannot list model s3://")
-    assert f"the store at http://127.0.0.1:{port} cannot be reached" in err
-    assert sum(RETRY_DELAYS_S) <= seconds < sum(RETRY_DELAYS_S) + 10
 
 
 def test_the_lease_on_an_unreachable_store_is_a_storage_error_naming_its_endpoint(
@@ -204,8 +158,8 @@ def test_the_lease_on_an_unreachable_store_is_a_storage_error_naming_its_endpoin
     from dtm_ray.records.lease import ConditionalLeaseFile
 
     monkeypatch.setattr(store_module, "RETRY_DELAYS_S", (0.01, 0.01))
-    port = closed_port()
-    store = RunStore(closed_store("runs/lease", port))
+    port = free_port()
+    store = RunStore(store_at("runs/lease", port))
     lease_file = ConditionalLeaseFile.of(store)
     assert lease_file is not None
     start = time.monotonic()
@@ -218,7 +172,7 @@ def test_the_lease_on_an_unreachable_store_is_a_storage_error_naming_its_endpoin
 
 
 def test_store_clients_are_made_with_a_connect_timeout_and_bounded_retries() -> None:
-    fs, _ = store_module.open_filesystem(closed_store("runs/x", closed_port()))
+    fs, _ = store_module.open_filesystem(store_at("runs/x", free_port()))
     assert fs.__reduce__()[1][0]["connect_timeout"] == store_module.CONNECT_TIMEOUT_S
     gcs, _ = store_module.open_filesystem("gs://bucket/x?endpoint_override=127.0.0.1:1")
     limit = gcs.__reduce__()[1][0]["retry_time_limit"]

@@ -10,12 +10,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from support.transformers_check import free_running_greedy
 from transformers import AutoModelForCausalLM
-from transformers_check import free_running_greedy
 
 from dtm_ray.core.compress import compress
 from dtm_ray.core.metrics import first_divergent_token
-from dtm_ray.engines.hf import HFEngine
 from dtm_ray.engines.probe import build_reference, run_probe
 from dtm_ray.engines.prompts import load_prompts
 
@@ -40,18 +39,14 @@ if FULL:
 # may disagree in fp32 without any compression damage being involved.
 NEAR_TIE = 1e-3
 
-pytestmark = pytest.mark.slow
+
+HF_ENGINE = {"model": "smollm2", "dtype": "float32", "batch_size": PROMPTS}
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_dir):
-    return HFEngine(smollm2_dir, dtype="float32", batch_size=PROMPTS)
-
-
-@pytest.fixture(scope="module")
-def reference(engine, smollm2_dir):
-    prefixes = load_prompts("self", smollm2_dir, PROMPTS, PREFIX, engine=engine, seed=0)
-    return build_reference(engine, prefixes, NEW)
+def reference(hf_engine, smollm2_dir):
+    prefixes = load_prompts("self", smollm2_dir, PROMPTS, PREFIX, engine=hf_engine, seed=0)
+    return build_reference(hf_engine, prefixes, NEW)
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +57,15 @@ def generator(smollm2_dir):
     return model
 
 
-def test_unmodified_model_has_no_divergence(engine, reference):
+def test_unmodified_model_has_no_divergence(hf_engine, reference):
     assert reference.noise_floor == 0, "fp32 base model disagrees with its own greedy tokens"
-    scored = engine.score(reference.sequences.tolist(), PREFIX)
+    scored = hf_engine.score(reference.sequences.tolist(), PREFIX)
     np.testing.assert_array_equal(first_divergent_token(reference.continuation, scored.argmax), NEW)
 
 
 @pytest.mark.parametrize("component, spec", PROBES)
-def test_fdt_equals_free_running_divergence(engine, reference, generator, component, spec):
-    result = run_probe(engine, reference, component, spec)
+def test_fdt_equals_free_running_divergence(hf_engine, reference, generator, component, spec):
+    result = run_probe(hf_engine, reference, component, spec)
     param = dict(generator.named_parameters())[component]
     original = param.detach().clone()
     try:
