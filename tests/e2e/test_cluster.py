@@ -321,8 +321,8 @@ def test_ray_job_submit_writes_run_directory(tmp_path: Path, smollm2_dir: Path):
                 "job",
                 "submit",
                 f"--address={head['dashboard_url']}",
-                # The recipe the docs give (tests/test_docs.py holds them to it): the repository
-                # as the working directory, relative to the folder the command runs in.
+                # The recipe the docs give (tests/unit/test_docs.py holds them to it): the
+                # repository as the working directory, relative to the folder the command runs in.
                 "--runtime-env",
                 "jobs/runtime_env.yaml",
                 "--",

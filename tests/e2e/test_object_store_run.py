@@ -26,7 +26,7 @@ def test_a_compressing_run_model_and_run_dir_on_s3_with_show_report_export_and_e
     model, the other waits for it and reads the same copy; the run writes its report and export
     into the store (the export shard by shard), lm-eval's worker reads the export from there,
     and `show`, `report` and `export` work on the URI. The export equals one made from a local
-    copy of the run. (tests/test_multi_node_models.py checks the FDTs against a local run.)"""
+    copy of the run. (tests/e2e/test_multi_node_models.py checks the FDTs against a local run.)"""
     from dtm_ray.results.export import export_run
 
     run_uri = model_store.uri("e2e/run")

@@ -187,6 +187,24 @@ def test_readme_fits_on_a_screen_or_few() -> None:
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; the rest belongs in docs/"
 
 
+def test_the_readme_test_commands_are_the_tiers_ci_runs() -> None:
+    """The README's test commands select tiers pytest knows, and .ci/run runs the README's test
+    command and then the e2e tier."""
+    import tomllib
+
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
+    markers = {m.split(":")[0] for m in options["ini_options"]["markers"]}
+    readme = (ROOT / "README.md").read_text()
+    selections = re.findall(r'python -m pytest -m (\w+|"[\w ]+")', readme)
+    assert {"unit", "integration", "e2e", '"not e2e"'} <= set(selections), selections
+    for selection in selections:
+        assert set(selection.strip('"').split()) - {"not", "and", "or"} <= markers, selection
+    default = re.search(r"\./setup\.sh && \.venv/bin/python -m pytest (-m \S+ \S+)", readme)
+    ci = (ROOT / ".ci/run").read_text()
+    assert default and default.group(1) in ci, "the README's test command is not what CI runs"
+    assert ci.index(default.group(1)) < ci.index("-m e2e")
+
+
 def _sections(text: str, level: str) -> dict[str, str]:
     """Heading text -> body, for headings of exactly this level ("##", "###")."""
     parts = re.split(rf"^{level} (.+)$", text, flags=re.M)
