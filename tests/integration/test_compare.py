@@ -10,57 +10,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from support.transformers_check import first_divergence, free_running_greedy
+from support.fakes import folder_like
+from support.transformers_check import free_running_greedy
 
 from dtm_ray.job.compare import build_compare, plan_compare
 
 ROOT = Path(__file__).resolve().parents[2]
-N_NEW = 24
 
 
 # --- candidates made with plain torch, outside dtm_ray --------------------------------------------
-def _folder_like(model_dir: Path, out: Path, weights: dict[str, torch.Tensor] | None) -> Path:
-    """A copy of `model_dir` (its small files copied, its weights linked) with `weights` saved
-    instead when given."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True)
-    for path in model_dir.iterdir():
-        if path.name.startswith("."):
-            continue
-        if path.suffix == ".safetensors":
-            if weights is None:
-                (out / path.name).symlink_to(path)
-        else:
-            shutil.copy(path, out / path.name)
-    if weights is not None:
-        save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
-@pytest.fixture(scope="module")
-def noised_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 with Gaussian noise (3 % of each matrix's std) on every decoder weight matrix."""
-    from safetensors.torch import load_file
-
-    weights = load_file(smollm2_dir / "model.safetensors")
-    generator = torch.Generator().manual_seed(0)
-    for name, tensor in weights.items():
-        if name.startswith("model.layers.") and tensor.ndim == 2:
-            noise = torch.randn(tensor.shape, generator=generator)
-            weights[name] = tensor + 0.03 * tensor.std() * noise
-    return _folder_like(smollm2_dir, tmp_path_factory.mktemp("noised") / "model", weights)
-
-
 # --- the tables, against a loop written here ---------------------------------------------------
 
 
@@ -91,7 +56,7 @@ def compare_cli(*args: str) -> tuple[dict, str]:
 
 def _swapped_tokenizer(smollm2_dir: Path, out: Path) -> Path:
     """SmolLM2 whose tokenizer gives two tokens each other's ids."""
-    folder = _folder_like(smollm2_dir, out, None)
+    folder = folder_like(smollm2_dir, out, None)
     data = json.loads((folder / "tokenizer.json").read_text())
     vocab = data["model"]["vocab"]
     vocab["the"], vocab["and"] = vocab["and"], vocab["the"]
@@ -101,18 +66,18 @@ def _swapped_tokenizer(smollm2_dir: Path, out: Path) -> Path:
 
 def test_unusable_pairs_end_in_one_line_before_ray(smollm2_dir: Path, tmp_path: Path):
     swapped = _swapped_tokenizer(smollm2_dir, tmp_path / "swapped")
-    no_config = _folder_like(smollm2_dir, tmp_path / "no-config", None)
+    no_config = folder_like(smollm2_dir, tmp_path / "no-config", None)
     (no_config / "config.json").unlink()
-    no_weights = _folder_like(smollm2_dir, tmp_path / "no-weights", None)
+    no_weights = folder_like(smollm2_dir, tmp_path / "no-weights", None)
     (no_weights / "model.safetensors").unlink()
-    gptq = _folder_like(smollm2_dir, tmp_path / "gptq", None)
+    gptq = folder_like(smollm2_dir, tmp_path / "gptq", None)
     config = json.loads((gptq / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64}
     (gptq / "config.json").write_text(json.dumps(config))
-    unknown = _folder_like(smollm2_dir, tmp_path / "unknown", None)
+    unknown = folder_like(smollm2_dir, tmp_path / "unknown", None)
     config["quantization_config"] = {"quant_method": "made-up"}
     (unknown / "config.json").write_text(json.dumps(config))
-    int8 = _folder_like(smollm2_dir, tmp_path / "int8", None)
+    int8 = folder_like(smollm2_dir, tmp_path / "int8", None)
     weights = {"type": "int", "num_bits": 8, "symmetric": True, "strategy": "channel"}
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
@@ -194,129 +159,6 @@ def test_a_side_in_an_object_store_is_read_on_the_driver_without_its_weights(
 
 
 # --- end to end, against plain transformers ----------------------------------------------------
-def _compare(base: Path, candidate: Path, out: Path, **settings):
-    job = build_compare(
-        {
-            "compare": {
-                "base": {"model": str(base), "engine": "hf", "dtype": "float32"},
-                "candidate": {"model": str(candidate)},
-                "chunk_prompts": 3,
-            },
-            "prompts": {"source": "pydoc", "count": 8, "prefix_tokens": 16},
-            "new_tokens": N_NEW,
-            "evaluation": {"count": 2, "tokens": 64},
-            "workers": 2,
-            "out": str(out),
-            **settings,
-        }
-    )
-    from dtm_ray.loop.compare import run_compare
-
-    return run_compare(plan_compare(job), print_summary=False)
-
-
-@pytest.fixture(scope="module")
-def noised_compare(ray_session, smollm2_dir: Path, noised_dir: Path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare") / "run"
-    return out, _compare(smollm2_dir, noised_dir, out)
-
-
-def test_compare_fdt_is_the_free_running_greedy_divergence(
-    noised_compare, smollm2_dir: Path, noised_dir: Path, one_thread
-):
-    from transformers import AutoModelForCausalLM
-
-    run, outcome = noised_compare
-    reference = pd.read_parquet(run / "reference").sort_values("prompt_id")
-    prefixes = np.stack(reference["prefix_ids"].to_numpy())
-    greedy = {
-        name: free_running_greedy(
-            AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
-            prefixes,
-            N_NEW,
-        )
-        for name, folder in (("base", smollm2_dir), ("candidate", noised_dir))
-    }
-    expected = first_divergence(greedy["base"], greedy["candidate"])
-    fdt = outcome.prompts.to_pandas().sort_values("prompt_id")["fdt"].to_numpy()
-    assert (fdt < N_NEW).sum() >= 2  # the noise changed some text: not a vacuous check
-    assert (fdt != expected).sum() <= 1, (fdt, expected)
-    # The base's own greedy continuation is the reference the candidate was scored on.
-    np.testing.assert_array_equal(np.stack(reference["continuation_ids"]), greedy["base"])
-    summary = outcome.summary.to_pylist()[0]
-    assert summary["prompts"] == 8 and summary["fdt_mean"] == pytest.approx(fdt.mean())
-
-
-def test_a_killed_compare_resumes_with_the_chunks_left(noised_compare, capfd):
-    run, outcome = noised_compare
-    chunks = sorted((run / "compare" / "chunks").glob("*.parquet"))
-    assert len(chunks) == 3  # 8 prompts in chunks of 3
-    before = {p.name: p.stat().st_mtime_ns for p in chunks}
-    reference = next((run / "reference").glob("*.parquet")).stat().st_mtime_ns
-    # What a kill during the candidate's second chunk leaves: no summary, one chunk missing.
-    shutil.rmtree(run / "compare" / "summary")
-    shutil.rmtree(run / "compare" / "prompts")
-    chunks[1].unlink()
-    capfd.readouterr()
-    from dtm_ray.job.compare import build_compare as rebuild
-    from dtm_ray.loop.compare import run_compare
-
-    info = json.loads((run / "run.json").read_text())
-    again = run_compare(plan_compare(rebuild(info["config"])), print_summary=False)
-    log = capfd.readouterr().err
-    assert again.chunks_scored == 1
-    assert "1 of 3 chunk(s) to run, 2 done before" in log
-    assert "building the reference" not in log
-    assert log.count("dtm-ray: starting ") == 1  # only the candidate's actors started
-    after = {p.name: p.stat().st_mtime_ns for p in (run / "compare" / "chunks").glob("*")}
-    assert {k: v for k, v in after.items() if k != chunks[1].name} == {
-        k: v for k, v in before.items() if k != chunks[1].name
-    }
-    assert next((run / "reference").glob("*.parquet")).stat().st_mtime_ns == reference
-    pd.testing.assert_frame_equal(again.prompts.to_pandas(), outcome.prompts.to_pandas())
-
-
-def test_show_and_report_read_a_compare_run(noised_compare, capsys):
-    from dtm_ray import cli
-
-    run, outcome = noised_compare
-    assert cli.main(["show", str(run)]) == 0
-    text = capsys.readouterr().out
-    summary = outcome.summary.to_pylist()[0]
-    assert f"FDT@75 {summary['fdt_at_75']} of {N_NEW}" in text
-    assert "prompts by first divergence" in text
-    assert cli.main(["report", str(run), "--out", str(run / "report2")]) == 0
-    names = {p.name for p in (run / "report2").iterdir()}
-    assert {"report.html", "report.md", "fdt.png", "positions.png"} <= names
-    assert "near-tie" in (run / "report2" / "report.md").read_text()
-
-
-def test_evaluate_runs_lm_eval_on_both_sides_with_flips(noised_compare, capsys):
-    from dtm_ray import cli
-
-    run, outcome = noised_compare
-    assert cli.main(["evaluate", str(run), "--limit", "8"]) == 0
-    assert "base" in capsys.readouterr().out
-    table = pd.read_parquet(run / "final" / "tasks").set_index("task")
-    assert list(table.index) == ["dtm_facts_mc", "dtm_facts_cloze"]
-    assert (table["fdt_at_75"] == outcome.summary.to_pylist()[0]["fdt_at_75"]).all()
-    for task, row in table.iterrows():
-        answers = {}
-        for side, column in (("base", "dense"), ("candidate", "compressed")):
-            (path,) = (run / "final" / "lm-eval" / side).glob(f"samples_{task}_*.jsonl")
-            samples = [json.loads(line) for line in path.read_text().splitlines()]
-            metric = [s[row["metric"]] for s in samples]
-            assert row[column] == pytest.approx(sum(metric) / len(metric))
-            answers[side] = {
-                s["doc_id"]: (
-                    int(np.argmax([float(r[0]) for r in s["filtered_resps"]]))
-                    if row["metric"] == "acc"
-                    else s["filtered_resps"][0]
-                )
-                for s in samples
-            }
-        changed = sum(answers["base"][i] != answers["candidate"][i] for i in answers["base"])
-        assert row["flipped"] == changed and row["examples"] == 8
 
 
 def test_vllm_as_served_scores_like_transformers_and_edits_nothing(

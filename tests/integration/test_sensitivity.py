@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from support.checks import weights_digest
 from support.fakes import calibration, candidates, chained_state
 
@@ -76,3 +77,25 @@ def test_the_engine_actor_answers_sensitivity_calls_on_its_state(
                 assert got[guide] == pytest.approx(want[guide], rel=1e-6)
     finally:
         ray_session.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def biased_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """The tiny Llama with q/k/v biases (as Qwen2 has), which vLLM fuses into qkv_proj."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("biased-llama")
+    config = LlamaConfig.from_pretrained(tiny_llama_dir)
+    config.attention_bias = True
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)  # initialised to zero: make them matter
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / name, out / name)
+    return out

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dtm_ray.core.decisions.sparsify import absolute_sparsity
 from dtm_ray.core.state import Link, ModelState
+
+if TYPE_CHECKING:
+    import torch
 
 # Llama-2's published config.json values: enough for validation without the weights.
 LLAMA2 = {
@@ -51,6 +55,27 @@ def llama2_folder(root: Path, size: str) -> Path:
     }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def folder_like(model_dir: Path, out: Path, weights: dict[str, torch.Tensor] | None) -> Path:
+    """A copy of `model_dir` (its small files copied, its weights linked) with `weights` saved
+    instead when given."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        if path.name.startswith("."):
+            continue
+        if path.suffix == ".safetensors":
+            if weights is None:
+                (out / path.name).symlink_to(path)
+        else:
+            shutil.copy(path, out / path.name)
+    if weights is not None:
+        save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def measured(fdt: list[int], sdt: list[int], worker: str) -> dict:

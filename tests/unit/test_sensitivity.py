@@ -249,29 +249,6 @@ def test_wanda_candidates_use_the_given_input_norms(tiny_llama_dir: Path) -> Non
     assert row["weight_error"] == pytest.approx(weight_error(weight, expected), rel=1e-6)
 
 
-# --- the two engines on one state -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def biased_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
-    """The tiny Llama with q/k/v biases (as Qwen2 has), which vLLM fuses into qkv_proj."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("biased-llama")
-    config = LlamaConfig.from_pretrained(tiny_llama_dir)
-    config.attention_bias = True
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.5)  # initialised to zero: make them matter
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_llama_dir / name, out / name)
-    return out
-
-
 def test_both_engines_offer_the_sensitivity_calls_with_the_protocols_signatures() -> None:
     import inspect
 
