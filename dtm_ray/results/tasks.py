@@ -189,9 +189,14 @@ def _task_options(resources: Mapping[str, float]) -> dict[str, Any]:
 
 
 def tasks_table(
-    dense: Mapping[str, Any], compressed: Mapping[str, Any], fdt_at_75: int | None, backend: str
+    dense: Mapping[str, Any],
+    compressed: Mapping[str, Any],
+    fdt_at_75: int | None,
+    backend: str,
+    test_fdt_at_75: int | None = None,
 ) -> pa.Table:
-    """`final/tasks/` rows from the two models' `evaluate_model` results."""
+    """`final/tasks/` rows from the two models' `evaluate_model` results; the run's FDT@75 on
+    the decide prompts (in-sample) and on the test prompts (held out) beside them."""
     from dtm_ray.records.schemas import FINAL_TASKS_SCHEMA
 
     rows = []
@@ -207,6 +212,7 @@ def tasks_table(
                 "compressed": theirs["value"],
                 "flips": share,
                 "flipped": changed,
+                "test_fdt_at_75": test_fdt_at_75,
                 "fdt_at_75": fdt_at_75,
                 "backend": backend,
             }
@@ -297,7 +303,8 @@ def evaluate_run(
     for name, result in (("dense", dense), ("compressed", compressed)):
         store.replace_files(f"final/lm-eval/{name}", result["files"])
     fdt = summary.column("fdt_at_75")[0].as_py()
-    table = tasks_table(dense, compressed, fdt, backend)
+    test_fdt = summary.column("test_fdt_at_75")[0].as_py()
+    table = tasks_table(dense, compressed, fdt, backend, test_fdt)
     store.write_final("tasks", table)
     log(f"tasks evaluated in {max(dense['seconds'], compressed['seconds']):.0f} s")
     return table
@@ -308,9 +315,20 @@ def _names(tasks: Sequence[str | dict[str, Any]]) -> str:
 
 
 def format_run_tasks(table: pa.Table) -> str:
-    """A run's `final/tasks/` as a few aligned lines for the terminal."""
-    lines = [f"{'task':<24} {'metric':<12} {'dense':>7} {'compr.':>7} {'flips':>7}  examples"]
-    for row in table.to_pylist():
+    """A run's `final/tasks/` as a few aligned lines for the terminal, after the run's FDT@75
+    (on the held-out test prompts first)."""
+    lines = []
+    rows = table.to_pylist()
+    if rows:
+        test, decide = rows[0].get("test_fdt_at_75"), rows[0].get("fdt_at_75")
+        fdt = f"{decide} on the prompts the rounds probed"
+        if test is not None:
+            fdt = (
+                f"{test} on the test prompts (held out), {decide} on the decide prompts (in-sample)"
+            )
+        lines.append(f"the run's FDT@75 against the dense model: {fdt}")
+    lines.append(f"{'task':<24} {'metric':<12} {'dense':>7} {'compr.':>7} {'flips':>7}  examples")
+    for row in rows:
         lines.append(
             f"{row['task']:<24} {row['metric']:<12} {row['dense']:7.3f} "
             f"{row['compressed']:7.3f} {row['flips']:7.3f}  {row['examples']}"
