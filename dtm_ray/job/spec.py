@@ -12,8 +12,7 @@ from typing import Any
 import yaml
 
 from dtm_ray.core.components import check_selector
-from dtm_ray.core.decisions.quantize import spec_bits
-from dtm_ray.core.specs import parse_spec
+from dtm_ray.core.specs import parse_spec, spec_bits
 from dtm_ray.engines.config import EngineConfig, resolve_batch_invariant
 from dtm_ray.engines.prompts import check_source
 from dtm_ray.errors import ConfigError

@@ -60,7 +60,7 @@ from dtm_ray.records.store import RunStore, is_persistent
 from dtm_ray.redact import redact, redact_data
 from dtm_ray.results.export_compressed import stored_level, write_compressed
 from dtm_ray.results.export_dense import replay_device, torch_threads, write_dense
-from dtm_ray.results.summary import role_numbers
+from dtm_ray.results.roles import role_numbers
 
 _MARKER = "export.json"  # its presence tells a previous export, which may be replaced
 

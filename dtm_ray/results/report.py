@@ -27,6 +27,7 @@ from dtm_ray.errors import ConfigError
 from dtm_ray.records.schemas import STATUS_OK
 from dtm_ray.records.store import RunStore
 from dtm_ray.redact import redact
+from dtm_ray.results.roles import ROLE_LABELS, role_numbers
 from dtm_ray.results.show import (
     RunTables,
     component_table,
@@ -35,7 +36,6 @@ from dtm_ray.results.show import (
     load_run,
     rounds_table,
 )
-from dtm_ray.results.summary import ROLE_LABELS, role_numbers
 
 DPI = 110
 

@@ -29,7 +29,7 @@ from dtm_ray.records.schemas import (
     STATUS_OK,
 )
 from dtm_ray.records.store import RunStore
-from dtm_ray.results.summary import fdt_lines
+from dtm_ray.results.roles import fdt_lines
 
 FINAL_SCHEMAS = {
     "prompts": FINAL_PROMPTS_SCHEMA,

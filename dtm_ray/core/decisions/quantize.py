@@ -95,11 +95,12 @@ given, makes it check that `values` has exactly one value per candidate.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+
+from dtm_ray.core.specs import spec_bits
 
 GUIDES = ("fdt", "nll")
 
@@ -108,7 +109,6 @@ REASON_OVER_CAP = "over the parameter cap"
 FLAG_FAILED = "failed probe"
 FLAG_NO_PROBE = "no probe"
 
-FP16_SCALE_BITS = 16  # one fp16 scale per int4 group
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -397,19 +397,6 @@ def uniform_assignment(
             break
         out.append(name)
     return tuple(out)
-
-
-def spec_bits(spec: str) -> float:
-    """Storage bits per weight of a quantization spec (scales of int8 / fp8 rows ignored)."""
-    text = spec.strip().lower()
-    if text in ("int8", "int8-tensor", "fp8-e4m3"):
-        return 8.0
-    group = re.fullmatch(r"int4-g(\d+)", text)
-    if group and int(group[1]) >= 1:
-        return 4.0 + FP16_SCALE_BITS / int(group[1])
-    raise ValueError(
-        f"unknown quantization spec {spec!r}: expected int8, int8-tensor, int4-gG or fp8-e4m3"
-    )
 
 
 def bits_per_parameter(
