@@ -291,7 +291,9 @@ def test_quantize_search_keeps_min_fdt_and_resumes_to_the_same_assignment(
     probe = probes[(probes["round"] == last["round"]) & (probes["component"] == last["component"])]
     assert list(probe["fdt"].iloc[0]) == list(final_fdt(run, "validate"))
 
-    # Lose the last two rounds, as a killed run would: the resumed run gets the same answer.
+    # Lose the last two rounds, as a killed run would: the resumed run gets the same answer,
+    # with the held-out references read back, not built again.
+    heldout = {f: (run / f / "round-000.parquet").read_bytes() for f in ("validate", "test")}
     last = int(states["round"].max())
     for folder in ("states", "decisions", "probes"):
         for r in (last, last - 1):
@@ -300,6 +302,7 @@ def test_quantize_search_keeps_min_fdt_and_resumes_to_the_same_assignment(
         (run / "final" / name / "data.parquet").unlink()
     run_job(tmp_path, quantize_job(tiny_llama_dir, run), "again.yaml")
     pd.testing.assert_frame_equal(read(run, "final/components").set_index("component"), final)
+    assert {f: (run / f / "round-000.parquet").read_bytes() for f in heldout} == heldout
 
 
 @pytest.mark.slow

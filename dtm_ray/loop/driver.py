@@ -407,8 +407,14 @@ def _final(
         *pool.call("dtype_of", plan.components[0].name),
         target_bits=plan.compress.target_bits,
     )
-    prompts = " + ".join(f"{r.reference.prompts} {role}" for role, r in roles.items())
-    log(f"final evaluation: {prompts} prompts and the text in {time.monotonic() - started:.1f} s")
+    each = ", ".join(
+        f"{role} {r.reference.prompts} prompts {result.seconds:.1f} s"
+        for (role, r), result in zip(roles.items(), scored, strict=True)
+    )
+    log(
+        f"final evaluation in {time.monotonic() - started:.1f} s (scoring {each}; the text "
+        "on the dense and the final model beside them)"
+    )
     # The summary goes last: its presence marks the final evaluation complete.
     for name in ("prompts", "components", "summary"):
         store.write_final(name, tables[name])
