@@ -46,7 +46,9 @@ PREFIX = 16
 LAYERS = [0, 10, 20, 29]  # 28 weights: q k v o gate up down of four layers
 
 
-def job(name: str, work: Path, seed: int = 0, new_keys: bool = True) -> dict[str, Any]:
+def job(
+    name: str, work: Path, seed: int = 0, new_keys: bool = True, validate: int = 16
+) -> dict[str, Any]:
     """The experiment's jobs: SmolLM2-135M fp32, 16 prompts x (16 + 32) tokens from the first
     half of pydoc, 2 CPU workers; `new_keys`: the keys of the held-out roles (the code before
     them refuses unknown keys)."""
@@ -74,7 +76,7 @@ def job(name: str, work: Path, seed: int = 0, new_keys: bool = True) -> dict[str
     else:
         base["compress"] = {"target_sparsity": 0.6, "step": 0.1, "min_fdt": 8}
     if new_keys:
-        base["prompts"]["validate_count"] = 16
+        base["prompts"]["validate_count"] = validate
         base["evaluation"]["prompts"] = 64
     return base
 
@@ -142,10 +144,17 @@ def split(work: Path) -> None:
 
 
 # --- run --------------------------------------------------------------------------------------
-def run(name: str, work: Path, code: Path, seed: int = 0, sets: list[str] | None = None) -> float:
+def run(
+    name: str,
+    work: Path,
+    code: Path,
+    seed: int = 0,
+    validate: int = 16,
+    sets: list[str] | None = None,
+) -> float:
     """`dtm-ray run` of job `name` (resumes when the run dir exists); its wall seconds."""
     before = code != ROOT
-    spec = job(name.removesuffix("-before"), work, seed, new_keys=not before)
+    spec = job(name.removesuffix("-before"), work, seed, not before, validate)
     (work / "jobs").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     path = work / "jobs" / f"{name}.yaml"
@@ -187,6 +196,7 @@ def greedy(model, prefixes: np.ndarray, n_new: int, batch: int = 16) -> np.ndarr
     """Free-running greedy continuations of `n_new` tokens, EOS ignored, no padding."""
     import torch
 
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = []
     with torch.inference_mode():
         for start in range(0, len(prefixes), batch):
@@ -231,11 +241,14 @@ def _table(run: Path, folder: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 ROLE_FOLDERS = {"test": "test", "validate": "validate", "decide": "reference"}
+ROLES = ("test", "validate", "decide")
 
 
-def check(name: str, work: Path, prompts_from: str | None = None) -> dict[str, Any]:
-    """Recompute every role's FDT by plain transformers greedy on the export, and score fresh
-    windows of the second half of pydoc."""
+def check(
+    name: str, work: Path, prompts_from: str | None = None, roles: tuple[str, ...] = tuple(ROLES)
+) -> dict[str, Any]:
+    """Recompute each role's FDT by plain transformers greedy on the export, and score fresh
+    windows of the second half of pydoc (when every role is asked for)."""
     import pandas as pd
 
     from dtm_ray.engines.models import materialize
@@ -248,8 +261,8 @@ def check(name: str, work: Path, prompts_from: str | None = None) -> dict[str, A
     summary = pd.read_parquet(run / "final" / "summary").iloc[0].to_dict()
     stored = pd.read_parquet(run / "final" / "prompts")
     result: dict[str, Any] = {"run": str(run), "prompts_from": str(source), "roles": {}}
-    for role, folder in ROLE_FOLDERS.items():
-        prefixes, continuation = _table(source, folder)
+    for role in roles:
+        prefixes, continuation = _table(source, ROLE_FOLDERS[role])
         started = time.monotonic()
         dense_tokens = greedy(dense, prefixes, N_NEW)
         fdt = first_divergence(greedy(final, prefixes, N_NEW), dense_tokens)
@@ -266,14 +279,15 @@ def check(name: str, work: Path, prompts_from: str | None = None) -> dict[str, A
             rows = stored.sort_values("prompt_id")["fdt"].to_numpy()
             entry["equal_to_final_prompts"] = bool(np.array_equal(rows, fdt))
         result["roles"][role] = entry
-    # Fresh windows: the second half of pydoc, which no run read, drawn the way prompts are.
-    fresh = load_prompts(str(work / "second-half.txt"), dense_dir, 64, PREFIX, seed=0)
-    fdt = first_divergence(greedy(final, fresh, N_NEW), greedy(dense, fresh, N_NEW))
-    result["fresh"] = _numbers(fdt)
-    test = result["roles"]["test"]
-    result["fresh"]["inside_test_interval_pm1"] = bool(
-        test["low"] - 1 <= result["fresh"]["fdt_at_75"] <= test["high"] + 1
-    )
+    if set(roles) == set(ROLES):
+        # Fresh windows: the second half of pydoc, which no run read, drawn as prompts are.
+        fresh = load_prompts(str(work / "second-half.txt"), dense_dir, 64, PREFIX, seed=0)
+        fdt = first_divergence(greedy(final, fresh, N_NEW), greedy(dense, fresh, N_NEW))
+        result["fresh"] = _numbers(fdt)
+        test = result["roles"]["test"]
+        result["fresh"]["inside_test_interval_pm1"] = bool(
+            test["low"] - 1 <= result["fresh"]["fdt_at_75"] <= test["high"] + 1
+        )
     result["final_summary"] = {
         k: v
         for k, v in summary.items()
@@ -311,17 +325,23 @@ def cost(name: str, work: Path, seconds: float | None = None) -> dict[str, Any]:
 
 
 # --- seeds ------------------------------------------------------------------------------------
-def seeds(work: Path, values: list[int], code: Path, before: Path | None) -> None:
+def seeds(
+    work: Path, values: list[int], code: Path, before: Path | None, validate: int = 16
+) -> None:
     """Per prompt seed, a small quantize run (14 weights of layers 0 and 29): does FDT@75 on the
     test prompts keep min_fdt when the validate interval's lower end did? With `before`, the
     old rule (decide prompts' FDT@75 >= min_fdt) on the same seeds, judged on the same test
     prompts."""
     import pandas as pd
 
-    rows = []
+    key = f"seeds:validate-{validate}"
+    data = (
+        json.loads((work / "heldout.json").read_text()) if (work / "heldout.json").exists() else {}
+    )
+    rows = [r for r in data.get(key, {}).get("rows", []) if r["seed"] not in values]
     for seed in values:
-        name = f"seed-{seed}"
-        seconds = run(name, work, code, seed)
+        name = f"seed-v{validate}-{seed}"
+        seconds = run(name, work, code, seed, validate)
         summary = pd.read_parquet(work / "runs" / name / "final" / "summary").iloc[0]
         row = {
             "seed": seed,
@@ -339,9 +359,9 @@ def seeds(work: Path, values: list[int], code: Path, before: Path | None) -> Non
         }
         row["promise_held"] = row["test"][0] >= 16
         if before is not None:
-            old = f"{name}-before"
+            old = f"seed-{seed}-before"
             row["before_seconds"] = run(old, work, before, seed)
-            checked = check(old, work, prompts_from=name)
+            checked = check(old, work, prompts_from=name, roles=("test",))
             old_summary = pd.read_parquet(work / "runs" / old / "final" / "summary").iloc[0]
             row["before"] = {
                 "bits_per_param": float(old_summary["bits_per_param"]),
@@ -350,7 +370,11 @@ def seeds(work: Path, values: list[int], code: Path, before: Path | None) -> Non
             }
             row["before"]["promise_held"] = row["before"]["test"][0] >= 16
         rows.append(row)
-        _record(work, "seeds", {"rows": rows})
+        held = sum(r["promise_held"] for r in rows)
+        summary = {"validate_prompts": validate, "held": held, "of": len(rows)}
+        if before is not None:
+            summary["before_held"] = sum(r["before"]["promise_held"] for r in rows)
+        _record(work, key, {**summary, "rows": sorted(rows, key=lambda r: r["seed"])})
 
 
 def main() -> None:
@@ -361,7 +385,9 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=ROOT, help="the dtm_ray checkout to run")
     parser.add_argument("--before", type=Path, help="seeds: also run this checkout (old rule)")
     parser.add_argument("--prompts-from", help="check: read the role prompts from this run")
+    parser.add_argument("--roles", nargs="+", default=list(ROLES), help="check: these roles")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--validate", type=int, default=16, help="seeds: validate prompts")
     args = parser.parse_args()
     work = args.work.resolve()
     if args.command == "split":
@@ -371,12 +397,13 @@ def main() -> None:
         code = args.code.resolve()
         _record(work, f"run:{args.name}", {"seconds": seconds, "code_commit": _commit(code)})
     elif args.command == "check":
-        check(args.name, work, args.prompts_from)
+        check(args.name, work, args.prompts_from, tuple(args.roles))
     elif args.command == "cost":
         data = json.loads((work / "heldout.json").read_text())
         cost(args.name, work, data.get(f"run:{args.name}", {}).get("seconds"))
     else:
-        seeds(work, args.seeds, args.code.resolve(), args.before.resolve() if args.before else None)
+        before = args.before.resolve() if args.before else None
+        seeds(work, args.seeds, args.code.resolve(), before, args.validate)
 
 
 if __name__ == "__main__":

@@ -184,3 +184,32 @@ def test_a_bits_budget_with_a_floor_stops_the_search_once_the_budget_is_met(
     for row in accepted.itertuples():
         probe = probes.loc[(row.round, row.component)]
         assert len(probe["fdt"]) == 8 and probe["fdt_at_75_low"] >= 4
+
+
+def test_the_summary_quotes_the_test_prompts_first_and_labels_the_decide_ones_in_sample() -> None:
+    from dtm_ray.results.roles import fdt_lines, role_numbers
+
+    decide = {
+        "prompts": 16,
+        "fdt_at_75": 20,
+        "fdt_at_75_low": 20,
+        "fdt_at_75_high": 29,
+        "fdt_mean": 25.2,
+        "sdt_share": 0.02,
+    }
+    summary = {**decide}
+    for role, value in (("test", 4), ("validate", 17)):
+        summary.update({f"{role}_{k}": v for k, v in decide.items()})
+        summary.update(
+            {f"{role}_prompts": 64 if role == "test" else 16, f"{role}_fdt_at_75": value}
+        )
+    lines = fdt_lines(summary)
+    assert [r for r, _ in role_numbers(summary)] == ["test", "validate", "decide"]
+    assert lines[0].startswith("on 64 test prompts (held out: no decision read them): FDT@75 4 ")
+    assert lines[2].startswith(
+        "on 16 decide prompts (in-sample: the rounds probed them): FDT@75 20"
+    )
+    # A run from before the roles: its numbers, said to be on the prompts the rounds probed.
+    older = {**decide, "test_fdt_at_75": float("nan"), "validate_fdt_at_75": None}
+    (line,) = fdt_lines(older)
+    assert line.startswith("on 16 prompts (the ones the rounds probed: in-sample): FDT@75 20 ")
