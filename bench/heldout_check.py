@@ -311,10 +311,12 @@ def cost(name: str, work: Path, seconds: float | None = None) -> dict[str, Any]:
     }
     scored = {role: float(s) for role, s in re.findall(r"(\w+) \d+ prompts ([\d.]+) s", text)}
     final = re.findall(r"final evaluation in ([\d.]+) s", text)
+    decide = re.findall(r"round 0: reference built in ([\d.]+) s", text)
     extra = sum(built.values()) + scored.get("test", 0.0) + scored.get("validate", 0.0)
     result = {
         "run_seconds": seconds,
         "heldout_reference_seconds": built,
+        "decide_reference_seconds": float(decide[-1]) if decide else None,
         "final_scoring_seconds": scored,
         "final_seconds": float(final[-1]) if final else None,
         "heldout_extra_seconds": extra,

@@ -136,16 +136,17 @@ def build_heldout(engines: JobEngines, store: RunStore, role: str) -> RoundRefer
     if stored is not None:
         return stored
     plan, job = engines.plan, engines.plan.job
+    pool = engines.pool  # started here when nothing started it yet: not part of the time below
     prefixes = plan.role_prefixes(role)
     if prefixes is None:  # `self`: each role samples from its own sampler seeds
         p = job.prompts
         count = role_counts(job)[role]
         seed = role_seed(p.seed, role)
-        prefixes = engines.pool.call(
+        prefixes = pool.call(
             "load_prompts", source_for_actors(p.source), count, p.prefix_tokens, seed
         )
     started = time.monotonic()
-    parts = engines.pool.split("build_reference", prefixes, ModelState(), job.new_tokens)
+    parts = pool.split("build_reference", prefixes, ModelState(), job.new_tokens)
     reference = concat_references(parts)
     built_by = [
         info
@@ -178,6 +179,7 @@ def build_reference(
     else:
         log(f"round {round_}: rebuilding the reference with the current model")
         prefixes = reference_of(store, 0).prefixes
+    started = time.monotonic()
     parts = pool.split("build_reference", prefixes, state, job.new_tokens)
     reference = concat_references(parts)
     # pool.split gives actor i the i-th chunk; each prompt row names the actor that built it.
@@ -188,6 +190,7 @@ def build_reference(
     ]
     table = reference_table(reference, round_, built_by=built_by)
     store.write_reference(table, round_)
+    log(f"round {round_}: reference built in {time.monotonic() - started:.1f} s")
     return _read_round_reference(store, round_)
 
 
