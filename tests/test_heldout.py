@@ -213,3 +213,35 @@ def test_the_summary_quotes_the_test_prompts_first_and_labels_the_decide_ones_in
     older = {**decide, "test_fdt_at_75": float("nan"), "validate_fdt_at_75": None}
     (line,) = fdt_lines(older)
     assert line.startswith("on 16 prompts (the ones the rounds probed: in-sample): FDT@75 20 ")
+
+
+def test_a_finished_run_from_before_the_roles_still_shows_and_reports(tmp_path: Path) -> None:
+    """final/ tables written without the roles' columns read back (nulls), and show and the
+    report's key numbers quote their numbers as what they are: the probed prompts'."""
+    import pyarrow as pa
+
+    from dtm_ray.records.schemas import FINAL_PROMPTS_SCHEMA, FINAL_SUMMARY_SCHEMA
+    from dtm_ray.results.report import key_numbers
+    from dtm_ray.results.show import format_show, load_run
+
+    store = RunStore(str(tmp_path / "old"))
+    config = {"model": "m", "new_tokens": 8, "compress": {"method": "sparsify"}}
+    store.write_json("run.json", {"config": config})
+    new = {f"test_{n}" for n in ("prompts", "fdt_at_75")} | {"role", "target_bits"}
+    old_summary = pa.schema(
+        [
+            f
+            for f in FINAL_SUMMARY_SCHEMA
+            if not f.name.startswith(("test_", "validate_")) and f.name != "target_bits"
+        ]
+    )
+    row = {f.name: (0.5 if pa.types.is_floating(f.type) else 1) for f in old_summary}
+    row.update({"text_source": "pydoc", "fdt_at_75": 5, "prompts": 4})
+    store.write_final("summary", pa.Table.from_pylist([row], schema=old_summary))
+    old_prompts = pa.schema([f for f in FINAL_PROMPTS_SCHEMA if f.name not in new])
+    store.write_final("prompts", old_prompts.empty_table())
+    run = load_run(str(tmp_path / "old"))
+    assert run.final["summary"]["test_fdt_at_75"].isna().all()
+    shown = format_show(run)
+    assert "on 4 prompts (the ones the rounds probed: in-sample): FDT@75 5 " in shown
+    assert "test" not in str(key_numbers(run).iloc[:, 0].tolist())

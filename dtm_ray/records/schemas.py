@@ -244,7 +244,9 @@ HELDOUT_SUMMARY_COLUMNS = [
 
 FINAL_SUMMARY_SCHEMA = pa.schema(
     [
+        # (the first two columns are the ones every run's summary has: `RunStore` checks them)
         ("rounds", pa.int32()),
+        ("new_tokens", pa.int32()),
         # The result on text the run's decisions never read: the test prompts (null in runs
         # from before the prompt roles) ...
         *[(f"test_{name}", kind) for name, kind in HELDOUT_SUMMARY_COLUMNS],
@@ -252,7 +254,6 @@ FINAL_SUMMARY_SCHEMA = pa.schema(
         *[(f"validate_{name}", kind) for name, kind in HELDOUT_SUMMARY_COLUMNS],
         # ... and on the decide prompts, the ones the rounds probed: in-sample numbers.
         ("prompts", pa.int32()),
-        ("new_tokens", pa.int32()),
         ("fdt_at_75", pa.int32()),
         ("fdt_at_75_low", pa.int32()),
         ("fdt_at_75_high", pa.int32()),

@@ -27,7 +27,7 @@ from dtm_ray.errors import ConfigError
 from dtm_ray.records.schemas import STATUS_OK
 from dtm_ray.records.store import RunStore
 from dtm_ray.redact import redact
-from dtm_ray.results.roles import ROLE_LABELS, role_numbers
+from dtm_ray.results.roles import role_numbers
 from dtm_ray.results.show import (
     RunTables,
     component_table,
@@ -68,6 +68,10 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
+# How the key numbers name each prompt role.
+ROLE_NOTES = {"test": "held out", "validate": "checked by the floors", "decide": "in-sample"}
+
+
 # --- sections --------------------------------------------------------------------------------
 def key_numbers(run: RunTables) -> pd.DataFrame | None:
     """The final result against the dense model, one row per number."""
@@ -79,19 +83,19 @@ def key_numbers(run: RunTables) -> pd.DataFrame | None:
     roles = role_numbers(s)
     for role, n in roles:
         on = (
-            f"on {int(n['prompts'])} {ROLE_LABELS[role]}"
+            f"{role} prompts ({int(n['prompts'])}, {ROLE_NOTES[role]})"
             if len(roles) > 1
-            else f"on {int(n['prompts'])} prompts (in-sample: the rounds probed them)"
+            else f"the {int(n['prompts'])} prompts (in-sample: the rounds probed them)"
         )
         rows += [
             (
-                f"FDT@75 {on}",
+                f"FDT@75 on {on}",
                 f"{int(n['fdt_at_75'])} (90% CI {int(n['fdt_at_75_low'])}-"
                 f"{int(n['fdt_at_75_high'])})",
                 str(run.new_tokens),
             ),
-            (f"mean FDT {on}", f"{n['fdt_mean']:.2f}", str(run.new_tokens)),
-            (f"share of divergent tokens (SDT) {on}", f"{n['sdt_share']:.3f}", "0"),
+            (f"mean FDT, {role}", f"{n['fdt_mean']:.2f}", str(run.new_tokens)),
+            (f"share of divergent tokens (SDT), {role}", f"{n['sdt_share']:.3f}", "0"),
         ]
     rows += [
         (
