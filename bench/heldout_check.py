@@ -379,9 +379,58 @@ def seeds(
         _record(work, key, {**summary, "rows": sorted(rows, key=lambda r: r["seed"])})
 
 
+def _ci(entry: dict[str, Any]) -> str:
+    return f"{entry['fdt_at_75']} ({entry['low']}–{entry['high']})"
+
+
+def table(work: Path) -> None:
+    """The results in heldout.json as Markdown tables."""
+    data = json.loads((work / "heldout.json").read_text())
+    print(
+        "| run | rule | result | decide (in-sample) | validate | test | fresh 64 | "
+        "test equal per prompt |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("quantize-hf", "quantize-hf-before", "sparsify-vllm", "sparsify-vllm-before"):
+        entry = data.get(f"check:{name}")
+        if entry is None:
+            continue
+        roles, s = entry["roles"], entry["final_summary"]
+        rule = "before: decide FDT@75" if name.endswith("before") else "after: validate low end"
+        result = (
+            f"{s['bits_per_param']:.2f} bits/param"
+            if name.startswith("quantize")
+            else f"sparsity {s['sparsity']:.3f}"
+        )
+        equal = roles["test"].get("equal_to_final_prompts")
+        print(
+            f"| {name} | {rule} | {result} | {_ci(roles['decide'])} | {_ci(roles['validate'])} "
+            f"| {_ci(roles['test'])} | {_ci(entry['fresh'])} | "
+            f"{'–' if equal is None else ('yes' if equal else 'NO')} |"
+        )
+    for key in sorted(k for k in data if k.startswith("seeds:")):
+        rows = data[key]["rows"]
+        print(
+            f"\n{key}: seed, bits/param, decide, validate, test (FDT@75, low, high), held; "
+            "before: bits/param, decide, test, held"
+        )
+        for r in rows:
+            before = r.get("before")
+            old = (
+                f" | {before['bits_per_param']:.2f} | {before['decide']} | {before['test']} | "
+                f"{before['promise_held']}"
+                if before
+                else ""
+            )
+            print(
+                f"| {r['seed']} | {r['bits_per_param']:.2f} | {r['decide']} | {r['validate']} | "
+                f"{r['test']} | {r['promise_held']}{old} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["split", "run", "check", "cost", "seeds"])
+    parser.add_argument("command", choices=["split", "run", "check", "cost", "seeds", "table"])
     parser.add_argument("name", nargs="?", help="the job: quantize-hf, sparsify-vllm, ...")
     parser.add_argument("--work", type=Path, default=ROOT / "scratch" / "heldout")
     parser.add_argument("--code", type=Path, default=ROOT, help="the dtm_ray checkout to run")
@@ -390,6 +439,7 @@ def main() -> None:
     parser.add_argument("--roles", nargs="+", default=list(ROLES), help="check: these roles")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--validate", type=int, default=16, help="seeds: validate prompts")
+    parser.add_argument("--seconds", type=float, help="cost: the run's wall seconds")
     args = parser.parse_args()
     work = args.work.resolve()
     if args.command == "split":
@@ -400,9 +450,12 @@ def main() -> None:
         _record(work, f"run:{args.name}", {"seconds": seconds, "code_commit": _commit(code)})
     elif args.command == "check":
         check(args.name, work, args.prompts_from, tuple(args.roles))
+    elif args.command == "table":
+        table(work)
     elif args.command == "cost":
         data = json.loads((work / "heldout.json").read_text())
-        cost(args.name, work, data.get(f"run:{args.name}", {}).get("seconds"))
+        seconds = args.seconds or data.get(f"run:{args.name}", {}).get("seconds")
+        cost(args.name, work, seconds)
     else:
         before = args.before.resolve() if args.before else None
         seeds(work, args.seeds, args.code.resolve(), before, args.validate)
