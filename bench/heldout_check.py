@@ -23,6 +23,7 @@ machine). Typical use (from the repository root, the shared venv's python):
     python bench/heldout_check.py split
     python bench/heldout_check.py run quantize-hf && python bench/heldout_check.py check quantize-hf
     python bench/heldout_check.py seeds --seeds 0 1 2 3 4
+    python bench/heldout_check.py table && python bench/heldout_check.py publish
 """
 
 from __future__ import annotations
@@ -428,9 +429,18 @@ def table(work: Path) -> None:
             )
 
 
+def publish(work: Path, out: Path) -> None:
+    """heldout.json with paths relative to the repository, for docs/benchmarks/."""
+    text = (work / "heldout.json").read_text().replace(f"{ROOT}/", "")
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["split", "run", "check", "cost", "seeds", "table"])
+    parser.add_argument(
+        "command", choices=["split", "run", "check", "cost", "seeds", "table", "publish"]
+    )
     parser.add_argument("name", nargs="?", help="the job: quantize-hf, sparsify-vllm, ...")
     parser.add_argument("--work", type=Path, default=ROOT / "scratch" / "heldout")
     parser.add_argument("--code", type=Path, default=ROOT, help="the dtm_ray checkout to run")
@@ -452,6 +462,8 @@ def main() -> None:
         check(args.name, work, args.prompts_from, tuple(args.roles))
     elif args.command == "table":
         table(work)
+    elif args.command == "publish":
+        publish(work, ROOT / "docs" / "benchmarks" / "held-out.json")
     elif args.command == "cost":
         data = json.loads((work / "heldout.json").read_text())
         seconds = args.seconds or data.get(f"run:{args.name}", {}).get("seconds")
