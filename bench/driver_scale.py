@@ -1,8 +1,9 @@
 """The driver at scale, by simulation: null engine actors on Ray (no model; each probe sleeps a
 fixed time and returns real FDT rows), fed by the real pool, progress and Parquet writer of a round.
 
-    python bench/driver_scale.py                       # 64 and 256 actors, 10,000 probes
-    python bench/driver_scale.py --actors 64 --probes 2000 --cost 0.5
+    python -m bench.driver_scale                       # 64 and 256 actors, 10,000 probes
+    python -m bench.driver_scale --actors 64 --probes 2000 --cost 0.5
+    python -m bench.driver_scale --waves 20 --per-process 16   # 20 whole waves per actor count
 
 For each actor count: the round's wall time against the ideal (probes x cost / actors), the
 driver's CPU time per probe (its overhead: scheduling, result transfer, rows, Parquet), the
@@ -14,26 +15,24 @@ them; `--flush-every 4 --flush-seconds 30` gives the former writer's files.
 The null actors hold 0.01 CPU each; to fit hundreds in this machine's memory, `--per-process K`
 lets one threaded actor process serve K pool slots (the pool sees K engines there, each with its
 own queue), so the driver's side — what this measures — is that of `actors` engines.
-Prints a table and writes JSON.
+Prints the tables and writes them with a JSON of every figure (`--out DIR`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
+from bench.common import KINDS, Results, add_output_arguments, markdown_table
 from dtm_ray.cluster.pool import EnginePool
 from dtm_ray.core.components import Component
 from dtm_ray.core.metrics import summarize
@@ -47,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--actors", type=int, nargs="+", default=[64, 256])
     p.add_argument("--probes", type=int, default=10_000)
+    p.add_argument(
+        "--waves",
+        type=int,
+        default=0,
+        help="probes per actor count = waves x actors (whole waves), instead of --probes",
+    )
     p.add_argument("--cost", type=float, default=2.0, help="seconds per probe in each actor")
     p.add_argument("--prompts", type=int, default=512, help="P: FDT/SDT values per probe row")
     p.add_argument("--new", type=int, default=256, help="N: scored tokens per prompt")
@@ -57,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--s3-probes", type=int, default=1000, help="rows written to the local S3 server (0: none)"
     )
-    p.add_argument("--out", default="bench/results/driver_scale.json")
+    add_output_arguments(p)
     return p.parse_args(argv)
 
 
@@ -132,11 +137,10 @@ class NullEngines:
 
 def probes(count: int) -> list[Probe]:
     """`count` probes over a 13B-shaped component list (40 layers x 7 kinds), several specs."""
-    kinds = ["q", "k", "v", "o", "gate", "up", "down"]
     components = [
         Component(f"model.layers.{layer}.{kind}.weight", layer, kind, (5120, 5120))
         for layer in range(40)
-        for kind in kinds
+        for kind in KINDS
     ]
     specs = [f"magnitude:{s / 1000:.3f}" for s in range(1, 1000)]
     out = []
@@ -163,9 +167,10 @@ def simulate(actors: int, args: argparse.Namespace) -> dict[str, Any]:
     streaming = Streaming(
         flush_every=args.flush_every, flush_seconds=args.flush_seconds, progress_interval=30.0
     )
+    count = args.waves * actors if args.waves else args.probes
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(str(Path(tmp) / "run"))
-        work = probes(args.probes)
+        work = probes(count)
         cpu, wall = time.process_time(), time.perf_counter()
         ran = run_probes(NullEngines(pool), store, NullContext(), work, streaming)
         wall = time.perf_counter() - wall
@@ -174,7 +179,7 @@ def simulate(actors: int, args: argparse.Namespace) -> dict[str, Any]:
         stored = store.read_probes(round_=0).num_rows
     for h in handles:
         ray.kill(h)
-    ideal = args.probes * args.cost / actors
+    ideal = count * args.cost / actors
     return {
         "actors": actors,
         "processes": len(handles),
@@ -194,10 +199,7 @@ def s3_requests(args: argparse.Namespace, rate: float) -> dict[str, Any]:
     """Object-store requests per `--s3-probes` probes: rows arriving at `rate` per second (a
     round on `max(--actors)` actors) through the real writer into a run directory on moto's
     S3 server on 127.0.0.1, then the round's compaction; requests are counted on the wire."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from s3_server import S3Server
+    from tests.s3_server import S3Server  # the tests' local S3 server (moto), run from the root
 
     server = S3Server()
     try:
@@ -276,14 +278,11 @@ def parquet_cost(args: argparse.Namespace, rows: int = 2000) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    results = Results(args, "driver_scale", __doc__)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=max(4, max(args.actors)))
     report: dict[str, Any] = {
-        "versions": {p: metadata.version(p) for p in ("ray", "pyarrow", "numpy")},
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average": list(os.getloadavg()),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "note")},
         "parquet": parquet_cost(args),
         "runs": [],
     }
@@ -296,18 +295,19 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     head = [
         "actors",
+        "actor processes",
         "probes",
         "wall s",
         "ideal s",
         "wall/ideal",
-        "driver ms/probe",
-        "driver MiB",
+        "driver CPU ms/probe",
+        "driver peak MiB",
         "actor start s",
     ]
-    print(" | ".join(head))
-    for r in report["runs"]:
-        cells = [
+    rows = [
+        [
             r["actors"],
+            r["processes"],
             r["probes"],
             f"{r['wall_s']:.1f}",
             f"{r['ideal_s']:.1f}",
@@ -316,26 +316,32 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['driver_peak_rss_mib']:.0f}",
             f"{r['actor_start_s']:.1f}",
         ]
-        print(" | ".join(str(c).rjust(len(h)) for c, h in zip(cells, head, strict=True)))
+        for r in report["runs"]
+    ]
     p = report["parquet"]
-    print(f"\nIn the actor, per probe: summary with bootstrap {p['actor_summary_ms']:.1f} ms")
-    print(
-        f"Parquet alone ({p['rows']} rows of P={args.prompts}): build "
-        f"{p['row_build_ms']:.2f} ms/row, write {p['write_ms_per_row']:.2f} ms/row "
-        f"(files of {args.flush_every} rows), compact {p['compact_ms_per_row']:.2f} ms/row"
-    )
+    costs = [
+        f"- in the actor, per probe: the summary with its bootstrap interval, "
+        f"{p['actor_summary_ms']:.1f} ms",
+        f"- Parquet alone ({p['rows']} rows of P = {args.prompts}): build "
+        f"{p['row_build_ms']:.2f} ms/row, write {p['write_ms_per_row']:.2f} ms/row (files of "
+        f"{args.flush_every} rows), compact {p['compact_ms_per_row']:.2f} ms/row",
+    ]
     if "s3" in report:
         s3 = report["s3"]
-        print(
-            f"Object store (local S3 server), {s3['probes']} probes at {s3['rate_per_s']:.0f}/s, "
-            f"files of <= {args.flush_every} rows or {args.flush_seconds:g} s: {s3['files']} "
-            f"files, {s3['write_requests_per_1000']:.0f} requests per 1,000 probes writing, "
+        costs.append(
+            f"- object store (the local S3 server), {s3['probes']} probes at "
+            f"{s3['rate_per_s']:.0f}/s, files of <= {args.flush_every} rows or "
+            f"{args.flush_seconds:g} s: {s3['files']} files, "
+            f"{s3['write_requests_per_1000']:.0f} requests per 1,000 probes writing, "
             f"{s3['requests_per_1000']:.0f} with the compaction"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    setting = (
+        f"probes of {args.cost:g} s, rows of {args.prompts} prompts × {args.new} tokens, "
+        f"{args.in_flight} in flight per actor, {args.per_process} pool slots per actor process"
+    )
+    sections = [(f"The round against its ideal: {setting}", markdown_table(head, rows))]
+    sections.append(("Costs per row", "\n".join(costs)))
+    results.write(report, sections)
     return 0
 
 

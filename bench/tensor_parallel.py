@@ -2,9 +2,9 @@
 `tensor_parallel_size` 1 and 2 (vLLM's CPU build here, its `mp` executor: one worker process per
 rank), compared on every (probe, prompt), on the decisions, the states and the final evaluation.
 
-    python bench/tensor_parallel.py                      # magnitude
-    python bench/tensor_parallel.py --criterion wanda    # wanda: row-parallel norms gathered
-    python bench/tensor_parallel.py --json out.json
+    python -m bench.tensor_parallel                      # magnitude
+    python -m bench.tensor_parallel --criterion wanda    # wanda: row-parallel norms gathered
+    python -m bench.tensor_parallel --out DIR
 
 The model is a random 2-layer Llama with SmolLM2's tokenizer (the test suite's tiny model: one
 KV head, so at TP 2 both ranks hold it whole), built locally; one engine actor per job.
@@ -13,8 +13,6 @@ KV head, so at TP 2 both ranks hold it whole), built locally; one engine actor p
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,33 +21,16 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from bench.common import LlamaShape, Results, add_output_arguments, markdown_table, random_llama
+
 
 def build_model(folder: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """The test suite's tiny model: 2 layers, one KV head, head_dim 64, SmolLM2's tokenizer."""
     from dtm_ray.engines.models import materialize
 
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
     model_dir = folder / "model"
-    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
-    tokenizer = materialize("smollm2-135m")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer / name, model_dir / name)
+    shape = LlamaShape(hidden=128, layers=2, intermediate=256, heads=2, kv_heads=1, vocab=49152)
+    random_llama(model_dir, shape, tie_embeddings=True, tokenizer_from=materialize("smollm2-135m"))
     return model_dir
 
 
@@ -109,8 +90,9 @@ def compare(one: Path, two: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--criterion", choices=["magnitude", "wanda"], default="magnitude")
-    p.add_argument("--json", type=Path)
+    add_output_arguments(p)
     args = p.parse_args(argv)
+    results = Results(args, "tensor_parallel", __doc__)
     folder = Path(tempfile.mkdtemp(prefix="dtm-tp-"))
     model_dir = build_model(folder)
     seconds = {tp: run_job(model_dir, folder / f"run-tp{tp}", tp, args.criterion) for tp in (1, 2)}
@@ -119,9 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": {f"tp{tp}": s for tp, s in seconds.items()},
         **compare(folder / "run-tp1", folder / "run-tp2"),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    rows = [[key, value] for key, value in result.items() if key != "seconds"]
+    rows += [[f"seconds at {tp.upper()}", f"{s:.0f}"] for tp, s in result["seconds"].items()]
+    results.write(result, [("TP 1 against TP 2", markdown_table(["figure", "value"], rows))])
     return result
 
 

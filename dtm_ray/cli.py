@@ -8,6 +8,7 @@ typical use:
   dtm-ray run jobs/demo.yaml         run (or resume) it; tables, report and export in its run dir
   dtm-ray show runs/demo             its tables in the terminal, also while it runs
   dtm-ray report runs/demo           plots and an HTML/Markdown report (written after every run)
+  dtm-ray compare BASE CANDIDATE     FDT between two checkpoints you already have
 """
 
 # The command line is thin: parse, validate, hand over; user errors end in one line.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import signal
 import sys
@@ -23,12 +25,22 @@ import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dtm_ray.engines import models
-from dtm_ray.errors import StorageError, UserError
-from dtm_ray.job.checks import Plan, plan_job
-from dtm_ray.job.spec import EvaluateConfig, load_job
+# Only the standard library and dtm_ray's own error module at import: a Python that lacks a
+# requirement (numpy, pyarrow, ...) gets its one line from `main`, not a traceback.
+from dtm_ray.errors import (
+    ADVICE,
+    StorageError,
+    UserError,
+    missing_requirement,
+    os_error_of,
+    storage_error,
+)
 from dtm_ray.redact import redact
+
+if TYPE_CHECKING:
+    from dtm_ray.job.checks import Plan
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -39,6 +51,9 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def _load_plan(args: argparse.Namespace, read_hub: bool = True) -> Plan:
+    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.spec import load_job
+
     job = load_job(args.job, args.set)
     if args.out:
         job.out = args.out
@@ -119,7 +134,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_compare(run_dir: str) -> bool:
+    from dtm_ray.records.store import RunStore
+    from dtm_ray.results.compare import is_compare_run
+
+    return is_compare_run(RunStore(run_dir).read_run_info())
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
+    if _is_compare(args.run_dir):
+        from dtm_ray.results.compare import format_compare, load_compare
+
+        print(format_compare(load_compare(args.run_dir), 0 if args.all else 15))
+        return 0
     from dtm_ray.results.show import format_show, load_run
 
     print(format_show(load_run(args.run_dir), args.round, args.group, 0 if args.all else 15))
@@ -127,9 +154,88 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if _is_compare(args.run_dir):
+        from dtm_ray.results.compare import write_compare_report
+
+        print(write_compare_report(args.run_dir, args.out))
+        return 0
     from dtm_ray.results.report import write_report
 
     print(write_report(args.run_dir, args.out))
+    return 0
+
+
+# `dtm-ray compare` flags -> the compare job's keys (dotted), applied over a job file's values.
+COMPARE_FLAGS = {
+    "engine": "compare.base.engine",
+    "dtype": "compare.base.dtype",
+    "candidate_engine": "compare.candidate.engine",
+    "candidate_dtype": "compare.candidate.dtype",
+    "prompts": "prompts.source",
+    "count": "prompts.count",
+    "prefix_tokens": "prompts.prefix_tokens",
+    "seed": "prompts.seed",
+    "new_tokens": "new_tokens",
+    "text": "evaluation.text",
+    "near_tie": "compare.near_tie",
+    "chunk_prompts": "compare.chunk_prompts",
+    "workers": "workers",
+    "out": "out",
+}
+
+
+def _compare_job(args: argparse.Namespace):  # noqa: ANN202 - CompareJob, imported lazily
+    from dtm_ray.job.compare import build_compare, read_compare_file, spell_out_sides
+
+    if args.job:
+        if args.base or args.candidate:
+            raise UserError("give either --job FILE or BASE CANDIDATE, not both")
+        data = read_compare_file(args.job)
+    elif args.base and args.candidate:
+        data = {"compare": {"base": {"model": args.base}, "candidate": {"model": args.candidate}}}
+    else:
+        raise UserError("compare needs BASE and CANDIDATE (or --job FILE)")
+    spell_out_sides(data)
+    for flag, key in COMPARE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return build_compare(data, args.set)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from dtm_ray.job.compare import plan_compare
+
+    plan = plan_compare(_compare_job(args))  # every check before Ray
+    if args.dry_run:
+        job = plan.job
+        print(
+            f"valid: compare {plan.sources['candidate'].name} ({job.candidate.engine}, "
+            f"{job.candidate.dtype}) against {plan.sources['base'].name} ({job.base.engine}, "
+            f"{job.base.dtype}); {job.prompts.count} prompts x {job.new_tokens} tokens in "
+            f"{len(plan.chunks)} chunk(s); run dir {job.out}"
+        )
+        return 0
+    from dtm_ray.loop.compare import run_compare  # Ray starts only once both sides are good
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run_compare(plan, verbose=args.verbose)
+    except KeyboardInterrupt:
+        print(
+            f"dtm-ray: interrupted; run the same command again to resume {plan.job.out}",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -143,6 +249,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dtm_ray.job.spec import EvaluateConfig
+
     config = EvaluateConfig(
         tasks=args.tasks,
         backend=args.backend,
@@ -155,12 +263,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         format_run_tasks,
     )
 
+    if _is_compare(args.run_dir):
+        from dtm_ray.results.tasks import evaluate_compare
+
+        print(format_run_tasks(evaluate_compare(args.run_dir, config), ("base", "candidate")))
+        return 0
     print(format_run_tasks(evaluate_run(args.run_dir, config)))
     return 0
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job", help="job YAML file (see the README's job-file reference)")
+    parser.add_argument("job", help="job YAML file (its keys: docs/reference.md)")
     parser.add_argument(
         "--out", help="run directory (local path or s3://, gs://); overrides the job's 'out'"
     )
@@ -175,6 +288,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    from dtm_ray.engines import models
+
     parser.add_argument(
         "name",
         help=f"a known name ({', '.join(models.KNOWN_MODELS)}), a hub id (org/name[@revision]), "
@@ -266,6 +381,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from dtm_ray.job.spec import EvaluateConfig
+
     defaults = {f.name: f for f in dataclasses.fields(EvaluateConfig)}
     parser.add_argument("run_dir", help="run directory of a finished compressing run")
     parser.add_argument(
@@ -283,6 +400,70 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=defaults["batch_size"].default,
         help="lm-eval batch size (default: %(default)s)",
+    )
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    model = (
+        "a known name, a folder, a hub id (org/name[@revision]), an object-store URI "
+        "(s3://bucket/prefix) or a .gguf file"
+    )
+    parser.add_argument(
+        "base", nargs="?", help=f"the model the candidate is measured against: {model}"
+    )
+    parser.add_argument("candidate", nargs="?", help=f"the model measured: {model}")
+    parser.add_argument(
+        "--job", help="a job file with a compare: section (instead of BASE and CANDIDATE)"
+    )
+    parser.add_argument("--engine", help="the base's engine: vllm (default) or hf")
+    parser.add_argument(
+        "--dtype", help="the base's dtype: auto (default), float32, bfloat16, float16"
+    )
+    parser.add_argument("--candidate-engine", help="the candidate's engine (default: the base's)")
+    parser.add_argument(
+        "--candidate-dtype",
+        help="the candidate's dtype (default: the base's; vLLM's CPU build runs quantized "
+        "weights in bfloat16 or float16)",
+    )
+    parser.add_argument(
+        "--prompts", help="prompt source as in jobs: pydoc (default), a file, hf:..., self, run:DIR"
+    )
+    parser.add_argument("--count", type=int, help="prompts (default 32)")
+    parser.add_argument("--prefix-tokens", type=int, help="tokens per prompt prefix (default 32)")
+    parser.add_argument("--new-tokens", type=int, help="greedy tokens per prompt (default 64)")
+    parser.add_argument("--seed", type=int, help="which windows of the source (default 0)")
+    parser.add_argument(
+        "--text", help="real text both models' perplexity is measured on (default pydoc)"
+    )
+    parser.add_argument(
+        "--near-tie",
+        type=float,
+        help="margin (top-1 minus top-2 log-probability) up to which a divergence where both "
+        "models are that unsure counts as a near-tie (default 0.25)",
+    )
+    parser.add_argument(
+        "--chunk-prompts",
+        type=int,
+        help="prompts per chunk the candidate scores; each chunk is written as it finishes "
+        "(default 16)",
+    )
+    parser.add_argument("--workers", type=int, help="engine actors per side (default 1)")
+    parser.add_argument("--out", help="run directory (default runs/compare)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any compare job key, dotted (e.g. --set compare.candidate.engine_options."
+        "max_model_len=1024 --set 'resources_per_worker={GPU: 1}'); repeatable",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read both models' config and tokenizer, check them, print the plan; no Ray",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show the engines' output (vLLM, Ray, ...)"
     )
 
 
@@ -350,14 +531,27 @@ COMMANDS = {
         "precision_map.json and an llm-compressor recipe.yaml. Local runs get one at the end of "
         "the run; s3:// or gs:// runs need --out.",
     ),
+    "compare": Command(
+        _cmd_compare,
+        _compare_arguments,
+        "Divergent Token Metrics between two checkpoints (a quantized copy against its base)",
+        "Measure how far CANDIDATE's greedy text departs from BASE's: the base builds the "
+        "reference (its greedy continuation of each prompt) on its engine actors, then the "
+        "candidate's actors score it teacher-forced, chunk by chunk (a killed compare resumes "
+        "with the chunks left). Each side is loaded as its engine serves it (quantized "
+        "checkpoints through the engine's own kernels); both must share a tokenizer. Writes a "
+        "run directory with per-prompt FDT, SDT, NLL and the margins at the first divergence, "
+        "a summary (FDT@75 with its interval, near-tie share, perplexity of both on real text) "
+        "and a report; `show`, `report` and `evaluate` work on it.",
+    ),
     "evaluate": Command(
         _cmd_evaluate,
         _evaluate_arguments,
-        "lm-eval tasks on a finished run's dense model and export: accuracy and flips",
-        "Run lm-eval-harness tasks on the dense model and on a finished run's export, as Ray "
-        "tasks sized like an engine worker, and write final/tasks/: per task its metric for "
-        "both models, the flips (share of examples whose answer changed) and the run's FDT@75 "
-        "beside them.",
+        "lm-eval tasks on a finished run's dense model and export (or a compare's pair): flips",
+        "Run lm-eval-harness tasks on the dense model and on a finished run's export (on a "
+        "compare run: on its base and candidate), as Ray tasks sized like an engine worker, and "
+        "write final/tasks/: per task its metric for both models, the flips (share of examples "
+        "whose answer changed) and the run's FDT@75 beside them.",
     ),
 }
 
@@ -378,7 +572,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        # The parser reads a few defaults from dtm_ray's modules: a missing requirement shows here.
+        parser = build_parser()
+    except ModuleNotFoundError as err:
+        missing = missing_requirement(err)
+        if missing is None or debug:
+            raise
+        print(f"dtm-ray: error: {_one_line(str(missing))}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UserError as err:
@@ -389,15 +593,24 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as err:  # storage, not the job and not a bug: the same command resumes
         if args.debug:
             raise
-        print(
-            f"dtm-ray: error: {_one_line(str(err))}; run the same command again to resume once "
-            "storage is back",
-            file=sys.stderr,
-        )
+        print(f"dtm-ray: error: {_one_line(str(err))}; {ADVICE}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as err:  # this Python lacks a requirement: not a bug either
+        missing = missing_requirement(err)
+        if args.debug or missing is None:
+            raise
+        print(f"dtm-ray: error: {_one_line(str(missing))}", file=sys.stderr)
+        return 2
     except Exception as err:  # a bug, not a user mistake: say so, and keep the traceback
         if args.debug:
             raise
+        failure = os_error_of(err)
+        if failure is not None and failure.errno in _NO_ROOM:
+            # A write no writer mapped (each maps its own): still a storage failure, not a bug.
+            where = getattr(failure, "filename", None) or "a file"
+            message = _one_line(str(storage_error(failure, "write", where)))
+            print(f"dtm-ray: error: {message}; {ADVICE}", file=sys.stderr)
+            return 1
         where = _save_traceback()
         print(
             f"dtm-ray: internal error: {type(err).__name__}: {_one_line(str(err))} "
@@ -405,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+# The failures that are the disk's whatever wrote: no space, no quota, a read-only filesystem.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def _save_traceback() -> str:

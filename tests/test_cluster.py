@@ -170,15 +170,17 @@ def test_broken_cluster_yaml_fails(what: str, error: Any, message: str):
 
 
 def test_working_dir_upload_leaves_out_venv(tmp_path: Path):
-    """What `ray job submit --working-dir .` uploads, zipped by Ray's own code.
+    """What the submit recipe (`--runtime-env jobs/runtime_env.yaml`) uploads, zipped by Ray's own
+    code with that file's excludes.
 
     Ray 2.60 honours .gitignore (and .rayignore) unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1, so
-    .venv/ stays out; .git is not ignored by default, hence `excludes: [".git"]` in the docs.
+    .venv/ stays out anyway; .git is not ignored by default, hence `.git` in the excludes.
     """
     from ray._private.runtime_env.packaging import _zip_files
 
+    excludes = yaml.safe_load((REPO / "jobs/runtime_env.yaml").read_text())["excludes"]
     target = tmp_path / "pkg.zip"
-    _zip_files(str(REPO), [".git"], str(target), include_gitignore=True)
+    _zip_files(str(REPO), excludes, str(target), include_gitignore=True)
     names = zipfile.ZipFile(target).namelist()
     assert "cluster.yaml" in names and "dtm_ray/cli.py" in names
     assert not [n for n in names if n.startswith((".venv/", ".git/"))]
@@ -430,7 +432,8 @@ def test_fake_cluster_scales_gpu_workers_from_zero(tmp_path: Path, tiny_llama_di
 
 
 # --------------------------------------------------------------------------------------------
-# `ray job submit --working-dir . -- dtm-ray run ...`
+# the submit recipe:
+#   ray job submit --runtime-env jobs/runtime_env.yaml -- python -m dtm_ray.cli run ...
 # --------------------------------------------------------------------------------------------
 
 # The repository's demo job, shrunk with --set so it takes seconds: 2 components x 1 spec.
@@ -465,11 +468,14 @@ def test_ray_job_submit_writes_run_directory(tmp_path: Path, smollm2_dir: Path):
                 "job",
                 "submit",
                 f"--address={head['dashboard_url']}",
-                f"--working-dir={REPO}",
-                # .gitignore (with .venv/) is honoured; .git is not, so leave it out here.
-                '--runtime-env-json={"excludes": [".git"]}',
+                # The recipe the docs give (tests/test_docs.py holds them to it): the repository
+                # as the working directory, relative to the folder the command runs in.
+                "--runtime-env",
+                "jobs/runtime_env.yaml",
                 "--",
-                "dtm-ray",
+                "python",
+                "-m",
+                "dtm_ray.cli",
                 "run",
                 DEMO_JOB,  # relative: resolved inside the uploaded working directory
                 *overrides,

@@ -148,8 +148,8 @@ def test_a_cpu_engine_holds_everything_in_host_memory_and_the_declared_memory_is
 
 @pytest.mark.parametrize("prompts, new_tokens, measured_gib", [(64, 64, 4.3), (512, 256, 43.5)])
 def test_the_plan_matches_the_gpu_peak_measured_on_an_h100(prompts, new_tokens, measured_gib):
-    """bench/gpu_check.py on one H100 (1.1 B random Llama, bf16, hf engine, all prompts in one
-    batch, probes of q and down in layers 1/11/21) measured these peaks of allocated memory."""
+    """bench/checks/gpu_check.py on one H100 (1.1 B random Llama, bf16, hf engine, all prompts in
+    one batch, probes of q and down in layers 1/11/21) measured these peaks of allocated memory."""
     config = {**LLAMA2_13B, "hidden_size": 2048, "intermediate_size": 5632,
               "num_attention_heads": 16, "num_key_value_heads": 4, "num_hidden_layers": 22}
     every = components_from_config(config)

@@ -22,10 +22,13 @@ import numpy as np
 
 from dtm_ray.core.state import ModelState, Reference
 from dtm_ray.engines import EngineConfig, make_engine, resolve_dtype
+from dtm_ray.engines.config import FISHER_BATCH_SIZE
 from dtm_ray.engines.probe import ProbeResult
 from dtm_ray.engines.prompts import load_calibration, load_prompts
+from dtm_ray.engines.sensitivity import SensitivityResult
 from dtm_ray.engines.session import EngineBroken, EngineSession
 from dtm_ray.engines.sources import ModelSource, node_folder
+from dtm_ray.errors import missing_requirement
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,27 @@ class Scored:
 
 
 class EngineActor:
+    # Whether the engine is loaded for dtm_ray's weight edits (False: as its engine serves it,
+    # for actors that only generate and score; see `make_engine`).
+    EDITS = True
+
     def __init__(
         self,
         model: ModelSource | str,
         engine_config: EngineConfig,
         index: int = 0,
         threads: int | None = None,
+    ) -> None:
+        try:
+            self._start(model, engine_config, index, threads)
+        except ModuleNotFoundError as err:  # this node's Python lacks a requirement: say which
+            missing = missing_requirement(err, f"node {socket.gethostname()}")
+            if missing is None:
+                raise
+            raise missing from None
+
+    def _start(
+        self, model: ModelSource | str, engine_config: EngineConfig, index: int, threads: int | None
     ) -> None:
         if threads:
             # Ray workers may inherit a thread count sized for the whole node; several engines
@@ -72,7 +90,7 @@ class EngineActor:
         self.engine_kind = engine_config.kind
         self.dtype = resolve_dtype(engine_config.dtype)  # what `auto` means on this actor's device
         self.session = EngineSession(
-            make_engine(self.model_dir, engine_config),
+            make_engine(self.model_dir, engine_config, edits=self.EDITS),
             engine_config.state_cache_bytes,
             engine_config.state_push_bytes,
         )
@@ -163,6 +181,24 @@ class EngineActor:
             "sdt": result.sdt,
             "seconds": result.seconds,
         }
+
+    def sensitivity(
+        self,
+        state: ModelState,
+        guide: str,
+        candidates: Mapping[str, list[str]],
+        sequences: np.ndarray | None = None,
+        stats: Mapping[str, np.ndarray] | None = None,
+        batch_size: int = FISHER_BATCH_SIZE,
+    ) -> SensitivityResult:
+        """The sensitivity signal `guide` (fisher | weight_error) of every (component, spec) of
+        `candidates` on `state`, on this actor's engine (see `EngineSession.sensitivity`):
+        `sequences` are fisher's calibration text, `stats` wanda's input norms. Rows, seconds,
+        passes; the state is left as it is."""
+        self._guarded(self.session.apply_state, state)
+        result = self.session.sensitivity(guide, candidates, sequences, stats, batch_size)
+        result.worker = self.worker
+        return result
 
     def dtype_of(self, component: str) -> tuple[int, str]:
         """(bytes per value, dtype name) of the weights as this engine holds them."""

@@ -15,6 +15,12 @@ and under `ray job submit`, whose `ray job logs` then show the same quiet stream
 
 Ray's printer is private API (`ray._private.ray_logging`); if it moves, `engine_logs` leaves
 Ray's own printer in place and only the file handler on the "ray" logger is added.
+
+The hand-back races Ray's threads: the log thread may hold our printer (a `ray.init` made while
+ours was in place binds it into Ray's own handler) and deliver a notice after the block ended.
+So `_print_notice` reads the active log once, and without one hands the notice to Ray's own
+printer, whose reference is kept for good (never cleared); take-over and hand-back run one at a
+time under a lock, Ray's printer restored first.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class EngineLog:
         self._lock = threading.Lock()
         self.announced = False  # the user was told where the file is
         self.failed = False  # the file could not be written; nothing more is tried
+        self.closed = False  # the block ended: late lines are not written (nor the file reopened)
 
     def handle(self, data: dict[str, Any]) -> None:
         """One batch from Ray: {"pid", "actor_name" | "task_name", "lines", "is_err", ...}."""
@@ -71,7 +78,7 @@ class EngineLog:
 
     def _append(self, lines: list[str]) -> None:
         with self._lock:
-            if self.failed:
+            if self.failed or self.closed:
                 return
             try:
                 if self._file is None:
@@ -91,6 +98,7 @@ class EngineLog:
 
     def close(self) -> None:
         with self._lock:
+            self.closed = True
             if self._file is not None:
                 try:
                     self._file.close()
@@ -124,25 +132,47 @@ def _dispatcher() -> Any | None:
 
 _active: EngineLog | None = None
 _ray_printer: tuple[str, Any] | None = None  # Ray's handler while ours replaces it
-_ray_notices: Any = None  # Ray's printer of cluster error notices while ours replaces it
+# Ray's own printer of cluster notices, once seen. Kept for good: a notice may reach
+# `_print_notice` after the hand-back (Ray's log threads hold it), and is then handed to it.
+_ray_notices: Any = None
+_swap = threading.Lock()  # take-over and hand-back, one at a time
 
 
 def _print_notice(data: dict[str, Any], ignore_prefix: bool = False) -> None:
     """Ray's `print_to_stdstream` for the cluster's error notices (pid "raylet"): into the
-    engine log whole, to the user as one line."""
-    if _active is None or data.get("pid") != "raylet":
-        _ray_notices(data, ignore_prefix)
+    engine log whole, to the user as one line. Anything else, and anything after the hand-back,
+    goes to Ray's own printer. Never raises: it runs in Ray's log threads."""
+    active = _active  # read once: the hand-back may clear it meanwhile
+    if active is None or active.closed or data.get("pid") != "raylet":
+        _ray_print(data, ignore_prefix)
         return
-    lines = [ln for text in data.get("lines", []) for ln in text.splitlines() if ln.strip()]
-    _active.handle({**data, "lines": lines})
-    if lines and not _active.verbose:
-        # The first sentences say what happened; Ray's guesses at why follow.
-        first = re.split(r"\s+(?:Possible reasons|This can happen)", lines[0])[0].strip()
-        print(
-            f"dtm-ray: ray: {redact(first)} (details in {_active.path})",
-            file=_active.echo or sys.stderr,
-            flush=True,
-        )
+    try:
+        lines = [ln for text in data.get("lines", []) for ln in text.splitlines() if ln.strip()]
+        active.handle({**data, "lines": lines})
+        if lines and not active.verbose:
+            # The first sentences say what happened; Ray's guesses at why follow.
+            first = re.split(r"\s+(?:Possible reasons|This can happen)", lines[0])[0].strip()
+            print(
+                f"dtm-ray: ray: {redact(first)} (details in {active.path})",
+                file=active.echo or sys.stderr,
+                flush=True,
+            )
+    except Exception:  # noqa: BLE001 - a notice must never end Ray's thread; Ray's printer has it
+        _ray_print(data, ignore_prefix)
+
+
+def _ray_print(data: dict[str, Any], ignore_prefix: bool) -> None:
+    """Ray's own printer, or the lines as they are where it is unknown."""
+    printer = _ray_notices
+    if printer is None or printer is _print_notice:
+        worker = _notice_module()
+        printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or printer is _print_notice:
+        sink = sys.stderr if data.get("is_err") else sys.stdout
+        for line in data.get("lines", []):
+            print(line, file=sink, flush=True)
+        return
+    printer(data, ignore_prefix)
 
 
 def _notice_module() -> Any | None:
@@ -157,43 +187,45 @@ def take_over_ray_output(announce: bool = True) -> None:
     """Swap Ray's worker-log printer for the active EngineLog. Call after `ray.init` (which
     installs Ray's printer); a no-op outside `engine_logs`. `announce`: tell the user, once,
     where the engine output goes (when engines start)."""
-    global _ray_printer
+    global _ray_printer, _ray_notices
+    active = _active
     dispatcher = _dispatcher()
-    if _active is None or dispatcher is None:
+    if active is None or dispatcher is None:
         return
-    with dispatcher._lock:
-        for pair in dispatcher.handlers:
-            if pair[0] == RAY_PRINTER:
-                _ray_printer = pair
-        handlers = [p for p in dispatcher.handlers if p[0] not in (RAY_PRINTER, OUR_PRINTER)]
-        dispatcher.handlers = [*handlers, (OUR_PRINTER, _active.handle)]
-    global _ray_notices
-    worker = _notice_module()
-    if worker is not None and worker.print_to_stdstream is not _print_notice:
-        _ray_notices = worker.print_to_stdstream
-        worker.print_to_stdstream = _print_notice
-    if announce and not _active.announced:
-        _active.announced = True
-        hint = "" if _active.verbose else " (--verbose shows it)"
-        print(f"dtm-ray: engine output goes to {_active.path}{hint}", file=sys.stderr, flush=True)
+    with _swap:
+        with dispatcher._lock:
+            for pair in dispatcher.handlers:
+                if pair[0] == RAY_PRINTER:
+                    _ray_printer = pair
+            handlers = [p for p in dispatcher.handlers if p[0] not in (RAY_PRINTER, OUR_PRINTER)]
+            dispatcher.handlers = [*handlers, (OUR_PRINTER, active.handle)]
+        worker = _notice_module()
+        if worker is not None and worker.print_to_stdstream is not _print_notice:
+            _ray_notices = worker.print_to_stdstream  # set before ours is reachable
+            worker.print_to_stdstream = _print_notice
+    if announce and not active.announced:
+        active.announced = True
+        hint = "" if active.verbose else " (--verbose shows it)"
+        print(f"dtm-ray: engine output goes to {active.path}{hint}", file=sys.stderr, flush=True)
 
 
 def _give_back_ray_output() -> None:
-    global _ray_printer, _ray_notices
-    worker = _notice_module()
-    if worker is not None and _ray_notices is not None:
-        worker.print_to_stdstream = _ray_notices
-        _ray_notices = None
-    dispatcher = _dispatcher()
-    if dispatcher is None:
-        return
-    with dispatcher._lock:
-        handlers = [p for p in dispatcher.handlers if p[0] != OUR_PRINTER]
-        # Ray removes its printer itself at ray.shutdown(); put it back only while Ray runs.
-        if _ray_printer is not None and _ray_connected():
-            handlers.append(_ray_printer)
-        dispatcher.handlers = handlers
-    _ray_printer = None
+    global _ray_printer
+    with _swap:
+        worker = _notice_module()
+        if worker is not None and worker.print_to_stdstream is _print_notice:
+            # Ray's printer first; `_ray_notices` stays, for notices already on their way to ours.
+            worker.print_to_stdstream = _ray_notices or worker.print_to_stdstream
+        dispatcher = _dispatcher()
+        if dispatcher is None:
+            return
+        with dispatcher._lock:
+            handlers = [p for p in dispatcher.handlers if p[0] != OUR_PRINTER]
+            # Ray removes its printer itself at ray.shutdown(); put it back only while Ray runs.
+            if _ray_printer is not None and _ray_connected():
+                handlers.append(_ray_printer)
+            dispatcher.handlers = handlers
+        _ray_printer = None
 
 
 def _ray_connected() -> bool:

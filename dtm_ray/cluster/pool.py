@@ -49,7 +49,7 @@ from dtm_ray.cluster.actor import (
 from dtm_ray.cluster.logs import take_over_ray_output
 from dtm_ray.engines.config import EngineConfig
 from dtm_ray.engines.sources import ModelSource
-from dtm_ray.errors import StartupError
+from dtm_ray.errors import StartupError, UserError, missing_requirement
 from dtm_ray.log import log
 
 # While actors wait to start: the first report after this many seconds, then one every REPORT_S.
@@ -101,11 +101,30 @@ class Outcome:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+# What Python says of a module it cannot find, also inside Ray's text of a failed actor.
+_NO_MODULE = re.compile(r"No module named '([^']+)'")
+# The last line of a remote traceback that ends in one of dtm_ray's errors.
+_OUR_ERROR = re.compile(r"^dtm_ray\.errors\.\w+: (.+)$")
+
+
 def error_text(err: Exception) -> str:
     cause = getattr(err, "cause", None)
+    if isinstance(cause, UserError):  # its message is the whole story (a missing requirement)
+        return str(cause)
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {cause}"
-    lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip()]
+    text = _ANSI.sub("", str(err))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    ours = _OUR_ERROR.match(lines[-1]) if lines else None
+    if ours:  # one of dtm_ray's one-line errors, raised in the actor (a missing requirement)
+        return ours[1]
+    missing = _NO_MODULE.search(text)
+    if missing:
+        # The actor's module could not be imported on its node (Ray's worker lacks a requirement).
+        error = ModuleNotFoundError(missing[0], name=missing[1])
+        found = missing_requirement(error, python="the Python of Ray's workers on that node")
+        if found is not None:
+            return str(found)
     return lines[-1] if lines else type(err).__name__
 
 

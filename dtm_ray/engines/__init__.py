@@ -21,7 +21,12 @@ def resolve_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def make_engine(model_dir: str | Path, config: EngineConfig | None = None) -> Engine:
+def make_engine(
+    model_dir: str | Path, config: EngineConfig | None = None, edits: bool = True
+) -> Engine:
+    """The engine `config` names, loaded from `model_dir`. `edits=False`: the model as its
+    engine serves it, for generating and scoring only (vLLM then runs without dtm_ray's worker
+    extension, see `VLLMEngine`); the hf engine loads the same way either way."""
     config = config or EngineConfig()
     dtype = resolve_dtype(config.dtype)
     if config.kind == "hf":
@@ -49,6 +54,7 @@ def make_engine(model_dir: str | Path, config: EngineConfig | None = None) -> En
         residual_cache_bytes=config.residual_cache_bytes,
         residual_host_bytes=config.residual_host_bytes,
         batch_invariant=config.batch_invariant,
+        edits=edits,
     )
 
 

@@ -10,8 +10,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from dtm_ray.core.state import Chain
+from dtm_ray.core.state import Chain, Link
 from dtm_ray.engines.config import DTYPE_NAMES
+from dtm_ray.engines.sensitivity import SignalValues
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -149,4 +150,27 @@ class EditsInPlace(Protocol):
 
     def nonzero_counts(self, names: Iterable[str]) -> dict[str, int]:
         """Nonzero values of each named weight as the engine holds it now."""
+        ...
+
+
+@runtime_checkable
+class MeasuresSensitivity(Protocol):
+    """The anchors' sensitivity signals on the weights the engine holds now (both engines here;
+    definitions in `dtm_ray.core.sensitivity`, machinery in `dtm_ray.engines.sensitivity`).
+    Candidates map a component (HF weight name) to the links to score, each applied to its
+    current weight; results are `SignalValues` keyed by (component, spec). Neither writes a
+    weight."""
+
+    def weight_errors(self, candidates: Mapping[str, Sequence[Link]]) -> SignalValues:
+        """Data-free: the compressed weight against the current one, per (component, spec)."""
+        ...
+
+    def fisher_scores(
+        self,
+        sequences: Sequence[Sequence[int]],
+        candidates: Mapping[str, Sequence[Link]],
+        batch_size: int = ...,
+    ) -> SignalValues:
+        """ModelOpt's gradient score over calibration `sequences`, one forward + backward pass
+        per batch of `batch_size`."""
         ...

@@ -28,6 +28,12 @@ STATE_CACHE_BYTES = 1 * _GIB
 STATE_PUSH_BYTES = 512 << 20
 # vllm: checkpoint originals read back for restores (an LRU over safetensors reads).
 ORIGINAL_CACHE_BYTES = 2 * _GIB
+# Sensitivity (fisher): calibration sequences per forward + backward pass (ModelOpt's score
+# depends on the batch split, its loss being a mean per batch: compare scores of one batch size).
+FISHER_BATCH_SIZE = 8
+# Sensitivity (fisher): the candidates' weight changes kept in float32 during a pass; more
+# candidates than fit make further passes over the calibration batches.
+SENSITIVITY_DELTA_BYTES = 1 * _GIB
 # vllm on CPU: the KV cache (vLLM's own memory check fails on small machines without it); at
 # least two full-length sequences are reserved whatever this says.
 CPU_KV_CACHE_BYTES = 1 * _GIB

@@ -39,10 +39,18 @@ from dtm_ray.engines.base import (
 )
 from dtm_ray.engines.checkpoint import Checkpoint
 from dtm_ray.engines.config import (
+    FISHER_BATCH_SIZE,
     ORIGINAL_CACHE_BYTES,
     RESIDUAL_CACHE_BYTES,
     RESIDUAL_HOST_BYTES,
+    SENSITIVITY_DELTA_BYTES,
     residual_keep,
+)
+from dtm_ray.engines.sensitivity import (
+    Candidates,
+    SignalValues,
+    fisher_values,
+    weight_error_values,
 )
 
 
@@ -423,3 +431,38 @@ class HFEngine:
             for h in hooks:
                 h.remove()
         return {name: s.sqrt() for name, s in sums.items()}
+
+    # --- sensitivity signals (see dtm_ray.engines.sensitivity) ------------------------------
+    def _check_candidates(self, candidates: Candidates) -> None:
+        for name, links in candidates.items():
+            shape = tuple(self._param(name).shape)
+            for link in links:
+                check_applicable(link.spec, shape, has_stats=link.input_norm is not None)
+
+    def weight_errors(self, candidates: Candidates) -> SignalValues:
+        """Per (component, spec): the spec applied to the weight the model holds now, compared
+        with it (data-free; nothing is written)."""
+        self._check_open()
+        self._check_candidates(candidates)
+        return weight_error_values(candidates, lambda name: self._param(name).detach())
+
+    def fisher_scores(
+        self,
+        sequences: Sequence[Sequence[int]],
+        candidates: Candidates,
+        batch_size: int = FISHER_BATCH_SIZE,
+        delta_bytes: int = SENSITIVITY_DELTA_BYTES,
+    ) -> SignalValues:
+        """ModelOpt's gradient score of each (component, spec) on this engine's own model, one
+        forward + backward pass per calibration batch. Gradients are on for this call only and
+        no parameter gets one; the weights are only read, the requires_grad flags put back."""
+        self._check_open()
+        self._check_candidates(candidates)
+        return fisher_values(
+            self.model,
+            sequences,
+            candidates,
+            lambda name: self._param(name).detach(),
+            batch_size,
+            delta_bytes,
+        )

@@ -58,12 +58,12 @@ def _find_gguf(model: KnownModel) -> Path:
     raise ConfigError(f"{model.filename} not found inside the installed {model.package!r}")
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+def _convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype="float32"
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype
     )
     # The GGUF weights arrive dequantized; drop the quantizer so they save as plain safetensors.
     model.hf_quantizer = None
@@ -92,6 +92,38 @@ def materialize(name: str) -> Path:
     try:
         _convert_gguf(gguf_path, scratch)
         (scratch / _DONE_MARKER).write_text(gguf_path.name + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def gguf_folder(gguf_file: str | Path, dtype: str = "float32") -> Path:
+    """A Hugging Face folder of a GGUF file as transformers converts it (weights dequantized to
+    `dtype`, tokenizer from the file), made once per file contents in the model cache.
+
+    This is how transformers reads a GGUF checkpoint; llama.cpp's own kernels run the quantized
+    blocks instead, so a model measured through this folder is the GGUF's dequantized weights."""
+    path = Path(gguf_file).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"no GGUF file {gguf_file}")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}".encode())
+    target = cache_dir() / "gguf" / f"{path.stem}-{key.hexdigest()[:12]}"
+    if (target / _DONE_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        try:
+            _convert_gguf(path, scratch, dtype)
+        except Exception as err:  # transformers names the architecture or tensor it cannot read
+            raise ConfigError(
+                f"transformers cannot convert {gguf_file}: {str(err).splitlines()[0]}"
+            ) from None
+        (scratch / _DONE_MARKER).write_text(path.name + "\n")
         if target.exists():
             shutil.rmtree(target)
         scratch.rename(target)

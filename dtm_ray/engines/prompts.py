@@ -84,6 +84,10 @@ def check_source(source: str, what: str = "prompt source", text_only: bool = Fal
             raise ValueError(f"{what} {source!r}: a run directory holds token prefixes, not text")
         if not source[len(RUN_PREFIX) :]:
             raise ValueError(f"{what} {source!r} must name a run directory, e.g. run:runs/first")
+        if "://" in source:  # a run dir on a store: its URI's shape, before any client exists
+            from dtm_ray.records.store import check_store_uri
+
+            check_store_uri(source[len(RUN_PREFIX) :], f"{what} {RUN_PREFIX}")
         return
     if source.startswith("hf:"):
         parts = source.split(":")

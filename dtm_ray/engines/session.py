@@ -26,12 +26,14 @@ import numpy as np
 import torch
 
 from dtm_ray.core.compress import apply_links, replay, replay_links
+from dtm_ray.core.sensitivity import FISHER, SIGNALS
 from dtm_ray.core.specs import check_applicable, parse_spec
 from dtm_ray.core.state import Chain, Link, ModelState, Reference, chain_key
-from dtm_ray.engines.base import EditsInPlace, Engine
+from dtm_ray.engines.base import EditsInPlace, Engine, MeasuresSensitivity
 from dtm_ray.engines.checkpoint import BaseWeights
-from dtm_ray.engines.config import STATE_CACHE_BYTES, STATE_PUSH_BYTES
+from dtm_ray.engines.config import FISHER_BATCH_SIZE, STATE_CACHE_BYTES, STATE_PUSH_BYTES
 from dtm_ray.engines.probe import ProbeResult, build_reference, score_against
+from dtm_ray.engines.sensitivity import SensitivityResult
 
 
 class EngineBroken(RuntimeError):
@@ -328,6 +330,50 @@ class EngineSession:
         self._residuals = self._residual_key(reference)
         return result
 
+    # --- sensitivity signals (the anchors' guides) -----------------------------------------
+    def sensitivity(
+        self,
+        guide: str,
+        candidates: Mapping[str, Iterable[str]],
+        sequences: np.ndarray | None = None,
+        stats: Mapping[str, np.ndarray] | None = None,
+        batch_size: int = FISHER_BATCH_SIZE,
+    ) -> SensitivityResult:
+        """The sensitivity signal `guide` (fisher | weight_error; definitions in
+        `dtm_ray.core.sensitivity`) of every (component, spec) of `candidates` on the state the
+        engine holds: each spec applied to the component's current weight as a probe applies it
+        (absolute sparsities, e.g. `absolute_sparsity(s0, a)` for added sparsity a; wanda specs
+        take the component's input norms from `stats`). `sequences` [S, T] are the calibration
+        text fisher needs (ignored by weight_error). Measured where the weights live; no weight
+        is written, so the state is untouched. Rows in the order of the candidates."""
+        if guide not in SIGNALS:
+            raise ValueError(f"unknown sensitivity guide {guide!r}; expected one of {SIGNALS}")
+        if not isinstance(self.engine, MeasuresSensitivity):
+            raise TypeError(f"{type(self.engine).__name__} measures no sensitivity signals")
+        start = time.perf_counter()
+        links = {
+            name: [_link(name, spec, stats) for spec in dict.fromkeys(map(_canonical, specs))]
+            for name, specs in candidates.items()
+        }
+        for name, chain in links.items():  # a bad spec fails before the engine is asked
+            shape = self._shape(name)
+            for link in chain:
+                check_applicable(link.spec, shape, has_stats=link.input_norm is not None)
+        if guide == FISHER:
+            if sequences is None or len(sequences) == 0:
+                raise ValueError("the fisher guide needs calibration sequences")
+            calibration = np.asarray(sequences).tolist()
+            values = self.engine.fisher_scores(calibration, links, batch_size)
+        else:
+            values = self.engine.weight_errors(links)
+        rows = [
+            {"component": name, "spec": link.spec, **values.values[(name, link.spec)]}
+            for name, chain in links.items()
+            for link in chain
+        ]
+        seconds = time.perf_counter() - start
+        return SensitivityResult(guide, rows, seconds, values.passes, values.tokens)
+
     # --- what a round needs besides probes ----------------------------------------------
     def build_reference(self, prefixes: np.ndarray, n_new: int) -> Reference:
         return build_reference(self.engine, prefixes, n_new)
@@ -377,13 +423,19 @@ def _extends(chain: Chain, held: Chain) -> bool:
     return chain_key(chain[: len(held)]) == chain_key(held)
 
 
+def _canonical(spec: str) -> str:
+    return str(parse_spec(spec))
+
+
+def _link(name: str, spec: str, stats: Mapping[str, np.ndarray] | None) -> Link:
+    """One spec on component `name` as a link, with its input norms where the spec needs them;
+    a missing statistic is an error before anything runs."""
+    norm = (stats or {}).get(name) if parse_spec(spec).needs_stats else None
+    if parse_spec(spec).needs_stats and norm is None:
+        raise ValueError(f"'{spec}' on {name} needs calibration input norms; none given")
+    return Link(spec, None, norm)
+
+
 def _probe_links(delta: Mapping[str, str], stats: Mapping[str, np.ndarray] | None) -> dict:
-    """A probe's delta as one link per component, with its input norms where the spec needs
-    them; a missing statistic is an error before anything runs."""
-    links = {}
-    for name, spec in delta.items():
-        norm = (stats or {}).get(name) if parse_spec(spec).needs_stats else None
-        if parse_spec(spec).needs_stats and norm is None:
-            raise ValueError(f"'{spec}' on {name} needs calibration input norms; none given")
-        links[name] = Link(spec, None, norm)
-    return links
+    """A probe's delta as one link per component (see `_link`)."""
+    return {name: _link(name, spec, stats) for name, spec in delta.items()}

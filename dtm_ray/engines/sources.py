@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dtm_ray.engines.models import cache_dir, is_known, materialize, model_digest
-from dtm_ray.errors import ConfigError
+from dtm_ray.errors import ConfigError, storage_error
 
 FOLDER, KNOWN, HUB, STORE = "folder", "known", "hub", "store"
 STORE_SCHEMES = ("s3://", "gs://", "gcs://")
@@ -100,8 +100,12 @@ def _digest(*parts: str) -> str:
 
 
 def kind_of(model: str) -> str:
-    """Which kind of source `model` names, by its form alone (nothing is read)."""
-    if model.startswith(STORE_SCHEMES):
+    """Which kind of source `model` names, by its form alone (nothing is read). A store URI of
+    the wrong shape (`s3://`, `gs:///prefix`) is a ConfigError here, before any client exists."""
+    if "://" in model and not model.startswith("file://"):
+        from dtm_ray.records.store import check_store_uri
+
+        check_store_uri(model, "model")
         return STORE
     if Path(model).expanduser().is_dir():
         return FOLDER
@@ -253,11 +257,7 @@ def _resolve_hub(model: str) -> ModelSource:
             sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
             return _hub_source(repo, info.sha, sizes)
     folder = _cached_snapshot(model, repo, revision)
-    sizes = {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in folder.rglob("*")
-        if p.is_file()
-    }
+    sizes = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
     return _hub_source(repo, folder.name, sizes)
 
 
@@ -372,23 +372,28 @@ def _cached_snapshot_files(source: ModelSource, weights: bool) -> Path:
 
 # --- object stores ---------------------------------------------------------------------------
 def _store_listing(uri: str) -> tuple[object, str, dict[str, tuple[int, float]]]:
-    """The store's filesystem, the prefix, and relative name -> (size, mtime) under it."""
+    """The store's filesystem, the prefix, and relative name -> (size, mtime) under it. A store
+    that cannot be reached is a StorageError naming its endpoint once the retries are spent."""
     import pyarrow.fs as pafs
 
-    from dtm_ray.records.store import open_filesystem
+    from dtm_ray.records.store import open_filesystem, retrying, store_endpoint
 
-    try:
-        fs, prefix = open_filesystem(uri)
-        infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
-    except (OSError, ValueError) as err:
-        text = str(err).lower()
-        if "nosuchbucket" in text.replace(" ", "") or "no_such_bucket" in text:
-            cause = "the bucket does not exist"
-        elif "not found" in text or "does not exist" in text or "nosuchkey" in text:
-            cause = "no such bucket or prefix"
-        else:
-            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"model {uri.split('?', 1)[0]}: {cause}") from None
+    name = uri.split("?", 1)[0]
+    fs, prefix = open_filesystem(uri, "model")  # the URI's shape first: no client before
+    selector = pafs.FileSelector(prefix, recursive=True)
+
+    def listing() -> Any:
+        try:
+            return fs.get_file_info(selector)
+        except OSError as err:  # "no such bucket or prefix" is the store's answer: not retried
+            missing = _missing_in_store(err)
+            if missing is None:
+                raise
+            return missing
+
+    infos = retrying("list", f"model {name}", listing, store_endpoint(fs))
+    if isinstance(infos, str):
+        raise ConfigError(f"model {name}: {infos}")
     files = {
         i.path[len(prefix.rstrip("/")) + 1 :]: (i.size or 0, i.mtime.timestamp() if i.mtime else 0)
         for i in infos
@@ -397,6 +402,19 @@ def _store_listing(uri: str) -> tuple[object, str, dict[str, tuple[int, float]]]
     if not files:
         raise ConfigError(f"model {uri.split('?', 1)[0]}: no such bucket or prefix (nothing there)")
     return fs, prefix, files
+
+
+def _missing_in_store(err: OSError) -> str | None:
+    """What a failed listing says is not there (the bucket, or the prefix), or None when the
+    store failed rather than answered."""
+    text = str(err).lower()
+    if "nosuchbucket" in text.replace(" ", "") or "no_such_bucket" in text:
+        return "the bucket does not exist"
+    if isinstance(err, FileNotFoundError | NotADirectoryError) or any(
+        word in text for word in ("not found", "does not exist", "nosuchkey", "not a directory")
+    ):
+        return "no such bucket or prefix"
+    return None
 
 
 def _resolve_store(uri: str) -> ModelSource:
@@ -465,13 +483,13 @@ def _store_copy(source: ModelSource, weights: bool, progress: Progress | None = 
             for name, size in sorted(wanted.items()):
                 out = scratch / name
                 out.parent.mkdir(parents=True, exist_ok=True)
-                _copy_file(fs, f"{prefix.rstrip('/')}/{name}", out, size, count)
+                _copy_file(fs, f"{prefix.rstrip('/')}/{name}", out, size, count, target.parent)
             (scratch / _DONE).write_text(source.name + "\n")
             if target.exists():
                 shutil.rmtree(target)
             scratch.rename(target)
-        except OSError as err:
-            raise ConfigError(f"cannot fetch model {source.name}: {err}") from None
+        except OSError as err:  # the cache folder: the copies went through `retrying`
+            raise storage_error(err, "fetch", f"model {source.name} into {target.parent}") from err
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     finally:
@@ -479,12 +497,15 @@ def _store_copy(source: ModelSource, weights: bool, progress: Progress | None = 
     return target
 
 
-def _copy_file(fs: Any, path: str, out: Path, size: int, count: Callable[[int], None]) -> None:
-    """Copy one object to `out`, trying again (from its start) on a transient error, as run
-    directories do; `count` is told of every piece."""
-    from dtm_ray.records.store import RETRY_DELAYS_S, is_persistent
+def _copy_file(
+    fs: Any, path: str, out: Path, size: int, count: Callable[[int], None], cache: Path
+) -> None:
+    """Copy one object to `out`, trying again (from its start) on a transient error, with the
+    retries and failure mapping of run directories (`records.store.retrying`): a full cache
+    disk or a store that stays unreachable is a StorageError; `count` is told of every piece."""
+    from dtm_ray.records.store import retrying, store_endpoint
 
-    for delay in (*RETRY_DELAYS_S, None):
+    def copy() -> None:
         copied = 0
         try:
             with fs.open_input_stream(path) as src, open(out, "wb") as dst:
@@ -494,12 +515,11 @@ def _copy_file(fs: Any, path: str, out: Path, size: int, count: Callable[[int], 
                     count(len(chunk))
             if copied != size:
                 raise OSError(f"{path}: got {copied} bytes, the store lists {size}")
-            return
-        except OSError as err:
+        except BaseException:
             count(-copied)
-            if delay is None or is_persistent(err):
-                raise
-            time.sleep(delay)
+            raise
+
+    retrying("fetch", f"{path} into {cache}", copy, store_endpoint(fs))
 
 
 def _gb(n: int) -> str:
@@ -513,4 +533,3 @@ def evict(source: ModelSource) -> None:
     for weights in (True, False):
         shutil.rmtree(_store_target(source, weights), ignore_errors=True)
         Path(str(_store_target(source, weights)) + ".lock").unlink(missing_ok=True)
-

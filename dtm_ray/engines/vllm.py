@@ -40,12 +40,15 @@ from dtm_ray.engines.checkpoint import Checkpoint
 from dtm_ray.engines.config import (
     CPU_KV_CACHE_BYTES,
     DEFAULT_MAX_MODEL_LEN,
+    FISHER_BATCH_SIZE,
     ORIGINAL_CACHE_BYTES,
     RESIDUAL_CACHE_BYTES,
     RESIDUAL_HOST_BYTES,
+    SENSITIVITY_DELTA_BYTES,
     residual_keep,
     resolve_batch_invariant,
 )
+from dtm_ray.engines.sensitivity import Candidates, SignalValues
 
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
 
@@ -225,6 +228,17 @@ def _hook_scores(ranks: Sequence[Any], positions: int) -> ScoreResult:
     return ScoreResult(argmax=argmax.astype(np.int64), margin=margin, ref_logprob=ref_lp)
 
 
+class _NoEdits:
+    """The checkpoint reader of an engine loaded as served (`edits=False`): every weight edit or
+    original read goes through it and fails in one line."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(
+            "this vLLM engine was loaded as served (edits=False): it generates and scores, it "
+            "does not read or edit weights"
+        )
+
+
 # --- the engine ---------------------------------------------------------------------------------
 class VLLMEngine:
     """A vLLM `LLM` plus in-place weight edits through the worker extension.
@@ -238,6 +252,11 @@ class VLLMEngine:
     originals), `batch_invariant` (VLLM_BATCH_INVARIANT: None = on where vLLM can run it, an
     NVIDIA GPU of compute capability >= 8.0; True where it cannot raises ValueError), and
     `llm_kwargs` passed on to `vllm.LLM` unchanged.
+
+    `edits=False` loads the model as vLLM serves it: no worker extension (so the CPU build keeps
+    its oneDNN weight packing and every kernel is the one a server runs), scoring through
+    vLLM's `prompt_logprobs`, and no weight edits (they raise). `dtm-ray compare` measures
+    checkpoints this way; quantized ones load through vLLM's own kernels.
     """
 
     def __init__(
@@ -258,10 +277,12 @@ class VLLMEngine:
         residual_host_bytes: int = RESIDUAL_HOST_BYTES,
         batch_invariant: bool | None = None,
         llm_kwargs: dict[str, Any] | None = None,
+        edits: bool = True,
     ) -> None:
         torch_dtype(dtype)  # a bad name fails before vLLM starts
         self.model_dir = Path(model_dir)
         self.dtype = dtype
+        self.edits = edits
         config = json.loads((self.model_dir / "config.json").read_text())
         self.max_model_len = max_model_len or _default_max_model_len(config)
         self.on_cpu = _on_cpu()
@@ -278,7 +299,7 @@ class VLLMEngine:
             "seed": seed,
             # Cached prefixes would be stale after a weight edit.
             "enable_prefix_caching": False,
-            "worker_extension_cls": WORKER_EXTENSION,
+            **({"worker_extension_cls": WORKER_EXTENSION} if edits else {}),
             **self._device_kwargs(
                 config,
                 enforce_eager,
@@ -290,13 +311,18 @@ class VLLMEngine:
         }
         self.llm = self._build(kwargs)
         if self.on_cpu:
-            self._check_weights_editable()
+            if edits:
+                self._check_weights_editable()
             keep_freed_memory()  # the in-process engine core runs the model in this process
         # Off unless a user turned it back on through llm_kwargs; then every edit must reset it.
         self._prefix_caching = bool(
             getattr(self.llm.llm_engine.vllm_config.cache_config, "enable_prefix_caching", True)
         )
-        self._checkpoint = Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
+        self._checkpoint = (
+            Checkpoint(self.model_dir, torch_dtype(dtype), original_cache_bytes)
+            if edits
+            else _NoEdits()
+        )
         self._edited: set[str] = set()
         # Weight bytes handed to vLLM's engine core for edits (on to every worker rank; another
         # process except in the CPU build's in-process mode): what edits by spec avoid.
@@ -311,8 +337,10 @@ class VLLMEngine:
         # piecewise CUDA graphs) still call it: it scores by default, and a pass where it missed
         # positions moves the engine to vLLM's prompt_logprobs for good.
         self._eager = bool(self.llm.llm_engine.vllm_config.model_config.enforce_eager)
-        self._hook_scoring = True
-        self._layer_skip = residual_cache_bytes > 0 and self._eager and not self._prefix_caching
+        self._hook_scoring = edits  # the hook lives in the worker extension
+        self._layer_skip = (
+            edits and residual_cache_bytes > 0 and self._eager and not self._prefix_caching
+        )
         self._hidden_size = config["hidden_size"]
         self._num_layers = config["num_hidden_layers"]
         self._kept: list[list[int]] | None = None
@@ -330,7 +358,8 @@ class VLLMEngine:
         if self.llm is None:
             return
         llm, self.llm = self.llm, None
-        self._checkpoint.clear()
+        if self.edits:
+            self._checkpoint.clear()
         try:
             # The engine core's own teardown: workers, scheduler and (in-process) the
             # distributed state; it does nothing if the core is already down.
@@ -587,6 +616,18 @@ class VLLMEngine:
         workers. `keep` has the ranks save a device copy of what they overwrote, for
         `put_back`. Every spec is checked against the weight's shape before any rank is asked."""
         self._check_open()
+        edits = self._spec_edits(chains)
+        if not edits:
+            return
+        # Marked before the call: a rank that fails part way leaves an edit restore must undo.
+        self._edited.update(chains)
+        with self._threads():
+            self.llm.collective_rpc("dtm_compress", args=(edits, keep))
+        self._edits_done()
+
+    def _spec_edits(self, chains: Mapping[str, Sequence[Any]]) -> list[tuple[str, list]]:
+        """(name, [(spec, input norm or None)]) for the workers, every spec checked against
+        the weight's shape first (an unknown name is a KeyError)."""
         edits = []
         for name, chain in chains.items():
             shape = self._checkpoint.shape(name)  # KeyError names an unknown weight
@@ -596,13 +637,7 @@ class VLLMEngine:
                 norm = None if link.input_norm is None else torch.as_tensor(link.input_norm)
                 links.append((link.spec, norm))
             edits.append((name, links))
-        if not edits:
-            return
-        # Marked before the call: a rank that fails part way leaves an edit restore must undo.
-        self._edited.update(chains)
-        with self._threads():
-            self.llm.collective_rpc("dtm_compress", args=(edits, keep))
-        self._edits_done()
+        return edits
 
     def put_back(self, names: Iterable[str]) -> None:
         """Write back, bit for bit, the copies `compress_in_place(keep=True)` saved."""
@@ -692,3 +727,41 @@ class VLLMEngine:
             name: _full_input_norm(name, [rank[name] for rank in ranks], in_features[name], tokens)
             for name in names
         }
+
+    # --- sensitivity signals (see dtm_ray.engines.sensitivity) ------------------------------
+    def weight_errors(self, candidates: Candidates) -> SignalValues:
+        """Per (component, spec): the spec applied to the weight vLLM holds now, compared with
+        it, computed in the worker rank(s) on the weight's device; nothing is written and no
+        weight leaves the workers."""
+        self._check_open()
+        edits = self._spec_edits(candidates)
+        with self._threads():
+            ranks = self.llm.collective_rpc("dtm_weight_errors", args=(edits,))
+        return SignalValues.from_lists(ranks[0])
+
+    def fisher_scores(
+        self,
+        sequences: Sequence[Sequence[int]],
+        candidates: Candidates,
+        batch_size: int = FISHER_BATCH_SIZE,
+        delta_bytes: int = SENSITIVITY_DELTA_BYTES,
+    ) -> SignalValues:
+        """ModelOpt's gradient score of each (component, spec). vLLM has no backward pass, so the
+        worker builds a transformers model of the same architecture over views of its live
+        parameters (no weight copied: the extra memory is one calibration batch's activations
+        for a backward pass, its logits, and the candidates' ΔW up to `delta_bytes`), runs one
+        forward + backward per batch and drops it. On a GPU that memory must fit beside vLLM's
+        `gpu_memory_utilization` share. Tensor parallelism (weights sharded over processes) is
+        not supported: use tensor_parallel_size 1 or the hf engine."""
+        self._check_open()
+        if self.tensor_parallel_size > 1:
+            raise ValueError(
+                "fisher sensitivity on the vllm engine needs tensor_parallel_size 1 (the "
+                "backward pass runs on one rank's whole weights); use the hf engine"
+            )
+        edits = self._spec_edits(candidates)
+        prompts = [[int(t) for t in s] for s in sequences]
+        args = (str(self.model_dir), self.dtype, prompts, edits, batch_size, delta_bytes)
+        with self._threads():
+            ranks = self.llm.collective_rpc("dtm_fisher", args=args)
+        return SignalValues.from_lists(ranks[0])

@@ -26,8 +26,10 @@ from vllm.model_executor.layers.linear import (
 )
 
 from dtm_ray.core.compress import compress
+from dtm_ray.core.state import Link
 from dtm_ray.engines.base import token_stats
 from dtm_ray.engines.checkpoint import read_tensor
+from dtm_ray.engines.sensitivity import fisher_values, view_model, weight_error_values
 
 # The CPU build packs each linear weight into a oneDNN handle at load and leaves `weight` empty;
 # an edit to the parameter would then never reach the matmul. With oneDNN off, CPU linears fall
@@ -139,6 +141,42 @@ class WeightEditExtension:
             digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
             digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+    # --- sensitivity signals (see dtm_ray.engines.sensitivity) --------------------------------
+    def dtm_weight_errors(self, edits: Sequence[tuple[str, Sequence[tuple[str, Any]]]]) -> list:
+        """Per (HF weight, spec): the spec applied to the whole weight this rank's group holds
+        now, compared with it (`weight_error_values`); nothing is written."""
+        model = self._dtm_model()
+        values = weight_error_values(_candidates(edits), lambda name: _place(model, name).gather())
+        return values.to_lists()
+
+    def dtm_fisher(
+        self,
+        model_dir: str,
+        dtype: str,
+        sequences: list[list[int]],
+        edits: Sequence[tuple[str, Sequence[tuple[str, Any]]]],
+        batch_size: int,
+        delta_bytes: int,
+    ) -> list:
+        """ModelOpt's gradient score on the weights this rank serves: a transformers model of
+        the same architecture whose parameters are views of vLLM's live (fused) parameters
+        (`view_model`: no weight copied), one forward + backward pass per calibration batch
+        (`fisher_values`), dropped afterwards. Only read: vLLM's weights are never written.
+        A single rank only (tensor parallelism shards the weights over processes)."""
+        model = self._dtm_model()
+        view = view_model(
+            model_dir, getattr(torch, dtype), lambda name, shape: _hf_tensor(model, name, shape)
+        )
+        values = fisher_values(
+            view,
+            sequences,
+            _candidates(edits),
+            lambda name: view.get_parameter(name).detach(),
+            batch_size,
+            delta_bytes,
+        )
+        return values.to_lists()  # the view model goes with this frame; vLLM's weights stay
 
     # --- Wanda calibration ----------------------------------------------------------------
     # The forward pass itself is an ordinary `llm.generate` in the engine process, between these
@@ -332,9 +370,17 @@ class _Place:
     dim: int
     replicas: int
     sharded: bool
+    bias: torch.Tensor | None = None  # the (possibly fused) module's bias, if it has one
 
     def piece(self) -> torch.Tensor:
         return self.param.narrow(0, self.offset, self.rows)
+
+    def bias_piece(self) -> torch.Tensor | None:
+        """This HF weight's part of the module's bias: its rows of a fused column-parallel
+        bias; a row-parallel layer's bias is the whole of it."""
+        if self.bias is None or self.dim != 0:
+            return self.bias
+        return self.bias.narrow(0, self.offset, self.rows)
 
     def gather(self) -> torch.Tensor:
         """The whole HF weight, on this rank's device (a new tensor)."""
@@ -375,21 +421,61 @@ def _place(model: torch.nn.Module, name: str) -> _Place:
         raise ValueError(f"{name}: vLLM holds no plain 2-D weight for it (packed or quantized)")
     tp = getattr(module, "tp_size", 1)
     sharded = tp > 1 and not isinstance(module, ReplicatedLinear)
+    bias = module.bias.data if getattr(module, "bias", None) is not None else None
     if isinstance(module, RowParallelLinear):
-        return _Place(param, 0, param.shape[0], 1, 1, sharded)
+        return _Place(param, 0, param.shape[0], 1, 1, sharded, bias)
     if isinstance(module, QKVParallelLinear) and part is not None:
         heads, kv_heads = module.num_heads, module.num_kv_heads
         offsets = [0, heads * module.head_size, (heads + kv_heads) * module.head_size]
         sizes = [heads * module.head_size, kv_heads * module.head_size]
         sizes.append(kv_heads * module.v_head_size)
         replicas = 1 if part == 0 else module.num_kv_head_replicas
-        return _Place(param, offsets[part], sizes[part], 0, replicas, sharded)
+        return _Place(param, offsets[part], sizes[part], 0, replicas, sharded, bias)
     if isinstance(module, MergedColumnParallelLinear) and part is not None:
         sizes = [size // tp for size in module.output_sizes]
-        return _Place(param, sum(sizes[:part]), sizes[part], 0, 1, sharded)
+        return _Place(param, sum(sizes[:part]), sizes[part], 0, 1, sharded, bias)
     if part is not None:
         raise ValueError(f"{name}: fused into a {type(module).__name__}, which is not handled")
-    return _Place(param, 0, param.shape[0], 0, 1, sharded)
+    return _Place(param, 0, param.shape[0], 0, 1, sharded, bias)
+
+
+def _hf_tensor(model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor this (single, unsharded) rank holds for HF parameter `name` of `shape`, as a
+    view: a linear's rows of a fused qkv_proj / gate_up_proj (and of its bias), else the
+    parameter of the same name (the embedding's and lm_head's first `shape[0]` rows: vLLM pads
+    the vocabulary)."""
+    prefix, _, leaf = name.rpartition(".")
+    if leaf in ("weight", "bias"):
+        try:
+            place = _place(model, f"{prefix}.weight")
+        except ValueError:  # not a linear layer: a norm, the embedding, the lm_head
+            place = None
+        if place is not None:
+            if place.sharded:
+                raise ValueError(f"{name}: sharded over tensor-parallel ranks")
+            tensor = place.piece() if leaf == "weight" else place.bias_piece()
+            if tensor is None:
+                raise ValueError(f"{name}: vLLM's layer has no bias")
+            return tensor
+    module = dict(model.named_modules()).get(prefix)
+    tensor = getattr(module, leaf, None) if module is not None else None
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name}: vLLM's model has no such parameter")
+    tensor = tensor.data
+    if tensor.dim() == len(shape) and tensor.shape[0] > shape[0] and tensor.shape[1:] == shape[1:]:
+        tensor = tensor.narrow(0, 0, shape[0])  # padded vocabulary rows
+    return tensor
+
+
+def _candidates(edits: Sequence[tuple[str, Sequence[tuple[str, Any]]]]) -> dict[str, list[Link]]:
+    """(name, [(spec, input norm or None)]) as the engine sends them, as links."""
+    return {
+        name: [
+            Link(spec, None, None if norm is None else torch.as_tensor(norm).numpy())
+            for spec, norm in links
+        ]
+        for name, links in edits
+    }
 
 
 def _keep(tensor: torch.Tensor, on_host: bool) -> torch.Tensor:

@@ -272,7 +272,13 @@ def _prepare_prompts(
 
 
 def check_out(out: str) -> None:
-    """A local run directory must be creatable and writable; URIs are checked when opened."""
+    """A local run directory must be creatable and writable; a URI must have a store URI's
+    shape (scheme, bucket, prefix; no client is made: what the store holds is read when the
+    run opens it)."""
+    if "://" in out:
+        from dtm_ray.records.store import check_store_uri
+
+        check_store_uri(out, "out")
     if "://" in out and not out.startswith("file://"):
         return
     path = Path(out.removeprefix("file://")).expanduser().absolute()

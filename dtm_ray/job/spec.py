@@ -52,7 +52,7 @@ class ProbeConfig:
 class RecoveryConfig:
     """Recovery training after sparsify rounds (the DTM paper's Algorithm 1 trains between
     pruning steps): the pruned components' weights are fine-tuned on Ray Train with their zeros
-    kept, and the result becomes the base the next rounds prune further (see the README)."""
+    kept, and the result becomes the base the next rounds prune further (docs/user-guide.md)."""
 
     every: int = 1  # after every k-th round (and never after the last one)
     steps: int = 200  # optimizer steps per recovery
@@ -78,7 +78,7 @@ class RecoveryConfig:
 
 @dataclass
 class CompressConfig:
-    """Iterative compression of the selected components (see the README).
+    """Iterative compression of the selected components (docs/user-guide.md).
 
     Keys of the other method stay None; validation fills in this method's defaults, so run.json
     records every value a run used.
@@ -565,6 +565,10 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
         raise ConfigError(f"job file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"job file {path} must hold a mapping of keys, got {type(data).__name__}")
+    if "compare" in data:
+        raise ConfigError(
+            f"job file {path} is a compare job: run it with `dtm-ray compare --job {path}`"
+        )
     for assignment in overrides or []:
         _set_dotted(data, assignment)
     if "model" not in data:

@@ -237,8 +237,11 @@ def noise_floor(
         return stored
     import ray
 
+    # The pool first: it joins or starts Ray (and shuts down what it started); `ray.put` before
+    # it would start a Ray of its own, left running past the run with dtm-ray's printer bound.
+    pool = engines.pool
     context = ray.put(RoundContext(round_, state, reference))
-    measured = engines.pool.broadcast("null_probe", context)
+    measured = pool.broadcast("null_probe", context)
     fdt, sdt = expected if expected is not None else (measured[0]["fdt"], measured[0]["sdt"])
     table = noise_table(round_, measured, reference.n_new, fdt, sdt)
     store.write_round_table("noise", round_, table)

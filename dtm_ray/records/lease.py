@@ -30,13 +30,17 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from dtm_ray.errors import ConfigError
 from dtm_ray.log import log
-from dtm_ray.records.store import S3_ATTEMPTS, RunStore
+from dtm_ray.records.store import CONNECT_TIMEOUT_S, S3_ATTEMPTS, RunStore, retrying
 
 LEASE_FILE = "lease.json"
+# How long boto3 waits for an answer to a lease request (the lease file is a few hundred bytes).
+READ_TIMEOUT_S = 30.0
+T = TypeVar("T")
 
 
 class _Unsupported(Exception):
@@ -44,10 +48,20 @@ class _Unsupported(Exception):
 
 
 class ConditionalLeaseFile:
-    """The lease file on S3, written with conditional requests (boto3: pyarrow has none)."""
+    """The lease file on S3, written with conditional requests (boto3: pyarrow has none). Each
+    request goes through the run dir's retries (`store.retrying`): a connect timeout, bounded
+    tries, and a StorageError naming the endpoint when the store cannot be reached."""
 
-    def __init__(self, client: Any, bucket: str, key: str) -> None:
+    # What S3 answers that the lease reads as an answer, not as a failing store.
+    ANSWERS = ("PreconditionFailed", "ConditionalRequestConflict", "412", "NotImplemented", "501")
+    ANSWERS += ("NoSuchKey", "404")
+
+    def __init__(
+        self, client: Any, bucket: str, key: str, where: str = "", endpoint: str | None = None
+    ) -> None:
         self.client, self.bucket, self.key = client, bucket, key
+        self.where = where or f"s3://{bucket}/{key}"  # the file and its run dir, for messages
+        self.endpoint = endpoint
 
     @classmethod
     def of(cls, store: RunStore) -> ConditionalLeaseFile | None:
@@ -73,18 +87,46 @@ class ConditionalLeaseFile:
             aws_access_key_id=options.get("access_key") or None,
             aws_secret_access_key=options.get("secret_key") or None,
             aws_session_token=options.get("session_token") or None,
-            config=Config(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}),
+            config=Config(
+                retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+                connect_timeout=CONNECT_TIMEOUT_S,
+                read_timeout=READ_TIMEOUT_S,
+            ),
         )
         bucket, _, prefix = store.root.strip("/").partition("/")
-        return cls(client, bucket, f"{prefix}/{LEASE_FILE}" if prefix else LEASE_FILE)
+        key = f"{prefix}/{LEASE_FILE}" if prefix else LEASE_FILE
+        where = f"{LEASE_FILE} in run dir {store.location}"
+        return cls(client, bucket, key, where, store.endpoint)
+
+    def _request(self, operation: str, call: Callable[[], T]) -> T:
+        """One request with the run dir's retries; botocore's failures (no connection, a
+        timeout, a denied or failing request) become the StorageError of any run dir write."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        def attempt() -> T:
+            try:
+                return call()
+            except BotoCoreError as err:
+                raise OSError(str(err)) from err
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code", "") in self.ANSWERS:
+                    raise
+                raise OSError(str(err)) from err
+
+        return retrying(operation, self.where, attempt, self.endpoint)
 
     def read(self) -> tuple[dict[str, Any] | None, str | None]:
         """The lease and its etag; (None, None) when there is none."""
-        try:
+
+        def get() -> tuple[bytes, str]:
             got = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return got["Body"].read(), got["ETag"]
+
+        try:
+            body, etag = self._request("read", get)
         except self.client.exceptions.NoSuchKey:
             return None, None
-        return json.loads(got["Body"].read()), got["ETag"]
+        return json.loads(body), etag
 
     def write(self, record: dict[str, Any], etag: str | None) -> str | None:
         """Create the lease (`etag` None) or replace the one with `etag`; the new etag, or None
@@ -92,9 +134,13 @@ class ConditionalLeaseFile:
         from botocore.exceptions import ClientError
 
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        body = json.dumps(record).encode()
         try:
-            put = self.client.put_object(
-                Bucket=self.bucket, Key=self.key, Body=json.dumps(record).encode(), **condition
+            put = self._request(
+                "write",
+                lambda: self.client.put_object(
+                    Bucket=self.bucket, Key=self.key, Body=body, **condition
+                ),
             )
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
@@ -111,7 +157,10 @@ class ConditionalLeaseFile:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+            self._request(
+                "delete",
+                lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag),
+            )
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):

@@ -1,7 +1,8 @@
 """Every Arrow table of a run directory: its schema and the functions that build and read its rows.
 
 One home for each schema, so the writer, the readers (store, decisions, report, tests, users'
-notebooks) and the README agree. Columns may be added; the ones the README lists are a contract.
+notebooks) and the docs agree. Columns may be added; the ones docs/reference.md lists are a
+contract.
 
 Tables (all carry `round` where they belong to one):
 - `reference/`  one row per (round, prompt): the reference the round measured against, and the
@@ -19,6 +20,11 @@ Tables (all carry `round` where they belong to one):
 - `states/`     one row per (round, component): the chain after the round's decision.
 - `final/`      `prompts/`, `components/`, `summary/`: the result against the dense model;
                 `tasks/`: lm-eval tasks on the dense model and the export (`dtm_ray.results.tasks`).
+
+A compare run (`dtm-ray compare BASE CANDIDATE`) holds `reference/` (round 0: the base's greedy
+continuation and its own scoring of it) and `compare/`: `chunks/` (the candidate's teacher-forced
+scores, one file per chunk of prompts), `text/` (both models on real text), `prompts/` and
+`summary/` (the result); `final/tasks/` when `dtm-ray evaluate` ran on it.
 """
 
 from __future__ import annotations
@@ -293,6 +299,93 @@ FINAL_TASKS_SCHEMA = pa.schema(
         ("backend", pa.string()),  # lm-eval's model backend: hf | vllm
     ]
 )
+
+
+# --- compare runs (`dtm-ray compare`) ---------------------------------------------------------
+# The candidate's teacher-forced pass over the base's reference, one row per prompt, one file per
+# chunk of prompts (written as the chunk finishes, so a killed compare resumes with the rest).
+COMPARE_CHUNK_SCHEMA = pa.schema(
+    [
+        ("chunk", pa.int32()),
+        ("prompt_id", pa.int32()),
+        ("argmax", pa.list_(pa.int32())),  # the candidate's top-1 token per continuation position
+        ("margin", pa.list_(pa.float32())),  # its top-1 minus top-2 log-probability
+        ("logprob", pa.list_(pa.float32())),  # its log-probability of the reference token
+        ("worker", pa.string()),
+        ("seconds", pa.float64()),  # the chunk's scoring pass on its actor
+    ]
+)
+
+# Both models on windows of real text (`evaluation.text`): one file per side.
+COMPARE_TEXT_SCHEMA = pa.schema(
+    [
+        ("side", pa.string()),  # base | candidate
+        ("window", pa.int32()),
+        ("tokens", pa.int32()),  # tokens scored (the window's length minus its first)
+        ("nll_sum", pa.float64()),  # summed negative log-likelihood over them
+    ]
+)
+
+# The result, one row per prompt. The first divergence is where the candidate's teacher-forced
+# argmax first departs from the base's own (`fdt`, N when nowhere); the margins there say whether
+# it was a near-tie (both models nearly undecided) or a clear change.
+COMPARE_PROMPTS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int32()),
+        ("prefix_ids", pa.list_(pa.int32())),
+        ("fdt", pa.int32()),
+        ("sdt", pa.int32()),
+        ("nll", pa.float64()),  # the candidate's mean NLL of the base's continuation
+        ("base_nll", pa.float64()),  # the base's own
+        ("noise_positions", pa.int32()),  # where the base's scoring departs from its own greedy
+        ("base_token", pa.int32()),  # at the first divergence (null: none): the base's token
+        ("candidate_token", pa.int32()),  # and the candidate's
+        ("base_margin", pa.float32()),  # the base's top-1 minus top-2 log-probability there
+        ("candidate_margin", pa.float32()),  # the candidate's
+        ("near_tie", pa.bool_()),  # both margins <= the run's near_tie (null: no divergence)
+    ]
+)
+
+COMPARE_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("base", pa.string()),  # the models as named, their engines and dtypes
+        ("candidate", pa.string()),
+        ("base_engine", pa.string()),
+        ("candidate_engine", pa.string()),
+        ("base_dtype", pa.string()),
+        ("candidate_dtype", pa.string()),
+        ("prompts", pa.int32()),
+        ("new_tokens", pa.int32()),
+        ("fdt_at_75", pa.int32()),
+        ("fdt_at_75_low", pa.int32()),  # 90 % bootstrap interval over prompts
+        ("fdt_at_75_high", pa.int32()),
+        ("fdt_mean", pa.float64()),
+        ("sdt_mean", pa.float64()),
+        ("sdt_share", pa.float64()),
+        ("diverged", pa.int32()),  # prompts whose FDT is below new_tokens
+        ("near_ties", pa.int32()),  # of those, divergences at a near-tie
+        ("near_tie_share", pa.float64()),  # near_ties / diverged (NaN when none diverged)
+        ("near_tie", pa.float64()),  # the margin (log-probability) up to which it is a near-tie
+        ("noise_positions", pa.int64()),  # base scoring vs its own greedy, all prompts
+        ("ppl_reference", pa.float64()),  # the candidate on the base's continuations
+        ("base_ppl_reference", pa.float64()),
+        ("ppl_text", pa.float64()),  # the candidate on real text
+        ("base_ppl_text", pa.float64()),
+        ("text_source", pa.string()),
+        ("text_tokens", pa.int64()),
+        ("base_seconds", pa.float64()),  # wall time of the base's phase (actors included)
+        ("candidate_seconds", pa.float64()),  # and of the candidate's
+        ("seconds", pa.float64()),  # both, over every invocation of the compare
+    ]
+)
+
+COMPARE_TABLE_SCHEMAS = {
+    "reference": REFERENCE_SCHEMA,
+    "compare/chunks": COMPARE_CHUNK_SCHEMA,
+    "compare/text": COMPARE_TEXT_SCHEMA,
+    "compare/prompts": COMPARE_PROMPTS_SCHEMA,
+    "compare/summary": COMPARE_SUMMARY_SCHEMA,
+}
 
 
 # --- probes ------------------------------------------------------------------------------------

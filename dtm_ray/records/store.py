@@ -25,25 +25,38 @@ Storage failures: every write and delete is retried on a transient error (a time
 a 5xx, a dropped connection) with bounded backoff; a persistent one (no space, no permission, no
 bucket, bad credentials), or a transient one that outlasts the retries, raises `StorageError`
 naming the run directory, the operation and the cause. A failed write leaves no visible file.
+`retrying` is that mapping for every writer of dtm_ray, not only run directories (exports,
+reports, the model cache). Store requests are bounded: a connect timeout and two tries per
+request in the S3 client, a few seconds of the GCS client's own retries, then ours; a store
+that cannot be reached is named by its endpoint.
+
+Store URIs are checked for shape (`check_store_uri`: scheme, bucket, prefix) before any client
+is made, so `s3://` or `gs:///prefix` is refused in one line without a request.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dtm_ray.errors import ConfigError, StorageError
+from dtm_ray.errors import (
+    ConfigError,
+    first_line,
+    is_persistent,
+    os_error_of,
+    storage_error,
+)
 from dtm_ray.records.schemas import (
     PROBE_SCHEMA,
     REFERENCE_SCHEMA,
@@ -57,23 +70,6 @@ from dtm_ray.redact import MASK, PATTERNS, redact, redact_data, secret_values
 _TEMP_PREFIX = "."
 # Waits between tries of a write that failed transiently: about 15 s in all before giving up.
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
-_PERSISTENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
-# How persistent failures read where no errno is set (pyarrow's S3 and GCS clients).
-_PERSISTENT_WORDS = (
-    "no space left",
-    "disk quota",
-    "permission denied",
-    "read-only file system",
-    "access_denied",
-    "accessdenied",
-    "no_such_bucket",
-    "nosuchbucket",
-    "invalidaccesskeyid",
-    "invalid_access_key",
-    "signaturedoesnotmatch",
-    "expiredtoken",
-    "token has expired",
-)
 _ROUND_OF_FILE = re.compile(r"(?:part-r|round-)(\d+)")
 
 
@@ -82,22 +78,121 @@ _ROUND_OF_FILE = re.compile(r"(?:part-r|round-)(\d+)")
 # against an endpoint that refuses connections), which multiplied by ours would hold a run for
 # minutes before it reports a store that is gone.
 S3_ATTEMPTS = 2
+# How long a store client waits for a connection (S3: pyarrow's and boto3's clients).
+CONNECT_TIMEOUT_S = 5.0
+# How long the GCS client retries one request by itself before ours take over (its default is
+# 15 minutes, which holds a run on an unreachable store far past any timeout around it).
+GCS_RETRY_LIMIT_S = 3
+
+T = TypeVar("T")
+
+
+def retrying(operation: str, what: str, action: Callable[[], T], endpoint: str | None = None) -> T:
+    """Run a storage action (a write, read, delete, listing), retrying transient failures with
+    bounded backoff (RETRY_DELAYS_S); a persistent failure (no space, no permission, no bucket,
+    bad credentials), or a transient one that outlasts the retries, raises StorageError "cannot
+    {operation} {what}: {cause}" (the store's `endpoint` named when it could not be reached).
+    Every writer of dtm_ray goes through here: run tables, exports, reports, the model cache.
+    An error that is no storage failure (not an OSError, nor a library's report of one)
+    passes through unchanged."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return action()
+        except Exception as err:  # noqa: BLE001 - mapped below, or raised as it is
+            failure = os_error_of(err)
+            if failure is None:
+                raise
+            if delay is None or is_persistent(failure):
+                raise storage_error(failure, operation, what, endpoint) from err
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# --- store URIs -------------------------------------------------------------------------------
+STORE_SCHEMES = ("s3", "gs", "gcs")
+# S3's and GCS's bucket names (S3's older ones with upper case and underscores included).
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,220}[A-Za-z0-9]$")
+
+
+def check_store_uri(uri: str, what: str = "run dir") -> None:
+    """Refuse, in one line and before any client exists, a URI of the wrong shape: a scheme
+    other than s3://, gs://, gcs:// or file://, a missing or malformed bucket, empty, `.` or
+    `..` parts in the prefix. A local path (no `://`) passes; what the store holds is not
+    checked (that needs the store)."""
+    if "://" not in uri:
+        return
+    scheme, _, rest = uri.partition("://")
+    path, _, _query = rest.partition("?")
+    if scheme == "file":
+        if not path.startswith("/"):
+            raise ConfigError(
+                f"{what} {uri}: a file:// URI takes an absolute path (file:///abs/path); "
+                "a plain path works too"
+            )
+        return
+    if scheme not in STORE_SCHEMES:
+        raise ConfigError(
+            f"{what} {uri}: {scheme}:// is not a supported store; use s3://bucket/prefix, "
+            "gs://bucket/prefix, file:///abs/path or a local path"
+        )
+    authority, _, prefix = path.partition("/")
+    bucket = authority.rpartition("@")[2]  # s3://KEY:SECRET@bucket/… is pyarrow's too
+    example = f"{scheme}://bucket/prefix"
+    if not bucket:
+        raise ConfigError(f"{what} {uri.split('?', 1)[0]} names no bucket; expected {example}")
+    if not _BUCKET.match(bucket):
+        raise ConfigError(
+            f"{what} {uri.split('?', 1)[0]}: {bucket!r} is not a bucket name (3 to 222 letters, "
+            "digits, dots, hyphens or underscores, starting and ending with a letter or digit)"
+        )
+    parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
+    if any(part in ("", ".", "..") for part in parts):
+        raise ConfigError(
+            f"{what} {uri.split('?', 1)[0]}: its prefix {prefix!r} has an empty, '.' or '..' "
+            f"part; expected {example}"
+        )
 
 
 def _split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     # from_uri wants a scheme or an absolute path; a plain relative path means "here".
     if "://" not in uri:
         uri = os.path.abspath(uri)
-    fs, root = pafs.FileSystem.from_uri(uri)
+    check_store_uri(uri)
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+    except ValueError as err:  # ArrowInvalid: an option in the query it does not know
+        raise ConfigError(f"{uri}: {first_line(err)}") from None
     if isinstance(fs, pafs.S3FileSystem):
         fs = _s3_filesystem(fs, uri)
+    elif type(fs).__name__ == "GcsFileSystem" and "retry_limit_seconds=" not in uri:
+        fs = _gcs_filesystem(fs)
     return fs, root
 
 
-def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def open_filesystem(uri: str, what: str = "store URI") -> tuple[pafs.FileSystem, str]:
     """The filesystem and path of a local path or URI, with the endpoint, credential and retry
-    handling of run directories (models in object stores are read the same way)."""
+    handling of run directories (models in object stores are read the same way). A URI of the
+    wrong shape is a ConfigError naming it as `what` before any client is made."""
+    check_store_uri(uri, what)
     return _split_uri(uri)
+
+
+def store_endpoint(fs: Any) -> str | None:
+    """Where a store filesystem sends its requests, for messages: `scheme://host[:port]`, or
+    None for a local filesystem."""
+    if isinstance(fs, pafs.S3FileSystem):
+        options = fs.__reduce__()[1][0]
+        host = options.get("endpoint_override") or f"s3.{options.get('region') or 'us-east-1'}"
+        if "://" in host:
+            return host
+        if not options.get("endpoint_override"):
+            host += ".amazonaws.com"
+        return f"{options.get('scheme') or 'https'}://{host}"
+    if type(fs).__name__ == "GcsFileSystem":
+        options = fs.__reduce__()[1][0]
+        host = options.get("endpoint_override") or "storage.googleapis.com"
+        return host if "://" in host else f"{options.get('scheme') or 'https'}://{host}"
+    return None
 
 
 def join_uri(uri: str, *parts: str) -> str:
@@ -107,9 +202,9 @@ def join_uri(uri: str, *parts: str) -> str:
 
 
 def _s3_filesystem(fs: pafs.S3FileSystem, uri: str) -> pafs.S3FileSystem:
-    """The S3 filesystem `from_uri` made, with bounded client retries and, when the URI names no
-    endpoint, the one in AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (the AWS SDKs' convention for
-    S3-compatible stores, which pyarrow does not read by itself)."""
+    """The S3 filesystem `from_uri` made, with a connect timeout, bounded client retries and,
+    when the URI names no endpoint, the one in AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (the AWS
+    SDKs' convention for S3-compatible stores, which pyarrow does not read by itself)."""
     options = dict(fs.__reduce__()[1][0])  # the options it was made with (pickling support)
     if not options.get("proxy_options", {}).get("host"):
         options.pop("proxy_options", None)
@@ -119,33 +214,21 @@ def _s3_filesystem(fs: pafs.S3FileSystem, uri: str) -> pafs.S3FileSystem:
         options["endpoint_override"] = host.rstrip("/")
         if scheme:
             options["scheme"] = scheme
+    if options.get("connect_timeout", -1) <= 0:
+        options["connect_timeout"] = CONNECT_TIMEOUT_S
     retries = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
     return pafs.S3FileSystem(**options, retry_strategy=retries)
 
 
+def _gcs_filesystem(fs: Any) -> Any:
+    """The GCS filesystem `from_uri` made, its own retries bounded to GCS_RETRY_LIMIT_S."""
+    options = dict(fs.__reduce__()[1][0])
+    options["retry_time_limit"] = timedelta(seconds=GCS_RETRY_LIMIT_S)
+    return type(fs)._reconstruct(options)
+
+
 def _is_visible_data_file(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith((_TEMP_PREFIX, "_"))
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def is_persistent(err: BaseException) -> bool:
-    """Whether a storage error will not go away by trying again."""
-    if getattr(err, "errno", None) in _PERSISTENT_ERRNOS:
-        return True
-    text = str(err).lower()
-    return any(word in text for word in _PERSISTENT_WORDS)
-
-
-def _cause(err: BaseException) -> str:
-    code = getattr(err, "errno", None)
-    if code in errno.errorcode:  # "No space left on device (ENOSPC)", without "[Errno 28]"
-        text = getattr(err, "strerror", None) or _first_line(err)
-        return f"{text} ({errno.errorcode[code]})"
-    return _first_line(err)
 
 
 def _redacted(table: pa.Table) -> pa.Table:
@@ -174,6 +257,7 @@ class RunStore:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.fs, self.root = _split_uri(uri)
+        self.endpoint = store_endpoint(self.fs)  # named when the store cannot be reached
         self.fingerprint: str | None = None  # the run's config fingerprint, stamped on rows
 
     @property
@@ -199,21 +283,19 @@ class RunStore:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def _exists(self, path: str) -> bool:
+        return self._retrying("read", path, lambda: self._exists_once(path))
+
+    def _exists_once(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
-    def _retrying(self, operation: str, path: str, action: Callable[[], Any]) -> Any:
-        """Run a storage action, retrying transient failures; StorageError when it cannot."""
-        for delay in (*RETRY_DELAYS_S, None):
-            try:
-                return action()
-            except OSError as err:  # pyarrow's I/O errors, local and remote, are OSErrors
-                if delay is None or is_persistent(err):
-                    relative = path.removeprefix(self.root.rstrip("/") + "/")
-                    raise StorageError(
-                        f"cannot {operation} {relative} in run dir {self.location}: {_cause(err)}"
-                    ) from err
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+    def _retrying(self, operation: str, path: str, action: Callable[[], T]) -> T:
+        """Run a storage action with `retrying`'s retries; StorageError naming the file and the
+        run dir when it cannot."""
+        relative = path.removeprefix(self.root.rstrip("/") + "/")
+        what = f"run dir {self.location}"
+        if path.rstrip("/") != self.root.rstrip("/"):
+            what = f"{relative} in {what}"
+        return retrying(operation, what, action, self.endpoint)
 
     def _write_atomically(self, path: str, write: Callable[[Any], None]) -> None:
         self._retrying("write", path, lambda: self._write_once(path, write))
@@ -228,7 +310,7 @@ class RunStore:
             self.fs.move(temp, path)
         except BaseException:
             try:  # no half-written file stays behind, not even a hidden one
-                if self._exists(temp):
+                if self._exists_once(temp):
                     self.fs.delete_file(temp)
             except OSError:
                 pass  # the write's own error is the one to report
@@ -243,9 +325,12 @@ class RunStore:
 
     def _data_files(self, folder: str) -> list[str]:
         selector = pafs.FileSelector(self._path(folder), allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
+        infos = self._list(self._path(folder), selector)
         files = (i for i in infos if i.type == pafs.FileType.File)
         return sorted(i.path for i in files if _is_visible_data_file(i.base_name))
+
+    def _list(self, path: str, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._retrying("list", path, lambda: self.fs.get_file_info(selector))
 
     def _read_bytes(self, path: str) -> pa.Buffer:
         with self.fs.open_input_file(path) as handle:
@@ -272,7 +357,7 @@ class RunStore:
                 return pq.read_table(handle, schema=schema)
         except (pa.ArrowException, ValueError, OSError) as err:
             raise ConfigError(
-                f"{path} is not a readable table of this run ({_first_line(err)}); "
+                f"{path} is not a readable table of this run ({first_line(err)}); "
                 "move it out of the run directory and run again (a probe file's probes then "
                 "run again)"
             ) from None
@@ -304,12 +389,12 @@ class RunStore:
         path = self._path(name)
         if not self._exists(path):
             return None
+        raw = self._retrying("read", path, lambda: self._read_bytes(path)).to_pybytes()
         try:
-            with self.fs.open_input_stream(path) as stream:
-                data = json.loads(stream.read().decode())
+            data = json.loads(raw.decode())
         except (ValueError, UnicodeDecodeError) as err:
             raise ConfigError(
-                f"{path} is not valid JSON ({_first_line(err)}); restore it, or move the run "
+                f"{path} is not valid JSON ({first_line(err)}); restore it, or move the run "
                 "directory away and choose another --out"
             ) from None
         if not isinstance(data, dict):
@@ -335,7 +420,7 @@ class RunStore:
         selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
         return any(
             i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-            for i in self.fs.get_file_info(selector)
+            for i in self._list(self.root, selector)
         )
 
     def remove_logs(self) -> None:
@@ -347,7 +432,7 @@ class RunStore:
     def remove_root_if_empty(self) -> None:
         """Delete the run directory itself when nothing is left in it."""
         selector = pafs.FileSelector(self.root, allow_not_found=True)
-        if self._exists(self.root) and not self.fs.get_file_info(selector):
+        if self._exists(self.root) and not self._list(self.root, selector):
             self._retrying("delete", self.root, lambda: self.fs.delete_dir(self.root))
 
     def open_run(self, config: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
@@ -452,6 +537,24 @@ class RunStore:
         for path in parts:
             self._delete_file(path)
 
+    # --- tables by name (a compare run's `compare/`) -----------------------------------------
+    def write_table(self, name: str, table: pa.Table) -> None:
+        """Write the table file `name` (a `.parquet` path inside the run dir), atomically."""
+        self._write_table(self._path(name), table)
+
+    def read_table(self, name: str, schema: pa.Schema) -> pa.Table | None:
+        """The table file `name`, or None when it is not written yet."""
+        path = self._path(name)
+        return self._read_file(path, schema) if self._exists(path) else None
+
+    def read_folder(self, folder: str, schema: pa.Schema) -> pa.Table:
+        """Every table file in `folder`, concatenated in name order (empty when none)."""
+        return self._read_files(self._data_files(folder), schema)
+
+    def table_names(self, folder: str) -> list[str]:
+        """The names of the table files in `folder`, sorted."""
+        return [path.rpartition("/")[2] for path in self._data_files(folder)]
+
     # --- final -----------------------------------------------------------------------------
     def write_final(self, name: str, table: pa.Table) -> None:
         self._write_table(self._path("final", name, "data.parquet"), table)
@@ -493,7 +596,7 @@ class RunStore:
         """The files in `folder`, recursively, by path relative to it."""
         selector = pafs.FileSelector(self._path(folder), recursive=True, allow_not_found=True)
         base = self._path(folder).rstrip("/") + "/"
-        infos = self.fs.get_file_info(selector)
+        infos = self._list(self._path(folder), selector)
         return sorted(i.path.removeprefix(base) for i in infos if i.type == pafs.FileType.File)
 
     def replace_files(self, folder: str, files: Mapping[str, str]) -> None:

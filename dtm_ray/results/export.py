@@ -24,7 +24,10 @@ The output folder (default `<run_dir>/export/`) holds:
   notes on what each serving engine cannot load, the export time and version.
 
 Everything is written into a hidden folder beside the target and renamed at the end, so a killed
-export never leaves half a folder.
+export never leaves half a folder. A write that fails (a full disk, no permission) is retried and
+mapped as a run dir's writes are (`records.store.retrying`): one line naming the file and the
+export, exit 1, the hidden folder removed; the same command writes the same files once there is
+room.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from dtm_ray.core.components import KINDS, components_from_config
 from dtm_ray.core.serving import serving_notes
 from dtm_ray.core.specs import parse_spec, precision_of
 from dtm_ray.core.state import ModelState
-from dtm_ray.errors import ConfigError, StorageError
+from dtm_ray.errors import ConfigError
 from dtm_ray.records.schemas import (
     CALIBRATION_SCHEMA,
     FINAL_SUMMARY_SCHEMA,
@@ -56,10 +59,11 @@ from dtm_ray.records.schemas import (
     calibration_from_table,
     state_from_table,
 )
-from dtm_ray.records.store import RunStore, is_persistent
+from dtm_ray.records.store import RunStore, check_store_uri
 from dtm_ray.redact import redact, redact_data
 from dtm_ray.results.export_compressed import stored_level, write_compressed
 from dtm_ray.results.export_dense import replay_device, torch_threads, write_dense
+from dtm_ray.results.model_files import write_file
 from dtm_ray.results.roles import role_numbers
 
 _MARKER = "export.json"  # its presence tells a previous export, which may be replaced
@@ -97,6 +101,7 @@ def export_run(
     (compressed-tensors has no sparse format any more). `device`: where chains are replayed
     (`auto`: cuda when torch sees a GPU, else cpu); `threads`: torch's threads meanwhile (None:
     every core this process may use). The files are the same on every device and thread count."""
+    check_store_uri(run_dir)  # before torch looks for a device: a malformed URI is one line
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     if threads is not None and threads < 1:
@@ -146,7 +151,7 @@ def export_run(
     # Module order (layer, then q k v o gate up down): the order llm-compressor matches targets.
     rows = sorted(states.to_pylist(), key=lambda r: (r["layer"], KINDS.index(r["kind"])))
 
-    scratch = sink.scratch()
+    scratch = write_file(sink.where, "a scratch folder", sink.scratch)
     try:
         dense = fmt != COMPRESSED
         with torch_threads(threads):
@@ -158,6 +163,7 @@ def export_run(
                 dense,
                 sink.shard_done,
                 replay_on,
+                sink.where,
             )
         missing = [r["component"] for r in rows if r["component"] not in saved]
         if missing:
@@ -170,7 +176,7 @@ def export_run(
         levels = {r["component"]: stored_level(r["chain"]) for r in rows}
         checkpoints = {"dense": "."} if fmt != COMPRESSED else {}
         if fmt != "dense":
-            (scratch / COMPRESSED).mkdir()
+            write_file(sink.where, f"{COMPRESSED}/", (scratch / COMPRESSED).mkdir)
             with torch_threads(threads):
                 write_compressed(
                     model_dir,
@@ -180,13 +186,15 @@ def export_run(
                     linears,
                     sink.shard_done,
                     replay_on,
+                    f"{sink.where}/{COMPRESSED}",
                 )
             checkpoints["compressed"] = COMPRESSED
-        _write_json(scratch / "sparsity_map.json", sparsity)
-        _write_json(scratch / "precision_map.json", precision)
+        _write_json(sink.where, scratch / "sparsity_map.json", sparsity)
+        _write_json(sink.where, scratch / "precision_map.json", precision)
         recipe = _recipe(rows, sparsity, precision)
         header = redact(_recipe_header(store.location, config, summary_row))
-        (scratch / "recipe.yaml").write_text(header + yaml.safe_dump(recipe, sort_keys=False))
+        text = header + yaml.safe_dump(recipe, sort_keys=False)
+        write_file(sink.where, "recipe.yaml", lambda: (scratch / "recipe.yaml").write_text(text))
         meta = {
             "run_dir": store.location,
             "model": config["model"],
@@ -202,12 +210,8 @@ def export_run(
             "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dtm_ray": dtm_ray.__version__,
         }
-        _write_json(scratch / _MARKER, meta)  # written last: it marks a complete export
+        _write_json(sink.where, scratch / _MARKER, meta)  # written last: a complete export
         return sink.finish()
-    except OSError as err:
-        if is_persistent(err):  # a full disk or a folder without write permission
-            raise StorageError(f"cannot write the export to {sink.where}: {err}") from err
-        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -334,8 +338,9 @@ def _recipe_header(location: str, config: Mapping[str, Any], summary: Mapping[st
 
 
 # --- files ---------------------------------------------------------------------------------------
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(redact_data(data), indent=2, default=str) + "\n")
+def _write_json(where: str, path: Path, data: Any) -> None:
+    text = json.dumps(redact_data(data), indent=2, default=str) + "\n"
+    write_file(where, path.name, lambda: path.write_text(text))
 
 
 def _check_target(target: Path) -> None:
@@ -380,7 +385,8 @@ class _FolderSink(_Sink):
 
     def finish(self) -> Path:
         assert self._scratch is not None
-        _replace(self._scratch, self.target)
+        scratch = self._scratch
+        write_file(self.where, "the finished folder", lambda: _replace(scratch, self.target))
         return self.target
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import torch
 from dtm_ray.core.components import Component
 from dtm_ray.core.specs import parse_spec
 from dtm_ray.core.state import ModelState
-from dtm_ray.results.model_files import INDEX, is_plain_file, shards
+from dtm_ray.results.model_files import INDEX, is_plain_file, shards, write_file
 
 # compressed-tensors' weight arguments and on-disk format of each quantization method.
 _SCHEMES: dict[str, tuple[dict[str, Any], str]] = {
@@ -63,10 +64,12 @@ def write_compressed(
     linears: Sequence[Component],
     shard_done: Callable[[Path], None] | None = None,
     device: torch.device | None = None,
+    where: str = "",
 ) -> dict[str, str | None]:
     """Write the compressed checkpoint of `state` into the existing folder `out`. `linears` are
     the model's linear components (selected or not); `shard_done` gets each shard once written;
-    chains replay on `device` (default cpu; the same bits on every device). Memory as the dense
+    chains replay on `device` (default cpu; the same bits on every device); `where` is the
+    export's target, named when a write fails (a StorageError). Memory as the dense
     checkpoint's (`export_dense`): one shard's saved tensors plus one weight's working copies.
     Returns component -> stored level (None: dense) for every component of `state`."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -78,6 +81,7 @@ def write_compressed(
     from dtm_ray.results.export_dense import replay_on
 
     device = device or torch.device("cpu")
+    where = where or str(out)
     dtype = torch_dtype(engine_dtype)
     levels = {name: stored_level(state.specs(name)) for name in state.components()}
     narrowed = False
@@ -117,7 +121,7 @@ def write_compressed(
                     bits = _SCHEMES[spec.method][0]["num_bits"]
                     tensors[f"{module}.weight_packed"] = pack_to_int32(values, bits).contiguous()
                     tensors[f"{module}.weight_shape"] = torch.tensor(values.shape)
-        save_file(tensors, out / shard, metadata=metadata)
+        write_file(where, shard, partial(save_file, tensors, out / shard, metadata=metadata))
         weight_map.update(dict.fromkeys(tensors, shard))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors  # one shard in memory at a time
@@ -127,17 +131,19 @@ def write_compressed(
         index = json.loads((model_dir / INDEX).read_text())
         index["metadata"] = {**index.get("metadata", {}), "total_size": total}
         index["weight_map"] = dict(sorted(weight_map.items()))
-        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        text = json.dumps(index, indent=2) + "\n"
+        write_file(where, INDEX, lambda: (out / INDEX).write_text(text))
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = quantization_config(levels, linears)
     if narrowed:
         for key in ("dtype", "torch_dtype"):  # transformers 5 writes `dtype`, 4.x `torch_dtype`
             if key in config:
                 config[key] = engine_dtype
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    text = json.dumps(config, indent=2) + "\n"
+    write_file(where, "config.json", lambda: (out / "config.json").write_text(text))
     for item in sorted(model_dir.iterdir()):
         if item.name not in ("config.json", INDEX) and is_plain_file(item):
-            shutil.copy2(item, out / item.name)
+            write_file(where, item.name, lambda i=item: shutil.copy2(i, out / i.name))
     return levels
 
 

@@ -37,13 +37,14 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from dtm_ray.core.state import Chain, ModelState
 from dtm_ray.errors import ConfigError
-from dtm_ray.results.model_files import is_plain_file, shards
+from dtm_ray.results.model_files import is_plain_file, shards, write_file
 
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
 
@@ -111,15 +112,18 @@ def write_dense(
     write: bool = True,
     shard_done: Callable[[Path], None] | None = None,
     device: torch.device | None = None,
+    where: str = "",
 ) -> dict[str, tuple[float, str]]:
     """Write the dense checkpoint of `state` into `out` (only measure it when not `write`),
     replaying on `device` (default cpu); returns, per tensor found, (share of zeros, dtype name)
     as saved. `shard_done` gets each shard as soon as it is written (an export to an object store
-    uploads it and frees the disk). Peak memory: see the module's docstring."""
+    uploads it and frees the disk). `where`: the export's target, named when a write fails (a
+    StorageError). Peak memory: see the module's docstring."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     device = device or torch.device("cpu")
+    where = where or str(out)
     base = None
     if state.base is not None:
         from dtm_ray.engines.checkpoint import BaseWeights
@@ -153,7 +157,9 @@ def write_dense(
                         tensors[name] = tensor
                     del tensor
             if write:
-                save_file(tensors, out / shard, metadata=metadata)
+                save = partial(save_file, tensors, out / shard, metadata=metadata)
+                write_file(where, shard, save)
+                del save  # it holds the shard's tensors
                 if shard_done is not None:
                     shard_done(out / shard)
             del tensors  # one shard in memory at a time
@@ -163,5 +169,5 @@ def write_dense(
     for item in sorted(model_dir.iterdir() if write else ()):
         # config, tokenizer, generation config and the index (names and shapes are unchanged).
         if is_plain_file(item):
-            shutil.copy2(item, out / item.name)
+            write_file(where, item.name, lambda i=item: shutil.copy2(i, out / i.name))
     return saved

@@ -1,12 +1,17 @@
 """The files of a Hugging Face model folder as both exports see them: its safetensors shards,
-and the plain files (config, tokenizer) copied beside the exported weights."""
+and the plain files (config, tokenizer) copied beside the exported weights; and how an export
+writes each of its files."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from dtm_ray.errors import ConfigError
+
+T = TypeVar("T")
 
 INDEX = "model.safetensors.index.json"
 # Files that hold weights: the checkpoint's own are rewritten, any other format (an uncompressed
@@ -28,3 +33,12 @@ def shards(model_dir: Path) -> list[str]:
 def is_plain_file(item: Path) -> bool:
     """A visible file that holds no weights (config, tokenizer, generation config, index)."""
     return item.is_file() and not item.name.startswith(".") and item.suffix not in WEIGHT_SUFFIXES
+
+
+def write_file(where: str, name: str, action: Callable[[], T]) -> T:
+    """Write one file of an export (`action`) with the run dir's retries and failure mapping
+    (`records.store.retrying`): a full disk is a StorageError naming the file and `where` the
+    export goes, never a bug."""
+    from dtm_ray.records.store import retrying
+
+    return retrying("write", f"{name} of the export to {where}", action)

@@ -25,7 +25,7 @@ import pandas as pd
 from dtm_ray.core.specs import parse_spec
 from dtm_ray.errors import ConfigError
 from dtm_ray.records.schemas import STATUS_OK
-from dtm_ray.records.store import RunStore
+from dtm_ray.records.store import RunStore, retrying
 from dtm_ray.redact import redact
 from dtm_ray.results.roles import role_numbers
 from dtm_ray.results.show import (
@@ -62,9 +62,17 @@ def _kind_colors(kinds: list[str]) -> dict[str, tuple]:
     return dict(zip(kinds, _pyplot().get_cmap("tab10").colors, strict=False))
 
 
+def _write(out: Path, name: str, action: Callable[[], object]) -> None:
+    """Write one file of the report with the run dir's retries and failure mapping: a full disk
+    is a StorageError naming the file and the report's folder."""
+    retrying("write", f"{name} of the report in {out}", action)
+
+
 def _save(fig, out: Path, name: str) -> str:
-    fig.savefig(out / name, dpi=DPI, bbox_inches="tight")
-    _pyplot().close(fig)
+    try:
+        _write(out, name, lambda: fig.savefig(out / name, dpi=DPI, bbox_inches="tight"))
+    finally:
+        _pyplot().close(fig)
     return name
 
 
@@ -621,9 +629,12 @@ def write_report(run_dir: str, out: str | Path | None = None) -> Path | str:
 
 
 def _write_report(run: RunTables, target: Path) -> Path:
-    target.mkdir(parents=True, exist_ok=True)
+    _write(target, "its folder", lambda: target.mkdir(parents=True, exist_ok=True))
     sections = [s for s in (make(run, target) for make in SECTIONS) if s is not None]
     title = f"dtm-ray report: {run.config.get('model')}"
-    (target / "report.md").write_text(redact(render_markdown(title, sections)))
-    (target / "report.html").write_text(redact(render_html(title, sections)))
+    for name, text in (
+        ("report.md", redact(render_markdown(title, sections))),
+        ("report.html", redact(render_html(title, sections))),
+    ):
+        _write(target, name, lambda n=name, t=text: (target / n).write_text(t))
     return target / "report.html"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dtm_ray.errors import ConfigError
-from dtm_ray.records.store import RunStore
+from dtm_ray.records.store import RunStore, retrying
 
 
 def runs_tasks(run_dirs: Sequence[str]) -> list[dict[str, Any]]:
@@ -124,6 +124,8 @@ def plot_tasks(run_dirs: Sequence[str], path: str | Path) -> Path:
     fig.legend(handles=handles, loc="outside right center", frameon=False)
     fig.suptitle("lm-eval tasks: each compressed run against the dense model")
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:  # with the run dir's retries and failure mapping (a full disk: one line)
+        retrying("write", f"{path.name} in {path.parent}", lambda: fig.savefig(path, dpi=100))
+    finally:
+        plt.close(fig)
     return path

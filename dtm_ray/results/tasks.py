@@ -19,6 +19,7 @@ The lm-eval backend is `hf` (transformers; what CPU machines use) or `vllm` (GPU
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -27,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from dtm_ray.errors import ConfigError
+from dtm_ray.errors import ConfigError, StorageError, UserError, missing_requirement
 from dtm_ray.job.tasks import BACKENDS, resolve_tasks
 from dtm_ray.log import log
-from dtm_ray.records.store import RunStore
+from dtm_ray.records.store import RunStore, check_store_uri, retrying
 
 if TYPE_CHECKING:
     from dtm_ray.engines.sources import ModelSource
@@ -152,13 +153,18 @@ def evaluate_model(
             "value": float(results["results"][task][f"{metric},{filter_name}"]),
             "answers": answers,
         }
+
     # lm-eval writes its files last: writing sanitizes the samples in place.
-    with tempfile.TemporaryDirectory() as folder:
-        tracker = EvaluationTracker(output_path=f"{folder}/results.json")
-        tracker.save_results_aggregated(results=results, samples=results["samples"])
-        for task in results["configs"]:
-            tracker.save_results_samples(task_name=task, samples=results["samples"][task])
-        files = {p.name: p.read_text() for p in Path(folder).iterdir() if p.is_file()}
+    def write_files() -> dict[str, str]:
+        with tempfile.TemporaryDirectory() as folder:
+            tracker = EvaluationTracker(output_path=f"{folder}/results.json")
+            tracker.save_results_aggregated(results=results, samples=results["samples"])
+            for task in results["configs"]:
+                tracker.save_results_samples(task_name=task, samples=results["samples"][task])
+            return {p.name: p.read_text() for p in Path(folder).iterdir() if p.is_file()}
+
+    where = f"lm-eval's output files in {tempfile.gettempdir()} on {socket.gethostname()}"
+    files = retrying("write", where, write_files)
     return {"tasks": summary, "files": files, "seconds": time.monotonic() - start}
 
 
@@ -172,12 +178,18 @@ def _evaluate_on_worker(
 ) -> dict[str, Any]:
     """The Ray task: `evaluate_model` on a model source materialised on this node (once per
     node), or a folder. `evaluation`: tasks, limit, num_fewshot, batch_size."""
-    from dtm_ray.engines.sources import node_folder
+    try:
+        from dtm_ray.engines.sources import node_folder
 
-    folder = str(node_folder(model).resolve())
-    return evaluate_model(
-        *lm_eval_model(backend, folder, dtype, resources, engine_options), *evaluation
-    )
+        folder = str(node_folder(model).resolve())
+        return evaluate_model(
+            *lm_eval_model(backend, folder, dtype, resources, engine_options), *evaluation
+        )
+    except ModuleNotFoundError as err:  # this node's Python lacks a requirement: say which
+        missing = missing_requirement(err, f"node {socket.gethostname()}")
+        if missing is None:
+            raise
+        raise missing from None
 
 
 def _task_options(resources: Mapping[str, float]) -> dict[str, Any]:
@@ -246,18 +258,60 @@ def _export_source(store: RunStore, scratch: str) -> tuple[ModelSource, dict[str
     return resolve_source(str(folder)), json.loads((Path(folder) / "export.json").read_text())
 
 
+def evaluate_models(
+    models: Sequence[tuple[ModelSource | str, str, Mapping[str, Any]]],
+    backend: str,
+    resources: Mapping[str, float],
+    tasks: list[str | dict[str, Any]],
+    config: EvaluateConfig,
+) -> list[dict[str, Any]]:
+    """lm-eval on each (model source, dtype, engine options), one Ray task each, in parallel,
+    each holding an engine's `resources`; the `evaluate_model` results in order. Uses the Ray
+    this process is connected to, else starts one."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from dtm_ray.cluster.pool import connect_ray
+
+    started = connect_ray()
+    try:
+        remote = ray.remote(_evaluate_on_worker).options(**_task_options(resources))
+        refs = [
+            remote.remote(
+                model,
+                backend,
+                dtype,
+                resources,
+                options,
+                tasks,
+                config.limit,
+                config.num_fewshot,
+                config.batch_size,
+            )
+            for model, dtype, options in models
+        ]
+        try:
+            return ray.get(refs)
+        except RayTaskError as err:
+            # A storage failure or a missing requirement on the worker: its own line.
+            if isinstance(err.cause, (StorageError, UserError)):
+                raise err.cause from None
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def evaluate_run(
     run_dir: str, config: EvaluateConfig, tasks: list[str | dict[str, Any]] | None = None
 ) -> pa.Table:
     """Evaluate a finished compressing run's dense model and export on `config.tasks` (resolved
     already as `tasks`, or here); write and return `final/tasks/`. Uses the Ray this process is
     connected to, else starts one."""
-    import ray
-
-    from dtm_ray.cluster.pool import connect_ray
     from dtm_ray.engines.sources import source_of_run
     from dtm_ray.records.schemas import FINAL_SUMMARY_SCHEMA
 
+    check_store_uri(run_dir)  # its shape first: no client, no lm-eval index for a bad URI
     tasks = tasks if tasks is not None else resolve_tasks(config.tasks)  # before any I/O
     store = RunStore(run_dir)
     info = store.read_run_info()
@@ -273,64 +327,104 @@ def evaluate_run(
     backend = choose_backend(config.backend, resources)
     # Each worker's node materialises the model the run measured (the same revision).
     dense_model = source_of_run(info)
-    started = connect_ray()
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            export, meta = _export_source(store, scratch)
-            # Both models in the dtype the run measured in, so they differ only by compression.
-            dtype = meta["engine_dtype"]
-            remote = ray.remote(_evaluate_on_worker).options(**_task_options(resources))
-            engine_options = job.get("engine_options") or {}
-            refs = [
-                remote.remote(
-                    m,
-                    backend,
-                    dtype,
-                    resources,
-                    engine_options,
-                    tasks,
-                    config.limit,
-                    config.num_fewshot,
-                    config.batch_size,
-                )
-                for m in (dense_model, export)
-            ]
-            log(f"lm-eval ({backend}) on the dense model and the export: {_names(tasks)}")
-            dense, compressed = ray.get(refs)
-    finally:
-        if started:
-            ray.shutdown()
-    for name, result in (("dense", dense), ("compressed", compressed)):
-        store.replace_files(f"final/lm-eval/{name}", result["files"])
+    with tempfile.TemporaryDirectory() as scratch:
+        export, meta = _export_source(store, scratch)
+        # Both models in the dtype the run measured in, so they differ only by compression.
+        dtype = meta["engine_dtype"]
+        options = job.get("engine_options") or {}
+        log(f"lm-eval ({backend}) on the dense model and the export: {_names(tasks)}")
+        dense, compressed = evaluate_models(
+            [(dense_model, dtype, options), (export, dtype, options)],
+            backend,
+            resources,
+            tasks,
+            config,
+        )
     fdt = summary.column("fdt_at_75")[0].as_py()
-    test_fdt = summary.column("test_fdt_at_75")[0].as_py()
-    table = tasks_table(dense, compressed, fdt, backend, test_fdt)
+    # Runs from before the prompt roles have no test numbers.
+    test_fdt = (
+        summary.column("test_fdt_at_75")[0].as_py()
+        if "test_fdt_at_75" in summary.column_names
+        else None
+    )
+    return _write_tasks(store, ("dense", "compressed"), dense, compressed, fdt, backend, test_fdt)
+
+
+def _write_tasks(
+    store: RunStore,
+    names: tuple[str, str],
+    first: dict[str, Any],
+    second: dict[str, Any],
+    fdt: int | None,
+    backend: str,
+    test_fdt: int | None = None,
+) -> pa.Table:
+    """lm-eval's own files to `final/lm-eval/<name>/`, the task rows to `final/tasks/`."""
+    for name, result in zip(names, (first, second), strict=True):
+        store.replace_files(f"final/lm-eval/{name}", result["files"])
+    table = tasks_table(first, second, fdt, backend, test_fdt)
     store.write_final("tasks", table)
-    log(f"tasks evaluated in {max(dense['seconds'], compressed['seconds']):.0f} s")
+    log(f"tasks evaluated in {max(first['seconds'], second['seconds']):.0f} s")
     return table
+
+
+def evaluate_compare(
+    run_dir: str, config: EvaluateConfig, tasks: list[str | dict[str, Any]] | None = None
+) -> pa.Table:
+    """lm-eval tasks on a finished compare run's two models: `final/tasks/` with the base in the
+    `dense` column and the candidate in `compressed`, the flips between them and the compare's
+    FDT@75; lm-eval's files in `final/lm-eval/{base,candidate}/`. Each model runs in the dtype
+    its compare actors ran in, with its side's engine options."""
+    from dtm_ray.engines.sources import ModelSource
+    from dtm_ray.records.schemas import COMPARE_SUMMARY_SCHEMA
+
+    check_store_uri(run_dir)  # its shape first: no client, no lm-eval index for a bad URI
+    tasks = tasks if tasks is not None else resolve_tasks(config.tasks)
+    store = RunStore(run_dir)
+    info = store.read_run_info() or {}
+    summary = store.read_table("compare/summary/data.parquet", COMPARE_SUMMARY_SCHEMA)
+    if summary is None:
+        raise ConfigError(
+            f"compare {run_dir} is not finished; run the same `dtm-ray compare` command first"
+        )
+    row = summary.to_pylist()[0]
+    job = info["config"]
+    resources = job.get("resources_per_worker") or {"CPU": 1}
+    backend = choose_backend(config.backend, resources)
+    models = [
+        (
+            ModelSource(**info["model_sources"][side]),
+            row[f"{side}_dtype"],
+            job["compare"][side].get("engine_options") or {},
+        )
+        for side in ("base", "candidate")
+    ]
+    log(f"lm-eval ({backend}) on the base and the candidate: {_names(tasks)}")
+    base, candidate = evaluate_models(models, backend, resources, tasks, config)
+    return _write_tasks(store, ("base", "candidate"), base, candidate, row["fdt_at_75"], backend)
 
 
 def _names(tasks: Sequence[str | dict[str, Any]]) -> str:
     return ", ".join(t if isinstance(t, str) else t["task"] for t in tasks)
 
 
-def format_run_tasks(table: pa.Table) -> str:
+def format_run_tasks(table: pa.Table, labels: tuple[str, str] = ("dense", "compr.")) -> str:
     """A run's `final/tasks/` as a few aligned lines for the terminal, after the run's FDT@75
-    (on the held-out test prompts first)."""
+    (on the held-out test prompts first); `labels` name the two models' columns (a compare's:
+    base and candidate)."""
     lines = []
     rows = table.to_pylist()
-    if rows:
-        test, decide = rows[0].get("test_fdt_at_75"), rows[0].get("fdt_at_75")
-        fdt = f"{decide} on the prompts the rounds probed"
-        if test is not None:
-            fdt = (
-                f"{test} on the test prompts (held out), {decide} on the decide prompts (in-sample)"
-            )
-        lines.append(f"the run's FDT@75 against the dense model: {fdt}")
-    lines.append(f"{'task':<24} {'metric':<12} {'dense':>7} {'compr.':>7} {'flips':>7}  examples")
+    if rows and rows[0].get("test_fdt_at_75") is not None:
+        test, decide = rows[0]["test_fdt_at_75"], rows[0]["fdt_at_75"]
+        lines.append(
+            f"the run's FDT@75 against the dense model: {test} on the test prompts (held out), "
+            f"{decide} on the decide prompts (in-sample)"
+        )
+    first, second = (label[:9] for label in labels)
+    lines.append(f"{'task':<24} {'metric':<12} {first:>9} {second:>9} {'flips':>7}  examples")
     for row in rows:
         lines.append(
-            f"{row['task']:<24} {row['metric']:<12} {row['dense']:7.3f} "
-            f"{row['compressed']:7.3f} {row['flips']:7.3f}  {row['examples']}"
+            f"{row['task']:<24} {row['metric']:<12} {row['dense']:9.3f} "
+            f"{row['compressed']:9.3f} {row['flips']:7.3f}  {row['examples']}"
         )
     return "\n".join(lines)

@@ -14,51 +14,46 @@ in bfloat16 on CUDA:
 - compression on the GPU against the CPU reference path: bit-identical per spec;
 - peak GPU memory.
 
-    python bench/gpu_check.py --out gpu_check.json          # on a GPU (bench/gpu_check.sh)
-    python bench/gpu_check.py --tiny --device cpu           # the same code path, in seconds
+    python -m bench.checks.gpu_check --out DIR               # on a GPU (bench/checks/gpu_check.sh)
+    python -m bench.checks.gpu_check --tiny --device cpu     # the same code path, in seconds
 
-vLLM and Ray are not needed (the GPU image may not have them); the vLLM path is not covered.
+vLLM and Ray are not needed (the GPU image may not have them); the vLLM path is
+bench/checks/gpu_vllm_check.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench.common import (
+    SHAPES,
+    Results,
+    add_output_arguments,
+    markdown_table,
+    random_llama,
+    weight_name,
+)
 from dtm_ray.core.compress import compress
 from dtm_ray.core.metrics import fdt_at
 from dtm_ray.engines.hf import HFEngine
 from dtm_ray.engines.session import EngineSession
 
-SIZES = {
-    "1b": {"hidden_size": 2048, "num_hidden_layers": 22, "intermediate_size": 5632,
-           "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000},
-    "tiny": {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 256,
-             "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 1000},
-}
 SPECS = ["magnitude:0.5", "int8", "int4-g128", "wanda:0.5"]
 EXACT_SPECS = [*SPECS, "int8-tensor", "fp8-e4m3", "nm:2:4"]  # compared device vs CPU
-KINDS = {"q": "self_attn.q_proj", "down": "mlp.down_proj"}
+KINDS = ["q", "down"]  # probed in three layers: first, middle, last
 
 
 def build_model(folder: Path, size: str, device: str, dtype: torch.dtype) -> float:
-    config = LlamaConfig(
-        **SIZES[size], head_dim=SIZES[size]["hidden_size"] // SIZES[size]["num_attention_heads"],
-        max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
+    """The random Llama of `size` ("1b", or "toy" for --tiny) drawn on `device`; seconds."""
     start = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(folder, safe_serialization=True)
-    del model
+    dtype_name = str(dtype).removeprefix("torch.")
+    random_llama(folder, SHAPES[size], dtype=dtype_name, device=device, max_positions=1024)
     return time.perf_counter() - start
 
 
@@ -75,13 +70,20 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--prefix", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
-    p.add_argument("--out", default="gpu_check.json")
+    add_output_arguments(p)
     args = p.parse_args()
-    size = "tiny" if args.tiny else "1b"
+    results = Results(args, "gpu_check", __doc__)
+    size = "toy" if args.tiny else "1b"
     dtype = getattr(torch, args.dtype)
-    result: dict = {"size": size, "dtype": args.dtype, "device": args.device,
-                    "torch": torch.__version__, "prompts": args.prompts,
-                    "prefix_tokens": args.prefix, "new_tokens": args.new}
+    result: dict = {
+        "size": size,
+        "dtype": args.dtype,
+        "device": args.device,
+        "torch": torch.__version__,
+        "prompts": args.prompts,
+        "prefix_tokens": args.prefix,
+        "new_tokens": args.new,
+    }
     if args.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name(0)
         torch.cuda.reset_peak_memory_stats()
@@ -122,7 +124,7 @@ def main() -> None:
 
     # Wanda's calibration statistics: the input norms of the probed components.
     picked = [(layer, kind) for layer in (1, layers // 2, layers - 1) for kind in KINDS]
-    names = {(layer, kind): f"model.layers.{layer}.{KINDS[kind]}.weight" for layer, kind in picked}
+    names = {(layer, kind): weight_name(layer, kind) for layer, kind in picked}
     calibration = rng.integers(3, vocab, size=(16, args.prefix + args.new))
     norms = session.input_norms(calibration, list(names.values()))
 
@@ -142,11 +144,20 @@ def main() -> None:
                 synchronize(args.device)
                 got = probing.probe({name: spec}, reference, {name: norms[name]})
                 synchronize(args.device)
-                rows.append({"skip": skip, "mode": mode, "component": name, "layer": layer,
-                             "kind": kind,
-                             "spec": spec, "seconds": got.seconds,
-                             "fdt": got.fdt.tolist(), "sdt": got.sdt.tolist(),
-                             "fdt_at_75": int(fdt_at(got.fdt, 75))})
+                rows.append(
+                    {
+                        "skip": skip,
+                        "mode": mode,
+                        "component": name,
+                        "layer": layer,
+                        "kind": kind,
+                        "spec": spec,
+                        "seconds": got.seconds,
+                        "fdt": got.fdt.tolist(),
+                        "sdt": got.sdt.tolist(),
+                        "fdt_at_75": int(fdt_at(got.fdt, 75)),
+                    }
+                )
     skipped = [r for r in rows if r["mode"] == "skip"]
     full = [r for r in rows if r["mode"] == "full"]
     result["probes"] = len(skipped)
@@ -184,12 +195,22 @@ def main() -> None:
 
     if args.device.startswith("cuda"):
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    Path(args.out).write_text(json.dumps({**result, "rows": rows}, indent=1) + "\n")
-    for key, value in result.items():
-        if key not in ("fdt_at_75", "device_compress_equals_cpu"):
-            print(f"{key:34s} {value}")
-    print(f"{'device_compress_equals_cpu':34s} {sum(equal.values())}/{len(equal)} equal"
-          + "".join(f"\n  {k}: {v}" for k, v in equal.items() if not v))
+    summary = [
+        [key, f"{value:.4g}" if isinstance(value, float) else value]
+        for key, value in result.items()
+        if key not in ("fdt_at_75", "device_compress_equals_cpu")
+    ]
+    summary.append(["device_compress_equals_cpu", f"{sum(equal.values())}/{len(equal)} equal"])
+    unequal = [[k, "differs"] for k, v in equal.items() if not v]
+    sections = [("Result", markdown_table(["figure", "value"], summary))]
+    if unequal:
+        sections.append(
+            (
+                "Compressions the device computed differently",
+                markdown_table(["weight and spec", ""], unequal),
+            )
+        )
+    results.write({**result, "rows": rows}, sections)
 
 
 if __name__ == "__main__":

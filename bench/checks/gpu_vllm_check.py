@@ -1,6 +1,6 @@
 """What dtm-ray's vllm engine does on a GPU: the prepared check for a lent device that has vLLM.
 
-The same random-weight Llama as `bench/gpu_check.py` (about 1.1 B parameters, built on the
+The same random-weight Llama as `bench/checks/gpu_check.py` (about 1.1 B parameters, built on the
 machine, no hub), served by `VLLMEngine` in each of these settings, one after another:
 
 - `graphs`: CUDA graphs (the GPU default), batch invariance on (the default on NVIDIA >= 8.0);
@@ -20,8 +20,8 @@ Each setting measures, in bfloat16:
   through vLLM's loader): the same parameter bytes per (weight, spec), and restores bit for bit;
 - GPU memory in use (vLLM reserves `gpu_memory_utilization` of it).
 
-    python bench/gpu_vllm_check.py --out gpu_vllm_check.json     # on a GPU (bench/gpu_check.sh)
-    python bench/gpu_vllm_check.py --tiny                         # vLLM's CPU build, a toy model
+    python -m bench.checks.gpu_vllm_check --out DIR      # on a GPU (bench/checks/gpu_check.sh)
+    python -m bench.checks.gpu_vllm_check --tiny         # vLLM's CPU build, a toy model
 
 Needs vLLM (and its torch); not Ray.
 """
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,13 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import KINDS, build_model  # noqa: E402
-
-from dtm_ray.core.compress import compress  # noqa: E402
-from dtm_ray.core.state import Link, ModelState  # noqa: E402
-from dtm_ray.engines.session import EngineSession  # noqa: E402
-from dtm_ray.engines.vllm import VLLMEngine  # noqa: E402
+from bench.checks.gpu_check import KINDS, build_model
+from bench.common import KINDS as EVERY_KIND
+from bench.common import Results, add_output_arguments, markdown_table, weight_name
+from dtm_ray.core.compress import compress
+from dtm_ray.core.state import Link, ModelState
+from dtm_ray.engines.session import EngineSession
+from dtm_ray.engines.vllm import VLLMEngine
 
 SETTINGS = {  # name: (enforce_eager, batch_invariant)
     "graphs": (False, True),
@@ -53,9 +52,6 @@ SETTINGS = {  # name: (enforce_eager, batch_invariant)
 }
 SPECS = ["magnitude:0.5", "int8", "int4-g128"]
 EXACT = ["magnitude:0.5", "int8", "int4-g128", "wanda:0.5"]
-EVERY_KIND = [f"self_attn.{k}_proj" for k in "qkvo"] + [
-    f"mlp.{k}_proj" for k in ("gate", "up", "down")
-]
 
 
 def gpu_used_gib() -> float | None:
@@ -104,9 +100,7 @@ def one_setting(folder: Path, args: argparse.Namespace, eager: bool, invariant: 
 
         # Probes by spec, in the workers.
         names = [
-            f"model.layers.{layer}.{KINDS[kind]}.weight"
-            for layer in (1, layers // 2, layers - 1)
-            for kind in KINDS
+            weight_name(layer, kind) for layer in (1, layers // 2, layers - 1) for kind in KINDS
         ]
         specs = list(SPECS)
         norms = {}
@@ -135,7 +129,7 @@ def one_setting(folder: Path, args: argparse.Namespace, eager: bool, invariant: 
             out["skip_equals_full"] = f"{equal}/{len(rows)}"
 
         # A 2-round magnitude sparsify of every linear weight.
-        every = [f"model.layers.{i}.{k}.weight" for i in range(layers) for k in EVERY_KIND]
+        every = [weight_name(i, k) for i in range(layers) for k in EVERY_KIND]
         changes = []
         for level in (0.3, 0.5):
             state = ModelState({name: (Link(f"magnitude:{level}"),) for name in every})
@@ -180,11 +174,12 @@ def main() -> None:
     p.add_argument("--prefix", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--settings", default=",".join(SETTINGS))
-    p.add_argument("--out", default="gpu_vllm_check.json")
+    add_output_arguments(p)
     args = p.parse_args()
+    results = Results(args, "gpu_vllm_check", __doc__)
     on_gpu = torch.cuda.is_available()
     args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-    size = "tiny" if args.tiny else "1b"
+    size = "toy" if args.tiny else "1b"
     folder = Path(tempfile.mkdtemp(prefix="gpu-vllm-check-"))
     result: dict = {
         "size": size,
@@ -205,7 +200,11 @@ def main() -> None:
         except Exception as err:  # one setting failing must not hide the others' numbers
             result[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
         print(name, json.dumps(result[name], default=str), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    names = args.settings.split(",")
+    figures = sorted({k for name in names for k in result[name]})
+    rows = [[k, *(json.dumps(result[n].get(k, ""), default=str) for n in names)] for k in figures]
+    table = markdown_table(["figure", *names], rows)
+    results.write(result, [(f"{result['size']} model, {args.dtype}", table)])
 
 
 if __name__ == "__main__":
