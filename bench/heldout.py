@@ -20,10 +20,10 @@ plain transformers, independent of dtm_ray's engines:
 Every command adds its results to WORK/heldout.json (with the command, the commit and the
 machine). Typical use (from the repository root, the shared venv's python):
 
-    python bench/heldout_check.py split
-    python bench/heldout_check.py run quantize-hf && python bench/heldout_check.py check quantize-hf
-    python bench/heldout_check.py seeds --seeds 0 1 2 3 4
-    python bench/heldout_check.py table && python bench/heldout_check.py publish
+    python -m bench.heldout split
+    python -m bench.heldout run quantize-hf && python -m bench.heldout check quantize-hf
+    python -m bench.heldout seeds --seeds 0 1 2 3 4
+    python -m bench.heldout table && python -m bench.heldout publish
 """
 
 from __future__ import annotations
@@ -442,7 +442,7 @@ def main() -> None:
         "command", choices=["split", "run", "check", "cost", "seeds", "table", "publish"]
     )
     parser.add_argument("name", nargs="?", help="the job: quantize-hf, sparsify-vllm, ...")
-    parser.add_argument("--work", type=Path, default=ROOT / "scratch" / "heldout")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "heldout")
     parser.add_argument("--code", type=Path, default=ROOT, help="the dtm_ray checkout to run")
     parser.add_argument("--before", type=Path, help="seeds: also run this checkout (old rule)")
     parser.add_argument("--prompts-from", help="check: read the role prompts from this run")
