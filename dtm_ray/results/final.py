@@ -131,7 +131,6 @@ def final_tables(
         schema=FINAL_COMPONENTS_SCHEMA,
     )
 
-    low, high = fdt_at_interval(fdt, 75)
     n_new = dense.n_new
     heldout = {}
     for role in HELDOUT_ROLES:
@@ -144,12 +143,7 @@ def final_tables(
                 **heldout,
                 "prompts": dense.prompts,
                 "new_tokens": n_new,
-                "fdt_at_75": fdt_at(fdt, 75),
-                "fdt_at_75_low": low,
-                "fdt_at_75_high": high,
-                "fdt_mean": float(np.mean(fdt)),
-                "sdt_mean": float(np.mean(sdt)),
-                "sdt_share": float(np.mean(sdt)) / n_new,
+                **fdt_numbers(fdt, sdt, n_new),  # the decide prompts: in-sample
                 "ppl_reference": float(np.exp(np.mean(nll))),
                 "dense_ppl_reference": float(np.exp(np.mean(dense_nll))),
                 "ppl_text": perplexity(text_nll),
