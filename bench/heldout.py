@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import greedy
+
 ROOT = Path(__file__).resolve().parent.parent
 N_NEW = 32
 PREFIX = 16
@@ -191,28 +193,6 @@ def _model(folder: Path):  # noqa: ANN202
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     return model
-
-
-def greedy(model, prefixes: np.ndarray, n_new: int, batch: int = 16) -> np.ndarray:  # noqa: ANN001
-    """Free-running greedy continuations of `n_new` tokens, EOS ignored, no padding."""
-    import torch
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(prefixes), batch):
-            ids = torch.as_tensor(prefixes[start : start + batch], dtype=torch.long)
-            tokens = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n_new,
-                min_new_tokens=n_new,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            out.append(tokens[:, ids.shape[1] :].numpy())
-    return np.concatenate(out)
 
 
 def first_divergence(a: np.ndarray, b: np.ndarray) -> np.ndarray:
