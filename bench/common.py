@@ -105,6 +105,33 @@ def random_llama(
     return params
 
 
+# --- the independent reference ------------------------------------------------------------------
+def greedy(model: Any, prefixes: Any, n_new: int, batch: int = 16) -> Any:
+    """Plain transformers' free-running greedy continuation: `n_new` tokens after each prefix
+    (int64 [P, n], a numpy array), EOS ignored, no padding; int64 [P, n_new]. The reference the
+    benchmarks check dtm_ray's engines against, so it uses nothing of dtm_ray."""
+    import numpy as np
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(prefixes), batch):
+            ids = torch.as_tensor(np.asarray(prefixes[start : start + batch]), dtype=torch.long)
+            # An explicit all-ones mask: a prefix may hold the pad/EOS id, which generate would
+            # otherwise mask out of the context.
+            tokens = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            out.append(tokens[:, ids.shape[1] :].numpy())
+    return np.concatenate(out)
+
+
 # --- output ------------------------------------------------------------------------------------
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """`--out DIR` and `--note TEXT`, the same for every benchmark."""

@@ -17,7 +17,7 @@ re-tokenized sequences is not the exact FDT) or `matcher` (difflib's first block
 the common prefix: it matches the longest block first, and a longer match further on cuts the
 first one short). Writes JSON (`--json`) and prints a Markdown table.
 
-    python bench/compare_crosscheck.py runs/cmp-bf16 runs/cmp-pruned --json out.json
+    python -m bench.compare_crosscheck runs/cmp-bf16 runs/cmp-pruned --json out.json
 
 Needs torch and transformers (plus compressed-tensors for such a candidate); no Ray.
 """
@@ -39,6 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench.common import greedy as greedy_of
+
 _GREEDY: dict[tuple, np.ndarray] = {}  # the runs of one call often share their base
 
 
@@ -54,22 +56,7 @@ def _greedy(model_dir: str, dtype: str, prefixes: np.ndarray, n_new: int) -> np.
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    ids = torch.as_tensor(prefixes, dtype=torch.long)
-    rows = []
-    with torch.inference_mode():
-        for start in range(0, len(ids), 8):
-            batch = ids[start : start + 8]
-            out = model.generate(
-                input_ids=batch,
-                attention_mask=torch.ones_like(batch),
-                max_new_tokens=n_new,
-                min_new_tokens=n_new,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            rows.append(out[:, batch.shape[1] :].numpy())
-    return np.concatenate(rows)
+    return greedy_of(model, prefixes, n_new, batch=8)
 
 
 def first_difference(a: list[int] | np.ndarray, b: list[int] | np.ndarray) -> int:

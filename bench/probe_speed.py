@@ -46,6 +46,7 @@ from bench.common import (
     LlamaShape,
     Results,
     add_output_arguments,
+    greedy,
     markdown_table,
     random_llama,
     weight_name,
@@ -112,24 +113,6 @@ def load_hf_model(model_dir: Path) -> Any:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     return model
-
-
-@torch.inference_mode()
-def greedy(model: Any, prefixes: np.ndarray, n_new: int, batch: int) -> np.ndarray:
-    out = []
-    for start in range(0, len(prefixes), batch):
-        ids = torch.as_tensor(prefixes[start : start + batch])
-        tokens = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n_new,
-            min_new_tokens=n_new,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-        out.append(tokens[:, ids.shape[1] :].numpy())
-    return np.concatenate(out)
 
 
 def naive_probe(

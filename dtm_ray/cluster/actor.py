@@ -131,9 +131,15 @@ class EngineActor:
         return load_prompts(source, self.model_dir, count, prefix_tokens, self.session.engine, seed)
 
     def load_calibration(
-        self, source: str, count: int, length: int, scored: tuple[int, int], seed: int
+        self,
+        source: str,
+        count: int,
+        length: int,
+        scored: tuple[int | Mapping[str, int], int],
+        seed: int,
     ) -> np.ndarray:
-        """Calibration sequences disjoint from the scored prompts, `scored` = (count, tokens)."""
+        """Calibration sequences disjoint from the scored prompts, `scored` = (count per role,
+        or the decide count alone; prefix tokens)."""
         engine = self.session.engine
         return load_calibration(source, self.model_dir, count, length, *scored, engine, seed)
 

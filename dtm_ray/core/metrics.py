@@ -7,6 +7,7 @@ positions. Torch tensors are accepted and converted.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,39 @@ def fdt_at_interval(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail], method="lower")
     return int(low), int(high)
+
+
+def expected_interval_width(prompts: int, n_new: int, q: float = 75, level: float = 0.9) -> float:
+    """The expected width, in tokens, of FDT@q's `level` interval over `prompts` prompts, under
+    the stated assumption that FDT is spread evenly over 0..n_new (the wide case: FDT
+    concentrated at N, or on a few values, gives narrower intervals).
+
+    Order statistics: FDT@q is the p-quantile of the prompts' values, p = 1 - q/100, the value
+    of rank p·P; that rank varies over prompt sets with standard deviation sqrt(P·p·(1 - p))
+    (binomial), so the interval spans ranks p·P ± z·sqrt(P·p·(1 - p)), z the normal quantile
+    of the level (1.645 at 90 %); evenly spread values lie n_new/P tokens apart per rank. The
+    width is then 2·z·sqrt(p·(1 - p)/P)·n_new (about 1.42·N/sqrt(P) for FDT@75 at 90 %),
+    at most n_new."""
+    if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
+        raise ValueError(f"prompts must be an integer >= 1, got {prompts!r}")
+    if not 0 < q < 100:
+        raise ValueError(f"q must be a percentage in (0, 100), got {q}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    p = 1 - q / 100
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return min(float(n_new), 2 * z * math.sqrt(p * (1 - p) / prompts) * n_new)
+
+
+def prompts_for_interval_width(width: float, n_new: int, q: float = 75, level: float = 0.9) -> int:
+    """The fewest prompts whose `expected_interval_width` is at most `width` tokens."""
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width!r}")
+    one = 2 * NormalDist().inv_cdf(0.5 + level / 2) * math.sqrt(q / 100 * (1 - q / 100)) * n_new
+    prompts = max(1, math.ceil((one / width) ** 2))
+    while expected_interval_width(prompts, n_new, q, level) > width:  # float rounding
+        prompts += 1
+    return prompts
 
 
 def summarize(fdt: np.ndarray, sdt: np.ndarray, n_new: int) -> dict[str, float]:

@@ -122,3 +122,18 @@ def precision_of(chain: Sequence[str], dtype_name: str) -> str:
     quantized = [spec for spec in chain if not parse_spec(spec).is_pruning]
     return quantized[-1] if quantized else dtype_name
 
+
+FP16_SCALE_BITS = 16  # one fp16 scale per int4 group
+
+
+def spec_bits(spec: str) -> float:
+    """Storage bits per weight of a quantization spec (scales of int8 / fp8 rows ignored)."""
+    text = spec.strip().lower()
+    if text in ("int8", "int8-tensor", "fp8-e4m3"):
+        return 8.0
+    group = re.fullmatch(r"int4-g(\d+)", text)
+    if group and int(group[1]) >= 1:
+        return 4.0 + FP16_SCALE_BITS / int(group[1])
+    raise ValueError(
+        f"unknown quantization spec {spec!r}: expected int8, int8-tensor, int4-gG or fp8-e4m3"
+    )

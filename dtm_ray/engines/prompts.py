@@ -11,18 +11,29 @@ run probed (its round-0 reference), so two runs measure the very same prompts.
 Every source but `self` is read, parsed and cut into prefixes on the driver before anything
 starts (`prepare_prompts`), so a bad file is reported in one line naming what is wrong.
 
-Calibration prompts (wanda's input norms) come from the same source but never overlap the scored
-prompts: scoring on the very text a criterion was calibrated on would flatter it.
+Three roles draw prompts from one source (`cut_roles`, `load_roles`): `decide` (what rounds probe),
+`validate` (what acceptance reads: the quantize search's checks, the sparsify floor) and `test`
+(read only by the final evaluation). Windows lie on one grid per prefix length, so the decide
+draw is exactly the one a job without the other roles makes; validate and test are drawn from the
+grid windows left over, each with its own seed, so no window of one role overlaps another's. A
+`self` source gives each role its own range of sampler seeds instead.
+
+Calibration prompts (wanda's input norms) and recovery training text come from the same source
+but never overlap any role's windows: scoring on the very text a criterion was calibrated or
+trained on would flatter it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -37,6 +48,19 @@ NAMED_SOURCES = ("self", "pydoc")
 # Calibration samples of a `self` source use seeds far from the scored prompts' seeds (each
 # sampled prompt uses seed + its index), so the two sets never share a sampler seed.
 _CALIBRATION_SEED_OFFSET = 1_000_003
+
+# The prompt roles, in draw order: decide first, so its windows are those a job without the other
+# roles draws. Each role's seed is the job's seed plus its offset: for text sources the seed of
+# its draw among the windows left, for `self` the first of its sampler seeds (a role of P prompts
+# uses seed + offset .. seed + offset + P - 1; the offsets keep the roles, and calibration, apart
+# for any P below a million).
+ROLES = ("decide", "validate", "test")
+ROLE_SEED_OFFSETS = {"decide": 0, "validate": 2_000_003, "test": 3_000_003}
+
+
+def role_seed(seed: int, role: str) -> int:
+    """The seed of `role`'s draw (or first sampler seed) for a job seeded with `seed`."""
+    return seed + ROLE_SEED_OFFSETS[role]
 
 
 RUN_PREFIX = "run:"
@@ -214,17 +238,60 @@ def _overlaps(span: Span, others: list[Span]) -> bool:
     return any(span[0] == o[0] and span[1] < o[2] and o[1] < span[2] for o in others)
 
 
+def _describe(counts: Mapping[str, int]) -> str:
+    """'16' for decide alone, else '16 decide + 16 validate + 64 test = 96'."""
+    used = {role: n for role, n in counts.items() if n}
+    if list(used) == ["decide"]:
+        return str(used["decide"])
+    parts = " + ".join(f"{n} {role}" for role, n in used.items())
+    return f"{parts} = {sum(used.values())}"
+
+
+def role_spans(
+    token_lists: list[list[int]], prefix_tokens: int, counts: Mapping[str, int], seed: int
+) -> dict[str, list[Span]]:
+    """Per role of `counts` (decide, validate, test; a role of count 0 is left out), its windows
+    of `prefix_tokens` tokens on the grid from each text's start. Decide is drawn exactly as a
+    job with only decide prompts draws it; each later role from the grid windows no earlier
+    role took, with its own seed (`role_seed`), so no two roles share a window."""
+    spans = _spans(token_lists, prefix_tokens)
+    wanted = {role: int(counts.get(role) or 0) for role in ROLES}
+    what = f"prefixes of {prefix_tokens} tokens ({len(token_lists)} non-empty texts)"
+    if len(spans) < sum(wanted.values()):
+        raise ValueError(f"the texts give only {len(spans)} {what}; {_describe(wanted)} are needed")
+    out: dict[str, list[Span]] = {}
+    free = spans
+    for role, count in wanted.items():
+        if not count:
+            continue
+        out[role] = _choose(free, count, role_seed(seed, role), what)
+        taken = set(out[role])
+        free = [s for s in free if s not in taken]
+    return out
+
+
+def _windows(token_lists: list[list[int]], spans: list[Span]) -> np.ndarray:
+    return np.asarray([token_lists[t][a:b] for t, a, b in spans], dtype=np.int64)
+
+
+def cut_roles(
+    token_lists: list[list[int]], prefix_tokens: int, counts: Mapping[str, int], seed: int
+) -> dict[str, np.ndarray]:
+    """Per role, int64 [count, prefix_tokens] windows (`role_spans`)."""
+    spans = role_spans(token_lists, prefix_tokens, counts, seed)
+    return {role: _windows(token_lists, s) for role, s in spans.items()}
+
+
 def cut_prefixes(
     token_lists: list[list[int]], prefix_tokens: int, count: int, seed: int
 ) -> np.ndarray:
-    """`count` non-overlapping windows of `prefix_tokens` tokens, chosen with a fixed seed."""
-    spans = _choose(
-        _spans(token_lists, prefix_tokens),
-        count,
-        seed,
-        f"prefixes of {prefix_tokens} tokens ({len(token_lists)} non-empty texts)",
-    )
-    return np.asarray([token_lists[t][a:b] for t, a, b in spans], dtype=np.int64)
+    """`count` non-overlapping windows of `prefix_tokens` tokens, chosen with a fixed seed (the
+    decide role of `cut_roles`)."""
+    return cut_roles(token_lists, prefix_tokens, {"decide": count}, seed)["decide"]
+
+
+def _as_counts(scored: int | Mapping[str, int]) -> dict[str, int]:
+    return {"decide": scored} if isinstance(scored, int) else dict(scored)
 
 
 def cut_calibration(
@@ -233,16 +300,16 @@ def cut_calibration(
     count: int,
     seed: int,
     scored_prefix_tokens: int,
-    scored_count: int,
+    scored_count: int | Mapping[str, int],
 ) -> np.ndarray:
-    """`count` windows of `length` tokens that overlap none of the scored prefixes, which are the
-    ones `cut_prefixes(token_lists, scored_prefix_tokens, scored_count, seed)` picks."""
-    scored = _choose(
-        _spans(token_lists, scored_prefix_tokens), scored_count, seed, "scored prefixes"
-    )
+    """`count` windows of `length` tokens that overlap none of the scored prefixes: those
+    `role_spans(token_lists, scored_prefix_tokens, scored_count, seed)` picks for every role
+    (`scored_count` an int: decide alone)."""
+    roles = role_spans(token_lists, scored_prefix_tokens, _as_counts(scored_count), seed)
+    scored = [span for spans in roles.values() for span in spans]
     free = [s for s in _spans(token_lists, length) if not _overlaps(s, scored)]
     spans = _choose(free, count, seed + 1, f"calibration windows of {length} tokens")
-    return np.asarray([token_lists[t][a:b] for t, a, b in spans], dtype=np.int64)
+    return _windows(token_lists, spans)
 
 
 def sample_prefixes(
@@ -262,13 +329,81 @@ def load_prompts(
     engine: Engine | None = None,
     seed: int = 0,
 ) -> np.ndarray:
-    """int64 [count, prefix_tokens] token prefixes from `source` (`self` needs `engine`).
+    """int64 [count, prefix_tokens] token prefixes from `source` (`self` needs `engine`): the
+    decide role of `load_roles`.
 
     Raises ValueError naming the source and what is wrong with it."""
-    if count < 1 or prefix_tokens < 1:
-        raise ValueError(f"need count >= 1 and prefix_tokens >= 1, got {count}, {prefix_tokens}")
+    drawn = load_roles(source, model_dir, {"decide": count}, prefix_tokens, engine, seed)
+    return drawn.prefixes["decide"]
+
+
+@dataclass
+class DrawnRoles:
+    """Each role's prompts and, for a text source, where they lie in it."""
+
+    prefixes: dict[str, np.ndarray]  # role -> int64 [count, prefix_tokens]
+    # role -> (text index, first token, one past the last) per prompt; None: `self` and `run:`
+    windows: dict[str, list[Span]] | None = None
+
+
+def roles_record(
+    source: str,
+    counts: Mapping[str, int],
+    prefix_tokens: int,
+    seed: int,
+    drawn: DrawnRoles | None = None,
+) -> dict[str, dict[str, Any]]:
+    """What run.json keeps of each role: enough to name its prompts (their windows in a text
+    source, or their sampler seeds for `self`) and to see, on resume, that a job would now draw
+    other ones (another file content, tokenizer or seed). `drawn`: the prompts as cut on the
+    driver (None for `self`: its tokens are known once an engine samples them)."""
+    record = {}
+    for role, count in counts.items():
+        if not count:
+            continue
+        prefixes = None if drawn is None else drawn.prefixes[role]
+        windows = None if drawn is None or drawn.windows is None else drawn.windows[role]
+        record[role] = {
+            "source": source,
+            "count": int(count),
+            "prefix_tokens": prefix_tokens,
+            "seed": role_seed(seed, role),
+            "windows": None if windows is None else [list(w) for w in windows],
+            "tokens_sha256": None if prefixes is None else tokens_digest(prefixes),
+        }
+    return record
+
+
+def tokens_digest(prefixes: np.ndarray) -> str:
+    """A short digest of token ids (as int64, row by row)."""
+    data = np.ascontiguousarray(prefixes, dtype=np.int64)
+    return hashlib.sha256(str(data.shape).encode() + data.tobytes()).hexdigest()[:16]
+
+
+def load_roles(
+    source: str,
+    model_dir: str | Path,
+    counts: Mapping[str, int],
+    prefix_tokens: int,
+    engine: Engine | None = None,
+    seed: int = 0,
+) -> DrawnRoles:
+    """Per role of `counts` (decide, validate, test; count 0 leaves a role out), int64
+    [count, prefix_tokens] token prefixes from `source`, no window of one role overlapping
+    another's (`self`, which needs `engine`: each role from its own sampler seeds; `run:<dir>`:
+    that run's own prompts of each role).
+
+    Raises ValueError naming the source and what is wrong with it."""
+    counts = {role: int(counts.get(role) or 0) for role in ROLES}
+    if any(n < 0 for n in counts.values()) or counts["decide"] < 1 or prefix_tokens < 1:
+        raise ValueError(
+            f"need count >= 1 and prefix_tokens >= 1, got {counts['decide']}, {prefix_tokens}"
+        )
     if source.startswith(RUN_PREFIX):
-        return run_prefixes(source[len(RUN_PREFIX) :], count, prefix_tokens)
+        run_dir = source[len(RUN_PREFIX) :]
+        return DrawnRoles(
+            {role: run_prefixes(run_dir, n, prefix_tokens, role) for role, n in counts.items() if n}
+        )
     # Texts first: a broken file is reported before the tokenizer even loads.
     texts = None if source == "self" else read_texts(source)
     from transformers import AutoTokenizer
@@ -277,32 +412,53 @@ def load_prompts(
     if texts is None:
         if engine is None:
             raise ValueError("prompt source 'self' samples from the model and needs an engine")
-        return sample_prefixes(engine, _bos_id(tokenizer), prefix_tokens, count, seed)
+        bos = _bos_id(tokenizer)
+        return DrawnRoles(
+            {
+                role: sample_prefixes(engine, bos, prefix_tokens, n, role_seed(seed, role))
+                for role, n in counts.items()
+                if n
+            }
+        )
     try:
-        return cut_prefixes(_tokenize(tokenizer, texts), prefix_tokens, count, seed)
+        tokens = _tokenize(tokenizer, texts)
+        spans = role_spans(tokens, prefix_tokens, counts, seed)
+        return DrawnRoles({role: _windows(tokens, s) for role, s in spans.items()}, spans)
     except ValueError as err:
         raise ValueError(f"prompt source {source}: {err}") from None
 
 
-def run_prefixes(run_dir: str, count: int, prefix_tokens: int) -> np.ndarray:
-    """The first `count` prompts another run probed (its round-0 reference), cut to
-    `prefix_tokens`: the way to measure two runs (two engines, two dtypes) on the same prompts."""
+def run_prefixes(run_dir: str, count: int, prefix_tokens: int, role: str = "decide") -> np.ndarray:
+    """The first `count` prompts of `role` that another run drew (decide: its round-0 reference;
+    validate, test: its held-out references), cut to `prefix_tokens`: the way to measure two
+    runs (two engines, two dtypes) on the same prompts."""
     from dtm_ray.records.store import RunStore
 
     store = RunStore(run_dir)
     source = f"{RUN_PREFIX}{run_dir}"
     if store.read_run_info() is None:
         raise ValueError(f"prompt source {source}: {store.location} is not a run directory")
-    table = store.read_reference(0)
+    table = store.read_reference(0, role)
     if table is None:
-        raise ValueError(f"prompt source {source}: the run has no round-0 reference yet")
+        if role == "decide":
+            raise ValueError(f"prompt source {source}: the run has no round-0 reference yet")
+        raise ValueError(
+            f"prompt source {source} holds no {role} prompts (a probe-only run, or one from an "
+            f"older dtm-ray, or not that far yet); a compressing job needs them: use a text "
+            f"source, or a compressing run's directory"
+        )
     prefixes = np.asarray(table.column("prefix_ids").to_pylist(), dtype=np.int64)
     have_count, have_tokens = prefixes.shape
     if have_count < count or have_tokens < prefix_tokens:
+        key = {
+            "decide": "prompts.count",
+            "validate": "prompts.validate_count",
+            "test": "evaluation.prompts",
+        }[role]
         raise ValueError(
-            f"prompt source {source} holds {have_count} prefixes of {have_tokens} tokens; "
-            f"prompts.count ({count}) and prompts.prefix_tokens ({prefix_tokens}) "
-            "must not exceed them"
+            f"prompt source {source} holds {have_count} {'' if role == 'decide' else role + ' '}"
+            f"prefixes of {have_tokens} tokens; {key} ({count}) and prompts.prefix_tokens "
+            f"({prefix_tokens}) must not exceed them"
         )
     return prefixes[:count, :prefix_tokens]
 
@@ -320,14 +476,14 @@ def load_calibration(
     model_dir: str | Path,
     count: int,
     length: int,
-    scored_count: int,
+    scored_count: int | Mapping[str, int],
     scored_prefix_tokens: int,
     engine: Engine | None = None,
     seed: int = 0,
 ) -> np.ndarray:
-    """int64 [count, length] calibration sequences from `source`, disjoint from the scored
-    prompts that `load_prompts(source, ..., scored_count, scored_prefix_tokens, seed=seed)`
-    gives."""
+    """int64 [count, length] calibration sequences from `source`, disjoint from every role's
+    prompts that `load_roles(source, ..., scored_count, scored_prefix_tokens, seed=seed)`
+    gives (`scored_count` an int: decide alone)."""
     from transformers import AutoTokenizer
 
     if source.startswith(RUN_PREFIX):
@@ -374,11 +530,12 @@ def load_training(
     source: str,
     model_dir: str | Path,
     length: int,
-    avoid: list[tuple[str, int, int, int]],
+    avoid: list[tuple[str, int | Mapping[str, int], int, int]],
 ) -> np.ndarray:
     """int64 [W, length]: every window of `length` tokens of `source` on a grid from each text's
-    start, leaving out those that overlap the windows `load_prompts(s, count, tokens, seed)`
-    picks, for each (s, count, tokens, seed) of `avoid` whose source is this one.
+    start, leaving out those that overlap the windows `load_roles(s, counts, tokens, seed)`
+    picks, for each (s, counts, tokens, seed) of `avoid` whose source is this one (counts an
+    int: decide alone).
 
     Raises ValueError when the source is not text or gives no window."""
     if source == "self" or source.startswith(RUN_PREFIX):
@@ -388,9 +545,10 @@ def load_training(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = _token_lists(tokenizer, source)
     taken: list[Span] = []
-    for other, count, other_tokens, seed in avoid:
+    for other, counts, other_tokens, seed in avoid:
         if other == source:
-            taken += _choose(_spans(tokens, other_tokens), count, seed, "windows")
+            roles = role_spans(tokens, other_tokens, _as_counts(counts), seed)
+            taken += [span for spans in roles.values() for span in spans]
     free = [s for s in _spans(tokens, length) if not _overlaps(s, taken)]
     if not free:
         raise ValueError(

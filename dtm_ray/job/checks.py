@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +19,26 @@ from dtm_ray.engines.config import DEFAULT_MAX_MODEL_LEN
 from dtm_ray.engines.models import load_components, read_model_config
 from dtm_ray.engines.prompts import (
     RUN_PREFIX,
+    DrawnRoles,
     load_calibration,
     load_prompts,
+    load_roles,
     load_training,
     overlapping,
+    roles_record,
 )
 from dtm_ray.engines.sources import ModelSource, driver_folder, resolve_source
 from dtm_ray.errors import ConfigError
 from dtm_ray.job.memory import check_memory
-from dtm_ray.job.spec import DEFAULT_PROBE_SPECS, CompressConfig, JobConfig, check_fields
+from dtm_ray.job.spec import (
+    DEFAULT_PROBE_SPECS,
+    DTYPE_BITS,
+    CompressConfig,
+    JobConfig,
+    check_fields,
+    check_target_bits,
+    role_counts,
+)
 from dtm_ray.job.tasks import resolve_tasks
 
 
@@ -41,7 +52,8 @@ class Plan:
     model_dir: Path
     components: list[Component]
     specs: list[str]
-    # The scored prompts, cut on the driver; None for `self`, which only an engine can sample.
+    # The decide prompts (what rounds probe), cut on the driver; None for `self`, which only an
+    # engine can sample.
     prefixes: np.ndarray | None = None
     retry_failed: bool = True  # probe again, on resume, the probes a previous run recorded failed
     # The job's lm-eval tasks as `simple_evaluate` takes them (None: the job evaluates none).
@@ -55,6 +67,15 @@ class Plan:
     # Recovery training sequences [W, sequence_tokens], disjoint from the scored prompts and the
     # evaluation text (None: the job trains nothing).
     training: np.ndarray | None = None
+    # A compressing job's held-out prompts: role (validate, test) -> prefixes, cut on the driver
+    # like `prefixes` (empty for `self`, and for a probe-only job, which draws none).
+    heldout: dict[str, np.ndarray] = field(default_factory=dict)
+    # What run.json records of each role (`dtm_ray.engines.prompts.roles_record`).
+    roles: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def role_prefixes(self, role: str) -> np.ndarray | None:
+        """The prompts of a role as cut on the driver (None: an engine samples them)."""
+        return self.prefixes if role == "decide" else self.heldout.get(role)
 
     @property
     def probes(self) -> list[tuple[Component, str]]:
@@ -99,14 +120,24 @@ def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
                     raise ValueError(f"{component.name}: {err}") from None
         check_token_budget(job, model_config)
         check_memory(job, model_config, components, every)
-        prefixes = _prepare_prompts(job, model_dir, model_config, read_hub)
-        training = _training_text(job, model_dir, prefixes)
+        drawn = _prepare_prompts(job, model_dir, model_config, read_hub)
+        training = _training_text(job, model_dir, drawn)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     # lm-eval's task index is read once, here, and the result kept for the run.
     tasks = resolve_tasks(job.evaluate.tasks) if job.evaluate is not None else None
+    p = job.prompts
     return Plan(
-        job, model_dir, components, specs, prefixes, tasks=tasks, training=training, source=source
+        job,
+        model_dir,
+        components,
+        specs,
+        None if drawn is None else drawn.prefixes["decide"],
+        tasks=tasks,
+        training=training,
+        source=source,
+        heldout={} if drawn is None else {r: a for r, a in drawn.prefixes.items() if r != "decide"},
+        roles=roles_record(p.source, role_counts(job), p.prefix_tokens, p.seed, drawn),
     )
 
 
@@ -117,33 +148,38 @@ def _check_min_fdt(job: JobConfig) -> None:
             f"compress.min_fdt {min_fdt} exceeds new_tokens {job.new_tokens}, the largest FDT "
             "there is"
         )
+    if job.compress.target_bits is not None and job.dtype == "auto":
+        # What `auto` will resolve to on the job's actors: bfloat16 on a GPU, float32 elsewhere.
+        gpu = job.resources_per_worker.get("GPU", 0) > 0
+        dtype = "bfloat16" if gpu else "float32"
+        check_target_bits(job.compress, DTYPE_BITS[dtype], f"dtype auto, {dtype} on these actors")
 
 
 # Evaluation windows share no run of this many tokens with a training sequence.
 EVALUATION_OVERLAP_TOKENS = 32
 
 
-def _training_text(
-    job: JobConfig, model_dir: Path, prefixes: np.ndarray | None
-) -> np.ndarray | None:
+def _training_text(job: JobConfig, model_dir: Path, drawn: DrawnRoles | None) -> np.ndarray | None:
     """The recovery training sequences: windows of `compress.recovery.text` that overlap neither
-    the scored prompts nor the evaluation windows. Where the training text is the prompts' or
-    the evaluation's own source, the windows that overlap them (or repeat a whole scored prompt,
-    or 32 tokens of an evaluation window, elsewhere) are left out; another source that holds
-    them is an error: the measurements would reward memorising them."""
+    the scored prompts of any role (decide, validate, test) nor the evaluation windows. Where the
+    training text is the prompts' or the evaluation's own source, the windows that overlap them
+    (or repeat a whole scored prompt, or 32 tokens of an evaluation window, elsewhere) are left
+    out; another source that holds them is an error: the measurements would reward memorising
+    them."""
     compress = job.compress
     if compress is None or compress.method != "sparsify" or compress.recovery is None:
         return None
     recovery, p, e = compress.recovery, job.prompts, job.evaluation
     where = f"compress.recovery.text {recovery.text}"
-    avoid = [(p.source, p.count, p.prefix_tokens, p.seed), (e.text, e.count, e.tokens, 0)]
+    avoid = [(p.source, role_counts(job), p.prefix_tokens, p.seed), (e.text, e.count, e.tokens, 0)]
     try:
         windows = load_training(recovery.text, model_dir, recovery.sequence_tokens, avoid)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     evaluation = load_prompts(e.text, model_dir, e.count, e.tokens, seed=0)
     checks = [(evaluation, EVALUATION_OVERLAP_TOKENS, e.text, "the evaluation text")]
-    if prefixes is not None:
+    if drawn is not None:
+        prefixes = np.concatenate(list(drawn.prefixes.values()))
         checks.insert(0, (prefixes, p.prefix_tokens, p.source, "the scored prompts"))
     for others, k, source, what in checks:
         hits = overlapping(windows, others, k)
@@ -190,46 +226,49 @@ def check_token_budget(job: JobConfig, model_config: Mapping[str, Any]) -> None:
 
 def _prepare_prompts(
     job: JobConfig, model_dir: Path, model_config: Mapping[str, Any], read_hub: bool = True
-) -> np.ndarray | None:
-    """The scored prefixes from the prompt source, and a check that the calibration and
-    evaluation texts are there too: a bad source is found here, not inside an actor."""
+) -> DrawnRoles | None:
+    """Every role's prefixes from the prompt source (decide alone for a probe-only job; None for
+    `self`, which an engine samples), and a check that the calibration and evaluation texts are
+    there too: a bad source is found here, not inside an actor."""
 
     def unread(source: str) -> bool:
         return source == "self" or (not read_hub and source.startswith("hf:"))
 
-    p = job.prompts
-    prefixes = None
+    p, compress = job.prompts, job.compress
+    wanda = compress is not None and compress.method == "sparsify" and compress.criterion == "wanda"
+    if wanda and p.source.startswith(RUN_PREFIX):
+        raise ValueError(
+            f"compress.criterion wanda calibrates on text, and prompt source {p.source} "
+            "holds only token prefixes; use a text source or criterion magnitude"
+        )
+    counts = role_counts(job)
+    drawn = None
     if not unread(p.source):
-        prefixes = load_prompts(p.source, model_dir, p.count, p.prefix_tokens, seed=p.seed)
+        drawn = load_roles(p.source, model_dir, counts, p.prefix_tokens, seed=p.seed)
         vocab = model_config.get("vocab_size")
-        if vocab and int(prefixes.max()) >= vocab:
+        largest = max(int(a.max()) for a in drawn.prefixes.values())
+        if vocab and largest >= vocab:
             raise ValueError(
-                f"prompt source {p.source} holds token id {int(prefixes.max())}, beyond this "
+                f"prompt source {p.source} holds token id {largest}, beyond this "
                 f"model's vocabulary of {vocab}: it was made with another tokenizer"
             )
-    compress = job.compress
     if compress is None:
-        return prefixes
-    if compress.method == "sparsify" and compress.criterion == "wanda" and not unread(p.source):
-        if p.source.startswith(RUN_PREFIX):
-            raise ValueError(
-                f"compress.criterion wanda calibrates on text, and prompt source {p.source} "
-                "holds only token prefixes; use a text source or criterion magnitude"
-            )
+        return drawn
+    if wanda and not unread(p.source):
         length = p.prefix_tokens + job.new_tokens
         load_calibration(
             p.source,
             model_dir,
             compress.calibration_count,
             length,
-            p.count,
+            counts,
             p.prefix_tokens,
             seed=p.seed,
         )
     e = job.evaluation
     if not unread(e.text):
         load_prompts(e.text, model_dir, e.count, e.tokens, seed=0)
-    return prefixes
+    return drawn
 
 
 def check_out(out: str) -> None:

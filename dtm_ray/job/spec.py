@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from dtm_ray.core.components import check_selector
-from dtm_ray.core.specs import parse_spec
+from dtm_ray.core.specs import parse_spec, spec_bits
 from dtm_ray.engines.config import EngineConfig, resolve_batch_invariant
 from dtm_ray.engines.prompts import check_source
 from dtm_ray.errors import ConfigError
@@ -32,9 +32,12 @@ RECOVERY_OBJECTIVES = ("lm", "distill")
 @dataclass
 class PromptsConfig:
     source: str = "self"
-    count: int = 32
+    count: int = 32  # the decide prompts: what rounds probe
     prefix_tokens: int = 32
     seed: int = 0
+    # A compressing job's validate prompts (what the quantize search and the sparsify floor
+    # read), drawn apart from the others; None: as many as `count`.
+    validate_count: int | None = None
 
 
 @dataclass
@@ -94,6 +97,9 @@ class CompressConfig:
     levels: list[str] | None = None  # precisions, most aggressive first, e.g. [int4-g64, int8]
     min_fdt: float | None = None  # FDT@75 of the combined model against the dense one
     max_params_share: float | None = None  # at most this share of parameters at each level
+    # A bits budget: average bits per selected parameter (as bits_per_parameter counts them);
+    # every unit ends at one of `levels`, the last one the fallback (see the README).
+    target_bits: float | None = None
     # q/k/v of a layer, and gate/up, move between levels together (vLLM fuses them and needs one
     # scheme per fused layer); unset: true when the engine is vllm.
     fused: bool | None = None
@@ -108,7 +114,17 @@ SPARSIFY_DEFAULTS = {
     "reference": "current",
     "calibration_count": 16,
 }
-QUANTIZE_DEFAULTS = {"levels": None, "min_fdt": None, "max_params_share": 1.0, "fused": None}
+QUANTIZE_DEFAULTS = {
+    "levels": None,
+    "min_fdt": None,
+    "max_params_share": 1.0,
+    "fused": None,
+    "target_bits": None,
+}
+# The test prompts of a compressing job by default: this many times prompts.count.
+TEST_PROMPTS_FACTOR = 4
+# The dense bits per weight of an explicit dtype (`auto` is known once the actors resolve it).
+DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 # Keys both methods take: min_fdt is the quantize search's bound and sparsify's quality floor.
 SHARED_KEYS = ("min_fdt",)
 
@@ -120,6 +136,9 @@ class EvaluationConfig:
     text: str = "pydoc"  # real text for perplexity: a prompt-source file, hf:..., or pydoc
     count: int = 16  # windows of real text
     tokens: int = 128  # tokens per window
+    # The test prompts, from the prompt source apart from the decide and validate ones: read by
+    # nothing but the final evaluation. None: 4 x prompts.count.
+    prompts: int | None = None
 
 
 @dataclass
@@ -250,6 +269,10 @@ def check_fields(job: JobConfig) -> None:
     _check_int(job.prompts.count, "prompts.count", 1)
     _check_int(job.prompts.prefix_tokens, "prompts.prefix_tokens", 1)
     _check_int(job.prompts.seed, "prompts.seed", 0)
+    if job.prompts.validate_count is not None:
+        _check_int(job.prompts.validate_count, "prompts.validate_count", 1)
+    if job.evaluation.prompts is not None:
+        _check_int(job.evaluation.prompts, "evaluation.prompts", 1)
     if not isinstance(job.resources_per_worker, dict) or not all(
         isinstance(v, (int, float)) and v >= 0 for v in job.resources_per_worker.values()
     ):
@@ -268,9 +291,14 @@ def check_fields(job: JobConfig) -> None:
     if not isinstance(specs, list) or not specs:
         raise ConfigError(f"probe.specs must be a non-empty list of specs, got {specs!r}")
     if job.compress is not None:
-        _check_compress(job.compress)
+        _check_compress(job.compress, job.dtype)
         if job.compress.method == "quantize" and job.compress.fused is None:
             job.compress.fused = job.engine == "vllm"  # what vLLM can serve packed
+        # A compressing job's held-out roles, recorded in run.json like every other value.
+        if job.prompts.validate_count is None:
+            job.prompts.validate_count = job.prompts.count
+        if job.evaluation.prompts is None:
+            job.evaluation.prompts = TEST_PROMPTS_FACTOR * job.prompts.count
     if job.evaluate is not None and job.compress is None:
         raise ConfigError(
             "evaluate: compares the dense model with a run's compressed result; "
@@ -368,7 +396,17 @@ def _fill_defaults(compress: CompressConfig) -> None:
             setattr(compress, key, default)
 
 
-def _check_compress(compress: CompressConfig) -> None:
+def role_counts(job: JobConfig) -> dict[str, int]:
+    """How many prompts each role draws: a probe-only job decide prompts alone; a compressing
+    job also validate and test prompts (after `check_fields` filled in their defaults)."""
+    counts = {"decide": job.prompts.count}
+    if job.compress is not None:
+        counts["validate"] = job.prompts.validate_count or job.prompts.count
+        counts["test"] = job.evaluation.prompts or TEST_PROMPTS_FACTOR * job.prompts.count
+    return counts
+
+
+def _check_compress(compress: CompressConfig, dtype: str) -> None:
     _check_choice(compress.method, "compress.method", COMPRESS_METHODS)
     _fill_defaults(compress)
     _check_choice(compress.guide, "compress.guide", GUIDES)
@@ -406,10 +444,50 @@ def _check_compress(compress: CompressConfig) -> None:
                 "expected int8, int8-tensor, int4-gG or fp8-e4m3"
             )
     compress.levels = [str(parse_spec(str(level))) for level in levels]
-    _check_min_fdt(compress.min_fdt)
+    if compress.min_fdt is None and compress.target_bits is None:
+        raise ConfigError(
+            "method quantize needs compress.min_fdt (a quality floor), compress.target_bits "
+            "(a bits budget) or both"
+        )
+    if compress.min_fdt is not None:
+        _check_min_fdt(compress.min_fdt)
     _check_fraction(compress.max_params_share, "compress.max_params_share", True, 1, False)
     if compress.fused is not None and not isinstance(compress.fused, bool):
         raise ConfigError(f"compress.fused must be true or false, got {compress.fused!r}")
+    if compress.target_bits is not None:
+        check_target_bits(compress, DTYPE_BITS.get(dtype), f"dtype {dtype}")
+
+
+def check_target_bits(compress: CompressConfig, dense_bits: float | None, dense: str) -> None:
+    """`compress.target_bits` against what the levels can reach and the dense weights' bits
+    (`dense_bits`, described by `dense`; None: not known yet)."""
+    target = compress.target_bits
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not target > 0:
+        raise ConfigError(
+            f"compress.target_bits must be a number of bits per parameter > 0, got {target!r}"
+        )
+    bits = [spec_bits(level) for level in compress.levels]
+    if any(a > b for a, b in zip(bits, bits[1:], strict=False)):
+        listed = ", ".join(f"{level} {b:g}" for level, b in zip(compress.levels, bits, strict=True))
+        raise ConfigError(
+            f"compress.target_bits needs compress.levels from the fewest bits to the most (the "
+            f"last is every unit's fallback); got {listed}"
+        )
+    if target < bits[0]:
+        raise ConfigError(
+            f"compress.target_bits {target:g} is below what the levels reach: {bits[0]:g} bits "
+            f"per parameter with every selected unit at {compress.levels[0]}"
+        )
+    if dense_bits is not None and target > dense_bits:
+        raise ConfigError(
+            f"compress.target_bits {target:g} is above the dense weights' {dense_bits:g} bits "
+            f"per parameter ({dense})"
+        )
+    if compress.max_params_share != 1.0:
+        raise ConfigError(
+            "compress.max_params_share does not combine with compress.target_bits (the budget "
+            "decides how much each level takes); remove one of them"
+        )
 
 
 def _check_min_fdt(min_fdt: Any) -> None:

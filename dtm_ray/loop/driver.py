@@ -10,6 +10,7 @@ reads its tables and prints its summary.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import socket
@@ -35,6 +36,7 @@ from dtm_ray.loop.quantize import run_quantize
 from dtm_ray.loop.rounds import (
     JobEngines,
     Probe,
+    build_heldout,
     build_reference,
     noise_floor,
     reference_of,
@@ -51,7 +53,7 @@ from dtm_ray.records.schemas import (
     TABLE_SCHEMAS,
 )
 from dtm_ray.records.store import RunStore
-from dtm_ray.results.final import final_tables
+from dtm_ray.results.final import HELDOUT_ROLES, RoleScores, final_tables
 from dtm_ray.results.summary import format_compression_summary, format_probe_summary
 
 
@@ -197,6 +199,7 @@ def _open_run(plan: Plan, store: RunStore) -> bool:
     if stored is None:
         info = {**environment_info(), "config_fingerprint": fingerprint, "model_digest": digest}
         info["model_source"] = dataclasses.asdict(plan.model_source)
+        info["prompt_roles"] = plan.roles
         store.write_json("run.json", {"config": config, **info})
         return True
     _check_resume(plan, store, stored)  # again: another driver may have written it meanwhile
@@ -214,7 +217,16 @@ def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
             "its run.json): it cannot be continued; start the job again with another --out "
             "(show and report still read this one)"
         )
+    if compress and "prompt_roles" not in stored:
+        # Such runs decided and reported on the same prompts; continuing one would mix runs
+        # with and without held-out prompts.
+        raise ConfigError(
+            f"run dir {store.uri} is a compressing run from an older dtm-ray (no held-out "
+            "prompt roles in its run.json): it cannot be continued; start the job again with "
+            "another --out (show and report still read this one)"
+        )
     check_same_config(stored["config"], plan.job.to_dict(), store.uri)
+    _check_roles(plan, store, stored.get("prompt_roles"))
     _keep_revision(plan, stored.get("model_source"))
     digest = plan.model_source.digest
     if stored.get("model_digest", digest) != digest:
@@ -224,6 +236,26 @@ def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
             "resume with the original model or choose another --out"
         )
     store.check_files(TABLE_SCHEMAS)  # a corrupt file is named now, not deep inside a round
+
+
+def _check_roles(plan: Plan, store: RunStore, stored: Any) -> None:
+    """The prompts of every role are the ones the run drew: the same windows of the same
+    tokens (a prompt file edited since, or another tokenizer, would draw others)."""
+    if stored is None:  # a probe-only run from before the roles: its reference holds its prompts
+        return
+    now = json.loads(json.dumps(plan.roles))
+    changed = [
+        f"{role} {key}"
+        for role in sorted(set(stored) | set(now))
+        for key in sorted(set(stored.get(role) or {}) | set(now.get(role) or {}))
+        if (stored.get(role) or {}).get(key) != (now.get(role) or {}).get(key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"run dir {store.uri} drew other prompts than this job would ({', '.join(changed)} "
+            "differ from its run.json: the prompt source's content or the tokenizer changed); "
+            "resume with the original prompt source or choose another --out"
+        )
 
 
 def _keep_revision(plan: Plan, stored: Any) -> None:
@@ -295,6 +327,10 @@ def _compress(plan: Plan, store: RunStore, streaming: Streaming) -> tuple[int, d
     engines = _engines(plan, store, plan.job.workers)
     loop = run_sparsify if plan.compress.method == "sparsify" else run_quantize
     try:
+        # The dense model's greedy text on the held-out prompts, once, before any decision: the
+        # validate reference is what the floors read, the test one only the final evaluation.
+        for role in HELDOUT_ROLES:
+            build_heldout(engines, store, role)
         result = loop(plan, store, engines, streaming)
         final = _final(plan, store, engines, result.state, result.states, result.rounds)
     finally:
@@ -346,27 +382,38 @@ def _final(
         return stored
     job = plan.job
     log("final evaluation against the dense model")
+    started = time.monotonic()
     pool = engines.pool
-    dense = reference_of(store, 0)
-    result = pool.call("score", state, dense)
+    # Test first: the numbers on text no decision read; then validate, then decide (in-sample).
+    references = {role: reference_of(store, 0, role) for role in (*HELDOUT_ROLES, "decide")}
     evaluation = job.evaluation
     windows = pool.call(
         "load_prompts", source_for_actors(evaluation.text), evaluation.count, evaluation.tokens, 0
     )
-    dense_text, text = pool.spread(
-        [("text_nll", (ModelState(), windows)), ("text_nll", (state, windows))]
-    )
+    calls = [("score", (state, reference)) for reference in references.values()]
+    calls += [("text_nll", (ModelState(), windows)), ("text_nll", (state, windows))]
+    *scored, dense_text, text = pool.spread(calls)
+    roles = {
+        role: RoleScores(reference, result.fdt, result.sdt, result.nll)
+        for (role, reference), result in zip(references.items(), scored, strict=True)
+    }
     tables = final_tables(
-        dense,
-        result.fdt,
-        result.sdt,
-        result.nll,
+        roles,
         dense_text,
         text,
         states,
         rounds,
         evaluation.text,
         *pool.call("dtype_of", plan.components[0].name),
+        target_bits=plan.compress.target_bits,
+    )
+    each = ", ".join(
+        f"{role} {r.reference.prompts} prompts {result.seconds:.1f} s"
+        for (role, r), result in zip(roles.items(), scored, strict=True)
+    )
+    log(
+        f"final evaluation in {time.monotonic() - started:.1f} s (scoring {each}; the text "
+        "on the dense and the final model beside them)"
     )
     # The summary goes last: its presence marks the final evaluation complete.
     for name in ("prompts", "components", "summary"):

@@ -23,13 +23,14 @@ import time
 from dataclasses import dataclass, field
 
 from dtm_ray.core.decisions.sparsify import TARGET_TOLERANCE, probe_points, round_step
+from dtm_ray.core.metrics import expected_interval_width, prompts_for_interval_width
 from dtm_ray.core.serving import fused_groups, serving_notes
 from dtm_ray.core.state import concat_references
 from dtm_ray.engines.config import describe_batch_invariance
 from dtm_ray.engines.models import load_components
 from dtm_ray.job.checks import Plan
 from dtm_ray.job.memory import MemoryPlan, format_memory, memory_plan
-from dtm_ray.job.spec import DEFAULT_PROBE_SPECS
+from dtm_ray.job.spec import DEFAULT_PROBE_SPECS, role_counts
 
 # Throughput per worker assumed by the FLOP estimate (FLOP/s), per unit of its resources.
 CPU_FLOPS_PER_CORE = 50e9  # fp32 matmul on one AVX2 core, about what the demo sees
@@ -42,10 +43,13 @@ EXPORT_BYTES_PER_SECOND = 200e6
 
 @dataclass
 class RoundPlan:
-    label: str  # "0", "1", ... or "final"
+    label: str  # "held-out", "0", "1", ... or "final"
     probes: int
     reference: str  # "new": generated and scored; "reused": the dense one, scored once; "-"
     note: str = ""
+    # The prompt role the round's probes (and its new reference) run on: decide, or validate
+    # for a quantize search round; "held-out" builds the validate and test references.
+    role: str = "decide"
 
 
 @dataclass
@@ -91,7 +95,16 @@ def schedule(plan: Plan) -> list[RoundPlan]:
             RoundPlan("0", components * len(specs), "new", f"specs {', '.join(specs)}"),
             RoundPlan("finish", 0, "-", "report"),
         ]
-    rounds: list[RoundPlan] = []
+    counts = role_counts(plan.job)
+    rounds: list[RoundPlan] = [
+        RoundPlan(
+            "held-out",
+            0,
+            "new",
+            f"dense reference on {counts['validate']} validate + {counts['test']} test prompts",
+            role="held-out",
+        )
+    ]
     if compress.method == "sparsify":
         if compress.guide == "uniform":
             rounds.append(
@@ -110,7 +123,9 @@ def schedule(plan: Plan) -> list[RoundPlan]:
         if compress.fused:  # the units probed and searched are the fused groups
             components = len(fused_groups(plan.components))
         unit = "unit" if compress.fused else "component"
-        for level in compress.levels:
+        budget = compress.target_bits is not None
+        # With a bits budget the last level is the fallback: it takes what is left, unprobed.
+        for level in compress.levels[:-1] if budget else compress.levels:
             if compress.guide == "uniform":
                 rounds.append(RoundPlan(str(index), 0, "new" if index == 0 else "-", level))
                 index += 1
@@ -120,24 +135,44 @@ def schedule(plan: Plan) -> list[RoundPlan]:
                     str(index),
                     components,
                     "new" if index == 0 else "-",
-                    f"{level}: rank every {unit}",
+                    f"{level}: rank every {unit}" + (", fill to the budget" if budget else ""),
                 )
             )
             index += 1
+            if compress.min_fdt is None:
+                continue
             searches = math.ceil(components / workers)
             for _ in range(searches):
-                rounds.append(RoundPlan(str(index), workers, "-", f"{level}: search"))
+                rounds.append(
+                    RoundPlan(
+                        str(index), workers, "-", f"{level}: search (validate)", role="validate"
+                    )
+                )
                 index += 1
-    rounds.append(RoundPlan("final", 0, "-", "scored against the dense model, perplexity on text"))
+        if budget:
+            fallback = f"{compress.levels[-1]}: every {unit} left (the budget's fallback)"
+            rounds.append(RoundPlan(str(index), 0, "new" if index == 0 else "-", fallback))
+    rounds.append(
+        RoundPlan(
+            "final", 0, "-", "scored against the dense model on every role, perplexity on text"
+        )
+    )
     rounds.append(RoundPlan("finish", 0, "-", "export and report"))
     return rounds
+
+
+def _round_prompts(plan: Plan, round_: RoundPlan) -> int:
+    counts = role_counts(plan.job)
+    if round_.role == "held-out":
+        return counts["validate"] + counts["test"]
+    return counts[round_.role]
 
 
 def tokens_scored(plan: Plan, round_: RoundPlan) -> int:
     """Tokens run through the model in a round: prefill of every probe and the reference."""
     job = plan.job
     sequence = job.prompts.prefix_tokens + job.new_tokens
-    prompts = job.prompts.count
+    prompts = _round_prompts(plan, round_)
     tokens = round_.probes * prompts * sequence
     if round_.probes:  # the noise floor: the round's model scored once on every actor
         tokens += job.workers * prompts * sequence
@@ -146,7 +181,8 @@ def tokens_scored(plan: Plan, round_: RoundPlan) -> int:
     elif round_.reference == "reused":
         tokens += prompts * sequence
     if round_.label == "final":
-        tokens += prompts * sequence  # the result against the dense reference
+        # the result against the dense reference on every role's prompts
+        tokens += sum(role_counts(job).values()) * sequence
         tokens += 2 * job.evaluation.count * job.evaluation.tokens  # dense and compressed text
     return tokens
 
@@ -257,20 +293,26 @@ def estimate(plan: Plan, costs: Costs) -> Estimate:
     workers = plan.job.workers
     rounds = schedule(plan)
     seconds = []
+    decide = plan.job.prompts.count
     for round_ in rounds:
-        s = math.ceil(round_.probes / workers) * costs.probe
+        # Costs were measured on the decide prompts; other roles scale with their count.
+        scale = _round_prompts(plan, round_) / decide
+        s = math.ceil(round_.probes / workers) * costs.probe * scale
         if round_.probes:  # the noise floor: one null probe per actor, all at once
-            s += costs.probe
+            s += costs.probe * scale
         if round_.reference == "new":
-            s += costs.reference / min(workers, plan.job.prompts.count)
+            prompts = _round_prompts(plan, round_)
+            s += costs.reference * scale / min(workers, prompts)
         elif round_.reference == "reused":
             s += costs.probe
         if round_.label == "final":
-            # Scoring against the dense reference, plus perplexity on text by two actors at once.
+            # Scoring against the dense reference on every role, plus perplexity on text, the
+            # calls spread over the actors.
             job = plan.job
             text = job.evaluation.count * job.evaluation.tokens
-            scored = job.prompts.count * (job.prompts.prefix_tokens + job.new_tokens)
-            s += costs.probe * (1 + text / scored * (1 if workers > 1 else 2))
+            scored = decide * (job.prompts.prefix_tokens + job.new_tokens)
+            every = sum(role_counts(job).values()) / decide
+            s += costs.probe * (every + 2 * text / scored) / min(workers, 5)
         if round_.label == "finish":
             s += REPORT_SECONDS
             if plan.compress is not None:  # writing the checkpoint
@@ -308,22 +350,23 @@ def format_estimate(plan: Plan, result: Estimate, memory: MemoryPlan | None = No
         f"model {job.model}: {params / 1e6:,.1f} M parameters in linear weights and the output "
         f"embedding; {len(plan.components)} components selected ({selected / 1e6:,.1f} M)",
         f"job: {what}, engine {job.engine} ({job.dtype}), {job.workers} worker(s) of "
-        f"{job.resources_per_worker}; {job.prompts.count} prompts x "
+        f"{job.resources_per_worker}; {_prompt_counts(plan)} x "
         f"({job.prompts.prefix_tokens} + {job.new_tokens}) tokens",
         describe_batch_invariance(
             job.engine_options.get("batch_invariant"),
             job.engine,
             job.resources_per_worker.get("GPU", 0),
         ),
+        *interval_lines(plan),
         "",
-        f"{'round':>6} {'probes':>7} {'reference':>9} {'tokens':>12} {'time':>12}  what",
+        f"{'round':>8} {'probes':>7} {'reference':>9} {'tokens':>12} {'time':>12}  what",
     ]
     for round_, seconds in zip(result.rounds, result.seconds, strict=True):
         lines.append(
-            f"{round_.label:>6} {round_.probes:>7} {round_.reference:>9} "
+            f"{round_.label:>8} {round_.probes:>7} {round_.reference:>9} "
             f"{tokens_scored(plan, round_):>12,} {_duration(seconds):>12}  {round_.note}"
         )
-    rounds = [r for r in result.rounds if r.label not in ("final", "finish")]
+    rounds = [r for r in result.rounds if r.label not in ("held-out", "final", "finish")]
     probes = sum(r.probes for r in result.rounds)
     tokens = sum(tokens_scored(plan, r) for r in result.rounds)
     c = result.costs
@@ -341,6 +384,42 @@ def format_estimate(plan: Plan, result: Estimate, memory: MemoryPlan | None = No
         lines += ["", *serving_lines(plan)]
     lines += ["", *format_memory(memory or plan_memory(plan))]
     return "\n".join(lines)
+
+
+def _prompt_counts(plan: Plan) -> str:
+    counts = role_counts(plan.job)
+    if len(counts) == 1:
+        return f"{counts['decide']} prompts"
+    return " + ".join(f"{n} {role}" for role, n in counts.items()) + " prompts"
+
+
+def interval_lines(plan: Plan) -> list[str]:
+    """How sure FDT@75 will be on each role's prompts: the expected width of its 90 % interval
+    (`expected_interval_width`: order statistics, FDT spread evenly over 0..N, the wide case),
+    and a warning when the validate interval is wider than min_fdt / 2, too wide for the floor
+    to be told apart from noise."""
+    job = plan.job
+    n_new = job.new_tokens
+    counts = role_counts(job)
+    widths = {role: expected_interval_width(count, n_new) for role, count in counts.items()}
+    shown = ", ".join(
+        f"{role} {counts[role]} prompts: {width:.1f} tokens" for role, width in widths.items()
+    )
+    lines = [
+        f"FDT@75's 90% interval, expected width (of N = {n_new}; order statistics, FDT spread "
+        f"evenly over 0..N): {shown}"
+    ]
+    compress = plan.compress
+    min_fdt = compress.min_fdt if compress is not None else None
+    if min_fdt and widths["validate"] > min_fdt / 2:
+        enough = prompts_for_interval_width(min_fdt / 2, n_new)
+        lines.append(
+            f"warning: on {counts['validate']} validate prompts FDT@75's interval is about "
+            f"{widths['validate']:.1f} tokens wide, more than min_fdt / 2 = {min_fdt / 2:g}: the "
+            f"floor cannot be resolved from noise; about {enough} validate prompts would "
+            f"(prompts.validate_count)"
+        )
+    return lines
 
 
 def serving_lines(plan: Plan) -> list[str]:

@@ -3,15 +3,26 @@ level at a time, most aggressive first.
 
 Per level, over the components no earlier level took:
 
-    rank round:    every component alone at the level, on top of the current state
+    rank round:    every component alone at the level, on top of the current state, against
+                   the dense reference on the decide prompts
                    -> ranked by FDT@75 (guide nll: by NLL damage)
     search rounds: S accepted, R the ranked rest; one round evaluates the k combined models
-                   S + R[:1] .. S + R[:k] (k engine actors) against the dense model, accepts
-                   the longest prefix keeping FDT@75 >= min_fdt, or skips R[0] (backtrack)
+                   S + R[:1] .. S + R[:k] (k engine actors) against the dense reference on the
+                   validate prompts, accepts the longest prefix whose FDT@75 interval's lower
+                   end (90 %, bootstrap over the validate prompts) stays >= min_fdt, or skips
+                   R[0] (backtrack)
 
-Every round measures against the dense model's reference (round 0 of `reference/`), because
-`min_fdt` bounds the damage of the combined model, not of one step. `guide: uniform` takes
-components in model order up to the parameter cap without probing.
+Every round measures against the dense model's reference, because `min_fdt` bounds the damage of
+the combined model, not of one step: the rank rounds on the decide prompts (round 0 of
+`reference/`), the search rounds on the validate prompts (`validate/`), which no ranking read,
+so the floor is judged on prompts the order was not fitted to. `guide: uniform` takes components
+in model order up to the parameter cap without probing.
+
+With a bits budget (`target_bits`), every unit ends at one of the levels, the last one the
+fallback: the more aggressive levels take units in rank order (uniform: model order) while the
+average bits, the units not yet placed counted at the last level, is above the budget
+(`budget_prefix`); with `min_fdt` too, each level's search stops adding once the budget is met.
+The last level is then not searched: it takes every unit left.
 
 With `fused: true` the unit that is probed, ranked, searched and assigned is a fused group (the
 selected q/k/v of a layer, its gate/up: vLLM's `qkv_proj` and `gate_up_proj`, which need one
@@ -35,6 +46,9 @@ import pyarrow as pa
 
 from dtm_ray.cluster.actor import RoundContext
 from dtm_ray.core.decisions.quantize import (
+    average_bits,
+    budget_met,
+    budget_prefix,
     candidate_sets,
     rank_components,
     search_step,
@@ -45,7 +59,15 @@ from dtm_ray.core.state import Link, ModelState
 from dtm_ray.job.checks import Plan
 from dtm_ray.log import log
 from dtm_ray.loop.progress import Streaming
-from dtm_ray.loop.rounds import JobEngines, Probe, build_reference, noise_floor, run_probes
+from dtm_ray.loop.rounds import (
+    JobEngines,
+    Probe,
+    RoundReference,
+    build_heldout,
+    build_reference,
+    noise_floor,
+    run_probes,
+)
 from dtm_ray.loop.sparsify import LoopResult
 from dtm_ray.records.schemas import STATE_SCHEMA, decision_table, state_table
 from dtm_ray.records.store import RunStore
@@ -59,9 +81,11 @@ class _Rounds:
         self, plan: Plan, store: RunStore, engines: JobEngines, streaming: Streaming
     ) -> None:
         self.plan, self.store, self.engines, self.streaming = plan, store, engines, streaming
-        # Every quantize round measures against the dense model: round 0's reference.
+        # Every quantize round measures against the dense model: the rank rounds on the decide
+        # prompts (round 0's reference), the search rounds on the validate prompts.
         self.dense_round = build_reference(engines, store, plan.job, 0, ModelState())
         self.dense = self.dense_round.reference
+        self.validate_round = build_heldout(engines, store, "validate")
         self.by_name = {c.name: c for c in plan.components}
         self.params = {c.name: c.params for c in plan.components}
         # unit name -> its components' names: a fused group, or one component under its own name
@@ -85,9 +109,17 @@ class _Rounds:
         names = self.members(units)
         return Probe(self.by_name[names[-1]], level, delta=names if len(names) > 1 else None)
 
-    def probe(self, state: ModelState, probes: list[Probe]) -> int:
-        """Run the next round's probes on top of `state`; returns the round number."""
+    def assignment(self, state: ModelState) -> dict[str, str]:
+        """unit -> its level, for the units the state quantized."""
+        return {u: state.specs(m[0])[-1] for u, m in self.units.items() if state.chain(m[0])}
+
+    def probe(
+        self, state: ModelState, probes: list[Probe], against: RoundReference | None = None
+    ) -> int:
+        """Run the next round's probes on top of `state` against the dense reference `against`
+        (default: on the decide prompts); returns the round number."""
         round_ = self.next
+        against = against or self.dense_round
         done = self.store.finished_probes(round_, failed=not self.engines.plan.retry_failed)
         # The dense model's own scores are stored; a compressed state's the first actor gives.
         dense = state.base is None and not any(state.chains.values())
@@ -96,11 +128,11 @@ class _Rounds:
             self.store,
             round_,
             state,
-            self.dense,
-            self.dense_round.expected if dense else None,
+            against.reference,
+            against.expected if dense else None,
             needed=any(p.key not in done for p in probes),
         )
-        context = RoundContext(round_, state, self.dense)
+        context = RoundContext(round_, state, against.reference)
         self.ran += run_probes(self.engines, self.store, context, probes, self.streaming)
         return round_
 
@@ -154,27 +186,118 @@ def run_quantize(
     config = plan.compress
     rounds = _Rounds(plan, store, engines, streaming)
     cap = math.floor(config.max_params_share * sum(rounds.params.values()))
+    budget, fallback = config.target_bits, config.levels[-1]
     state = ModelState()
-    for level in config.levels:
+    # With a budget the last level is the fallback: it takes what is left, unsearched.
+    searched = config.levels if budget is None else config.levels[:-1]
+    for level in searched:
         remaining = [u for u, names in rounds.units.items() if not state.chain(names[0])]
+        if budget is not None and budget_met(
+            rounds.assignment(state), rounds.unit_params, fallback, budget
+        ):
+            break  # every unit left ends at the fallback
         if config.guide == "uniform":
-            chosen = uniform_assignment(remaining, rounds.unit_params, cap)
-            rows = [
-                _row(rounds, u, state, to_spec=level, statistic="uniform", reason="uniform")
-                for u in chosen
-            ]
+            if budget is None:
+                chosen = uniform_assignment(remaining, rounds.unit_params, cap)
+                rows = [
+                    _row(rounds, u, state, to_spec=level, statistic="uniform", reason="uniform")
+                    for u in chosen
+                ]
+            else:
+                chosen, rows = _fill(rounds, state, level, remaining, "model order")
             changed = rounds.members(chosen)
             state = state.extended({name: Link(level) for name in changed})
             rounds.commit(state, rows, changed)
             continue
-        ranked = _rank(rounds, state, level, remaining)
+        ranked, rows = _rank(rounds, state, level, remaining)
+        if budget is not None and config.min_fdt is None:
+            chosen, fill_rows = _fill(rounds, state, level, ranked, f"rank by {config.guide}")
+            taken = {row["component"]: row for row in fill_rows}
+            rows = [taken.get(row["component"], row) for row in rows]
+            changed = rounds.members(chosen)
+            state = state.extended({name: Link(level) for name in changed})
+            rounds.commit(state, rows, changed)
+            continue
+        rounds.commit(state, rows, [])
         state = _search(rounds, state, level, ranked, cap)
+    if budget is not None:
+        state = _fallback(rounds, state, fallback)
     last = state_table(max(rounds.next - 1, 0), state, plan.components, rounds.sparsity)
     return LoopResult(rounds.ran, state, last, rounds.next)
 
 
-def _rank(rounds: _Rounds, state: ModelState, level: str, remaining: list[str]) -> list[str]:
-    """The rank round: every remaining unit alone at `level`."""
+def _fill(
+    rounds: _Rounds, state: ModelState, level: str, order: list[str], how: str
+) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+    """The units of `order` the bits budget puts at `level` (`budget_prefix`), with their
+    decisions/ rows: each carries the average bits once it is placed (the units not yet
+    placed at the last level)."""
+    config = rounds.plan.compress
+    budget, fallback = config.target_bits, config.levels[-1]
+    assigned = rounds.assignment(state)
+    chosen = budget_prefix(order, rounds.unit_params, level, fallback, budget, assigned)
+    rows = []
+    for unit in chosen:
+        assigned[unit] = level
+        bits = average_bits(assigned, rounds.unit_params, fallback)
+        rows.append(
+            _row(
+                rounds,
+                unit,
+                state,
+                to_spec=level,
+                statistic="bits_per_param",
+                value=bits,
+                threshold=budget,
+                reason=f"within the bits budget ({how}, rank {order.index(unit) + 1} of "
+                f"{len(order)}): {bits:.3f} bits per parameter once placed",
+            )
+        )
+    log(
+        f"{level}: {len(chosen)} of {len(order)} units by the bits budget; "
+        f"{average_bits(assigned, rounds.unit_params, fallback):.3f} bits per parameter "
+        f"(target {budget:g})"
+    )
+    return chosen, rows
+
+
+def _fallback(rounds: _Rounds, state: ModelState, fallback: str) -> ModelState:
+    """With a bits budget: every unit without a level takes the last one."""
+    left = [u for u, names in rounds.units.items() if not state.chain(names[0])]
+    if not left:
+        return state
+    config = rounds.plan.compress
+    assigned = {**rounds.assignment(state), **dict.fromkeys(left, fallback)}
+    bits = average_bits(assigned, rounds.unit_params, config.levels[-1])
+    rows = [
+        _row(
+            rounds,
+            unit,
+            state,
+            to_spec=fallback,
+            statistic="bits_per_param",
+            value=bits,
+            threshold=config.target_bits,
+            reason=f"the fallback level: {bits:.3f} bits per parameter in all",
+        )
+        for unit in left
+    ]
+    changed = rounds.members(left)
+    state = state.extended({name: Link(fallback) for name in changed})
+    rounds.commit(state, rows, changed)
+    met = "within" if bits <= config.target_bits + 1e-9 else "ABOVE"
+    log(
+        f"{fallback}: the other {len(left)} units; {bits:.3f} bits per parameter, {met} the "
+        f"budget of {config.target_bits:g}"
+    )
+    return state
+
+
+def _rank(
+    rounds: _Rounds, state: ModelState, level: str, remaining: list[str]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The rank round: every remaining unit alone at `level`; the ranking and its rows (the
+    caller commits them)."""
     guide = rounds.plan.compress.guide
     round_ = rounds.probe(state, [rounds.probe_of([unit], level) for unit in remaining])
     probes = _by_unit(rounds, rounds.store.read_probes(round_=round_))
@@ -190,8 +313,7 @@ def _rank(rounds: _Rounds, state: ModelState, level: str, remaining: list[str]) 
         )
         for i, name in enumerate(ranked)
     ]
-    rounds.commit(state, rows, [])
-    return ranked
+    return ranked, rows
 
 
 def _by_unit(rounds: _Rounds, probes: pa.Table) -> pa.Table:
@@ -207,17 +329,31 @@ def _by_unit(rounds: _Rounds, probes: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=probes.schema)
 
 
+# What decides a candidate of the search: the lower end of the 90 % bootstrap interval of its
+# FDT@75 over the validate prompts.
+SEARCH_STATISTIC = "validate fdt_at_75_low"
+
+
 def _search(
     rounds: _Rounds, state: ModelState, level: str, ranked: list[str], cap: int
 ) -> ModelState:
-    """Search rounds until the ranked list of units is used up; returns the state with the
-    level's accepted units."""
-    min_fdt = rounds.plan.compress.min_fdt
+    """Search rounds until the ranked list of units is used up (or, with a bits budget, the
+    budget is met); returns the state with the level's accepted units."""
+    config = rounds.plan.compress
+    min_fdt, budget, fallback = config.min_fdt, config.target_bits, config.levels[-1]
     accepted: tuple[str, ...] = ()
     rest: tuple[str, ...] = tuple(ranked)
     skipped: tuple[str, ...] = ()
-    k = rounds.plan.job.workers  # one candidate per engine actor
     while rest:
+        k = rounds.plan.job.workers  # one candidate per engine actor
+        if budget is not None:
+            # Never a candidate past the unit that meets the budget.
+            need = budget_prefix(
+                rest, rounds.unit_params, level, fallback, budget, rounds.assignment(state)
+            )
+            if not need:
+                break  # met: what is left ends at the fallback
+            k = min(k, len(need))
         sets = candidate_sets(accepted, rest, k, rounds.unit_params, cap)
         # The round's state holds what this level accepted so far; a probe adds the rest of
         # its candidate set, so one probe scores exactly the combined model S + R[:i].
@@ -229,40 +365,70 @@ def _search(
             )
             for s in sets
         ]
-        round_ = rounds.probe(state, probes)
-        values = _fdt_values(rounds.store, round_, probes)
+        round_ = rounds.probe(state, probes, rounds.validate_round)
+        values, shown = _candidate_values(rounds.store, round_, probes)
         step = search_step(accepted, rest, skipped, values, min_fdt, rounds.unit_params, cap, k=k)
         new = step.accepted[len(accepted) :]
-        rows = _search_rows(rounds, step, level, state, new, min_fdt)
+        rows = _search_rows(rounds, step, level, state, new, min_fdt, shown)
         changed = rounds.members(new)
         state = state.extended({name: Link(level) for name in changed})
         rounds.commit(state, rows, list(changed))
         accepted, rest, skipped = step.accepted, step.rest, step.skipped
-    what = "units" if rounds.plan.compress.fused else "components"
-    log(f"{level}: {len(accepted)} {what} accepted, {len(skipped)} skipped")
+    what = "units" if config.fused else "components"
+    bits = ""
+    if budget is not None:
+        reached = average_bits(rounds.assignment(state), rounds.unit_params, fallback)
+        bits = f"; {reached:.3f} bits per parameter with the rest at {fallback} (target {budget:g})"
+    log(f"{level}: {len(accepted)} {what} accepted, {len(skipped)} skipped{bits}")
     return state
 
 
-def _fdt_values(store: RunStore, round_: int, probes: list[Probe]) -> list[float]:
-    """FDT@75 of each candidate, in order; a failed probe never passes."""
+def _candidate_values(
+    store: RunStore, round_: int, probes: list[Probe]
+) -> tuple[list[float], list[str]]:
+    """Per candidate, in order: the statistic that decides it (SEARCH_STATISTIC; a failed probe
+    never passes) and its FDT@75 with the interval, as text for the decision's reason."""
     table = store.read_probes(round_=round_).to_pylist()
     rows = {(r["component"], r["spec"]): r for r in table}
-    values = []
+    values, shown = [], []
     for probe in probes:
         row = rows[probe.key]
-        values.append(float(row["fdt_at_75"]) if row["status"] == "ok" else -math.inf)
-    return values
+        if row["status"] != "ok":
+            values.append(-math.inf)
+            shown.append("failed")
+            continue
+        values.append(float(row["fdt_at_75_low"]))
+        shown.append(
+            f"FDT@75 {row['fdt_at_75']} ({row['fdt_at_75_low']}-{row['fdt_at_75_high']}) on "
+            f"{len(row['fdt'])} validate prompts"
+        )
+    return values, shown
 
 
 def _search_rows(
-    rounds: _Rounds, step: Any, level: str, before: ModelState, new: Sequence[str], min_fdt: float
+    rounds: _Rounds,
+    step: Any,
+    level: str,
+    before: ModelState,
+    new: Sequence[str],
+    min_fdt: float,
+    shown: Sequence[str],
 ) -> list[dict[str, Any]]:
     """One row per evaluated candidate (named by the unit it added) and per skip."""
     rows = []
     for row in step.rows:
         if "skipped" in row:
             reason = f"skipped: {row.get('reason', 'no candidate passed')}"
-            rows.append(_row(rounds, row["skipped"], before, threshold=min_fdt, reason=reason))
+            rows.append(
+                _row(
+                    rounds,
+                    row["skipped"],
+                    before,
+                    statistic=SEARCH_STATISTIC,
+                    threshold=min_fdt,
+                    reason=reason,
+                )
+            )
             continue
         verdict = "passes" if row["passed"] else "fails"
         rows.append(
@@ -271,9 +437,11 @@ def _search_rows(
                 row["added"],
                 before,
                 to_spec=level if row["added"] in new else None,
+                statistic=SEARCH_STATISTIC,
                 value=float(row["fdt_at_75"]),
                 threshold=min_fdt,
-                reason=f"set of {row['size']} {verdict}" + (", accepted" if row["chosen"] else ""),
+                reason=f"set of {row['size']} {verdict} ({shown[row['size'] - 1]})"
+                + (", accepted" if row["chosen"] else ""),
             )
         )
     return rows

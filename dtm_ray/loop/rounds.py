@@ -7,6 +7,7 @@ tables back. Engine actors start only when something is left to compute (`Engine
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from dtm_ray.cluster.pool import Engines, Outcome, PoolSpec, Task
 from dtm_ray.core.components import Component
 from dtm_ray.core.metrics import fdt_at
 from dtm_ray.core.state import ModelState, Reference, concat_references
+from dtm_ray.engines.prompts import role_seed
 from dtm_ray.job.checks import Plan
-from dtm_ray.job.spec import JobConfig
+from dtm_ray.job.spec import JobConfig, role_counts
 from dtm_ray.log import log
 from dtm_ray.loop.progress import ProbeWriter, Progress, Streaming
 from dtm_ray.records.schemas import (
@@ -103,8 +105,10 @@ def source_for_actors(source: str) -> str:
     return str(path.resolve()) if path.is_file() else source
 
 
-def _read_round_reference(store: RunStore, round_: int) -> RoundReference | None:
-    table = store.read_reference(round_)
+def _read_round_reference(
+    store: RunStore, round_: int, role: str = "decide"
+) -> RoundReference | None:
+    table = store.read_reference(round_, role)
     if table is None:
         return None
     return RoundReference(
@@ -125,6 +129,38 @@ def scored_prefixes(engines: JobEngines) -> np.ndarray:
     return engines.pool.call("load_prompts", source, p.count, p.prefix_tokens, p.seed)
 
 
+def build_heldout(engines: JobEngines, store: RunStore, role: str) -> RoundReference:
+    """The dense model's reference on a compressing job's `role` prompts (validate or test):
+    stored in `validate/` or `test/`, or built once (split over the actors) and stored."""
+    stored = _read_round_reference(store, 0, role)
+    if stored is not None:
+        return stored
+    plan, job = engines.plan, engines.plan.job
+    pool = engines.pool  # started here when nothing started it yet: not part of the time below
+    prefixes = plan.role_prefixes(role)
+    if prefixes is None:  # `self`: each role samples from its own sampler seeds
+        p = job.prompts
+        count = role_counts(job)[role]
+        seed = role_seed(p.seed, role)
+        prefixes = pool.call(
+            "load_prompts", source_for_actors(p.source), count, p.prefix_tokens, seed
+        )
+    started = time.monotonic()
+    parts = pool.split("build_reference", prefixes, ModelState(), job.new_tokens)
+    reference = concat_references(parts)
+    built_by = [
+        info
+        for info, part in zip(engines.infos, parts, strict=False)
+        for _ in range(len(part.prefixes))
+    ]
+    store.write_reference(reference_table(reference, 0, built_by=built_by), 0, role)
+    log(
+        f"the dense reference on the {len(prefixes)} {role} prompts: built in "
+        f"{time.monotonic() - started:.1f} s"
+    )
+    return _read_round_reference(store, 0, role)
+
+
 def build_reference(
     engines: JobEngines, store: RunStore, job: JobConfig, round_: int, state: ModelState
 ) -> RoundReference:
@@ -143,6 +179,7 @@ def build_reference(
     else:
         log(f"round {round_}: rebuilding the reference with the current model")
         prefixes = reference_of(store, 0).prefixes
+    started = time.monotonic()
     parts = pool.split("build_reference", prefixes, state, job.new_tokens)
     reference = concat_references(parts)
     # pool.split gives actor i the i-th chunk; each prompt row names the actor that built it.
@@ -153,6 +190,7 @@ def build_reference(
     ]
     table = reference_table(reference, round_, built_by=built_by)
     store.write_reference(table, round_)
+    log(f"round {round_}: reference built in {time.monotonic() - started:.1f} s")
     return _read_round_reference(store, round_)
 
 
@@ -223,10 +261,11 @@ def noise_floor(
     return table
 
 
-def reference_of(store: RunStore, round_: int) -> Reference:
-    table = store.read_reference(round_)
+def reference_of(store: RunStore, round_: int, role: str = "decide") -> Reference:
+    table = store.read_reference(round_, role)
     if table is None:
-        raise RuntimeError(f"the run has no reference for round {round_}")
+        what = f"round {round_}" if role == "decide" else f"the {role} prompts"
+        raise RuntimeError(f"the run has no reference for {what}")
     return reference_from_table(table)
 
 
@@ -240,7 +279,8 @@ def calibrate(
     count: int,
 ) -> dict[str, np.ndarray]:
     """Wanda's input norms of the round's current model on calibration sequences that overlap
-    none of the scored prompts; stored per round so every replay uses exactly these."""
+    none of the scored prompts of any role; stored per round so every replay uses exactly
+    these."""
     stored = store.read_round_table("calibration", CALIBRATION_SCHEMA, round_)
     if stored is not None:
         return calibration_from_table(stored)
@@ -250,7 +290,7 @@ def calibrate(
         source_for_actors(p.source),
         count,
         p.prefix_tokens + job.new_tokens,
-        (p.count, p.prefix_tokens),
+        (role_counts(job), p.prefix_tokens),
         p.seed,
     )
     norms = pool.call("input_norms", state, sequences, list(names))

@@ -11,9 +11,10 @@ run killed anywhere and resumed reaches the same final state as one that never s
 
 Two options extend the round:
 - `min_fdt` (the quality floor): the decided state is scored against the dense model's reference
-  before it is committed; when its FDT@75 falls below the floor, the round's added sparsities are
-  scaled back by bisection to a scale that keeps it (`floor/round-r` holds every
-  candidate) and the run stops after that round, at the sparsity it reached.
+  on the validate prompts (which no probe read) before it is committed; when the lower end of
+  its FDT@75's 90 % interval over them falls below the floor, the round's added sparsities are
+  scaled back by bisection to a scale that keeps it (`floor/round-r` holds every candidate) and
+  the run stops after that round, at the sparsity it reached.
 - `recovery`: after a committed round, training on Ray Train makes a new base the next rounds
   start from (`dtm_ray.loop.recovery`; it commits with `recovery/round-r`).
 """
@@ -39,7 +40,7 @@ from dtm_ray.core.decisions.sparsify import (
     round_step,
     uniform_step,
 )
-from dtm_ray.core.metrics import fdt_at
+from dtm_ray.core.metrics import fdt_at, fdt_at_interval
 from dtm_ray.core.specs import parse_spec
 from dtm_ray.core.state import Link, ModelState
 from dtm_ray.job.checks import Plan
@@ -50,11 +51,11 @@ from dtm_ray.loop.recovery import recover, recovery_due
 from dtm_ray.loop.rounds import (
     JobEngines,
     Probe,
+    build_heldout,
     build_reference,
     calibrate,
     noise_floor,
     read_calibration,
-    reference_of,
     reuse_reference,
     run_probes,
 )
@@ -69,6 +70,9 @@ from dtm_ray.records.store import RunStore
 
 # Bisection steps of the quality floor: the committed scale is within 1/2**6 of the step.
 FLOOR_BISECTIONS = 6
+# What decides a candidate of the floor: the lower end of the 90 % bootstrap interval of its
+# FDT@75 over the validate prompts.
+FLOOR_STATISTIC = "validate fdt_at_75_low"
 
 
 @dataclass
@@ -245,14 +249,16 @@ def _floor(
     decision: SparsifyDecision,
     stats: dict[str, Any],
 ) -> SparsifyDecision:
-    """The decision cut back to keep FDT@75 against the dense model's reference >= min_fdt: the
-    decided state is scored as a whole; when it falls below, the added sparsities are scaled by
-    a factor in [0, 1] that keeps the floor, found by bisection (each candidate scored as a
-    whole; FDT@75 is noisy, so the result passes within 1/64 of a scale that fails, which need
-    not be the largest passing one). Every candidate goes to `floor/round-r`."""
+    """The decision cut back to keep the floor against the dense model's reference on the
+    validate prompts: a candidate passes when the lower end of the 90 % bootstrap interval of
+    its FDT@75 there is >= min_fdt, so a pass is not the luck of a few prompts. The decided
+    state is scored as a whole; when it fails, the added sparsities are scaled by a factor in
+    [0, 1] that passes, found by bisection (each candidate scored as a whole; FDT@75 is noisy,
+    so the result passes within 1/64 of a scale that fails, which need not be the largest
+    passing one). Every candidate goes to `floor/round-r`."""
     config = plan.compress
     params = {c.name: c.params for c in plan.components}
-    dense = reference_of(store, 0)
+    dense = build_heldout(engines, store, "validate").reference
     rows = []
 
     def scaled(scale: float) -> dict[str, float]:
@@ -263,6 +269,8 @@ def _floor(
         links = _links(config, round_, sparsity, added, stats)
         result = engines.pool.call("score", state.extended(links), dense)
         value = float(fdt_at(result.fdt, 75))
+        low, high = fdt_at_interval(result.fdt, 75)
+        passed = low >= config.min_fdt
         after = {n: absolute_sparsity(sparsity[n], added.get(n, 0.0)) for n in sparsity}
         rows.append(
             {
@@ -271,12 +279,19 @@ def _floor(
                 "sparsity": overall_sparsity(params, after),
                 "fdt_at_75": value,
                 "fdt_mean": float(result.fdt.mean()),
-                "passed": value >= config.min_fdt,
+                "passed": passed,
                 "fdt": [int(v) for v in result.fdt],
+                "fdt_at_75_low": low,
+                "fdt_at_75_high": high,
+                "statistic": FLOOR_STATISTIC,
+                "role": "validate",
             }
         )
-        log(f"round {round_}: quality floor, scale {scale:.4f}: FDT@75 {value:g} vs dense")
-        return value >= config.min_fdt
+        log(
+            f"round {round_}: quality floor, scale {scale:.4f}: FDT@75 {value:g} ({low}-{high}) "
+            f"on {dense.prompts} validate prompts vs dense: {'passes' if passed else 'fails'}"
+        )
+        return passed
 
     low = 1.0
     if not passes(1.0):
@@ -290,7 +305,10 @@ def _floor(
     store.write_round_table("floor", round_, pa.Table.from_pylist(rows, schema=FLOOR_SCHEMA))
     if low == 1.0:
         return decision
-    reason = f"cut back to {low:.4f} of the step by the quality floor min_fdt={config.min_fdt}"
+    reason = (
+        f"cut back to {low:.4f} of the step by the quality floor min_fdt={config.min_fdt} "
+        f"({FLOOR_STATISTIC})"
+    )
     added = scaled(low)
     reasons = dict(decision.reasons)
     reasons.update({name: reason for name, a in decision.added.items() if a > 0})

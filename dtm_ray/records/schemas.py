@@ -6,7 +6,12 @@ contract.
 
 Tables (all carry `round` where they belong to one):
 - `reference/`  one row per (round, prompt): the reference the round measured against, and the
-                round's current model scored against it (`current_*`).
+                round's current model scored against it (`current_*`); its prompts are the
+                decide role's.
+- `validate/`, `test/`  a compressing run's held-out prompts (one file, round 0): the dense
+                model's reference on the validate prompts (what the quantize search and the
+                sparsify floor read) and on the test prompts (what only `final/` reads), in
+                `reference/`'s schema.
 - `probes/`     one row per (round, component, spec): per-prompt FDT/SDT and summaries.
 - `noise/`     one row per (round, engine actor): the round's model, unmodified, scored on each
                 actor against the round's reference (the noise floor per actor).
@@ -186,8 +191,10 @@ RECOVERY_SCHEMA = pa.schema(
 )
 
 # The quality floor of a sparsify run (`compress.min_fdt`): each candidate state of a round,
-# scored against the dense model's reference. `scale` multiplies the round's decided added
-# sparsities (1: the decision as made); the round commits the largest passing scale.
+# scored against the dense model's reference on the validate prompts. `scale` multiplies the
+# round's decided added sparsities (1: the decision as made); the round commits the largest
+# passing scale. A candidate passes when `statistic` (the lower end of FDT@75's 90 % bootstrap
+# interval over the validate prompts) is at least min_fdt.
 FLOOR_SCHEMA = pa.schema(
     [
         ("round", pa.int32()),
@@ -197,16 +204,23 @@ FLOOR_SCHEMA = pa.schema(
         ("fdt_mean", pa.float64()),
         ("passed", pa.bool_()),
         ("fdt", pa.list_(pa.int32())),  # per prompt
+        ("fdt_at_75_low", pa.int32()),  # its 90 % bootstrap interval over the prompts
+        ("fdt_at_75_high", pa.int32()),
+        ("statistic", pa.string()),  # what decided `passed`, e.g. "validate fdt_at_75_low"
+        ("role", pa.string()),  # the prompts scored: validate (decide in older runs: null)
     ]
 )
 
 FINAL_PROMPTS_SCHEMA = pa.schema(
     [
-        ("prompt_id", pa.int32()),
-        ("fdt", pa.int32()),  # against the dense model's reference (round 0 of reference/)
+        ("prompt_id", pa.int32()),  # within its role
+        # against the dense model's reference on the role's prompts: test (`test/`), validate
+        # (`validate/`) or decide (round 0 of `reference/`)
+        ("fdt", pa.int32()),
         ("sdt", pa.int32()),
         ("nll", pa.float64()),  # mean NLL of the dense model's continuation under the result
         ("dense_nll", pa.float64()),
+        ("role", pa.string()),  # test | validate | decide (null in runs before the roles)
     ]
 )
 
@@ -223,11 +237,29 @@ FINAL_COMPONENTS_SCHEMA = pa.schema(
     ]
 )
 
+# The held-out numbers of `final/summary` per role (test, validate): `<role>_<name>`.
+HELDOUT_SUMMARY_COLUMNS = [
+    ("prompts", pa.int32()),
+    ("fdt_at_75", pa.int32()),
+    ("fdt_at_75_low", pa.int32()),  # 90 % bootstrap interval over the role's prompts
+    ("fdt_at_75_high", pa.int32()),
+    ("fdt_mean", pa.float64()),
+    ("sdt_mean", pa.float64()),
+    ("sdt_share", pa.float64()),
+]
+
 FINAL_SUMMARY_SCHEMA = pa.schema(
     [
+        # (the first two columns are the ones every run's summary has: `RunStore` checks them)
         ("rounds", pa.int32()),
-        ("prompts", pa.int32()),
         ("new_tokens", pa.int32()),
+        # The result on text the run's decisions never read: the test prompts (null in runs
+        # from before the prompt roles) ...
+        *[(f"test_{name}", kind) for name, kind in HELDOUT_SUMMARY_COLUMNS],
+        # ... on the validate prompts (what the floors and the quantize search checked) ...
+        *[(f"validate_{name}", kind) for name, kind in HELDOUT_SUMMARY_COLUMNS],
+        # ... and on the decide prompts, the ones the rounds probed: in-sample numbers.
+        ("prompts", pa.int32()),
         ("fdt_at_75", pa.int32()),
         ("fdt_at_75_low", pa.int32()),
         ("fdt_at_75_high", pa.int32()),
@@ -247,6 +279,7 @@ FINAL_SUMMARY_SCHEMA = pa.schema(
         ("nonzero_bytes", pa.int64()),  # their nonzero values only (no index overhead)
         ("bits_per_param", pa.float64()),  # over the selected weights, quantization scales included
         ("quantized_share", pa.float64()),  # share of selected parameters held below the dtype
+        ("target_bits", pa.float64()),  # quantize: compress.target_bits (null: no budget)
     ]
 )
 
@@ -259,7 +292,10 @@ FINAL_TASKS_SCHEMA = pa.schema(
         ("compressed", pa.float64()),  # and on the exported result
         ("flips", pa.float64()),  # share of examples whose answer differs between the two
         ("flipped", pa.int64()),  # how many
-        ("fdt_at_75", pa.int32()),  # the run's, from final/summary, beside the task numbers
+        # The run's FDT@75 from final/summary, beside the task numbers: on the test prompts
+        # (held out) and on the decide prompts (in-sample).
+        ("test_fdt_at_75", pa.int32()),
+        ("fdt_at_75", pa.int32()),
         ("backend", pa.string()),  # lm-eval's model backend: hf | vllm
     ]
 )
@@ -626,9 +662,15 @@ def decision_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([dict(r) for r in rows], schema=DECISION_SCHEMA)
 
 
+# The folder of a run directory holding the dense reference on each prompt role's prompts
+# (`reference/` also holds every later round's reference on the decide prompts).
+ROLE_FOLDERS = {"decide": "reference", "validate": "validate", "test": "test"}
+
 # Each folder of a run directory and the schema of its files.
 TABLE_SCHEMAS = {
     "reference": REFERENCE_SCHEMA,
+    "validate": REFERENCE_SCHEMA,
+    "test": REFERENCE_SCHEMA,
     "probes": PROBE_SCHEMA,
     "noise": NOISE_SCHEMA,
     "calibration": CALIBRATION_SCHEMA,

@@ -8,6 +8,7 @@ Layout (every folder is one table, readable with `pandas.read_parquet(run_dir + 
 
     run.json
     reference/round-000.parquet     calibration/round-000.parquet
+    validate/round-000.parquet      test/round-000.parquet  (held-out prompts, compressing runs)
     probes/part-r000-<time>-<id>.parquet  (while round 0 runs)  ->  probes/round-000.parquet
     decisions/round-000.parquet     states/round-000.parquet
     final/prompts/data.parquet      final/components/data.parquet   final/summary/data.parquet
@@ -59,6 +60,7 @@ from dtm_ray.errors import (
 from dtm_ray.records.schemas import (
     PROBE_SCHEMA,
     REFERENCE_SCHEMA,
+    ROLE_FOLDERS,
     STATUS_OK,
     dedupe_probes,
     probe_keys,
@@ -460,11 +462,13 @@ class RunStore:
         names = (p.rpartition("/")[2] for p in self._data_files(folder))
         return sorted(int(n[6:-8]) for n in names if n.startswith("round-"))
 
-    def write_reference(self, table: pa.Table, round_: int) -> None:
-        self.write_round_table("reference", round_, table.cast(REFERENCE_SCHEMA))
+    def write_reference(self, table: pa.Table, round_: int, role: str = "decide") -> None:
+        """A round's reference; `role` validate or test: the dense model's on those prompts
+        (round 0 only)."""
+        self.write_round_table(ROLE_FOLDERS[role], round_, table.cast(REFERENCE_SCHEMA))
 
-    def read_reference(self, round_: int) -> pa.Table | None:
-        table = self.read_round_table("reference", REFERENCE_SCHEMA, round_)
+    def read_reference(self, round_: int, role: str = "decide") -> pa.Table | None:
+        table = self.read_round_table(ROLE_FOLDERS[role], REFERENCE_SCHEMA, round_)
         return None if table is None else table.sort_by("prompt_id")
 
     # --- probes ----------------------------------------------------------------------------

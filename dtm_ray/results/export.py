@@ -64,6 +64,7 @@ from dtm_ray.redact import redact, redact_data
 from dtm_ray.results.export_compressed import stored_level, write_compressed
 from dtm_ray.results.export_dense import replay_device, torch_threads, write_dense
 from dtm_ray.results.model_files import write_file
+from dtm_ray.results.roles import role_numbers
 
 _MARKER = "export.json"  # its presence tells a previous export, which may be replaced
 
@@ -200,6 +201,8 @@ def export_run(
             "model_dir": str(model_dir),
             "method": config["compress"].get("method"),
             "engine_dtype": engine_dtype,
+            # FDT against the dense model, the held-out test prompts first (`final/summary`).
+            "fdt": fdt_by_role(summary_row),
             "summary": summary_row,
             "checkpoints": checkpoints,
             "serving": serving_notes(linears, levels, engine_dtype) if quantize else {},
@@ -301,6 +304,14 @@ def _weight_args(level: str) -> dict[str, Any]:
     return args
 
 
+def fdt_by_role(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """`final/summary`'s FDT numbers per role, test first; decide marked in-sample."""
+    return {
+        role if role != "decide" else "decide (in-sample)": dict(numbers)
+        for role, numbers in role_numbers(summary)
+    }
+
+
 def _recipe_header(location: str, config: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     compress = config["compress"]
     if compress.get("method", "sparsify") == "sparsify":
@@ -315,7 +326,13 @@ def _recipe_header(location: str, config: Mapping[str, Any], summary: Mapping[st
         f"model: {config['model']}; guide: {compress.get('guide')}",
         f"reproduces the run's {what}",
         "with llm-compressor's own algorithms; the exported checkpoint holds dtm_ray's values.",
-        f"result: FDT@75 {summary['fdt_at_75']}/{summary['new_tokens']} against the dense model",
+        "result against the dense model, FDT@75 of "
+        f"{summary['new_tokens']}: "
+        + "; ".join(
+            f"{numbers['fdt_at_75']} ({numbers['fdt_at_75_low']}-{numbers['fdt_at_75_high']}) "
+            f"on {numbers['prompts']} {role if role != 'decide' else 'decide (in-sample)'} prompts"
+            for role, numbers in role_numbers(summary)
+        ),
     ]
     return "".join(f"# {line}\n" for line in lines)
 

@@ -27,6 +27,7 @@ from dtm_ray.errors import ConfigError
 from dtm_ray.records.schemas import STATUS_OK
 from dtm_ray.records.store import RunStore, retrying
 from dtm_ray.redact import redact
+from dtm_ray.results.roles import role_numbers
 from dtm_ray.results.show import (
     RunTables,
     component_table,
@@ -75,6 +76,10 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
+# How the key numbers name each prompt role.
+ROLE_NOTES = {"test": "held out", "validate": "checked by the floors", "decide": "in-sample"}
+
+
 # --- sections --------------------------------------------------------------------------------
 def key_numbers(run: RunTables) -> pd.DataFrame | None:
     """The final result against the dense model, one row per number."""
@@ -82,14 +87,25 @@ def key_numbers(run: RunTables) -> pd.DataFrame | None:
         return None
     s = run.final["summary"].iloc[0]
     noise = int(run.references["noise_positions"].sum()) if len(run.references) else 0
-    rows = [
-        (
-            "FDT@75 against the dense model",
-            f"{s['fdt_at_75']} (90% CI {s['fdt_at_75_low']}-{s['fdt_at_75_high']})",
-            str(run.new_tokens),
-        ),
-        ("mean FDT", f"{s['fdt_mean']:.2f}", str(run.new_tokens)),
-        ("share of divergent tokens (SDT)", f"{s['sdt_share']:.3f}", "0"),
+    rows = []
+    roles = role_numbers(s)
+    for role, n in roles:
+        on = (
+            f"{role} prompts ({int(n['prompts'])}, {ROLE_NOTES[role]})"
+            if len(roles) > 1
+            else f"the {int(n['prompts'])} prompts (in-sample: the rounds probed them)"
+        )
+        rows += [
+            (
+                f"FDT@75 on {on}",
+                f"{int(n['fdt_at_75'])} (90% CI {int(n['fdt_at_75_low'])}-"
+                f"{int(n['fdt_at_75_high'])})",
+                str(run.new_tokens),
+            ),
+            (f"mean FDT, {role}", f"{n['fdt_mean']:.2f}", str(run.new_tokens)),
+            (f"share of divergent tokens (SDT), {role}", f"{n['sdt_share']:.3f}", "0"),
+        ]
+    rows += [
         (
             "perplexity on the dense model's continuations",
             f"{s['ppl_reference']:.3f}",
@@ -121,7 +137,9 @@ def summary_section(run: RunTables, out: Path) -> Section:
         f"({hardware.get('cpu_count')} CPUs, GPUs: {gpus}); {versions}.",
         "FDT = first divergent token: how many greedy tokens the compressed model keeps in step "
         "with the reference model; FDT@75 = the largest value that 75 % of prompts reach. "
-        f"{run.new_tokens} means no divergence at all.",
+        f"{run.new_tokens} means no divergence at all. The test prompts are held out: no "
+        "decision read them, so their numbers are what new text of the same kind will show; "
+        "the decide prompts' are in-sample (the rounds decided on them) and flatter the result.",
     ]
     numbers = key_numbers(run)
     tables = (
@@ -505,12 +523,19 @@ def tasks_section(run: RunTables, out: Path) -> Section | None:
         [
             "Each task's metric on the dense model and on the compressed one, and the flips: the "
             "share of examples whose answer changed. Equal accuracies can hide many flips, in "
-            f"both directions. The run's FDT@75 against the dense model: "
-            f"{int(tasks['fdt_at_75'].iloc[0])}."
+            f"both directions. The run's FDT@75 against the dense model: {_task_fdt(tasks)}."
         ],
         [("tasks", table)],
         images=[("tasks.png", "task metric and flips against FDT@75, mean FDT and perplexity")],
     )
+
+
+def _task_fdt(tasks: pd.DataFrame) -> str:
+    test = tasks["test_fdt_at_75"].iloc[0] if "test_fdt_at_75" in tasks else None
+    decide = int(tasks["fdt_at_75"].iloc[0])
+    if test is None or pd.isna(test):
+        return f"{decide} (on the prompts the rounds probed)"
+    return f"{int(test)} on the test prompts (held out), {decide} on the decide prompts (in-sample)"
 
 
 # The report, top to bottom. Each entry: (run tables, output folder) -> Section or None.

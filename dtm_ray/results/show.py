@@ -29,6 +29,7 @@ from dtm_ray.records.schemas import (
     STATUS_OK,
 )
 from dtm_ray.records.store import RunStore
+from dtm_ray.results.roles import fdt_lines
 
 FINAL_SCHEMAS = {
     "prompts": FINAL_PROMPTS_SCHEMA,
@@ -258,9 +259,8 @@ def final_lines(run: RunTables) -> list[str]:
         return []
     s = run.final["summary"].iloc[0]
     return [
-        f"final, against the dense model ({s['prompts']} prompts x {s['new_tokens']} tokens): "
-        f"FDT@75 {s['fdt_at_75']} (90% CI {s['fdt_at_75_low']}-{s['fdt_at_75_high']}), "
-        f"mean FDT {s['fdt_mean']:.2f}, SDT share {s['sdt_share']:.3f}",
+        f"final, against the dense model ({s['new_tokens']} tokens):",
+        *[f"  {line}" for line in fdt_lines(s)],
         f"  sparsity {s['sparsity']:.4f} of {s['selected_params']:,} selected parameters, "
         f"{s['bits_per_param']:.2f} bits per parameter, after {s['rounds']} round(s)",
         f"  perplexity on the reference {s['ppl_reference']:.3f} (dense "
@@ -278,6 +278,11 @@ def headline(run: RunTables) -> str:
             f"target sparsity {compress.get('target_sparsity')}"
             if compress.get("method") == "sparsify"
             else f"levels {compress.get('levels')}, min FDT@75 {compress.get('min_fdt')}"
+            + (
+                f", target {compress['target_bits']:g} bits"
+                if compress.get("target_bits") is not None
+                else ""
+            )
         )
         what = f"{compress.get('method')} (guide {compress.get('guide')}, {goal})"
     if compress:
@@ -286,8 +291,18 @@ def headline(run: RunTables) -> str:
         status = f"{len(run.probes)} probe rows"
     return (
         f"{run.uri}: {c.get('model')} on {c.get('engine')} ({c.get('dtype')}), {what}; "
-        f"{c.get('prompts', {}).get('count')} prompts x {run.new_tokens} tokens; {status}"
+        f"{_prompt_counts(c)} x {run.new_tokens} tokens; {status}"
     )
+
+
+def _prompt_counts(config: dict[str, Any]) -> str:
+    """'16 prompts', or with held-out roles '16 decide + 16 validate + 64 test prompts'."""
+    prompts = config.get("prompts", {})
+    validate = prompts.get("validate_count")
+    test = (config.get("evaluation") or {}).get("prompts")
+    if not config.get("compress") or validate is None or test is None:
+        return f"{prompts.get('count')} prompts"
+    return f"{prompts.get('count')} decide + {validate} validate + {test} test prompts"
 
 
 def format_show(

@@ -10,6 +10,7 @@ import pyarrow as pa
 from dtm_ray.core.state import Reference
 from dtm_ray.records.schemas import STATE_SCHEMA, STATUS_OK
 from dtm_ray.records.store import RunStore
+from dtm_ray.results.roles import fdt_lines
 
 
 def format_probe_summary(table: pa.Table, reference: Reference, n_new: int, top: int = 5) -> str:
@@ -53,12 +54,11 @@ def format_compression_summary(store: RunStore, final: dict[str, pa.Table]) -> s
         for round_, row in per_round.iterrows():
             lines.append(f"{round_:5d}  {row['zeros'] / row['params']:.4f}")
     s = final["summary"].to_pylist()[0]
+    bits = f", {s['bits_per_param']:.2f} bits per parameter" if s.get("quantized_share") else ""
     lines += [
-        f"final: sparsity {s['sparsity']:.4f} of {s['selected_params']:,} selected parameters "
-        f"after {s['rounds']} round(s)",
-        f"  vs the dense model over {s['prompts']} prompts x {s['new_tokens']} tokens: "
-        f"FDT@75 {s['fdt_at_75']} (90% CI {s['fdt_at_75_low']}..{s['fdt_at_75_high']}), "
-        f"mean FDT {s['fdt_mean']:.2f}, SDT share {s['sdt_share']:.3f}",
+        f"final: sparsity {s['sparsity']:.4f} of {s['selected_params']:,} selected parameters"
+        f"{bits} after {s['rounds']} round(s); vs the dense model, {s['new_tokens']} tokens:",
+        *[f"  {line}" for line in fdt_lines(s)],
         f"  perplexity on the reference {s['ppl_reference']:.3f} (dense "
         f"{s['dense_ppl_reference']:.3f}); on {s['text_source']} text {s['ppl_text']:.3f} "
         f"(dense {s['dense_ppl_text']:.3f})",

@@ -201,9 +201,14 @@ def _task_options(resources: Mapping[str, float]) -> dict[str, Any]:
 
 
 def tasks_table(
-    dense: Mapping[str, Any], compressed: Mapping[str, Any], fdt_at_75: int | None, backend: str
+    dense: Mapping[str, Any],
+    compressed: Mapping[str, Any],
+    fdt_at_75: int | None,
+    backend: str,
+    test_fdt_at_75: int | None = None,
 ) -> pa.Table:
-    """`final/tasks/` rows from the two models' `evaluate_model` results."""
+    """`final/tasks/` rows from the two models' `evaluate_model` results; the run's FDT@75 on
+    the decide prompts (in-sample) and on the test prompts (held out) beside them."""
     from dtm_ray.records.schemas import FINAL_TASKS_SCHEMA
 
     rows = []
@@ -219,6 +224,7 @@ def tasks_table(
                 "compressed": theirs["value"],
                 "flips": share,
                 "flipped": changed,
+                "test_fdt_at_75": test_fdt_at_75,
                 "fdt_at_75": fdt_at_75,
                 "backend": backend,
             }
@@ -335,7 +341,13 @@ def evaluate_run(
             config,
         )
     fdt = summary.column("fdt_at_75")[0].as_py()
-    return _write_tasks(store, ("dense", "compressed"), dense, compressed, fdt, backend)
+    # Runs from before the prompt roles have no test numbers.
+    test_fdt = (
+        summary.column("test_fdt_at_75")[0].as_py()
+        if "test_fdt_at_75" in summary.column_names
+        else None
+    )
+    return _write_tasks(store, ("dense", "compressed"), dense, compressed, fdt, backend, test_fdt)
 
 
 def _write_tasks(
@@ -345,11 +357,12 @@ def _write_tasks(
     second: dict[str, Any],
     fdt: int | None,
     backend: str,
+    test_fdt: int | None = None,
 ) -> pa.Table:
     """lm-eval's own files to `final/lm-eval/<name>/`, the task rows to `final/tasks/`."""
     for name, result in zip(names, (first, second), strict=True):
         store.replace_files(f"final/lm-eval/{name}", result["files"])
-    table = tasks_table(first, second, fdt, backend)
+    table = tasks_table(first, second, fdt, backend, test_fdt)
     store.write_final("tasks", table)
     log(f"tasks evaluated in {max(first['seconds'], second['seconds']):.0f} s")
     return table
@@ -396,11 +409,20 @@ def _names(tasks: Sequence[str | dict[str, Any]]) -> str:
 
 
 def format_run_tasks(table: pa.Table, labels: tuple[str, str] = ("dense", "compr.")) -> str:
-    """A run's `final/tasks/` as a few aligned lines for the terminal; `labels` name the two
-    models' columns (a compare's: base and candidate)."""
+    """A run's `final/tasks/` as a few aligned lines for the terminal, after the run's FDT@75
+    (on the held-out test prompts first); `labels` name the two models' columns (a compare's:
+    base and candidate)."""
+    lines = []
+    rows = table.to_pylist()
+    if rows and rows[0].get("test_fdt_at_75") is not None:
+        test, decide = rows[0]["test_fdt_at_75"], rows[0]["fdt_at_75"]
+        lines.append(
+            f"the run's FDT@75 against the dense model: {test} on the test prompts (held out), "
+            f"{decide} on the decide prompts (in-sample)"
+        )
     first, second = (label[:9] for label in labels)
-    lines = [f"{'task':<24} {'metric':<12} {first:>9} {second:>9} {'flips':>7}  examples"]
-    for row in table.to_pylist():
+    lines.append(f"{'task':<24} {'metric':<12} {first:>9} {second:>9} {'flips':>7}  examples")
+    for row in rows:
         lines.append(
             f"{row['task']:<24} {row['metric']:<12} {row['dense']:9.3f} "
             f"{row['compressed']:9.3f} {row['flips']:7.3f}  {row['examples']}"

@@ -14,7 +14,12 @@ import pytest
 import torch
 from support.checks import final_state
 from support.jobs import EVALUATION, FDT_SPARSIFY, run_job, tiny_job
-from support.transformers_check import dense_reference, first_divergence, free_running_greedy
+from support.transformers_check import (
+    dense_reference,
+    final_fdt,
+    first_divergence,
+    free_running_greedy,
+)
 
 TARGET = 0.3
 
@@ -92,23 +97,32 @@ def test_fdt_guided_sparsification_lands_on_the_target_and_is_checked_independen
     ]
     assert set(np.round(probes[probes["round"] == 0]["added"], 6)) == {0.05, 0.15}
 
-    # final/: against the dense model.
+    # final/: against the dense model, on the 32 test prompts first, then validate and decide.
     final_prompts = read(run, "final/prompts")
     summary = read(run, "final/summary").iloc[0]
-    assert list(final_prompts["prompt_id"]) == list(range(8))
+    assert list(final_prompts["role"]) == ["test"] * 32 + ["validate"] * 8 + ["decide"] * 8
+    decide = final_prompts[final_prompts["role"] == "decide"]
+    assert list(decide["prompt_id"]) == list(range(8))
     assert abs(summary["sparsity"] - TARGET) < 0.005
     assert summary["fdt_at_75"] <= 16 and summary["ppl_text"] > 0
+    for role in ("test", "validate"):
+        rows = final_prompts[final_prompts["role"] == role]
+        assert summary[f"{role}_prompts"] == len(rows)
+        assert summary[f"{role}_fdt_mean"] == pytest.approx(rows["fdt"].mean())
     assert summary["dense_bytes"] == summary["selected_params"] * 4
     assert outcome.final is not None
     # The run exported the compressed model at its end.
     sparsity_map = json.loads((run / "export" / "sparsity_map.json").read_text())
     assert set(sparsity_map) == set(last["component"])
 
-    # Independent check: rebuild with plain torch, generate freely with transformers.
-    prefixes, continuation = dense_reference(run)
+    # Independent check: rebuild with plain torch, generate freely with transformers, on the
+    # prompts of every role read back from the run directory.
     model = rebuild(tiny_llama_dir, final_state(run))
-    generated = free_running_greedy(model, prefixes, 16)
-    np.testing.assert_array_equal(first_divergence(generated, continuation), final_prompts["fdt"])
+    for role in ("test", "validate", "decide"):
+        prefixes, continuation = dense_reference(run, role)
+        generated = free_running_greedy(model, prefixes, 16)
+        fdt = first_divergence(generated, continuation)
+        np.testing.assert_array_equal(fdt, final_fdt(run, role), err_msg=role)
     # ... and the zeros in those weights are the share states/ reports.
     for row in last.itertuples():
         zeros = (model.get_parameter(row.component) == 0).float().mean().item()
@@ -177,8 +191,10 @@ def test_quantize_search_keeps_min_fdt_and_resumes_to_the_same_assignment(
     states, decisions = read(run, "states"), read(run, "decisions")
     summary = read(run, "final/summary").iloc[0]
     final = read(run, "final/components").set_index("component")
-    # The combined model was checked against the dense one at every accepted step.
-    assert summary["fdt_at_75"] >= 8
+    # The combined model was checked against the dense one on the validate prompts at every
+    # accepted step: the lower end of its FDT@75 interval there kept min_fdt, and the final
+    # model (the last accepted candidate) does too.
+    assert summary["validate_fdt_at_75_low"] >= 8
     assert set(final["precision"]) <= {"int4-g64", "int8", "float32"}
     assert (final["precision"] != "float32").any()
     params = final["params"]
@@ -190,14 +206,22 @@ def test_quantize_search_keeps_min_fdt_and_resumes_to_the_same_assignment(
     assert len(ranks[ranks["round"] == 0]) == 14
     searched = decisions[decisions["threshold"] == 8]
     assert len(searched) > 0 and set(searched["to_spec"].dropna()) <= {"int4-g64", "int8"}
-    # Every accepted step's candidate passed: its probe row has FDT@75 >= min_fdt.
+    # Every accepted step's candidate passed: its probe row, scored on the 8 validate prompts,
+    # has the lower end of its FDT@75 interval >= min_fdt; the decisions say which statistic.
     probes = read(run, "probes")
+    assert set(searched["statistic"]) == {"validate fdt_at_75_low"}
     chosen = searched[searched["reason"].str.endswith("accepted")]
     for row in chosen.itertuples():
         probe = probes[(probes["round"] == row.round) & (probes["component"] == row.component)]
-        assert probe["fdt_at_75"].iloc[0] >= 8
+        assert probe["fdt_at_75_low"].iloc[0] >= 8 and len(probe["fdt"].iloc[0]) == 8
+        assert row.value == probe["fdt_at_75_low"].iloc[0]
+    last = chosen.sort_values("round").iloc[-1]
+    probe = probes[(probes["round"] == last["round"]) & (probes["component"] == last["component"])]
+    assert list(probe["fdt"].iloc[0]) == list(final_fdt(run, "validate"))
 
-    # Lose the last two rounds, as a killed run would: the resumed run gets the same answer.
+    # Lose the last two rounds, as a killed run would: the resumed run gets the same answer,
+    # with the held-out references read back, not built again.
+    heldout = {f: (run / f / "round-000.parquet").read_bytes() for f in ("validate", "test")}
     last = int(states["round"].max())
     for folder in ("states", "decisions", "probes"):
         for r in (last, last - 1):
@@ -206,6 +230,7 @@ def test_quantize_search_keeps_min_fdt_and_resumes_to_the_same_assignment(
         (run / "final" / name / "data.parquet").unlink()
     run_job(tmp_path, quantize_job(tiny_llama_dir, run), "again.yaml")
     pd.testing.assert_frame_equal(read(run, "final/components").set_index("component"), final)
+    assert {f: (run / f / "round-000.parquet").read_bytes() for f in heldout} == heldout
 
 
 def test_quantize_uniform_baseline_fills_the_parameter_cap_in_model_order(
@@ -246,7 +271,7 @@ def test_fused_search_moves_qkv_and_gate_up_together(
         run = tmp_path / f"fused-{fused}"
         job = quantize_job(tiny_llama_dir, run, fused=fused, max_params_share=0.09)
         run_job(tmp_path, job, f"{fused}.yaml")
-        assert read(run, "final/summary").iloc[0]["fdt_at_75"] >= 8
+        assert read(run, "final/summary").iloc[0]["validate_fdt_at_75_low"] >= 8
         states = read(run, "states")
         last = states[states["round"] == states["round"].max()]
         chains[fused] = {n: tuple(c) for n, c in zip(last["component"], last["chain"], strict=True)}

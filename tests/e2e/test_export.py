@@ -22,7 +22,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from support.jobs import EVALUATION, FDT_SPARSIFY, run_job, tiny_job
-from support.transformers_check import dense_reference, first_divergence, free_running_greedy
+from support.transformers_check import (
+    dense_reference,
+    final_fdt,
+    first_divergence,
+    free_running_greedy,
+)
 
 from dtm_ray.cli import main
 from dtm_ray.records.schemas import STATE_SCHEMA
@@ -118,11 +123,12 @@ def test_exported_checkpoint_generates_the_runs_final_fdt_in_transformers(export
     from transformers import AutoModelForCausalLM
 
     run, export = exported(name)
-    prefixes, continuation = dense_reference(run)
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-    fdt = first_divergence(free_running_greedy(model, prefixes, N_NEW), continuation)
-    final = pd.read_parquet(run / "final" / "prompts").sort_values("prompt_id")
-    np.testing.assert_array_equal(fdt, final["fdt"].to_numpy())
+    # On every prompt role, the held-out test prompts first: what final/ leads with.
+    for role in ("test", "validate", "decide"):
+        prefixes, continuation = dense_reference(run, role)
+        fdt = first_divergence(free_running_greedy(model, prefixes, N_NEW), continuation)
+        np.testing.assert_array_equal(fdt, final_fdt(run, role), err_msg=role)
 
 
 def test_exported_checkpoint_generates_the_same_tokens_in_vllm(exported):
@@ -136,8 +142,7 @@ def test_exported_checkpoint_generates_the_same_tokens_in_vllm(exported):
         tokens = engine.generate_greedy(prefixes.tolist(), N_NEW)
     finally:
         engine.close()
-    final = pd.read_parquet(run / "final" / "prompts").sort_values("prompt_id")
-    np.testing.assert_array_equal(first_divergence(tokens, continuation), final["fdt"])
+    np.testing.assert_array_equal(first_divergence(tokens, continuation), final_fdt(run))
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -170,6 +175,9 @@ def test_maps_describe_the_exported_tensors_and_untouched_weights_are_bit_identi
     meta = json.loads((export / "export.json").read_text())
     assert meta["run_dir"] == str(run) and meta["model"] == str(tiny_llama_dir)
     assert meta["summary"]["fdt_at_75"] == summary["fdt_at_75"]
+    # export.json quotes the held-out test numbers first, the in-sample ones last.
+    assert list(meta["fdt"]) == ["test", "validate", "decide (in-sample)"]
+    assert meta["fdt"]["test"]["fdt_at_75"] == summary["test_fdt_at_75"]
 
 
 def test_wanda_links_replay_with_the_runs_calibration_norms(exported, tiny_llama_dir: Path):
@@ -237,7 +245,7 @@ def test_compressed_checkpoint_decodes_to_the_measured_weights_and_fdt(
     compressed = export / "compressed"
     meta = json.loads((export / "export.json").read_text())
     assert meta["checkpoints"] == {"dense": ".", "compressed": "compressed"}  # auto: both
-    final = pd.read_parquet(run / "final" / "prompts").sort_values("prompt_id")["fdt"].to_numpy()
+    final = final_fdt(run)
     dtype_name = str(dtype).removeprefix("torch.")
     np.testing.assert_array_equal(_teacher_forced_fdt(compressed, dtype_name, run), final)
 

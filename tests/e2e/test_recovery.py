@@ -115,7 +115,8 @@ def test_recovery_trains_between_rounds_keeps_the_masks_and_the_run_dir_rebuilds
         assert index["loss"] == list(recovery[recovery["round"] == round_]["loss"].iloc[0])
     # Independent check: plain torch + transformers from the run directory alone.
     weights = rebuild_final_weights(run, tiny_llama_dir)
-    final = read(run, "final/prompts").sort_values("prompt_id")
+    final = read(run, "final/prompts")
+    final = final[final["role"] == "decide"].sort_values("prompt_id")
     assert list(transformers_fdt(tiny_llama_dir, weights, run)) == list(final["fdt"])
     summary = read(run, "final/summary").iloc[0]
     assert summary["fdt_at_75"] >= 0
@@ -139,11 +140,19 @@ def test_the_quality_floor_cuts_the_round_back_and_stops_the_run(
     assert stopped == states["round"].max()
     rows = floor[floor["round"] == stopped]
     assert not rows[rows["scale"] == 1.0]["passed"].iloc[0]  # the decided round fell below
+    # Candidates are scored on the validate prompts and pass on the lower end of FDT@75's
+    # 90 % interval there.
+    assert set(floor["statistic"]) == {"validate fdt_at_75_low"}
+    assert set(floor["role"]) == {"validate"} and set(floor["fdt"].map(len)) == {8}
+    assert (floor["passed"] == (floor["fdt_at_75_low"] >= 12)).all()
+    assert (floor["fdt_at_75_low"] <= floor["fdt_at_75"]).all()
     kept = rows[rows["passed"]]
     summary = read(run, "final/summary").iloc[0]
-    assert summary["fdt_at_75"] >= 12  # the final model keeps the floor against the dense one
-    if len(kept):
-        assert summary["fdt_at_75"] == kept.sort_values("scale")["fdt_at_75"].iloc[-1]
+    if len(kept):  # the final model keeps the floor against the dense one on validate
+        best = kept.sort_values("scale").iloc[-1]
+        assert summary["validate_fdt_at_75_low"] >= 12
+        assert summary["validate_fdt_at_75"] == best["fdt_at_75"]
+        assert summary["validate_fdt_at_75_low"] == best["fdt_at_75_low"]
     assert summary["sparsity"] < 0.9 - 0.005
 
 

@@ -90,7 +90,7 @@ def test_a_run_is_quiet_and_leaves_tables_plots_and_a_report(tmp_path, tiny_llam
 
     probes = pd.read_parquet(run / "probes")
     for round_, count in probes.groupby("round").size().items():
-        assert f"\n{round_:>6} {count:>7} " in planned.stdout
+        assert f"\n{round_:>8} {count:>7} " in planned.stdout
 
     # A run still going: no final/, round 1 uncommitted. show and report read what is there.
     partial = tmp_path / "partial"

@@ -53,6 +53,7 @@ def test_a_job_with_evaluate_writes_tasks_whose_flips_match_lm_evals_samples(
     assert (table["examples"] == 12).all() and (table["backend"] == "hf").all()
     summary = pd.read_parquet(run / "final" / "summary").iloc[0]
     assert (table["fdt_at_75"] == summary["fdt_at_75"]).all()
+    assert (table["test_fdt_at_75"] == summary["test_fdt_at_75"]).all()
     for task, row in table.iterrows():
         per_model = {}
         for model in ("dense", "compressed"):

@@ -38,12 +38,22 @@ def first_divergence(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(diff.any(axis=1), diff.argmax(axis=1), diff.shape[1])
 
 
-def dense_reference(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(prefixes, greedy continuations) of the dense model: round 0 of a run's reference/."""
-    reference = pd.read_parquet(run / "reference")
+ROLE_FOLDERS = {"decide": "reference", "validate": "validate", "test": "test"}
+
+
+def dense_reference(run: Path, role: str = "decide") -> tuple[np.ndarray, np.ndarray]:
+    """(prefixes, greedy continuations) of the dense model on a prompt role's prompts: round 0
+    of a run's reference/ (decide), or its validate/ or test/ table."""
+    reference = pd.read_parquet(run / ROLE_FOLDERS[role])
     dense = reference[reference["round"] == 0].sort_values("prompt_id")
     assert (dense["noise_positions"] == 0).all()  # fp32 on CPU: decode and prefill agree
     return np.stack(dense["prefix_ids"].to_numpy()), np.stack(dense["continuation_ids"].to_numpy())
+
+
+def final_fdt(run: Path, role: str = "decide") -> np.ndarray:
+    """Per prompt of a role, in prompt order: FDT of the run's result in final/prompts."""
+    final = pd.read_parquet(run / "final" / "prompts")
+    return final[final["role"] == role].sort_values("prompt_id")["fdt"].to_numpy()
 
 
 def protocol_methods() -> list[str]:

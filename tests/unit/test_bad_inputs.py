@@ -128,6 +128,39 @@ def _case_broken_model_config(tmp: Path, m: Path):
     return job_dict(broken), [], f"{broken / 'config.json'} is not valid JSON", None
 
 
+def _quantize(**compress) -> dict:
+    return {"method": "quantize", "levels": ["int4-g64", "int8"], **compress}
+
+
+def _prose_file(tmp: Path) -> str:
+    """A .txt of 40 paragraphs of prose: plenty of 8-token windows for every role."""
+    return _write(tmp / "prose.txt", "\n\n".join(f"{i}. {PROSE}" for i in range(40)))
+
+
+def _case_older_compressing_run(tmp: Path, m: Path):
+    """A compressing run made before the prompt roles: run.json has no prompt_roles."""
+    job = job_dict(m, probe={"components": "all"}, compress={"target_sparsity": 0.2})
+    out = existing_run(tmp, m, job)
+    return job, ["--out", str(out)], "is a compressing run from an older dtm-ray", out
+
+
+def _case_changed_roles(tmp: Path, m: Path):
+    """The prompt file was edited after the run drew its roles from it."""
+    from dtm_ray.job.checks import plan_job
+
+    source = _prose_file(tmp)
+    job = job_dict(
+        m, prompts=prompts(source), probe={"components": "all"}, compress={"target_sparsity": 0.2}
+    )
+    out = existing_run(tmp, m, job)
+    path = tmp / "earlier.yaml"
+    run = json.loads((out / "run.json").read_text())
+    run["prompt_roles"] = plan_job(load_job(path)).roles
+    (out / "run.json").write_text(json.dumps(run))
+    _write(Path(source), Path(source).read_text().replace("river", "stream"))
+    return job, ["--out", str(out)], "drew other prompts than this job would (decide tokens", out
+
+
 CASES: dict[str, Case] = {
     # 1. the job file and --set: YAML, keys, values
     "job file that is not YAML": lambda t, m: (
@@ -310,6 +343,94 @@ CASES: dict[str, Case] = {
         "not divisible by group size 100",
         None,
     ),
+    # 3b. the prompt roles and the bits budget
+    "validate_count of zero": lambda t, m: (
+        job_dict(m, prompts=prompts("self", validate_count=0)),
+        [],
+        "prompts.validate_count must be an integer >= 1, got 0",
+        None,
+    ),
+    "--set evaluation.prompts to a word": lambda t, m: (
+        job_dict(m),
+        ["--set", "evaluation.prompts=many"],
+        "evaluation.prompts must be an integer >= 1, got 'many'",
+        None,
+    ),
+    "target_bits on sparsify": lambda t, m: (
+        job_dict(m, probe={"components": "all"}, compress={"target_bits": 6}),
+        [],
+        "compress.target_bits does not apply to method 'sparsify'",
+        None,
+    ),
+    "--set target_bits below what the levels reach": lambda t, m: (
+        job_dict(m, probe={"components": "all"}, compress=_quantize(min_fdt=4)),
+        ["--set", "compress.target_bits=4"],
+        "compress.target_bits 4 is below what the levels reach: 4.25 bits per parameter with "
+        "every selected unit at int4-g64",
+        None,
+    ),
+    "target_bits above the dense bits": lambda t, m: (
+        job_dict(
+            m, dtype="float32", probe={"components": "all"}, compress=_quantize(target_bits=40)
+        ),
+        [],
+        "compress.target_bits 40 is above the dense weights' 32 bits per parameter (dtype float32)",
+        None,
+    ),
+    "target_bits above the bits dtype auto gives these actors": lambda t, m: (
+        job_dict(m, probe={"components": "all"}, compress=_quantize(target_bits=33)),
+        [],
+        "above the dense weights' 32 bits per parameter (dtype auto, float32 on these actors)",
+        None,
+    ),
+    "target_bits with levels from the most bits to the fewest": lambda t, m: (
+        job_dict(
+            m,
+            probe={"components": "all"},
+            compress={"method": "quantize", "levels": ["int8", "int4-g64"], "target_bits": 6},
+        ),
+        [],
+        "compress.target_bits needs compress.levels from the fewest bits to the most",
+        None,
+    ),
+    "target_bits beside max_params_share": lambda t, m: (
+        job_dict(
+            m,
+            probe={"components": "all"},
+            compress=_quantize(target_bits=6, max_params_share=0.5),
+        ),
+        [],
+        "compress.max_params_share does not combine with compress.target_bits",
+        None,
+    ),
+    "quantize with neither min_fdt nor target_bits": lambda t, m: (
+        job_dict(m, probe={"components": "all"}, compress=_quantize()),
+        [],
+        "method quantize needs compress.min_fdt (a quality floor), compress.target_bits",
+        None,
+    ),
+    "too few windows for the three roles": lambda t, m: (
+        job_dict(
+            m,
+            prompts=prompts(_write(t / "p.txt", PROSE), count=2),
+            probe={"components": "all"},
+            compress={"target_sparsity": 0.2},
+        ),
+        [],
+        "non-empty texts); 2 decide + 2 validate + 8 test = 12 are needed",
+        None,
+    ),
+    "a run: source without held-out prompts for a compressing job": lambda t, m: (
+        job_dict(
+            m,
+            prompts=prompts(f"run:{_run_with_reference(t, m)}"),
+            probe={"components": "all"},
+            compress={"target_sparsity": 0.2},
+        ),
+        ["--out", str(t / "other")],
+        "holds no validate prompts (a probe-only run",
+        None,
+    ),
     # 4. prompt and evaluation data, found on the driver
     "empty .txt": lambda t, m: (
         job_dict(m, prompts=prompts(_write(t / "p.txt", "\n\n  \n"))),
@@ -449,6 +570,8 @@ CASES: dict[str, Case] = {
     "run.json that is not JSON": _case_broken_run_json,
     "run dir held by a live driver": _case_lease_held,
     "resume on a changed model": _case_changed_model,
+    "resume a compressing run from before the prompt roles": _case_older_compressing_run,
+    "resume after the prompt file changed": _case_changed_roles,
 }
 
 
@@ -478,7 +601,7 @@ def _with_out(tmp: Path, job: dict | str, argv: list[str]) -> tuple[list[str], P
 @pytest.fixture(scope="module")
 def warm(tiny_llama_dir: Path) -> Path:
     """Import the driver and load the tokenizer once, so a case's time is its own work, not the
-    process's first imports (the subprocess cases below pay those)."""
+    process's first imports (tests/integration/test_bad_inputs.py's fresh processes pay those)."""
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -574,6 +697,35 @@ def test_a_run_dir_made_by_another_job_names_each_difference(
     assert "prompts.seed: 0 in the run, 1 now" in err
     assert "workers" not in err  # workers may change between runs of one job
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
+def test_a_compressing_run_keeps_its_prompt_roles_on_resume(
+    warm: Path, tmp_path: Path, capsys, no_ray
+) -> None:
+    """Validate and test counts are filled in (and recorded) for a compressing job, so a
+    resume that would draw other counts, by --set or by a changed prompts.count, is refused."""
+    out = tmp_path / "run"
+    job = job_dict(warm, out=str(out), probe={"components": "all"}, compress={"step": 0.1})
+    earlier = load_job(_job_file(tmp_path, job), [])
+    assert (earlier.prompts.validate_count, earlier.evaluation.prompts) == (4, 16)
+    RunStore(str(out)).open_run(earlier.to_dict(), {"created": "earlier", "prompt_roles": {}})
+    argv = ["--set", "prompts.validate_count=8", "--set", "evaluation.prompts=32"]
+    expected = "prompts.validate_count: 4 in the run, 8 now"
+    err = refused("other held-out counts", job, argv, expected, out, tmp_path, capsys, no_ray)
+    assert "evaluation.prompts: 16 in the run, 32 now" in err
+    # prompts.count moves the defaults with it: the decide, validate and test counts all differ.
+    err = refused(
+        "another count",
+        job,
+        ["--set", "prompts.count=2"],
+        "prompts.count: 4 in the run, 2 now",
+        out,
+        tmp_path,
+        capsys,
+        no_ray,
+    )
+    assert "prompts.validate_count: 4 in the run, 2 now" in err
+    assert "evaluation.prompts: 16 in the run, 8 now" in err
 
 
 def test_a_quantize_run_of_an_older_version_is_not_continued(

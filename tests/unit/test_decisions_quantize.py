@@ -9,7 +9,11 @@ import pytest
 
 from dtm_ray.core.decisions.quantize import (
     SearchStep,
+    average_bits,
     bits_per_parameter,
+    budget_assignment,
+    budget_met,
+    budget_prefix,
     candidate_sets,
     rank_components,
     search_level,
@@ -319,3 +323,67 @@ def test_bits_per_parameter_worked_example() -> None:
         bits_per_parameter({"e": "int8"}, params, 16)
     with pytest.raises(ValueError, match="dense_bits"):
         bits_per_parameter({}, params, 0)
+
+
+# --- bits budget ---------------------------------------------------------------------------------
+def test_budget_prefix_takes_whole_units_in_order_until_the_average_is_at_the_target() -> None:
+    # Units of 100, 100 and 200 parameters (400); fallback int8 (8 bits): 8.0 on average.
+    # A unit at int4-g64 (4.25) saves p * 3.75 bits: a, b 375 each, c 750.
+    params = {"a": 100, "b": 100, "c": 200}
+    # Target 6 (2400 bits): a -> 2825 (7.06), b -> 2450 (6.125), c -> 1700 (4.25 <= 6): all.
+    assert budget_prefix(["a", "b", "c"], params, "int4-g64", "int8", 6) == ("a", "b", "c")
+    # Order c, a: c -> 2450 (6.125), a -> 2075 (5.19 <= 6): stop there, b stays at int8.
+    assert budget_prefix(["c", "a", "b"], params, "int4-g64", "int8", 6) == ("c", "a")
+    # A target met exactly stops at once: c alone gives 6.125.
+    assert budget_prefix(["c", "a", "b"], params, "int4-g64", "int8", 6.125) == ("c",)
+    # Already met (everything at the fallback is 8): nothing.
+    assert budget_prefix(["a", "b", "c"], params, "int4-g64", "int8", 8) == ()
+    # What is already placed counts: with c at int4 (6.125), a alone reaches 5.19.
+    assert budget_prefix(["a", "b"], params, "int4-g64", "int8", 6, {"c": "int4-g64"}) == ("a",)
+    # Out of units before the target: all of them, above it.
+    assert budget_prefix(["a"], params, "int4-g64", "int8", 5) == ("a",)
+    with pytest.raises(ValueError, match="already have a level"):
+        budget_prefix(["a", "c"], params, "int4-g64", "int8", 6, {"c": "int4-g64"})
+    with pytest.raises(ValueError, match="target_bits"):
+        budget_prefix(["a"], params, "int4-g64", "int8", 0)
+
+
+def test_budget_prefix_is_the_shortest_prefix_whose_average_meets_the_target() -> None:
+    """Against a brute force over prefixes, with the average from bits_per_parameter."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        names = [f"u{i}" for i in range(rng.randint(1, 8))]
+        params = {n: rng.randint(1, 1000) for n in names}
+        order = rng.sample(names, len(names))
+        target = rng.uniform(4.25, 8.5)
+        got = budget_prefix(order, params, "int4-g64", "int8", target)
+
+        def average(prefix, params=params):
+            full = {n: "int4-g64" if n in prefix else "int8" for n in params}
+            return bits_per_parameter(full, params, 32)
+
+        meets = [i for i in range(len(order) + 1) if average(order[:i]) <= target + 1e-9]
+        expected = tuple(order[: meets[0]]) if meets else tuple(order)
+        assert got == expected, (order, params, target)
+
+
+def test_budget_assignment_puts_every_unit_at_a_level_the_last_one_the_fallback() -> None:
+    # A fused group "qkv" (300 parameters) moves whole; "o" 100, "up" 200, "down" 200: 800.
+    params = {"qkv": 300, "o": 100, "up": 200, "down": 200}
+    order = ["o", "qkv", "up", "down"]  # the guide's ranking
+    levels = ["int4-g64", "fp8-e4m3", "int8"]
+    # All at int8: 8 (6400 bits). Target 6.5 (5200 bits): o saves 375 (6025 -> 7.53), qkv
+    # 1125 (4900 -> 6.125 <= 6.5): stop. The middle level is never needed: the first level
+    # reaches any target the levels allow.
+    got = budget_assignment(order, params, levels, 6.5)
+    assert got == {"o": "int4-g64", "qkv": "int4-g64", "up": "int8", "down": "int8"}
+    assert average_bits(got, params, "int8") == pytest.approx(6.125)
+    assert budget_met(got, params, "int8", 6.5) and not budget_met({}, params, "int8", 6.5)
+    # The floor of the levels: every unit at the most aggressive one.
+    assert set(budget_assignment(order, params, levels, 4.25).values()) == {"int4-g64"}
+    # At or above the fallback's bits: everything at the fallback.
+    assert set(budget_assignment(order, params, levels, 8).values()) == {"int8"}
+    with pytest.raises(ValueError, match="every unit"):
+        budget_assignment(order[:2], params, levels, 6)

@@ -74,6 +74,18 @@ G weights), unassigned -> `dense_bits`. The per-row scales of int8 and fp8 (one 
 in_features weights, i.e. 16/in_features bits, 0.03 at 576 inputs) and the per-tensor scale of
 int8-tensor are ignored as negligible.
 
+Bits budget (`average_bits`, `budget_prefix`, `budget_assignment`)
+-------------------------------------------------------------------
+With a budget `target_bits` (average bits per selected parameter, as `bits_per_parameter` counts
+them), every unit ends at one of the levels; the last (least aggressive) level is the fallback for
+all of them. The average of a partial assignment counts every still-unassigned unit at the
+fallback. A more aggressive level is filled in the given order (the guide's ranking, or model
+order), units taken whole, while that average is above `target_bits`, stopping as soon as it is
+<= target_bits (`budget_prefix`). Alone (no quality floor) the first level is filled so, and
+the rest go to the fallback (`budget_assignment`): the first level can always meet a target
+at or above its own bits. With a floor, the search of each level stops adding once the budget is
+met, and what it could not add ends at the fallback.
+
 API changes against the first sketch (all additive): `rank_components` takes an optional
 keyword `spec` that keeps only the probe rows of that level; `unranked_components` returns the
 flags for the components ranked last; `search_step` takes an optional keyword `k` that, when
@@ -83,11 +95,12 @@ given, makes it check that `values` has exactly one value per candidate.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+
+from dtm_ray.core.specs import spec_bits
 
 GUIDES = ("fdt", "nll")
 
@@ -96,7 +109,6 @@ REASON_OVER_CAP = "over the parameter cap"
 FLAG_FAILED = "failed probe"
 FLAG_NO_PROBE = "no probe"
 
-FP16_SCALE_BITS = 16  # one fp16 scale per int4 group
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -289,7 +301,9 @@ def search_step(
 ) -> SearchStep:
     """Apply one round's measured values: accept the longest passing prefix, or skip R[0].
 
-    `values[i]` is FDT@75 of `candidate_sets(accepted, rest, k, params, max_params)[i]`. Without
+    `values[i]` is the statistic that decides `candidate_sets(accepted, rest, k, params,
+    max_params)[i]`: FDT@75 of the combined model, or (the driver's) the lower end of its 90 %
+    interval on the validate prompts; it passes at >= min_fdt. Without
     `k`, `values` may hold fewer values than actors (R shorter, or the cap) but no more than the
     candidates the cap allows, and at least one unless even S + R[:1] is over the cap; with `k`,
     it must hold exactly one value per candidate.
@@ -385,19 +399,6 @@ def uniform_assignment(
     return tuple(out)
 
 
-def spec_bits(spec: str) -> float:
-    """Storage bits per weight of a quantization spec (scales of int8 / fp8 rows ignored)."""
-    text = spec.strip().lower()
-    if text in ("int8", "int8-tensor", "fp8-e4m3"):
-        return 8.0
-    group = re.fullmatch(r"int4-g(\d+)", text)
-    if group and int(group[1]) >= 1:
-        return 4.0 + FP16_SCALE_BITS / int(group[1])
-    raise ValueError(
-        f"unknown quantization spec {spec!r}: expected int8, int8-tensor, int4-gG or fp8-e4m3"
-    )
-
-
 def bits_per_parameter(
     assignment: Mapping[str, str], params: Mapping[str, int], dense_bits: int
 ) -> float:
@@ -422,8 +423,94 @@ def bits_per_parameter(
     return bits / total
 
 
+# --- bits budget ---------------------------------------------------------------------------------
+# Averages within this of the target count as meeting it (float sums of many products).
+BITS_TOLERANCE = 1e-9
+
+
+def average_bits(assignment: Mapping[str, str], params: Mapping[str, int], fallback: str) -> float:
+    """Parameter-weighted mean bits over the units of `params`: each at its level in
+    `assignment`, every other one at `fallback`."""
+    extra = sorted(set(assignment) - set(params))
+    if extra:
+        raise ValueError(f"assignment names units not in params: {extra}")
+    full = {name: assignment.get(name, fallback) for name in params}
+    return bits_per_parameter(full, params, 1)
+
+
+def _check_target(target_bits: float) -> None:
+    if isinstance(target_bits, bool) or not target_bits > 0:  # also rejects NaN
+        raise ValueError(f"target_bits must be > 0, got {target_bits!r}")
+
+
+def budget_met(
+    assignment: Mapping[str, str], params: Mapping[str, int], fallback: str, target_bits: float
+) -> bool:
+    """Whether the average bits, unassigned units at `fallback`, is <= target_bits."""
+    _check_target(target_bits)
+    return average_bits(assignment, params, fallback) <= target_bits + BITS_TOLERANCE
+
+
+def budget_prefix(
+    order: Sequence[str],
+    params: Mapping[str, int],
+    level: str,
+    fallback: str,
+    target_bits: float,
+    assignment: Mapping[str, str] | None = None,
+) -> tuple[str, ...]:
+    """The units of `order` to put at `level`: taken whole, in order, while the average bits
+    (`assignment`'s units at their levels, every other unit of `params` at `fallback`) is above
+    `target_bits`; it stops as soon as the average is <= target_bits, so the result is empty
+    when it already is. It may end above the target when `order` runs out.
+
+    Every unit of `order` must be in `params` and not in `assignment`."""
+    _check_target(target_bits)
+    _check_unique(order, "order")
+    _check_params(params, order)
+    assignment = dict(assignment or {})
+    taken = sorted(set(order) & set(assignment))
+    if taken:
+        raise ValueError(f"order names units that already have a level: {taken}")
+    total = math.fsum(params.values())
+    bits = average_bits(assignment, params, fallback) * total
+    step = spec_bits(level) - spec_bits(fallback)
+    out: list[str] = []
+    for name in order:
+        if bits <= (target_bits + BITS_TOLERANCE) * total:
+            break
+        out.append(name)
+        bits += params[name] * step
+    return tuple(out)
+
+
+def budget_assignment(
+    order: Sequence[str], params: Mapping[str, int], levels: Sequence[str], target_bits: float
+) -> dict[str, str]:
+    """A bits budget alone: every unit of `params` at one of `levels` (most aggressive first).
+    The more aggressive levels are filled in `order` (`budget_prefix`, each over the units the
+    earlier ones left) while the average is above target_bits; every other unit goes to the
+    last level, the fallback. `order` must name every unit of `params` once."""
+    if not levels:
+        raise ValueError("levels must name at least one precision")
+    _check_unique(order, "order")
+    if set(order) != set(params):
+        raise ValueError("order must name every unit of params once")
+    fallback = levels[-1]
+    assignment: dict[str, str] = {}
+    for level in levels[:-1]:
+        rest = [name for name in order if name not in assignment]
+        for name in budget_prefix(rest, params, level, fallback, target_bits, assignment):
+            assignment[name] = level
+    return {name: assignment.get(name, fallback) for name in order}
+
+
 __all__: list[str] = [
     "SearchStep",
+    "average_bits",
+    "budget_assignment",
+    "budget_met",
+    "budget_prefix",
     "bits_per_parameter",
     "candidate_sets",
     "rank_components",
