@@ -9,8 +9,8 @@ For each actor count: the round's wall time against the ideal (probes x cost / a
 driver's CPU time per probe (its overhead: scheduling, result transfer, rows, Parquet), the
 driver's peak memory, and the Parquet write cost per row alone. Also the object-store requests
 per `--s3-probes` probes (default 1,000) written and compacted on moto's S3 server on 127.0.0.1
-(tests/s3_server.py), counted on the wire, with rows arriving as fast as the largest pool makes
-them; `--flush-every 4 --flush-seconds 30` gives the former writer's files.
+(tests/support/s3_server.py), counted on the wire, with rows arriving as fast as the largest pool
+makes them; `--flush-every 4 --flush-seconds 30` gives the former writer's files.
 
 The null actors hold 0.01 CPU each; to fit hundreds in this machine's memory, `--per-process K`
 lets one threaded actor process serve K pool slots (the pool sees K engines there, each with its
@@ -199,7 +199,7 @@ def s3_requests(args: argparse.Namespace, rate: float) -> dict[str, Any]:
     """Object-store requests per `--s3-probes` probes: rows arriving at `rate` per second (a
     round on `max(--actors)` actors) through the real writer into a run directory on moto's
     S3 server on 127.0.0.1, then the round's compaction; requests are counted on the wire."""
-    from tests.s3_server import S3Server  # the tests' local S3 server (moto), run from the root
+    from tests.support.s3_server import S3Server  # the tests' local S3 server (moto), from the root
 
     server = S3Server()
     try:

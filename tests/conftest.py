@@ -1,4 +1,10 @@
-"""Shared fixtures: the real SmolLM2 model, a tiny random Llama, one Ray cluster per session."""
+"""The tests' fixtures: the real SmolLM2 model, a tiny random Llama, the engines, one Ray cluster
+and one local S3 server per session, and the undisturbed compressing run. Plain helpers live in
+tests/support (importable as `support`); no test imports this file.
+
+Tiers: a test under tests/unit, tests/integration or tests/e2e carries that marker. A test file
+still directly under tests/ counts as integration (as e2e when marked `slow`) until it is placed.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
-import pandas as pd
-import pyarrow.parquet as pq
 import pytest
+from support.jobs import SPARSIFY, run_job, tiny_job
+
+TIERS = ("unit", "integration", "e2e")
 
 # Keep Ray's token auth off for the whole session, so the local cluster, `ray start` and
 # `ray job submit` used by the tests agree with each other.
@@ -24,6 +31,18 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, from the folder it is in."""
+    here = Path(__file__).resolve().parent
+    for item in items:
+        parts = item.path.resolve().relative_to(here).parts
+        tier = parts[0] if parts[0] in TIERS else None
+        if tier is None:
+            tier = "e2e" if item.get_closest_marker("slow") else "integration"
+        item.add_marker(getattr(pytest.mark, tier))
+
+
+# --- models --------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     from dtm_ray.engines.models import materialize
@@ -59,12 +78,65 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
     return out
 
 
+# --- engines -------------------------------------------------------------------------------------
+def _engine_options(request: pytest.FixtureRequest, name: str, default_model: str) -> dict:
+    """The engine a test module asks for in its module-level dict `name` (HF_ENGINE,
+    VLLM_ENGINE): `model` ("tiny_llama" or "smollm2") and the engine's own arguments."""
+    options = dict(getattr(request.module, name, {}))
+    model = options.pop("model", default_model)
+    return {"model_dir": request.getfixturevalue(f"{model}_dir"), **options}
+
+
+@pytest.fixture(scope="module")
+def hf_engine(request: pytest.FixtureRequest):
+    """One HFEngine per module, as its HF_ENGINE says (default: the tiny Llama, batches of 8);
+    the module's tests put back what they edit."""
+    from dtm_ray.engines.hf import HFEngine
+
+    return HFEngine(**{"batch_size": 8, **_engine_options(request, "HF_ENGINE", "tiny_llama")})
+
+
+@pytest.fixture
+def fresh_hf_engine(request: pytest.FixtureRequest):
+    """An HFEngine of its own for a test that may leave it broken (as HF_ENGINE says)."""
+    from dtm_ray.engines.hf import HFEngine
+
+    return HFEngine(**{"batch_size": 8, **_engine_options(request, "HF_ENGINE", "tiny_llama")})
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(request: pytest.FixtureRequest, one_thread):
+    """One VLLMEngine per module, as its VLLM_ENGINE says (default: SmolLM2 in float32), closed
+    after the module to free the model and KV cache for later modules."""
+    pytest.importorskip("vllm")
+    from dtm_ray.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(
+        **{"dtype": "float32", **_engine_options(request, "VLLM_ENGINE", "smollm2")}
+    )
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: on a busy 2-core box torch's default 2 threads run the
+    reference engine ~10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- the test cluster and the local S3 server ----------------------------------------------------
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray cluster for the whole test session (starting one costs ~10 s)."""
-    import ray
+    """One local Ray cluster for the whole test session, dashboard off."""
+    from support.cluster import start_session_ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray = start_session_ray()
     yield ray
     ray.shutdown()
 
@@ -72,7 +144,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1 (bucket `runs`), one per session."""
-    from s3_server import S3Server
+    from support.s3_server import S3Server
 
     server = S3Server()
     yield server
@@ -94,80 +166,63 @@ def model_store(s3_server, tiny_llama_dir: Path):
     return s3_server
 
 
-def model_uri(server, path: str) -> str:
-    """The URI of `models/<path>` on the local server."""
-    return server.uri(path).replace(f"s3://{server.bucket}/", "s3://models/", 1)
+@pytest.fixture
+def node_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's node-local model cache (actors started now get it too)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DTM_RAY_CACHE", str(cache))
+    return cache
 
 
-def tiny_compress_job(model_dir: Path, out: Path, compress: dict, dtype: str = "auto") -> dict:
-    """The small compressing job the end-to-end tests share: every weight of the tiny Llama,
-    8 pydoc prompts of 8 tokens, 16 new tokens, 2 hf workers."""
-    return {
-        "model": str(model_dir),
-        "engine": "hf",
-        "dtype": dtype,
-        "prompts": {"source": "pydoc", "count": 8, "prefix_tokens": 8},
-        "new_tokens": 16,
-        "probe": {"components": "all"},
-        "compress": compress,
-        "evaluation": {"text": "pydoc", "count": 4, "tokens": 32},
-        "workers": 2,
-        "out": str(out),
-    }
+# --- Ray's notices, threads and planted secrets -----------------------------------------------
+@pytest.fixture
+def ray_printers(monkeypatch: pytest.MonkeyPatch):
+    """Ray's notice printer replaced by one that records what it is given, and the dispatcher's
+    handlers restored afterwards; yields the record (the notices' first lines)."""
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from dtm_ray.cluster import logs
+
+    printed: list[str] = []
+
+    def ray_printer(data: dict, ignore_prefix: bool) -> None:
+        printed.append(data["lines"][0])
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_printer)
+    monkeypatch.setattr(logs, "_ray_notices", None)
+    monkeypatch.setattr(logs, "_ray_printer", None)
+    handlers = list(dispatcher.handlers)
+    yield printed
+    dispatcher.handlers = handlers
 
 
-FDT_SPARSIFY = {"target_sparsity": 0.3, "step": 0.1}
+@pytest.fixture
+def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
+    """Exceptions that end a thread, as Python's thread excepthook sees them."""
+    import threading
+
+    errors: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    return errors
 
 
+@pytest.fixture
+def secrets_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """support.fakes' planted secrets in the environment (a token, a key, a password)."""
+    from support.fakes import AWS_SECRET, DB_PASSWORD, HF_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    monkeypatch.setenv("ANALYTICS_DB_PASSWORD", DB_PASSWORD)
+
+
+# --- the undisturbed run -------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def fdt_sparsify_run(ray_session, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The FDT-guided sparsify run to 30 % in steps of 0.1, run once per session and read by the
-    compression and export tests: (run dir, the run's outcome). Tests only read it (and
-    re-export it, which writes the same export/)."""
-    import yaml
-
-    from dtm_ray.job.checks import plan_job
-    from dtm_ray.job.spec import load_job
-    from dtm_ray.loop.driver import run_plan
-
+    """The FDT-guided sparsify run to 30 % in steps of 0.1 (support.jobs.SPARSIFY), run once per
+    session and read by the compression, export and disturbance tests: (run dir, the run's
+    outcome). Tests only read it (and re-export it, which writes the same export/)."""
     folder = tmp_path_factory.mktemp("fdt-sparsify")
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(tiny_compress_job(tiny_llama_dir, folder / "run", FDT_SPARSIFY)))
-    outcome = run_plan(plan_job(load_job(path)), print_summary=False)
+    outcome = run_job(folder, tiny_job(tiny_llama_dir, folder / "run", **SPARSIFY))
     return folder / "run", outcome
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Torch on one thread for a module: on a busy 2-core box torch's default 2 threads run the
-    reference engine ~10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-# --- checks on finished runs, shared by the failure tests -----------------------------------
-def visible_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-
-
-def final_state(run: Path) -> dict[str, list[str]]:
-    states = pd.read_parquet(run / "states")
-    last = states[states["round"] == states["round"].max()]
-    return {r.component: list(r.chain) for r in last.itertuples()}
-
-
-def assert_same_result(run: Path, undisturbed: Path) -> None:
-    probes = pd.read_parquet(run / "probes")
-    assert not probes.duplicated(["round", "component", "spec"]).any()
-    expected = pd.read_parquet(undisturbed / "probes")
-    assert len(probes) == len(expected)
-    assert final_state(run) == final_state(undisturbed)
-    final, expected_final = (pd.read_parquet(r / "final" / "prompts") for r in (run, undisturbed))
-    pd.testing.assert_frame_equal(final, expected_final)
-    for path in visible_files(run):
-        if path.suffix == ".parquet":
-            pq.read_table(path)  # every visible table file is whole
