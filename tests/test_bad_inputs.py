@@ -285,7 +285,8 @@ CASES: dict[str, Case] = {
     "unknown guide": lambda t, m: (
         job_dict(m, probe={"components": "all"}, compress={"guide": "perplexity"}),
         [],
-        "compress.guide 'perplexity' unknown; expected one of ['fdt', 'nll', 'uniform', 'fisher', 'weight_error']",
+        "compress.guide 'perplexity' unknown; expected one of ['fdt', 'nll', 'uniform', "
+        "'fisher', 'weight_error']",
         None,
     ),
     "unknown compress key": lambda t, m: (
