@@ -202,7 +202,7 @@ def additivity(run: Path) -> dict[str, Any] | None:
 
 def _cell(values: list[float], digits: int = 1) -> str:
     """A mean, with the range over seeds when there are several."""
-    if len(values) == 1:
+    if len(values) == 1 or min(values) == max(values):
         return f"{values[0]:.{digits}f}"
     return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
