@@ -33,6 +33,7 @@ from dtm_ray.job.memory import check_memory
 from dtm_ray.job.spec import (
     DEFAULT_PROBE_SPECS,
     DTYPE_BITS,
+    TEXT_GUIDES,
     CompressConfig,
     JobConfig,
     check_fields,
@@ -241,6 +242,13 @@ def _prepare_prompts(
             f"compress.criterion wanda calibrates on text, and prompt source {p.source} "
             "holds only token prefixes; use a text source or criterion magnitude"
         )
+    fisher = compress is not None and compress.guide in TEXT_GUIDES
+    if fisher and p.source.startswith(RUN_PREFIX):
+        raise ValueError(
+            f"compress.guide {compress.guide} calibrates on text, and prompt source {p.source} "
+            "holds only token prefixes; use a text source or guide weight_error"
+        )
+    calibrates = wanda or fisher
     counts = role_counts(job)
     drawn = None
     if not unread(p.source):
@@ -254,7 +262,7 @@ def _prepare_prompts(
             )
     if compress is None:
         return drawn
-    if wanda and not unread(p.source):
+    if calibrates and not unread(p.source):
         length = p.prefix_tokens + job.new_tokens
         load_calibration(
             p.source,

@@ -23,7 +23,9 @@ __all__ = ["ConfigError", "JobConfig", "load_job"]
 DEFAULT_PROBE_SPECS = ["magnitude:0.5"]
 COMPRESS_METHODS = ("sparsify", "quantize")
 CRITERIA = ("magnitude", "wanda")
-GUIDES = ("fdt", "nll", "uniform")
+GUIDES = ("fdt", "nll", "uniform", "fisher", "weight_error")
+# Guides that calibrate on text (fisher's forward + backward passes; see docs/guides.md).
+TEXT_GUIDES = ("fisher",)
 REFERENCES = ("current", "original")
 RECOVERY_ENGINES = ("auto", "keep", "release")
 RECOVERY_OBJECTIVES = ("lm", "distill")
@@ -85,14 +87,15 @@ class CompressConfig:
     """
 
     method: str = "sparsify"  # sparsify | quantize
-    guide: str = "fdt"  # what decides: fdt | nll | uniform
+    guide: str = "fdt"  # what decides: fdt | nll | uniform | fisher | weight_error
     max_rounds: int = 100  # a guard against a schedule that never reaches the target
     # sparsify
     target_sparsity: float | None = None  # parameter-weighted over the selected components
     step: float | None = None  # relative added sparsity per round; the last is cut to the target
     criterion: str | None = None  # which weights a pruning step zeroes: magnitude | wanda
     reference: str | None = None  # what a round measures against: current | original (dense)
-    calibration_count: int | None = None  # wanda: calibration sequences, disjoint from prompts
+    # wanda and guide fisher: calibration sequences, disjoint from every prompt role
+    calibration_count: int | None = None
     # quantize
     levels: list[str] | None = None  # precisions, most aggressive first, e.g. [int4-g64, int8]
     min_fdt: float | None = None  # FDT@75 of the combined model against the dense one
@@ -107,12 +110,13 @@ class CompressConfig:
     recovery: RecoveryConfig | None = None
 
 
+CALIBRATION_COUNT = 16  # calibration sequences of wanda and of the fisher guide
 SPARSIFY_DEFAULTS = {
     "target_sparsity": 0.5,
     "step": 0.1,
     "criterion": "magnitude",
     "reference": "current",
-    "calibration_count": 16,
+    "calibration_count": CALIBRATION_COUNT,
 }
 QUANTIZE_DEFAULTS = {
     "levels": None,
@@ -126,7 +130,8 @@ TEST_PROMPTS_FACTOR = 4
 # The dense bits per weight of an explicit dtype (`auto` is known once the actors resolve it).
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 # Keys both methods take: min_fdt is the quantize search's bound and sparsify's quality floor.
-SHARED_KEYS = ("min_fdt",)
+# calibration_count: sparsify's (wanda, fisher), and quantize's with guide fisher.
+SHARED_KEYS = ("min_fdt", "calibration_count")
 
 
 @dataclass
@@ -292,6 +297,7 @@ def check_fields(job: JobConfig) -> None:
         raise ConfigError(f"probe.specs must be a non-empty list of specs, got {specs!r}")
     if job.compress is not None:
         _check_compress(job.compress, job.dtype)
+        _check_fisher_engine(job)
         if job.compress.method == "quantize" and job.compress.fused is None:
             job.compress.fused = job.engine == "vllm"  # what vLLM can serve packed
         # A compressing job's held-out roles, recorded in run.json like every other value.
@@ -323,6 +329,20 @@ def check_fields(job: JobConfig) -> None:
         raise ConfigError(str(err)) from None
     if not isinstance(job.out, str) or not job.out:
         raise ConfigError(f"out must be a run directory (a path or URI), got {job.out!r}")
+
+
+def _check_fisher_engine(job: JobConfig) -> None:
+    """The fisher guide's backward pass runs on the weights one vLLM worker holds: not split
+    over tensor-parallel ranks (the engine refuses it inside the actor; found here first)."""
+    if job.compress is None or job.compress.guide not in TEXT_GUIDES or job.engine != "vllm":
+        return
+    tp = job.engine_options.get("tensor_parallel_size", 1)
+    if tp != 1:
+        raise ConfigError(
+            f"compress.guide {job.compress.guide} runs a backward pass over the weights of one "
+            f"vLLM worker, and engine_options.tensor_parallel_size is {tp!r}; use "
+            "tensor_parallel_size 1 (one GPU per engine actor) or the hf engine"
+        )
 
 
 def _check_gpus(job: JobConfig) -> None:
@@ -426,6 +446,15 @@ def _check_compress(compress: CompressConfig, dtype: str) -> None:
         raise ConfigError(
             "compress.recovery trains between sparsify rounds; it does not apply to method "
             "'quantize' (remove it or use method: sparsify)"
+        )
+    if compress.guide in TEXT_GUIDES:
+        if compress.calibration_count is None:
+            compress.calibration_count = CALIBRATION_COUNT
+        _check_int(compress.calibration_count, "compress.calibration_count", 1)
+    elif compress.calibration_count is not None:
+        raise ConfigError(
+            f"compress.calibration_count does not apply to method 'quantize' with guide "
+            f"{compress.guide!r} (only guide fisher calibrates there); remove it"
         )
     levels = compress.levels
     if not isinstance(levels, list) or not levels:

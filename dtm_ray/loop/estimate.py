@@ -13,6 +13,17 @@ from one of two cost models:
 
 The schedule of a quantize search depends on what passes; the plan counts the fewest search
 rounds (every candidate passes), and each skipped component adds one more.
+
+Guides fisher and weight_error score candidates in a sensitivity round instead of probing them
+(`dtm_ray.loop.sensitivity`): weight_error reads no data (counted as free: one compression per
+candidate, well under one probe); fisher makes, on every actor at once, one forward + backward
+pass over all `calibration_count` sequences for its share of the components, which costs about
+FISHER_PASS_FACTOR forward passes over those tokens (measured 2.3-2.7 on SmolLM2 on both
+engines, docs/guides.md), whatever the number of candidates while their weight changes fit the
+engine's budget. So a fisher round costs about
+    FISHER_PASS_FACTOR x calibration_count x (prefix + N) tokens per actor,
+timed as FISHER_PASS_FACTOR x (calibration_count / prompts.count) probes (a probe being about one
+forward pass over the decide prompts).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from dataclasses import dataclass, field
 
 from dtm_ray.core.decisions.sparsify import TARGET_TOLERANCE, probe_points, round_step
 from dtm_ray.core.metrics import expected_interval_width, prompts_for_interval_width
+from dtm_ray.core.sensitivity import FISHER, SIGNALS
 from dtm_ray.core.serving import fused_groups, serving_notes
 from dtm_ray.core.state import concat_references
 from dtm_ray.engines.config import describe_batch_invariance
@@ -39,6 +51,8 @@ REPORT_SECONDS = 3.0  # the plots and pages at the end of a run
 # Replaying chains and writing safetensors on local disk: measured 400 MB/s replaying on an H100,
 # 100-120 MB/s on 16 CPU cores (bench/export_speed.py); the plan assumes between.
 EXPORT_BYTES_PER_SECOND = 200e6
+# A fisher pass (forward + backward + the scores) in forward passes over the same tokens.
+FISHER_PASS_FACTOR = 2.6
 
 
 @dataclass
@@ -50,6 +64,7 @@ class RoundPlan:
     # The prompt role the round's probes (and its new reference) run on: decide, or validate
     # for a quantize search round; "held-out" builds the validate and test references.
     role: str = "decide"
+    scored: int = 0  # candidates of a sensitivity round (guides fisher, weight_error)
 
 
 @dataclass
@@ -105,6 +120,7 @@ def schedule(plan: Plan) -> list[RoundPlan]:
             role="held-out",
         )
     ]
+    scores = compress.guide in SIGNALS
     if compress.method == "sparsify":
         if compress.guide == "uniform":
             rounds.append(
@@ -113,6 +129,18 @@ def schedule(plan: Plan) -> list[RoundPlan]:
         else:
             for index, t in enumerate(sparsify_steps(compress.target_sparsity, compress.step)):
                 lo, hi = probe_points(t)
+                if scores:  # scored, not probed; only round 0 builds a reference (the dense one)
+                    rounds.append(
+                        RoundPlan(
+                            str(index),
+                            0,
+                            "new" if index == 0 else "-",
+                            f"{compress.guide}: {2 * components} candidates at added "
+                            f"{lo:.3f}, {hi:.3f}",
+                            scored=2 * components,
+                        )
+                    )
+                    continue
                 reference = "new" if index == 0 or compress.reference == "current" else "reused"
                 rounds.append(
                     RoundPlan(str(index), 2 * components, reference, f"added {lo:.3f}, {hi:.3f}")
@@ -130,12 +158,17 @@ def schedule(plan: Plan) -> list[RoundPlan]:
                 rounds.append(RoundPlan(str(index), 0, "new" if index == 0 else "-", level))
                 index += 1
                 continue
+            what = f"{level}: rank every {unit}" + (", fill to the budget" if budget else "")
+            if scores:  # every member scored alone; a unit's score is its members' sum
+                what = f"{level}: {compress.guide} scores every component, ranks every {unit}"
+                what += ", fill to the budget" if budget else ""
             rounds.append(
                 RoundPlan(
                     str(index),
-                    components,
+                    0 if scores else components,
                     "new" if index == 0 else "-",
-                    f"{level}: rank every {unit}" + (", fill to the budget" if budget else ""),
+                    what,
+                    scored=len(plan.components) if scores else 0,
                 )
             )
             index += 1
@@ -180,11 +213,24 @@ def tokens_scored(plan: Plan, round_: RoundPlan) -> int:
         tokens += prompts * (sequence + job.new_tokens)  # scored, plus generated one by one
     elif round_.reference == "reused":
         tokens += prompts * sequence
+    tokens += sensitivity_tokens(plan, round_)
     if round_.label == "final":
         # the result against the dense reference on every role's prompts
         tokens += sum(role_counts(job).values()) * sequence
         tokens += 2 * job.evaluation.count * job.evaluation.tokens  # dense and compressed text
     return tokens
+
+
+def sensitivity_tokens(plan: Plan, round_: RoundPlan) -> int:
+    """Forward-pass-equivalent tokens of a sensitivity round (see the module docstring): fisher's
+    passes over the calibration text on each actor that scores a share; weight_error none."""
+    compress = plan.compress
+    if not round_.scored or compress is None or compress.guide != FISHER:
+        return 0
+    job = plan.job
+    sequence = job.prompts.prefix_tokens + job.new_tokens
+    actors = min(job.workers, round_.scored)
+    return math.ceil(FISHER_PASS_FACTOR * compress.calibration_count * sequence * actors)
 
 
 # --- costs ---------------------------------------------------------------------------------------
@@ -300,6 +346,8 @@ def estimate(plan: Plan, costs: Costs) -> Estimate:
         s = math.ceil(round_.probes / workers) * costs.probe * scale
         if round_.probes:  # the noise floor: one null probe per actor, all at once
             s += costs.probe * scale
+        if round_.scored and plan.compress.guide == FISHER:  # the actors' passes, all at once
+            s += FISHER_PASS_FACTOR * costs.probe * plan.compress.calibration_count / decide
         if round_.reference == "new":
             prompts = _round_prompts(plan, round_)
             s += costs.reference * scale / min(workers, prompts)
@@ -369,10 +417,24 @@ def format_estimate(plan: Plan, result: Estimate, memory: MemoryPlan | None = No
     rounds = [r for r in result.rounds if r.label not in ("held-out", "final", "finish")]
     probes = sum(r.probes for r in result.rounds)
     tokens = sum(tokens_scored(plan, r) for r in result.rounds)
+    scored = sum(r.scored for r in result.rounds)
     c = result.costs
+    if scored:
+        guide = compress.guide
+        passes = (
+            f", {sum(1 for r in result.rounds if r.scored)} round(s) of forward + backward "
+            f"passes over {compress.calibration_count} calibration sequences on each actor "
+            f"(about {FISHER_PASS_FACTOR:g} forward passes each)"
+            if guide == FISHER
+            else " (data-free)"
+        )
+        scored_text = f", {scored} candidates scored by {guide}{passes}"
+    else:
+        scored_text = ""
     lines += [
         "",
-        f"{len(rounds)} round(s), {probes} probes, {tokens:,} tokens through the model",
+        f"{len(rounds)} round(s), {probes} probes{scored_text}, {tokens:,} tokens through the "
+        "model",
         f"costs: {c.source}: "
         + (f"start-up {c.startup:.1f} s, " if c.startup else "")
         + f"reference {c.reference:.2f} s on one actor, one probe {c.probe:.2f} s",

@@ -5,7 +5,9 @@ Per level, over the components no earlier level took:
 
     rank round:    every component alone at the level, on top of the current state, against
                    the dense reference on the decide prompts
-                   -> ranked by FDT@75 (guide nll: by NLL damage)
+                   -> ranked by FDT@75 (guide nll: by NLL damage; guides fisher and
+                   weight_error: a sensitivity round instead of probes, ranked by the
+                   damage score, a fused unit's the sum of its members', `loop.sensitivity`)
     search rounds: S accepted, R the ranked rest; one round evaluates the k combined models
                    S + R[:1] .. S + R[:k] (k engine actors) against the dense reference on the
                    validate prompts, accepts the longest prefix whose FDT@75 interval's lower
@@ -68,6 +70,7 @@ from dtm_ray.loop.rounds import (
     noise_floor,
     run_probes,
 )
+from dtm_ray.loop.sensitivity import guide_table, is_sensitivity_guide, sensitivity_round
 from dtm_ray.loop.sparsify import LoopResult
 from dtm_ray.records.schemas import STATE_SCHEMA, decision_table, state_table
 from dtm_ray.records.store import RunStore
@@ -299,8 +302,17 @@ def _rank(
     """The rank round: every remaining unit alone at `level`; the ranking and its rows (the
     caller commits them)."""
     guide = rounds.plan.compress.guide
-    round_ = rounds.probe(state, [rounds.probe_of([unit], level) for unit in remaining])
-    probes = _by_unit(rounds, rounds.store.read_probes(round_=round_))
+    if is_sensitivity_guide(guide):
+        # A sensitivity round instead of probes: every member scored alone at the level, a
+        # unit's score the sum of its members'.
+        members = rounds.members(remaining)
+        candidates = {name: [(level, None)] for name in members}
+        table = sensitivity_round(rounds.engines, rounds.store, rounds.next, state, candidates)
+        units = {unit: rounds.units[unit] for unit in remaining}
+        probes = guide_table(table, guide, units, rounds.unit_params)
+    else:
+        round_ = rounds.probe(state, [rounds.probe_of([unit], level) for unit in remaining])
+        probes = _by_unit(rounds, rounds.store.read_probes(round_=round_))
     ranked = rank_components(probes, remaining, guide, spec=level)
     rows = [
         _row(

@@ -284,8 +284,17 @@ def calibrate(
     stored = store.read_round_table("calibration", CALIBRATION_SCHEMA, round_)
     if stored is not None:
         return calibration_from_table(stored)
-    pool, p = engines.pool, job.prompts
-    sequences = pool.call(
+    sequences = calibration_sequences(engines, job, count)
+    norms = engines.pool.call("input_norms", state, sequences, list(names))
+    store.write_round_table("calibration", round_, calibration_table(round_, norms))
+    return norms
+
+
+def calibration_sequences(engines: JobEngines, job: JobConfig, count: int) -> np.ndarray:
+    """`count` calibration sequences of prefix + new tokens from the prompt source, overlapping
+    none of the scored prompts of any role (the same draw for the same job: seeded)."""
+    p = job.prompts
+    return engines.pool.call(
         "load_calibration",
         source_for_actors(p.source),
         count,
@@ -293,9 +302,6 @@ def calibrate(
         (role_counts(job), p.prefix_tokens),
         p.seed,
     )
-    norms = pool.call("input_norms", state, sequences, list(names))
-    store.write_round_table("calibration", round_, calibration_table(round_, norms))
-    return norms
 
 
 def read_calibration(store: RunStore) -> dict[int, dict[str, np.ndarray]]:

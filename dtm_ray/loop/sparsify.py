@@ -59,6 +59,7 @@ from dtm_ray.loop.rounds import (
     reuse_reference,
     run_probes,
 )
+from dtm_ray.loop.sensitivity import guide_table, is_sensitivity_guide, sensitivity_round
 from dtm_ray.records.schemas import (
     FLOOR_SCHEMA,
     STATE_SCHEMA,
@@ -166,12 +167,14 @@ def _sparsify_round(
         f"round {round_}: sparsity {overall:.4f}, step {step:.4f} "
         f"(target {config.target_sparsity}, guide {config.guide})"
     )
-    # Round 0's reference is the dense model's, needed by the final evaluation in any case.
-    if round_ == 0 or config.reference == "current":
+    scores = is_sensitivity_guide(config.guide)  # a sensitivity round instead of probes
+    # Round 0's reference is the dense model's, needed by the final evaluation in any case; a
+    # sensitivity guide reads no other round's.
+    if round_ == 0 or (config.reference == "current" and not scores):
         current = build_reference(engines, store, job, round_, state)
-    else:
+    elif not scores:
         current = reuse_reference(engines, store, round_, state)
-    if config.guide != "uniform":
+    if config.guide != "uniform" and not scores:
         # Before any probe is read: what each actor's numerics alone make of the round's model.
         noise_floor(engines, store, round_, state, current.reference, current.expected)
     wanda = config.criterion == "wanda"
@@ -183,6 +186,23 @@ def _sparsify_round(
     ran = 0
     if config.guide == "uniform":
         decision = uniform_step(params, sparsity, config.target_sparsity)
+    elif scores:
+        probes = _sparsify_probes(plan.components, sparsity, step, config)
+        specs: dict[str, list[tuple[str, float | None]]] = {}
+        for probe in probes:
+            specs.setdefault(probe.component.name, []).append((probe.spec, probe.added))
+        table = sensitivity_round(engines, store, round_, state, specs, stats)
+        candidates = candidates_from_table(
+            guide_table(table, config.guide),
+            _components_table(plan.components, sparsity),
+            config.guide,
+            float("nan"),
+            float("nan"),
+            step,
+        )
+        decision = decide_sparsify(
+            candidates, config.target_sparsity, step, config.guide, job.new_tokens
+        )
     else:
         probes = _sparsify_probes(plan.components, sparsity, step, config)
         context = RoundContext(round_, state, current.reference, stats)
@@ -352,7 +372,8 @@ def _decision_rows(
     links: dict[str, Link],
     decision: SparsifyDecision,
 ) -> list[dict[str, Any]]:
-    statistic = {"fdt": "fdt_at_75", "nll": "nll", "uniform": "uniform"}[config.guide]
+    # The score guides' value is their quality, minus the damage score.
+    statistic = {"fdt": "fdt_at_75", "nll": "nll"}.get(config.guide, config.guide)
     rows = []
     for name in before:
         link = links.get(name)

@@ -16,6 +16,8 @@ Tables (all carry `round` where they belong to one):
 - `noise/`     one row per (round, engine actor): the round's model, unmodified, scored on each
                 actor against the round's reference (the noise floor per actor).
 - `calibration/` one row per (round, component): input-activation norms for wanda.
+- `sensitivity/` one row per (round, component, spec): a `fisher` or `weight_error` guide round's
+                scores (what such a round computes instead of probes; read back on resume).
 - `decisions/`  one row per (round, component): what the decision did and why.
 - `states/`     one row per (round, component): the chain after the round's decision.
 - `final/`      `prompts/`, `components/`, `summary/`: the result against the dense model;
@@ -137,13 +139,37 @@ CALIBRATION_SCHEMA = pa.schema(
     ]
 )
 
+# A guide round of `compress.guide: fisher | weight_error` (`dtm_ray.loop.sensitivity`): every
+# candidate (component, spec) of the round scored on the round's current model, the components
+# shared out over the engine actors. `score` is the damage (larger = more sensitive): fisher's
+# gradient score, or weight_error's relative Frobenius error; the decisions read quality = −score.
+# `call`, `seconds`, `passes` and `tokens` belong to the actor call that scored the row (one call
+# per actor per round; sum them over distinct calls for the round's cost).
+SENSITIVITY_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("component", pa.string()),
+        ("spec", pa.string()),
+        ("added", pa.float64()),  # sparsify: the added sparsity of the spec; null for quantize
+        ("guide", pa.string()),  # fisher | weight_error
+        ("score", pa.float64()),
+        ("weight_mse_max", pa.float64()),  # weight_error: NNCF's max_mean reduction of ΔW
+        ("nncf_sensitivity", pa.float64()),  # weight_error: NNCF's spec-free sensitivity
+        ("worker", pa.string()),
+        ("call", pa.int32()),
+        ("seconds", pa.float64()),  # the call's wall time on its actor
+        ("passes", pa.int32()),  # the call's forward + backward passes (0: data-free)
+        ("tokens", pa.int64()),  # calibration tokens of one pass over all batches
+    ]
+)
+
 DECISION_SCHEMA = pa.schema(
     [
         ("round", pa.int32()),
         ("component", pa.string()),
         ("from_chain", pa.list_(pa.string())),
         ("to_spec", pa.string()),  # the link appended this round; null when left as it was
-        ("statistic", pa.string()),  # fdt_at_75 | nll | uniform
+        ("statistic", pa.string()),  # fdt_at_75 | nll | fisher | weight_error | uniform | ...
         ("value", pa.float64()),  # the statistic's value on the component's curve where it landed
         ("threshold", pa.float64()),  # the threshold that decided it (NaN for uniform)
         ("added", pa.float64()),
@@ -601,6 +627,36 @@ def calibration_from_table(table: pa.Table) -> dict[str, np.ndarray]:
     }
 
 
+# --- sensitivity ---------------------------------------------------------------------------------
+def sensitivity_table(
+    round_: int, results: Sequence[Any], added: Mapping[tuple[str, str], float | None]
+) -> pa.Table:
+    """One row per (component, spec) of the actors' `SensitivityResult`s (in call order);
+    `added` maps (component, spec) to its added sparsity (sparsify rounds)."""
+    rows = []
+    for call, result in enumerate(results):
+        for row in result.rows:
+            key = (row["component"], row["spec"])
+            rows.append(
+                {
+                    "round": round_,
+                    "component": row["component"],
+                    "spec": row["spec"],
+                    "added": added.get(key),
+                    "guide": result.guide,
+                    "score": float(row[result.guide]),
+                    "weight_mse_max": row.get("weight_mse_max"),
+                    "nncf_sensitivity": row.get("nncf_sensitivity"),
+                    "worker": result.worker,
+                    "call": call,
+                    "seconds": float(result.seconds),
+                    "passes": int(result.passes),
+                    "tokens": int(result.tokens),
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=SENSITIVITY_SCHEMA)
+
+
 # --- states --------------------------------------------------------------------------------------
 def state_table(
     round_: int,
@@ -674,6 +730,7 @@ TABLE_SCHEMAS = {
     "probes": PROBE_SCHEMA,
     "noise": NOISE_SCHEMA,
     "calibration": CALIBRATION_SCHEMA,
+    "sensitivity": SENSITIVITY_SCHEMA,
     "decisions": DECISION_SCHEMA,
     "states": STATE_SCHEMA,
     "recovery": RECOVERY_SCHEMA,

@@ -25,6 +25,7 @@ from dtm_ray.records.schemas import (
     NOISE_SCHEMA,
     RECOVERY_SCHEMA,
     REFERENCE_SCHEMA,
+    SENSITIVITY_SCHEMA,
     STATE_SCHEMA,
     STATUS_OK,
 )
@@ -55,6 +56,8 @@ class RunTables:
     recovery: pd.DataFrame = field(default_factory=RECOVERY_SCHEMA.empty_table().to_pandas)
     floor: pd.DataFrame = field(default_factory=FLOOR_SCHEMA.empty_table().to_pandas)
     noise: pd.DataFrame = field(default_factory=NOISE_SCHEMA.empty_table().to_pandas)
+    # guide fisher | weight_error: the rounds' scores in place of probes
+    sensitivity: pd.DataFrame = field(default_factory=SENSITIVITY_SCHEMA.empty_table().to_pandas)
 
     @property
     def new_tokens(self) -> int:
@@ -73,7 +76,10 @@ class RunTables:
     @property
     def rounds(self) -> list[int]:
         found = (
-            set(self.probes["round"]) | set(self.references["round"]) | set(self.states["round"])
+            set(self.probes["round"])
+            | set(self.references["round"])
+            | set(self.states["round"])
+            | set(self.sensitivity["round"])
         )
         return sorted(int(r) for r in found)
 
@@ -92,7 +98,9 @@ class RunTables:
         ranked = self.component_rounds()
         if ranked:
             return ranked[-1]
-        return int(self.probes["round"].max()) if len(self.probes) else None
+        if len(self.probes):
+            return int(self.probes["round"].max())
+        return int(self.sensitivity["round"].max()) if len(self.sensitivity) else None
 
     def single_probes(self) -> pd.DataFrame:
         """Probe rows that compressed one unit (not a quantize search's candidate sets), one row
@@ -149,6 +157,9 @@ def load_run(run_dir: str) -> RunTables:
         recovery=_frame(store.read_round_table("recovery", RECOVERY_SCHEMA), RECOVERY_SCHEMA),
         floor=_frame(store.read_round_table("floor", FLOOR_SCHEMA), FLOOR_SCHEMA),
         noise=_frame(store.read_round_table("noise", NOISE_SCHEMA), NOISE_SCHEMA),
+        sensitivity=_frame(
+            store.read_round_table("sensitivity", SENSITIVITY_SCHEMA), SENSITIVITY_SCHEMA
+        ),
     )
 
 
@@ -175,6 +186,13 @@ def rounds_table(run: RunTables) -> pd.DataFrame:
             "noise_positions": int(ref["noise_positions"].sum()) if len(ref) else np.nan,
             "min_margin": float(ref["min_margin"].min()) if len(ref) else np.nan,
         }
+        scored = run.sensitivity[run.sensitivity["round"] == round_]
+        if len(run.sensitivity):
+            # A guide round of fisher or weight_error: candidates scored, the actors' seconds.
+            calls = scored.drop_duplicates("call")
+            row["scored"] = len(scored)
+            row["score_s"] = float(calls["seconds"].sum()) if len(calls) else np.nan
+            row["passes"] = int(calls["passes"].sum()) if len(calls) else np.nan
         noise = run.noise[run.noise["round"] == round_]
         if len(run.noise):
             # The worst engine actor's null probe: positions (and prompts) where the unmodified
@@ -249,6 +267,38 @@ def component_table(run: RunTables, round_: int, group: str | None = None) -> pd
     return wide.drop(columns="component").rename(columns={"layer": "layer", "kind": "kind"})
 
 
+def sensitivity_components(run: RunTables, round_: int) -> pd.DataFrame:
+    """One row per component of a fisher or weight_error round: its damage score per candidate
+    group ("+0.10" added sparsity, or the spec), most sensitive first (by the first group)."""
+    rows = run.sensitivity[run.sensitivity["round"] == round_]
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows.assign(
+        group=[
+            spec if pd.isna(added) else f"+{added:.2f}"
+            for spec, added in zip(rows["spec"], rows["added"], strict=True)
+        ],
+        layer=[_layer(name) for name in rows["component"]],
+        kind=rows["component"].map(kind_of),
+    )
+    wide = rows.pivot_table(
+        index=["component", "layer", "kind"], columns="group", values="score", aggfunc="first"
+    )
+    groups = list(dict.fromkeys(rows["group"]))
+    wide = wide[groups].sort_values(groups[0], ascending=False, kind="stable")
+    guide = rows["guide"].iloc[0]
+    wide.columns = [f"{guide} {g}" for g in groups]
+    return wide.reset_index().drop(columns="component")
+
+
+def _layer(name: str) -> int | None:
+    parts = name.split(".")
+    for before, after in zip(parts, parts[1:], strict=False):
+        if before == "layers" and after.isdigit():
+            return int(after)
+    return None
+
+
 def failed_table(run: RunTables) -> pd.DataFrame:
     failed = run.probes[run.probes["status"] != STATUS_OK]
     return failed[["round", "component", "spec", "attempts", "error"]].reset_index(drop=True)
@@ -320,11 +370,21 @@ def format_show(
         if shown not in run.rounds:
             raise ConfigError(f"round {shown} not in {run.uri}; it has rounds {run.rounds}")
         table = component_table(run, shown, group)
-        if table.empty and group is not None:
+        scores = sensitivity_components(run, shown) if table.empty else pd.DataFrame()
+        if not scores.empty:  # a fisher or weight_error round: scores, no probes
+            guide = run.sensitivity["guide"].iloc[0]
+            groups = ", ".join(c.removeprefix(f"{guide} ") for c in scores.columns[2:])
+            lines += [
+                "",
+                f"round {shown}, {guide} score (damage: larger is more sensitive) at {groups}, "
+                "most sensitive first:",
+                *_ends(scores, rows),
+            ]
+        elif table.empty and group is not None:
             single = run.single_probes()
             known = list(dict.fromkeys(single.loc[single["round"] == shown, "group"]))
             raise ConfigError(f"round {shown} has no probes at {group}; it has {known}")
-        if table.empty:
+        elif table.empty:
             lines += ["", f"round {shown}: no finished probes yet"]
         else:
             groups = ", ".join(c.removeprefix("FDT@75 ") for c in table.columns[2:])
@@ -332,19 +392,23 @@ def format_show(
                 "",
                 f"round {shown}, FDT@75 (90% CI) of {run.new_tokens} at {groups}, "
                 "least robust first:",
+                *_ends(table, rows),
             ]
-            if rows and len(table) > 2 * rows:
-                lines += [
-                    _text(table.head(rows)),
-                    f"  ... {len(table) - 2 * rows} more ...",
-                    _text(table.tail(rows)),
-                ]
-            else:
-                lines.append(_text(table))
     failed = failed_table(run)
     if len(failed):
         lines += ["", f"failed probes ({len(failed)}):", _text(failed)]
     return "\n".join(lines)
+
+
+def _ends(table: pd.DataFrame, rows: int) -> list[str]:
+    """`rows` rows from each end of `table` (all of it when 0 or short enough)."""
+    if rows and len(table) > 2 * rows:
+        return [
+            _text(table.head(rows)),
+            f"  ... {len(table) - 2 * rows} more ...",
+            _text(table.tail(rows)),
+        ]
+    return [_text(table)]
 
 
 def _text(frame: pd.DataFrame) -> str:

@@ -266,7 +266,8 @@ CASES: dict[str, Case] = {
     "unknown guide": lambda t, m: (
         job_dict(m, probe={"components": "all"}, compress={"guide": "perplexity"}),
         [],
-        "compress.guide 'perplexity' unknown; expected one of ['fdt', 'nll', 'uniform']",
+        "compress.guide 'perplexity' unknown; expected one of ['fdt', 'nll', 'uniform', "
+        "'fisher', 'weight_error']",
         None,
     ),
     "unknown compress key": lambda t, m: (
@@ -501,6 +502,66 @@ CASES: dict[str, Case] = {
         ),
         ["--out", str(t / "other")],
         "wanda calibrates on text",
+        None,
+    ),
+    "guide fisher on a run: source": lambda t, m: (
+        job_dict(
+            m,
+            prompts=prompts(f"run:{_run_with_reference(t, m)}"),
+            probe={"components": "all"},
+            compress={
+                "method": "quantize",
+                "levels": ["int8"],
+                "target_bits": 8,
+                "guide": "fisher",
+            },
+        ),
+        ["--out", str(t / "other")],
+        "compress.guide fisher calibrates on text",
+        None,
+    ),
+    "guide fisher on vllm with tensor parallelism": lambda t, m: (
+        job_dict(
+            m,
+            engine="vllm",
+            engine_options={"tensor_parallel_size": 2},
+            probe={"components": "all"},
+            compress={"guide": "fisher"},
+        ),
+        [],
+        "compress.guide fisher runs a backward pass over the weights of one vLLM worker",
+        None,
+    ),
+    "calibration_count on a quantize job whose guide does not calibrate": lambda t, m: (
+        job_dict(
+            m,
+            probe={"components": "all"},
+            compress={
+                "method": "quantize",
+                "levels": ["int8"],
+                "target_bits": 8,
+                "guide": "weight_error",
+                "calibration_count": 8,
+            },
+        ),
+        [],
+        "compress.calibration_count does not apply to method 'quantize' with guide",
+        None,
+    ),
+    "guide fisher with a calibration_count of zero": lambda t, m: (
+        job_dict(
+            m,
+            probe={"components": "all"},
+            compress={
+                "method": "quantize",
+                "levels": ["int8"],
+                "target_bits": 8,
+                "guide": "fisher",
+                "calibration_count": 0,
+            },
+        ),
+        [],
+        "compress.calibration_count must be an integer >= 1",
         None,
     ),
     "evaluation text of an unknown kind": lambda t, m: (

@@ -27,6 +27,9 @@ de-duplication); rows of components not asked for are ignored.
 - guide `fdt`: FDT@75 descending; ties by fdt_mean descending (a missing fdt_mean ranks after any
   number), then fewer parameters first, then component name. The order is total and deterministic.
 - guide `nll`: nll_mean ascending (less damage first); ties by fewer parameters, then name.
+- guides `fisher`, `weight_error`: the damage score in the column named by the guide (ModelOpt's
+  gradient score, the relative Frobenius error of the weight change; for a fused unit the sum of
+  its members'), ascending, i.e. quality = -score descending; ties by fewer parameters, then name.
 - Components with only failed probes, or with no probe (or no usable statistic) at this level, go
   last, in name order. `unranked_components` names them with the reason ("failed probe" or
   "no probe") so the caller can report them; they stay in the ranking, so the search may still
@@ -102,13 +105,12 @@ import pyarrow as pa
 
 from dtm_ray.core.specs import spec_bits
 
-GUIDES = ("fdt", "nll")
+GUIDES = ("fdt", "nll", "fisher", "weight_error")
 
 REASON_NO_PASS = "no candidate passed"
 REASON_OVER_CAP = "over the parameter cap"
 FLAG_FAILED = "failed probe"
 FLAG_NO_PROBE = "no probe"
-
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -162,8 +164,13 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _statistic(guide: str) -> str:
+    """The column a guide ranks by: FDT@75, the NLL, or a score guide's own column."""
+    return {"fdt": "fdt_at_75", "nll": "nll_mean"}.get(guide, guide)
+
+
 def _probe_rows(probes: pa.Table, guide: str, spec: str | None) -> list[dict]:
-    needed = ["component", "status", "params", "fdt_at_75" if guide == "fdt" else "nll_mean"]
+    needed = ["component", "status", "params", _statistic(guide)]
     if guide == "fdt" and "fdt_mean" in probes.column_names:
         needed.append("fdt_mean")
     if spec is not None:
@@ -181,7 +188,7 @@ def _classify(
     """(usable row per component, flag per component without one)."""
     _check_guide(guide)
     _check_unique(components, "components")
-    statistic = "fdt_at_75" if guide == "fdt" else "nll_mean"
+    statistic = _statistic(guide)
     wanted = set(components)
     usable: dict[str, dict] = {}
     failed: set[str] = set()
@@ -208,7 +215,7 @@ def _rank_key(row: dict, guide: str) -> tuple:
         mean = row.get("fdt_mean")
         mean_key = -float(mean) if _finite(mean) else math.inf  # missing: after any number
         return (-float(row["fdt_at_75"]), mean_key, int(row["params"]), row["component"])
-    return (float(row["nll_mean"]), int(row["params"]), row["component"])
+    return (float(row[_statistic(guide)]), int(row["params"]), row["component"])
 
 
 def rank_components(

@@ -21,6 +21,10 @@ Definitions
     the dense model's).
   - guide `nll`: Q = -(nll_mean of the probe - base nll), minus the increase of the mean negative
     log-likelihood of the reference continuation; q0 = 0.
+  - guides `fisher`, `weight_error` (the anchors' sensitivity signals, `dtm_ray.core.sensitivity`):
+    Q = -score, the table's column named by the guide holding the damage score of the candidate
+    (ModelOpt's gradient score, or the relative Frobenius error of the weight change); q0 = 0
+    (no change, no damage). Thresholds as for `nll`.
 - `largest_added(points, f)`: the largest a in [0, a_hi] with q(a) >= f, 0 when there is none.
   For points (x_i, y_i): if the last y >= f, the last x; otherwise scan the segments from right to
   left and, for the first (x1, y1)-(x2, y2) with y2 < f <= y1, return the crossing
@@ -38,8 +42,9 @@ Algorithm (`decide_sparsify`)
    - guide `fdt`: f = N, N - 1, ..., 0 (N = `n_new`, the number of generated tokens). At f = 0
      every probed component reaches a_hi >= 3t/2, so the goal is reached unless unprobed
      components hold too much of the remaining weight.
-   - guide `nll`: f runs over the distinct values of {q0} and all probe qualities, in descending
-     order; at the smallest every point of every curve is >= f, so each component reaches a_hi.
+   - guides `nll`, `fisher`, `weight_error`: f runs over the distinct values of {q0} and all
+     probe qualities, in descending order; at the smallest every point of every curve is >= f,
+     so each component reaches a_hi.
 3. Commit a(f*) at the first threshold f* that reaches G. If S(a(f*)) overshoots the target
    (by more than 1e-9), blend with the map a_prev of the previous threshold (all zeros when f*
    was the first): a = a_prev + lam * (a(f*) - a_prev), lam = (target - S(a_prev)) /
@@ -69,7 +74,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-GUIDES = ("fdt", "nll")
+GUIDES = ("fdt", "nll", "fisher", "weight_error")
+# Guides whose table holds a damage score in a column named by the guide (quality = -score).
+SCORE_GUIDES = ("fisher", "weight_error")
 POINT_TOLERANCE = 1e-6  # a probe row's `added` matches a probe point within this
 OVERSHOOT_TOLERANCE = 1e-9  # an overshoot of the target beyond this triggers the blend
 # A run has reached its target when the selected components' sparsity is this close to it
@@ -236,7 +243,15 @@ def quality_at(points: Sequence[tuple[float, float]], added: float) -> float:
 
 # --- probe table -> candidates -------------------------------------------------------------------
 def _statistic_column(guide: str) -> str:
-    return "fdt_at_75" if guide == "fdt" else "nll_mean"
+    return {"fdt": "fdt_at_75", "nll": "nll_mean"}.get(guide, guide)
+
+
+def _quality(guide: str, value: float, base_nll: float) -> float:
+    if guide == "fdt":
+        return float(value)
+    if guide == "nll":
+        return -(float(value) - base_nll)
+    return -float(value)  # a damage score
 
 
 def _point_index(added: float | None, a_lo: float, a_hi: float) -> int | None:
@@ -265,8 +280,7 @@ def _probe_statistics(
         index = _point_index(added, a_lo, a_hi)
         if status != "ok" or index is None or value is None or not math.isfinite(value):
             continue
-        quality = float(value) if guide == "fdt" else -(float(value) - base_nll)
-        stats.setdefault((component, index), quality)
+        stats.setdefault((component, index), _quality(guide, value, base_nll))
     return stats
 
 
@@ -280,14 +294,17 @@ def candidates_from_table(
 ) -> list[Candidate]:
     """One `Candidate` per row of `components` (component, params, sparsity), in that order.
 
-    `probes` needs component, added, status and the guide's statistic (fdt_at_75 or nll_mean);
-    rows whose `added` is neither probe point of `step` (within 1e-6), and rows of components not
-    in `components`, are ignored. A component lacking an ok probe at either point gets no points.
+    `probes` needs component, added, status and the guide's statistic (fdt_at_75, nll_mean, or
+    the score column named by a score guide: fisher, weight_error); rows whose `added` is neither
+    probe point of `step` (within 1e-6), and rows of components not in `components`, are ignored.
+    A component lacking an ok probe at either point gets no points. The score guides read no base
+    statistic (pass NaN).
     """
     _check_guide(guide)
-    base = base_fdt if guide == "fdt" else base_nll
-    if not math.isfinite(base):
-        raise ValueError(f"guide {guide!r} needs a finite base statistic, got {base!r}")
+    if guide not in SCORE_GUIDES:
+        base = base_fdt if guide == "fdt" else base_nll
+        if not math.isfinite(base):
+            raise ValueError(f"guide {guide!r} needs a finite base statistic, got {base!r}")
     a_lo, a_hi = probe_points(step)
     stats = _probe_statistics(probes, guide, base_nll, a_lo, a_hi)
     q0 = float(base_fdt) if guide == "fdt" else 0.0
@@ -313,8 +330,8 @@ def candidates_from_table(
 def _thresholds(active: Sequence[Candidate], guide: str, n_new: int) -> list[float]:
     if guide == "fdt":
         return [float(f) for f in range(n_new, -1, -1)]
-    # nll: between two consecutive candidate values the maps only move along segments, and the
-    # qualities are real numbers with no natural unit to step by.
+    # nll and the scores: between two consecutive candidate values the maps only move along
+    # segments, and the qualities are real numbers with no natural unit to step by.
     return sorted({y for c in active for _, y in c.points}, reverse=True)
 
 
