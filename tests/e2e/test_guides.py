@@ -15,8 +15,8 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
-from conftest import tiny_compress_job
 from safetensors.torch import load_file
+from support.jobs import EVALUATION, tiny_job
 
 from dtm_ray.core.compress import compress
 from dtm_ray.core.decisions.quantize import rank_components
@@ -109,6 +109,11 @@ def _digests(folder: Path) -> dict[str, str]:
         p.name: hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*.parquet"))
     }
+
+
+def tiny_compress_job(model_dir: Path, out: Path, compress: dict, dtype: str = "auto") -> dict:
+    """The tiny Llama's job compressing with `compress`, with a short final evaluation."""
+    return tiny_job(model_dir, out, {"compress": compress, "evaluation": EVALUATION}, dtype=dtype)
 
 
 SPARSIFY = {"method": "sparsify", "target_sparsity": 0.3, "step": 0.15, "guide": "fisher"}
