@@ -14,11 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
 from support.fakes import folder_like
-from support.transformers_check import free_running_greedy
 
 from dtm_ray.job.compare import build_compare, plan_compare
 
@@ -157,42 +153,3 @@ def test_a_side_in_an_object_store_is_read_on_the_driver_without_its_weights(
     assert not list(plan.folders["candidate"].glob("*.safetensors"))  # the actors fetch them
     assert plan.prefixes.shape == (4, 8) and not (tmp_path / "run").exists()
 
-
-# --- end to end, against plain transformers ----------------------------------------------------
-
-
-def test_vllm_as_served_scores_like_transformers_and_edits_nothing(
-    tiny_llama_dir: Path, one_thread
-):
-    """A compare's vLLM engine (`edits=False`): no dtm_ray worker extension between the
-    checkpoint and vLLM's kernels, scores from vLLM's prompt_logprobs that agree with a plain
-    transformers pass, and every weight edit refused in one line."""
-    pytest.importorskip("vllm")
-    from support.transformers_check import full_logit_stats
-    from transformers import AutoModelForCausalLM
-
-    from dtm_ray.engines.vllm import VLLMEngine
-
-    prefixes = np.random.default_rng(1).integers(3, 49000, size=(4, 8))
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    expected = free_running_greedy(model, prefixes, 8)
-    engine = VLLMEngine(tiny_llama_dir, dtype="float32", edits=False)
-    try:
-        assert not engine.llm.llm_engine.vllm_config.parallel_config.worker_extension_cls
-        np.testing.assert_array_equal(engine.generate_greedy(prefixes.tolist(), 8), expected)
-        sequences = np.concatenate([prefixes, expected], axis=1)
-        scored = engine.score(sequences.tolist(), 8)
-        argmax, margin, own = full_logit_stats(model, sequences, 8)
-        np.testing.assert_array_equal(scored.argmax, argmax)
-        np.testing.assert_allclose(scored.ref_logprob, own, atol=1e-4)
-        np.testing.assert_allclose(scored.margin, margin, atol=1e-4)
-        name = "model.layers.0.mlp.up_proj.weight"
-        for edit in (
-            lambda: engine.compress_in_place({name: ()}),
-            lambda: engine.set_weights({name: torch.zeros(256, 128)}),
-            lambda: engine.original_weight(name),
-        ):
-            with pytest.raises(RuntimeError, match="loaded as served"):
-                edit()
-    finally:
-        engine.close()

@@ -1,6 +1,6 @@
 """Object-store URIs against a port nothing listens on: a run dir or a model there ends in one line
 naming the endpoint, within the client's time bound (about 20 s each). (The URIs themselves:
-tests/unit/test_store_uris.py.)"""
+tests/unit/test_store_uris.py.) End to end: each waits out the store calls' retries."""
 
 from __future__ import annotations
 
