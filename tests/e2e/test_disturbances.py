@@ -72,15 +72,22 @@ class Case:
 
 
 class PartFiles:
-    """Counts the probe files a run has made visible so far (part files come and go: each
-    round's are compacted into one at its end)."""
+    """Counts the probe files a run has made visible since this counter was made (part files
+    come and go: each round's are compacted into one at its end). Files an earlier driver left
+    do not count, so a kill waits for the new driver's own writes."""
 
     def __init__(self, run: Path) -> None:
-        self.folder, self.seen = run / "probes", set()
+        self.folder = run / "probes"
+        self.before = self._names()
+        self.seen: set[str] = set()
+
+    def _names(self) -> set[str]:
+        if not self.folder.is_dir():
+            return set()
+        return {p.name for p in self.folder.glob("part-*.parquet")}
 
     def count(self) -> int:
-        if self.folder.is_dir():
-            self.seen.update(p.name for p in self.folder.glob("part-*.parquet"))
+        self.seen.update(self._names() - self.before)
         return len(self.seen)
 
 
@@ -134,7 +141,12 @@ def chaos(case: Case) -> Path:
         driver_command(job, second_fault, flush_every=4), env, tmp_path / "second.log"
     )
     try:
-        reached = wait_for(lambda: parts.count() >= kill_actor_at, "part files", process=second)
+        # Its own part files, written by its own actors (a compaction alone needs none).
+        reached = wait_for(
+            lambda: parts.count() >= kill_actor_at and set(engine_actor_pids()) - others,
+            "part files and engine actors",
+            process=second,
+        )
         victims = sorted(set(engine_actor_pids()) - others)
         if reached and victims:
             victim = victims[int(rng.integers(len(victims)))]
