@@ -9,7 +9,10 @@ pydoc's text (`prompts.seed` per seed), the 7 linear weights of the chosen layer
 - `sparsify-magnitude-30`, `-50`, `sparsify-wanda-30`, `-50`: to that sparsity, step 0.15 (0.25 to
   50 %), the same sparsity for every guide;
 - `quantize-5`, `quantize-6`: int4-g64 / int8 at `target_bits` 5 or 6 bits per parameter, the
-  same budget for every guide (no floor: the budget alone decides how much goes to int4).
+  same budget for every guide (no floor: the budget alone decides how much goes to int4);
+- `sparsify-magnitude-floor`, `quantize-floor`: no budget, a quality floor instead (`min_fdt` 8
+  toward 90 % sparsity; `min_fdt` 16 for int4-g64 / int8), judged on the validate prompts, for
+  the fdt and nll guides only: how far each guide goes before the floor stops it.
 
 Judged by the run's own `final/summary` on its 64 test prompts (FDT@75 with its 90 % interval,
 mean FDT, SDT share), perplexity on pydoc text, optionally the shipped `facts` tasks with flips
@@ -51,7 +54,17 @@ METHODS = {
     "sparsify-wanda-50": {"target_sparsity": 0.5, "step": 0.25, "criterion": "wanda"},
     "quantize-5": {"method": "quantize", "levels": ["int4-g64", "int8"], "target_bits": 5},
     "quantize-6": {"method": "quantize", "levels": ["int4-g64", "int8"], "target_bits": 6},
+    # The paper's headlines at small scale: how far each guide goes under a quality floor judged
+    # on the validate prompts (no budget), for FDT and for perplexity (nll) guidance.
+    "sparsify-magnitude-floor": {
+        "target_sparsity": 0.9,
+        "step": 0.15,
+        "criterion": "magnitude",
+        "min_fdt": 8,
+    },
+    "quantize-floor": {"method": "quantize", "levels": ["int4-g64", "int8"], "min_fdt": 16},
 }
+FLOOR_GUIDES = ("fdt", "nll")
 ATTENTION = ("q", "k", "v", "o")
 DTM_RAY = [sys.executable, "-m", "dtm_ray.cli"]
 
@@ -329,7 +342,8 @@ def plot(results: dict[str, Any], folder: Path) -> list[str]:
         ("sparsify", "sparsity", "sparsity of the selected weights"),
         ("quantize", "bits_per_param", "bits per parameter"),
     ):
-        methods = [m for m in results["runs"] if m.startswith(family)]
+        # Floor runs land where their floor stops them, not on a shared budget: not plotted.
+        methods = [m for m in results["runs"] if m.startswith(family) and not m.endswith("-floor")]
         if not methods:
             continue
         for criterion in sorted({m.rsplit("-", 1)[0] for m in methods}):
@@ -391,6 +405,8 @@ def main() -> None:
     }
     for method in args.methods:
         for guide in args.guides:
+            if method.endswith("-floor") and guide not in FLOOR_GUIDES:
+                continue
             for seed in args.seeds:
                 started = time.monotonic()
                 run = run_one(args.work, method, guide, args.layers, seed)
