@@ -17,7 +17,13 @@ model's parameters; TP the tensor-parallel size):
   its logits in the model's dtype, in float32 and their log-softmax: B x N x V x (8 + b, or 8 in
   float32) for hf (B = min(P, `batch_size`)); vLLM's scoring hook holds the sequences of one
   scheduler step (about 8192 tokens) instead of B;
-  its activations: tokens of the step x (2 x intermediate + 4 x H) x b.
+  its activations: tokens of the step x (2 x intermediate + 4 x H) x b;
+  with `compress.guide: fisher`, a guide round's forward + backward pass over one calibration
+  batch instead (C = min(calibration_count, 8) sequences of S tokens): what autograd saves per
+  layer and token, (4 x intermediate + 9 x H) x b, times L x C x S, plus the loss's logits,
+  C x S x V x 12 bytes (measured on SmolLM2 in float32 and bfloat16: 4.0 x intermediate + 6.7 x H
+  and 11.6 x H values per layer, 12.0 bytes per logit), and the candidates' float32 weight
+  changes up to `SENSITIVITY_DELTA_BYTES` (at least the largest weight's).
 - an edit in place (a probe, or one link of a state change; no weight crosses a process): the
   weight gathered whole from the ranks, the copy of the rank's shard it puts back, and
   compression's float32 temporaries: w x b + w x b / TP + 3 x w x 4 (w the largest component).
@@ -40,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtm_ray.core.components import Component
-from dtm_ray.engines.config import residual_keep
+from dtm_ray.engines.config import FISHER_BATCH_SIZE, SENSITIVITY_DELTA_BYTES, residual_keep
 from dtm_ray.errors import ConfigError
 from dtm_ray.job.spec import JobConfig
 
@@ -165,13 +171,19 @@ def memory_plan(
     step_sequences = max(1, step_tokens // sequence)
     logits = step_sequences * n_new * vocab * (8 if b == 4 else 8 + b)
     activations = step_tokens * (2 * intermediate + 4 * hidden) * b
+    step = ("logits or activations of one step", max(logits, activations))
+    compress = job.compress
+    if compress is not None and compress.guide == "fisher":
+        fisher = fisher_pass_bytes(config, job, selected, b)
+        if fisher > step[1]:
+            step = ("fisher's backward pass (one calibration batch)", fisher)
     originals = min(engine.original_cache_bytes, selected_bytes)
     edit = largest * b + largest * b // tp + 3 * largest * 4
 
     engine_side = [
         ("weights", weights // tp),
         ("kept residual stream", 0 if residual_on_host else residual),
-        ("logits or activations of one step", max(logits, activations)),
+        step,
         ("an edit in place (weight, copy, temporaries)", edit),
     ]
     processes = (2 + (tp if tp > 1 else 0)) if vllm else 1
@@ -200,6 +212,26 @@ def memory_plan(
     )
     plan.problems = _problems(plan, job)
     return plan
+
+
+def fisher_pass_bytes(
+    config: Mapping[str, Any], job: JobConfig, selected: Sequence[Component], b: int
+) -> int:
+    """The memory of the fisher guide's forward + backward pass over one calibration batch:
+    what autograd saves, the loss's logits and the candidates' weight changes (formula in the
+    module docstring)."""
+    hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    intermediate = int(config.get("intermediate_size", 4 * hidden))
+    vocab = int(config.get("vocab_size", 0))
+    count = job.compress.calibration_count if job.compress else None
+    tokens = min(count or FISHER_BATCH_SIZE, FISHER_BATCH_SIZE) * (
+        job.prompts.prefix_tokens + job.new_tokens
+    )
+    saved = tokens * layers * (4 * intermediate + 9 * hidden) * b
+    logits = tokens * vocab * 12
+    largest = max((c.params for c in selected), default=0)
+    deltas = max(4 * largest, min(SENSITIVITY_DELTA_BYTES, 4 * sum(c.params for c in selected)))
+    return saved + logits + deltas
 
 
 def _declared_gpu_bytes(resources: Mapping[str, float]) -> int | None:
@@ -247,8 +279,7 @@ def format_memory(plan: MemoryPlan) -> list[str]:
     lines.append(f"host memory per engine actor: {_gib(plan.host_total)}")
     lines += [f"  {name:<40} {_gib(n):>10}" for name, n in plan.host if n]
     lines.append(
-        f"host memory per node: {_gib(plan.node_host)} "
-        f"({plan.actors_per_node} actor(s) per node)"
+        f"host memory per node: {_gib(plan.node_host)} ({plan.actors_per_node} actor(s) per node)"
     )
     lines += [f"warning: {w}" for w in plan.warnings]
     return lines

@@ -170,3 +170,39 @@ def test_the_hf_engine_on_a_gpu_keeps_a_large_stream_in_pinned_host_memory() -> 
     # 32 GiB of pinned host memory keep every 2nd layer.
     assert items(plan.host)["kept residual stream, pinned"] == 20 * per_layer
     assert any("keeps one layer input in 2 (20 of 40)" in w for w in plan.warnings)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_fisher_pass_is_counted_and_bounds_the_memory_it_takes(smollm2_dir: Path, dtype):
+    """The plan's fisher line against the tensor memory of the real forward + backward pass
+    (`fisher_values`' own pass, every linear weight hooked) on SmolLM2, measured op by op."""
+    import json
+
+    import torch
+    from support.torch_memory import PeakMemory
+    from transformers import AutoModelForCausalLM
+
+    from dtm_ray.engines.sensitivity import _linears, _one_pass
+    from dtm_ray.job.memory import fisher_pass_bytes
+    from dtm_ray.job.spec import CompressConfig
+
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    every = components_from_config(config)
+    fisher = job(engine="hf", dtype=dtype, prompts=PromptsConfig(count=16, prefix_tokens=16),
+                 new_tokens=32, resources_per_worker={"CPU": 1}, workers=1,
+                 compress=CompressConfig(method="sparsify", guide="fisher", calibration_count=16))
+    plan = items(memory_plan(config, fisher, every, every).host)
+    predicted = fisher_pass_bytes(config, fisher, every, 4 if dtype == "float32" else 2)
+    assert plan["fisher's backward pass (one calibration batch)"] == predicted
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=getattr(torch, dtype))
+    model.requires_grad_(False).eval()
+    names = [f"{c.name}" for c in every]
+    linears = _linears(model, names)
+    ids = torch.randint(0, 1000, (8, 48))  # the batch the plan assumes: 8 sequences of 16 + 32
+    with PeakMemory([*model.parameters(), *model.buffers()]) as measured:
+        _one_pass(model, ids, linears, {name: [] for name in names}, {})
+    # The candidates' float32 ΔW, made before the pass: all of them fit SENSITIVITY_DELTA_BYTES.
+    deltas = 4 * sum(c.params for c in every)
+    assert deltas < 1 << 30
+    assert measured.peak <= predicted - deltas <= 1.25 * measured.peak, (measured.peak, predicted)
