@@ -174,6 +174,13 @@ def measure(run: Path) -> dict[str, Any]:
     row["int4_share"] = float(
         components.loc[components["precision"].str.startswith("int4"), "params"].sum() / params
     )
+    # Per test prompt (by prompt_id), for the paired comparison: every guide of a seed is
+    # judged on the same test prompts (the draw depends on the seed alone; checked by digest).
+    prompts = _read(run, "final/prompts")
+    test = prompts[prompts["role"] == "test"].sort_values("prompt_id")
+    row["test_fdt"] = [int(v) for v in test["fdt"]]
+    info = json.loads((run / "run.json").read_text())
+    row["test_tokens_sha256"] = info["prompt_roles"]["test"]["tokens_sha256"]
     tasks = _read(run, "final/tasks")
     if tasks is not None and len(tasks):
         row["tasks"] = [
@@ -211,6 +218,44 @@ def additivity(run: Path) -> dict[str, Any] | None:
             math.log(summary["ppl_reference"]) - math.log(summary["dense_ppl_reference"])
         ),
     }
+
+
+def paired(by_guide: dict[str, dict[str, dict[str, Any]]], seeds: list[int]) -> dict[str, Any]:
+    """FDT guidance against each other guide on the same test prompts: the mean over prompts
+    (pooled over seeds) of fdt's FDT minus the other's, with a 90 % bootstrap interval that
+    resamples prompts within each seed, and on how many prompts fdt diverged later, the same,
+    or earlier."""
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    base = by_guide.get("fdt", {})
+    for guide, by_seed in by_guide.items():
+        if guide == "fdt":
+            continue
+        diffs = []
+        for seed in seeds:
+            a, b = base.get(str(seed)), by_seed.get(str(seed))
+            if a is None or b is None:
+                continue
+            if a["test_tokens_sha256"] != b["test_tokens_sha256"]:
+                raise SystemExit(f"seed {seed}: fdt and {guide} were judged on different prompts")
+            diffs.append(np.asarray(a["test_fdt"]) - np.asarray(b["test_fdt"]))
+        if not diffs:
+            continue
+        pooled = np.concatenate(diffs)
+        draws = [
+            np.concatenate([d[rng.integers(0, len(d), len(d))] for d in diffs]).mean()
+            for _ in range(2000)
+        ]
+        out[guide] = {
+            "prompts": len(pooled),
+            "mean_difference": float(pooled.mean()),
+            "low": float(np.quantile(draws, 0.05)),
+            "high": float(np.quantile(draws, 0.95)),
+            "fdt_later": int((pooled > 0).sum()),
+            "same": int((pooled == 0).sum()),
+            "fdt_earlier": int((pooled < 0).sum()),
+        }
+    return out
 
 
 def _cell(values: list[float], digits: int = 1) -> str:
@@ -298,6 +343,30 @@ def tables(results: dict[str, Any], seeds: list[int]) -> list[tuple[str, str]]:
                 for g, rs in by_guide.items()
             ]
         sections.append((f"{method}: how each guide spread the budget", markdown_table(head, rows)))
+        against = results.setdefault("paired", {})[method] = paired(by_guide, seeds)
+        if against:
+            head = [
+                "fdt against",
+                "test prompts",
+                "mean FDT difference (90% CI)",
+                "fdt later / same / earlier",
+            ]
+            rows = [
+                [
+                    g,
+                    a["prompts"],
+                    f"{a['mean_difference']:+.2f} ({a['low']:+.2f} to {a['high']:+.2f})",
+                    f"{a['fdt_later']} / {a['same']} / {a['fdt_earlier']}",
+                ]
+                for g, a in against.items()
+            ]
+            sections.append(
+                (
+                    f"{method}: fdt guidance against each guide, prompt by prompt (same test "
+                    "prompts per seed; > 0: fdt's model diverges later)",
+                    markdown_table(head, rows),
+                )
+            )
     add = results.get("additivity", {})
     if add:
         head = [
