@@ -35,9 +35,9 @@ def build_model(folder: Path) -> Path:
 
 
 def run_job(model_dir: Path, out: Path, tp: int, criterion: str) -> float:
-    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.checks import check_job
     from dtm_ray.job.spec import load_job
-    from dtm_ray.loop.driver import run_plan
+    from dtm_ray.loop.driver import run_checked_job
 
     job = {
         "model": str(model_dir),
@@ -56,7 +56,7 @@ def run_job(model_dir: Path, out: Path, tp: int, criterion: str) -> float:
     path = out.parent / f"job-tp{tp}.yaml"
     path.write_text(yaml.safe_dump(job))
     start = time.perf_counter()
-    run_plan(plan_job(load_job(path)), print_summary=False)
+    run_checked_job(check_job(load_job(path)), print_summary=False)
     return time.perf_counter() - start
 
 

@@ -40,7 +40,7 @@ from dtm_ray.errors import (
 from dtm_ray.redact import redact
 
 if TYPE_CHECKING:
-    from dtm_ray.job.checks import Plan
+    from dtm_ray.job.checks import CheckedJob
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -50,17 +50,17 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_plan(args: argparse.Namespace, read_hub: bool = True) -> Plan:
-    from dtm_ray.job.checks import plan_job
+def _checked_job(args: argparse.Namespace, read_hub: bool = True) -> CheckedJob:
+    from dtm_ray.job.checks import check_job
     from dtm_ray.job.spec import load_job
 
     job = load_job(args.job, args.set)
     if args.out:
         job.out = args.out
-    return plan_job(job, read_hub)
+    return check_job(job, read_hub)
 
 
-def _model_line(plan: Plan) -> str:
+def _model_line(plan: CheckedJob) -> str:
     """What each node fetches of the job's model, for `plan` and `run --dry-run`."""
     source = plan.model_source
     size = f"{source.bytes / 1e9:.2f} GB of weights"
@@ -74,7 +74,7 @@ def _model_line(plan: Plan) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    plan = _load_plan(args, read_hub=not args.dry_run)
+    plan = _checked_job(args, read_hub=not args.dry_run)
     plan.retry_failed = not args.no_retry_failed
     job = plan.job
     if args.dry_run:
@@ -88,14 +88,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(_model_line(plan))
         print(format_estimate(plan, estimate(plan, flop_costs(plan))))
         return 0
-    from dtm_ray.loop.driver import run_plan  # Ray starts only once the job is known to be good
+    from dtm_ray.loop.driver import (
+        run_checked_job,
+    )  # Ray starts only once the job is known to be good
 
     # `kill` or a scheduler's timeout (SIGTERM) stops the run like Ctrl-C: the actors and a
     # Ray started here are shut down and the run dir's lease is released.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     try:
-        run_plan(plan, verbose=args.verbose)
+        run_checked_job(plan, verbose=args.verbose)
     except KeyboardInterrupt:
         print(
             f"dtm-ray: interrupted; run the same command again to resume {job.out}",
@@ -117,7 +119,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         plan_memory,
     )
 
-    plan = _load_plan(args)
+    plan = _checked_job(args)
     gpu_bytes = int(args.gpu_gib * (1 << 30)) if args.gpu_gib else None
     memory = plan_memory(plan, gpu_bytes, args.node_gpus)
     refuse_unless_fits(memory)  # with --gpu-gib; what the job declares, its checks refused
@@ -211,9 +213,9 @@ def _compare_job(args: argparse.Namespace):  # noqa: ANN202 - CompareJob, import
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from dtm_ray.job.compare import plan_compare
+    from dtm_ray.job.compare import check_compare
 
-    plan = plan_compare(_compare_job(args))  # every check before Ray
+    plan = check_compare(_compare_job(args))  # every check before Ray
     if args.dry_run:
         job = plan.job
         print(

@@ -1,6 +1,7 @@
 """The checks that read the model: a job against the model's config.json, its prompt sources cut
 with the model's tokenizer, the token budget, the task names and a writable `out`. What passes
-becomes a `Plan`, the validated job everything after this layer runs from. Nothing is created."""
+becomes a `CheckedJob`, the validated job everything after this layer runs from. Nothing is
+created."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from dtm_ray.job.tasks import resolve_tasks
 
 
 @dataclass
-class Plan:
+class CheckedJob:
     """A validated job: the model's source (what every node loads), the driver's folder of it
     (config, tokenizer, weight index), the selected components and, for probe-only jobs, the
     probes to run, in a fixed order."""
@@ -87,7 +88,7 @@ class Plan:
         return self.job.compress
 
 
-def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
+def check_job(job: JobConfig, read_hub: bool = True) -> CheckedJob:
     """Validate the whole job against the model's config.json, read and cut its prompts, and check
     that `out` can be written; raises ConfigError. Nothing is created anywhere.
 
@@ -128,7 +129,7 @@ def plan_job(job: JobConfig, read_hub: bool = True) -> Plan:
     # lm-eval's task index is read once, here, and the result kept for the run.
     tasks = resolve_tasks(job.evaluate.tasks) if job.evaluate is not None else None
     p = job.prompts
-    return Plan(
+    return CheckedJob(
         job,
         model_dir,
         components,

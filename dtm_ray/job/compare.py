@@ -11,7 +11,7 @@ job file (`dtm-ray compare --job FILE`) whose `compare:` section names the two s
     prompts: {source: pydoc, count: 64, prefix_tokens: 32}
     new_tokens: 64
 
-`plan_compare` reads both models' config, tokenizer and weight listing (never the weights), and
+`check_compare` reads both models' config, tokenizer and weight listing (never the weights), and
 refuses in one line, before any engine starts: a side it cannot read (no folder, no config.json,
 no weights, a quantization its engine cannot load here), two tokenizers that differ, prompts
 that do not fit. No torch or Ray is imported by this module; the checks import transformers
@@ -243,9 +243,9 @@ def check_compare_fields(job: CompareJob) -> None:
         raise ConfigError(f"out must be a run directory (a path or URI), got {job.out!r}")
 
 
-# --- the plan: both models read, before Ray -----------------------------------------------------
+# --- the checked compare: both models read, before Ray ---------------------------------------
 @dataclass
-class ComparePlan:
+class CheckedCompare:
     """A validated compare: each side's source (what every node loads) and the driver's folder
     of it, the prompts and the real-text windows (cut with the base's tokenizer)."""
 
@@ -262,7 +262,7 @@ class ComparePlan:
         return [(start, min(start + size, count)) for start in range(0, count, size)]
 
 
-def plan_compare(job: CompareJob) -> ComparePlan:
+def check_compare(job: CompareJob) -> CheckedCompare:
     """Read both models (config, tokenizer, weight listing: never the weights), check they can
     be compared as configured, and cut the prompts; ConfigError (one line) when they cannot."""
     from dtm_ray.engines.models import read_model_config
@@ -304,7 +304,7 @@ def plan_compare(job: CompareJob) -> ComparePlan:
         windows = load_prompts(e.text, folders["base"], e.count, e.tokens, seed=0)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
-    return ComparePlan(job, sources, folders, prefixes, windows)
+    return CheckedCompare(job, sources, folders, prefixes, windows)
 
 
 def side_source(side: str, model: str) -> tuple[ModelSource, Path]:

@@ -1,4 +1,4 @@
-"""`dtm-ray compare`: run a validated compare plan on engine actors, resuming from its run dir.
+"""`dtm-ray compare`: run a checked compare on engine actors, resuming from its run dir.
 
 1. Base phase (its actors load the base as its engine serves it): the prompts are split over
    the actors, each builds its slice of the reference (greedy continuation, then its own
@@ -32,7 +32,7 @@ from dtm_ray.cluster.pool import Engines, Outcome, PoolSpec, Task
 from dtm_ray.cluster.served import ServedActor
 from dtm_ray.core.state import Reference, concat_references
 from dtm_ray.errors import ConfigError, StorageError
-from dtm_ray.job.compare import SIDES, ComparePlan, compare_differences
+from dtm_ray.job.compare import SIDES, CheckedCompare, compare_differences
 from dtm_ray.log import log
 from dtm_ray.loop.driver import environment_info
 from dtm_ray.loop.rounds import source_for_actors
@@ -76,7 +76,7 @@ class CompareOutcome:
 
 
 def run_compare(
-    plan: ComparePlan, verbose: bool = False, print_summary: bool = True
+    plan: CheckedCompare, verbose: bool = False, print_summary: bool = True
 ) -> CompareOutcome:
     """Run (or resume) a validated compare into `plan.job.out`: on the Ray this process is
     connected to, else RAY_ADDRESS's, else a local one for the duration of the call. The engines'
@@ -101,7 +101,7 @@ def _report(run_dir: str) -> None:
         )
 
 
-def _run(plan: ComparePlan) -> CompareOutcome:
+def _run(plan: CheckedCompare) -> CompareOutcome:
     start = time.monotonic()
     store = RunStore(plan.job.out)
     existed = store.exists()
@@ -124,7 +124,7 @@ def _run(plan: ComparePlan) -> CompareOutcome:
     return CompareOutcome(store.uri, prompts, summary, time.monotonic() - start, scored)
 
 
-def _open_run(plan: ComparePlan, store: RunStore) -> bool:
+def _open_run(plan: CheckedCompare, store: RunStore) -> bool:
     """Create run.json, or check the stored one against this compare; True when created."""
     stored = store.read_run_info()
     if stored is not None:
@@ -141,7 +141,7 @@ def _open_run(plan: ComparePlan, store: RunStore) -> bool:
     return True
 
 
-def _check_resume(plan: ComparePlan, store: RunStore, stored: dict[str, Any]) -> None:
+def _check_resume(plan: CheckedCompare, store: RunStore, stored: dict[str, Any]) -> None:
     """The run dir holds this compare of these two models, and only files it can read."""
     if stored.get("kind") != KIND:
         raise ConfigError(
@@ -178,7 +178,7 @@ def _remove_if_empty(store: RunStore, created: bool, existed: bool) -> None:
         log(f"warning: could not tidy up {store.location}: {err}")
 
 
-def _engines(plan: ComparePlan, store: RunStore, side: str) -> Engines:
+def _engines(plan: CheckedCompare, store: RunStore, side: str) -> Engines:
     job = plan.job
     config = getattr(job.compare, side)
     spec = PoolSpec(
@@ -215,7 +215,7 @@ def _seconds(store: RunStore, side: str) -> float:
     return float(((store.read_run_info() or {}).get("seconds") or {}).get(side, 0.0))
 
 
-def _compare(plan: ComparePlan, store: RunStore) -> tuple[pa.Table, pa.Table, int]:
+def _compare(plan: CheckedCompare, store: RunStore) -> tuple[pa.Table, pa.Table, int]:
     base = _engines(plan, store, "base")
     candidate = _engines(plan, store, "candidate")
     try:
@@ -262,7 +262,7 @@ def _dtype_of(store: RunStore, side: str, job: Any) -> str:
 
 
 def _base_phase(
-    plan: ComparePlan, store: RunStore, engines: Engines
+    plan: CheckedCompare, store: RunStore, engines: Engines
 ) -> tuple[Reference, pa.Table, bool]:
     """The base's reference and its text NLL: read back, or computed on the base's actors."""
     job, worked = plan.job, False
@@ -293,7 +293,7 @@ def _base_phase(
 
 
 def _candidate_phase(
-    plan: ComparePlan, store: RunStore, engines: Engines, reference: Reference
+    plan: CheckedCompare, store: RunStore, engines: Engines, reference: Reference
 ) -> tuple[tuple[pa.Table, bool], int]:
     """The candidate's chunks and text NLL: read back, or computed on the candidate's actors.
     Returns ((text table, computed now), chunks scored now)."""

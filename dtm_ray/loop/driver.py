@@ -28,7 +28,7 @@ from dtm_ray.cluster.logs import ENGINE_LOG, engine_logs, local_log_dir
 from dtm_ray.core.state import ModelState, Reference
 from dtm_ray.engines.sources import HUB, driver_folder, resolve_source
 from dtm_ray.errors import ConfigError, StorageError
-from dtm_ray.job.checks import Plan
+from dtm_ray.job.checks import CheckedJob
 from dtm_ray.job.resume import check_same_config, config_fingerprint
 from dtm_ray.log import log
 from dtm_ray.loop.progress import Streaming
@@ -106,8 +106,8 @@ class RunOutcome:
     final: dict[str, pa.Table] | None = None  # the final tables of a compressing run
 
 
-def run_plan(
-    plan: Plan,
+def run_checked_job(
+    plan: CheckedJob,
     streaming: Streaming = Streaming(),  # noqa: B008 - frozen, so one shared default is safe
     print_summary: bool = True,
     verbose: bool = False,
@@ -119,7 +119,7 @@ def run_plan(
     goes to `logs/engines.log` of the run (`verbose` shows it too); see `dtm_ray.cluster.logs`.
     """
     with engine_logs(local_log_dir(plan.job.out) / ENGINE_LOG, verbose):
-        outcome = _run_plan(plan, streaming, print_summary)
+        outcome = _run_checked_job(plan, streaming, print_summary)
     _report(outcome.run_dir)
     return outcome
 
@@ -137,7 +137,7 @@ def _report(run_dir: str) -> None:
         )
 
 
-def _run_plan(plan: Plan, streaming: Streaming, print_summary: bool) -> RunOutcome:
+def _run_checked_job(plan: CheckedJob, streaming: Streaming, print_summary: bool) -> RunOutcome:
     start = time.monotonic()
     job = plan.job
     store = RunStore(job.out)
@@ -189,7 +189,7 @@ def _remove_if_empty(store: RunStore, created: bool, existed: bool) -> None:
         log(f"warning: could not tidy up {store.location}: {err}")
 
 
-def _open_run(plan: Plan, store: RunStore) -> bool:
+def _open_run(plan: CheckedJob, store: RunStore) -> bool:
     """Create run.json, or check the stored one against this job; True when created here."""
     job = plan.job
     config = job.to_dict()
@@ -206,7 +206,7 @@ def _open_run(plan: Plan, store: RunStore) -> bool:
     return False
 
 
-def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
+def _check_resume(plan: CheckedJob, store: RunStore, stored: dict[str, Any]) -> None:
     """The run dir holds this job, on this model, and only files it can read."""
     compress = stored["config"].get("compress") or {}
     if compress.get("method") == "quantize" and "fused" not in compress:
@@ -238,7 +238,7 @@ def _check_resume(plan: Plan, store: RunStore, stored: dict[str, Any]) -> None:
     store.check_files(TABLE_SCHEMAS)  # a corrupt file is named now, not deep inside a round
 
 
-def _check_roles(plan: Plan, store: RunStore, stored: Any) -> None:
+def _check_roles(plan: CheckedJob, store: RunStore, stored: Any) -> None:
     """The prompts of every role are the ones the run drew: the same windows of the same
     tokens (a prompt file edited since, or another tokenizer, would draw others)."""
     if stored is None:  # a probe-only run from before the roles: its reference holds its prompts
@@ -258,7 +258,7 @@ def _check_roles(plan: Plan, store: RunStore, stored: Any) -> None:
         )
 
 
-def _keep_revision(plan: Plan, stored: Any) -> None:
+def _keep_revision(plan: CheckedJob, stored: Any) -> None:
     """A resumed run goes on with the hub revision it started with, even when the job names a
     branch that has moved since: a run never mixes two revisions of a model."""
     now = plan.model_source
@@ -295,13 +295,13 @@ def _record_actors(store: RunStore, infos: list[dict[str, Any]]) -> None:
     store.write_json("run.json", run)
 
 
-def _engines(plan: Plan, store: RunStore, workers: int) -> JobEngines:
+def _engines(plan: CheckedJob, store: RunStore, workers: int) -> JobEngines:
     engines = JobEngines(plan, workers)
     engines.on_start = lambda infos: _record_actors(store, infos)
     return engines
 
 
-def _probe_only(plan: Plan, store: RunStore, streaming: Streaming) -> int:
+def _probe_only(plan: CheckedJob, store: RunStore, streaming: Streaming) -> int:
     job = plan.job
     probes = [Probe(c, s) for c, s in plan.probes]
     # The reference is split across every worker; probes alone never need more actors than probes.
@@ -323,7 +323,9 @@ def _probe_only(plan: Plan, store: RunStore, streaming: Streaming) -> int:
 
 
 # --- compression ---------------------------------------------------------------------------------
-def _compress(plan: Plan, store: RunStore, streaming: Streaming) -> tuple[int, dict[str, pa.Table]]:
+def _compress(
+    plan: CheckedJob, store: RunStore, streaming: Streaming
+) -> tuple[int, dict[str, pa.Table]]:
     engines = _engines(plan, store, plan.job.workers)
     loop = run_sparsify if plan.compress.method == "sparsify" else run_quantize
     try:
@@ -349,7 +351,7 @@ def _export(store: RunStore) -> None:
     log(f"exported the compressed model to {export_run(store.uri)}")
 
 
-def _tasks(store: RunStore, plan: Plan) -> pa.Table:
+def _tasks(store: RunStore, plan: CheckedJob) -> pa.Table:
     """`final/tasks/`: the job's lm-eval tasks on the dense model and the export (once)."""
     from dtm_ray.results.tasks import (
         evaluate_run,  # lm-eval loads only for jobs that evaluate tasks
@@ -364,7 +366,7 @@ def _tasks(store: RunStore, plan: Plan) -> pa.Table:
 
 # --- the final evaluation -------------------------------------------------------------------
 def _final(
-    plan: Plan,
+    plan: CheckedJob,
     store: RunStore,
     engines: JobEngines,
     state: ModelState,

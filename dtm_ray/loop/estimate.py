@@ -40,7 +40,7 @@ from dtm_ray.core.serving import fused_groups, serving_notes
 from dtm_ray.core.state import concat_references
 from dtm_ray.engines.config import describe_batch_invariance
 from dtm_ray.engines.models import load_components
-from dtm_ray.job.checks import Plan
+from dtm_ray.job.checks import CheckedJob
 from dtm_ray.job.memory import MemoryPlan, format_memory, memory_plan
 from dtm_ray.job.spec import DEFAULT_PROBE_SPECS, role_counts
 
@@ -100,7 +100,7 @@ def sparsify_steps(target: float, step: float, start: float = 0.0) -> list[float
     return steps
 
 
-def schedule(plan: Plan) -> list[RoundPlan]:
+def schedule(plan: CheckedJob) -> list[RoundPlan]:
     """The rounds a job will run, and the final evaluation of a compressing job."""
     components = len(plan.components)
     compress = plan.compress
@@ -194,14 +194,14 @@ def schedule(plan: Plan) -> list[RoundPlan]:
     return rounds
 
 
-def _round_prompts(plan: Plan, round_: RoundPlan) -> int:
+def _round_prompts(plan: CheckedJob, round_: RoundPlan) -> int:
     counts = role_counts(plan.job)
     if round_.role == "held-out":
         return counts["validate"] + counts["test"]
     return counts[round_.role]
 
 
-def tokens_scored(plan: Plan, round_: RoundPlan) -> int:
+def tokens_scored(plan: CheckedJob, round_: RoundPlan) -> int:
     """Tokens run through the model in a round: prefill of every probe and the reference."""
     job = plan.job
     sequence = job.prompts.prefix_tokens + job.new_tokens
@@ -221,7 +221,7 @@ def tokens_scored(plan: Plan, round_: RoundPlan) -> int:
     return tokens
 
 
-def sensitivity_tokens(plan: Plan, round_: RoundPlan) -> int:
+def sensitivity_tokens(plan: CheckedJob, round_: RoundPlan) -> int:
     """Forward-pass-equivalent tokens of a sensitivity round (see the module docstring): fisher's
     passes over the calibration text on each actor that scores a share; weight_error none."""
     compress = plan.compress
@@ -234,28 +234,28 @@ def sensitivity_tokens(plan: Plan, round_: RoundPlan) -> int:
 
 
 # --- costs ---------------------------------------------------------------------------------------
-def model_parameters(plan: Plan) -> int:
+def model_parameters(plan: CheckedJob) -> int:
     """Parameters of every linear weight plus the output embedding: what a token multiplies."""
     config = json.loads((plan.model_dir / "config.json").read_text())
     linear = sum(c.params for c in load_components(plan.model_dir))
     return linear + int(config.get("vocab_size", 0)) * int(config.get("hidden_size", 0))
 
 
-def _bytes_per_value(plan: Plan) -> int:
+def _bytes_per_value(plan: CheckedJob) -> int:
     dtype = plan.job.dtype
     if dtype == "auto":
         return 2 if plan.job.resources_per_worker.get("GPU", 0) > 0 else 4
     return 4 if dtype == "float32" else 2
 
 
-def worker_flops(plan: Plan) -> float:
+def worker_flops(plan: CheckedJob) -> float:
     resources = plan.job.resources_per_worker
     if resources.get("GPU", 0) > 0:
         return GPU_FLOPS_PER_GPU * resources["GPU"]
     return CPU_FLOPS_PER_CORE * max(1.0, resources.get("CPU", 1))
 
 
-def flop_costs(plan: Plan, flops: float | None = None) -> Costs:
+def flop_costs(plan: CheckedJob, flops: float | None = None) -> Costs:
     flops = flops or worker_flops(plan)
     per_token = 2.0 * model_parameters(plan)
     job = plan.job
@@ -271,7 +271,7 @@ def flop_costs(plan: Plan, flops: float | None = None) -> Costs:
     )
 
 
-def calibration_actors(plan: Plan) -> int:
+def calibration_actors(plan: CheckedJob) -> int:
     """Engines to calibrate on: one when each has its own GPU; all of the job's when they share
     a machine's CPUs, because there each probe slows down the others (cores, memory bandwidth)."""
     if plan.job.resources_per_worker.get("GPU", 0) > 0:
@@ -279,7 +279,7 @@ def calibration_actors(plan: Plan) -> int:
     return min(plan.job.workers, len(plan.components))
 
 
-def calibrate(plan: Plan) -> Costs:
+def calibrate(plan: CheckedJob) -> Costs:
     """Time start-up, the reference and a probe per actor on `calibration_actors` engines."""
     import ray
 
@@ -326,7 +326,7 @@ def calibrate(plan: Plan) -> Costs:
     )
 
 
-def _calibration_spec(plan: Plan) -> str:
+def _calibration_spec(plan: CheckedJob) -> str:
     compress = plan.compress
     if compress is None:
         return (plan.specs or DEFAULT_PROBE_SPECS)[0]
@@ -335,7 +335,7 @@ def _calibration_spec(plan: Plan) -> str:
     return "magnitude:0.5"  # timing only: wanda's scoring costs the same
 
 
-def estimate(plan: Plan, costs: Costs) -> Estimate:
+def estimate(plan: CheckedJob, costs: Costs) -> Estimate:
     workers = plan.job.workers
     rounds = schedule(plan)
     seconds = []
@@ -380,7 +380,7 @@ def _duration(seconds: float) -> str:
 
 
 def plan_memory(
-    plan: Plan, gpu_bytes: int | None = None, node_gpus: int | None = None
+    plan: CheckedJob, gpu_bytes: int | None = None, node_gpus: int | None = None
 ) -> MemoryPlan:
     """The job's memory per actor and per node (`dtm_ray.job.memory`), on its model."""
     config = json.loads((plan.model_dir / "config.json").read_text())
@@ -388,7 +388,7 @@ def plan_memory(
     return memory_plan(config, plan.job, plan.components, every, gpu_bytes, node_gpus)
 
 
-def format_estimate(plan: Plan, result: Estimate, memory: MemoryPlan | None = None) -> str:
+def format_estimate(plan: CheckedJob, result: Estimate, memory: MemoryPlan | None = None) -> str:
     job = plan.job
     params = model_parameters(plan)
     selected = sum(c.params for c in plan.components)
@@ -448,14 +448,14 @@ def format_estimate(plan: Plan, result: Estimate, memory: MemoryPlan | None = No
     return "\n".join(lines)
 
 
-def _prompt_counts(plan: Plan) -> str:
+def _prompt_counts(plan: CheckedJob) -> str:
     counts = role_counts(plan.job)
     if len(counts) == 1:
         return f"{counts['decide']} prompts"
     return " + ".join(f"{n} {role}" for role, n in counts.items()) + " prompts"
 
 
-def interval_lines(plan: Plan) -> list[str]:
+def interval_lines(plan: CheckedJob) -> list[str]:
     """How sure FDT@75 will be on each role's prompts: the expected width of its 90 % interval
     (`expected_interval_width`: order statistics, FDT spread evenly over 0..N, the wide case),
     and a warning when the validate interval is wider than min_fdt / 2, too wide for the floor
@@ -484,7 +484,7 @@ def interval_lines(plan: Plan) -> list[str]:
     return lines
 
 
-def serving_lines(plan: Plan) -> list[str]:
+def serving_lines(plan: CheckedJob) -> list[str]:
     """What the export can be served on, for a quantize job: per level, as if every selected
     component took it (the search decides which do)."""
     compress = plan.compress

@@ -58,7 +58,7 @@ from dtm_ray.core.decisions.quantize import (
 )
 from dtm_ray.core.serving import fused_groups
 from dtm_ray.core.state import Link, ModelState
-from dtm_ray.job.checks import Plan
+from dtm_ray.job.checks import CheckedJob
 from dtm_ray.log import log
 from dtm_ray.loop.progress import Streaming
 from dtm_ray.loop.rounds import (
@@ -81,7 +81,7 @@ class _Rounds:
     numbers the rounds and commits each one's decisions/ and states/ rows once."""
 
     def __init__(
-        self, plan: Plan, store: RunStore, engines: JobEngines, streaming: Streaming
+        self, plan: CheckedJob, store: RunStore, engines: JobEngines, streaming: Streaming
     ) -> None:
         self.plan, self.store, self.engines, self.streaming = plan, store, engines, streaming
         # Every quantize round measures against the dense model: the rank rounds on the decide
@@ -183,7 +183,7 @@ def _row(rounds: _Rounds, unit: str, state: ModelState, **values: Any) -> dict[s
 
 
 def run_quantize(
-    plan: Plan, store: RunStore, engines: JobEngines, streaming: Streaming
+    plan: CheckedJob, store: RunStore, engines: JobEngines, streaming: Streaming
 ) -> LoopResult:
     """Run (or resume) the search over every level; `engines.pool` starts actors when needed."""
     config = plan.compress

@@ -28,7 +28,7 @@ from dtm_ray.cluster.recovery import Recovery, fits_beside, train
 from dtm_ray.core.metrics import fdt_at
 from dtm_ray.core.state import ModelState
 from dtm_ray.engines.checkpoint import BASE_FILE, BASE_INDEX
-from dtm_ray.job.checks import Plan
+from dtm_ray.job.checks import CheckedJob
 from dtm_ray.log import log
 from dtm_ray.loop.rounds import JobEngines, reference_of, source_for_actors
 from dtm_ray.records.schemas import RECOVERY_SCHEMA
@@ -36,7 +36,7 @@ from dtm_ray.records.store import RunStore
 from dtm_ray.results.final import perplexity
 
 
-def recovery_due(plan: Plan, round_: int) -> bool:
+def recovery_due(plan: CheckedJob, round_: int) -> bool:
     recovery = plan.compress.recovery
     return recovery is not None and (round_ + 1) % recovery.every == 0
 
@@ -46,7 +46,7 @@ def recovered_state(store: RunStore, round_: int) -> ModelState:
 
 
 def recover(
-    plan: Plan, store: RunStore, engines: JobEngines, round_: int, state: ModelState
+    plan: CheckedJob, store: RunStore, engines: JobEngines, round_: int, state: ModelState
 ) -> ModelState:
     """Recovery after round `round_` of committed state `state` (or its result, read back)."""
     recovered = recovered_state(store, round_)
@@ -93,7 +93,7 @@ def recover(
 
 
 def _base(
-    plan: Plan, store: RunStore, engines: JobEngines, round_: int, state: ModelState
+    plan: CheckedJob, store: RunStore, engines: JobEngines, round_: int, state: ModelState
 ) -> list[float]:
     """Train (or resume training) and write base/round-r; its loss curve. A committed base is
     read back, not trained again."""

@@ -21,7 +21,7 @@ from dtm_ray.core.components import Component
 from dtm_ray.core.metrics import fdt_at
 from dtm_ray.core.state import ModelState, Reference, concat_references
 from dtm_ray.engines.prompts import role_seed
-from dtm_ray.job.checks import Plan
+from dtm_ray.job.checks import CheckedJob
 from dtm_ray.job.spec import JobConfig, role_counts
 from dtm_ray.log import log
 from dtm_ray.loop.progress import ProbeWriter, Progress, Streaming
@@ -43,7 +43,7 @@ class JobEngines(Engines):
     """A job's engine pool: actors started with the job's settings, and the plan beside them for
     the rounds that run on it."""
 
-    def __init__(self, plan: Plan, workers: int, actor_class: type = EngineActor) -> None:
+    def __init__(self, plan: CheckedJob, workers: int, actor_class: type = EngineActor) -> None:
         job = plan.job
         spec = PoolSpec(
             model=plan.model_source,

@@ -43,7 +43,7 @@ from dtm_ray.core.decisions.sparsify import (
 from dtm_ray.core.metrics import fdt_at, fdt_at_interval
 from dtm_ray.core.specs import parse_spec
 from dtm_ray.core.state import Link, ModelState
-from dtm_ray.job.checks import Plan
+from dtm_ray.job.checks import CheckedJob
 from dtm_ray.job.spec import CompressConfig
 from dtm_ray.log import log
 from dtm_ray.loop.progress import Streaming
@@ -97,7 +97,7 @@ def _components_table(components: list[Component], sparsity: dict[str, float]) -
 
 
 def run_sparsify(
-    plan: Plan, store: RunStore, engines: JobEngines, streaming: Streaming
+    plan: CheckedJob, store: RunStore, engines: JobEngines, streaming: Streaming
 ) -> LoopResult:
     """Run (or resume) the loop to the target; `engines.pool` starts the actors when needed."""
     config = plan.compress
@@ -149,7 +149,7 @@ def _floor_stopped(store: RunStore, round_: int) -> bool:
 
 
 def _sparsify_round(
-    plan: Plan,
+    plan: CheckedJob,
     store: RunStore,
     engines: JobEngines,
     round_: int,
@@ -260,7 +260,7 @@ def _links(
 
 
 def _floor(
-    plan: Plan,
+    plan: CheckedJob,
     store: RunStore,
     engines: JobEngines,
     round_: int,

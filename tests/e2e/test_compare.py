@@ -16,7 +16,7 @@ import torch
 from support.fakes import folder_like
 from support.transformers_check import first_divergence, free_running_greedy
 
-from dtm_ray.job.compare import build_compare, plan_compare
+from dtm_ray.job.compare import build_compare, check_compare
 
 N_NEW = 24
 
@@ -53,7 +53,7 @@ def _compare(base: Path, candidate: Path, out: Path, **settings):
     )
     from dtm_ray.loop.compare import run_compare
 
-    return run_compare(plan_compare(job), print_summary=False)
+    return run_compare(check_compare(job), print_summary=False)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_a_killed_compare_resumes_with_the_chunks_left(noised_compare, capfd):
     from dtm_ray.loop.compare import run_compare
 
     info = json.loads((run / "run.json").read_text())
-    again = run_compare(plan_compare(rebuild(info["config"])), print_summary=False)
+    again = run_compare(check_compare(rebuild(info["config"])), print_summary=False)
     log = capfd.readouterr().err
     assert again.chunks_scored == 1
     assert "1 of 3 chunk(s) to run, 2 done before" in log

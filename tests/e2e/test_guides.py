@@ -25,7 +25,7 @@ from dtm_ray.core.decisions.sparsify import (
     decide_sparsify,
     probe_points,
 )
-from dtm_ray.job.checks import plan_job
+from dtm_ray.job.checks import check_job
 from dtm_ray.job.spec import load_job, role_counts
 from dtm_ray.loop.estimate import estimate, flop_costs, format_estimate
 from dtm_ray.loop.sensitivity import guide_table, shares
@@ -92,16 +92,16 @@ def test_components_are_shared_out_in_order_by_the_worker_count() -> None:
 
 
 # --- whole jobs ----------------------------------------------------------------------------------
-def _plan(folder: Path, job: dict):
+def _checked_job(folder: Path, job: dict):
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    return plan_job(load_job(path))
+    return check_job(load_job(path))
 
 
 def _run(folder: Path, job: dict):
-    from dtm_ray.loop.driver import run_plan
+    from dtm_ray.loop.driver import run_checked_job
 
-    return run_plan(_plan(folder, job), print_summary=False)
+    return run_checked_job(_checked_job(folder, job), print_summary=False)
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -297,7 +297,7 @@ def test_plan_counts_sensitivity_rounds_instead_of_probes(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     job = tiny_compress_job(tiny_llama_dir, tmp_path / "run", SPARSIFY)
-    plan = _plan(tmp_path, job)
+    plan = _checked_job(tmp_path, job)
     text = format_estimate(plan, estimate(plan, flop_costs(plan)))
     rows = [line.split() for line in text.splitlines() if line.strip().startswith(("0 ", "1 "))]
     assert rows and all(r[1] == "0" for r in rows)  # no probes in a fisher round
@@ -309,7 +309,8 @@ def test_plan_counts_sensitivity_rounds_instead_of_probes(
     assert int(fisher_round.split()[3].replace(",", "")) == math.ceil(2.6 * 16 * 24 * 2)
     job["compress"]["guide"] = "weight_error"
     text = format_estimate(
-        _plan(tmp_path, job), estimate(_plan(tmp_path, job), flop_costs(_plan(tmp_path, job)))
+        _checked_job(tmp_path, job),
+        estimate(_checked_job(tmp_path, job), flop_costs(_checked_job(tmp_path, job))),
     )
     assert "candidates scored by weight_error (data-free)" in text
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from support.jobs import plan_of, recovery_job
+from support.jobs import checked_job, recovery_job
 
 from dtm_ray.core.compress import replay
 from dtm_ray.core.state import Link
@@ -26,13 +26,13 @@ from dtm_ray.engines.checkpoint import BASE_FILE
 
 
 def _run(tmp_path: Path, job: dict) -> Path:
-    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.checks import check_job
     from dtm_ray.job.spec import load_job
-    from dtm_ray.loop.driver import run_plan
+    from dtm_ray.loop.driver import run_checked_job
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    run_plan(plan_job(load_job(path)), print_summary=False)
+    run_checked_job(check_job(load_job(path)), print_summary=False)
     return Path(job["out"])
 
 
@@ -186,7 +186,7 @@ def test_a_driver_killed_during_training_resumes_from_the_ray_train_checkpoint_b
     from dtm_ray.records.schemas import STATE_SCHEMA, state_from_table
     from dtm_ray.records.store import RunStore
 
-    plan = plan_of(tmp_path, job)
+    plan = checked_job(tmp_path, job)
     store = RunStore(str(run))
     state, _ = state_from_table(store.read_round_table("states", STATE_SCHEMA, 0), {})
     settings = plan.compress.recovery

@@ -22,7 +22,7 @@ from support.jobs import SHORT, tiny_job, write_job
 
 from dtm_ray.cluster.actor import EngineActor, RoundContext
 from dtm_ray.core.state import ModelState
-from dtm_ray.job.checks import plan_job
+from dtm_ray.job.checks import check_job
 from dtm_ray.job.spec import load_job
 from dtm_ray.loop.progress import Streaming
 from dtm_ray.loop.rounds import JobEngines, Probe, build_reference, run_probes
@@ -89,7 +89,7 @@ def test_a_probe_that_kills_its_actor_is_recorded_failed_and_the_others_finish(
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     out = tmp_path / "run"
-    plan = plan_job(
+    plan = check_job(
         load_job(write_job(tmp_path, tiny_job(tiny_llama_dir, out, SHORT, max_probe_crashes=2)))
     )
     store = RunStore(str(out))
@@ -146,7 +146,7 @@ def test_an_actor_killed_while_its_memory_grows_costs_its_probe_one_crash_only(
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     HUNGRY_MARK.unlink(missing_ok=True)
     out = tmp_path / "run"
-    plan = plan_job(
+    plan = check_job(
         load_job(write_job(tmp_path, tiny_job(tiny_llama_dir, out, SHORT, max_probe_crashes=2)))
     )
     store = RunStore(str(out))
@@ -288,7 +288,7 @@ def test_a_resume_whose_actors_resolve_another_dtype_is_refused(
     import shutil
 
     from dtm_ray.errors import ConfigError
-    from dtm_ray.loop.driver import run_plan
+    from dtm_ray.loop.driver import run_checked_job
 
     out = tmp_path / "run"
     job = write_job(
@@ -297,7 +297,7 @@ def test_a_resume_whose_actors_resolve_another_dtype_is_refused(
             tiny_llama_dir, out, SHORT, probe={"components": [{"kinds": ["q"]}], "specs": ["int8"]}
         ),
     )
-    run_plan(plan_job(load_job(job)), print_summary=False)
+    run_checked_job(check_job(load_job(job)), print_summary=False)
     run = json.loads((out / "run.json").read_text())
     assert run["engine_facts"] == {"engine": "hf", "dtype": "float32"}
     assert run["actors"][0]["actors"][0]["hardware"]["cpu_count"] == os.cpu_count()
@@ -307,7 +307,7 @@ def test_a_resume_whose_actors_resolve_another_dtype_is_refused(
     (out / "run.json").write_text(json.dumps(run))
     shutil.rmtree(out / "probes")  # probes left to run, so the resume starts actors
     with pytest.raises(ConfigError, match="was measured by hf in bfloat16; its actors now run hf"):
-        run_plan(plan_job(load_job(job)), print_summary=False)
+        run_checked_job(check_job(load_job(job)), print_summary=False)
 
 
 def test_an_actor_that_cannot_load_the_model_ends_the_run_in_one_line(
@@ -316,7 +316,7 @@ def test_an_actor_that_cannot_load_the_model_ends_the_run_in_one_line(
     import shutil
 
     from dtm_ray.errors import StartupError
-    from dtm_ray.loop.driver import run_plan
+    from dtm_ray.loop.driver import run_checked_job
 
     broken = tmp_path / "model"
     broken.mkdir()
@@ -324,12 +324,12 @@ def test_an_actor_that_cannot_load_the_model_ends_the_run_in_one_line(
         shutil.copy(tiny_llama_dir / name, broken / name)
     (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     out = tmp_path / "run"
-    plan = plan_job(
+    plan = check_job(
         load_job(write_job(tmp_path, tiny_job(broken, out, SHORT)))
     )  # valid: config.json is fine
     start = time.monotonic()
     with pytest.raises(StartupError) as caught:
-        run_plan(plan, print_summary=False)
+        run_checked_job(plan, print_summary=False)
     message = str(caught.value)
     print(f"\nbroken weights: {time.monotonic() - start:.1f} s: {message}")
     assert message.startswith("engine actor engine-0 on node ") and " could not start: " in message

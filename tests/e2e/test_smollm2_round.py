@@ -10,9 +10,9 @@ from pathlib import Path
 from support import REPO
 from support.checks import assert_every_probe_exactly_once, in_process_values, table_values
 
-from dtm_ray.job.checks import plan_job
+from dtm_ray.job.checks import check_job
 from dtm_ray.job.spec import load_job
-from dtm_ray.loop.driver import run_plan
+from dtm_ray.loop.driver import run_checked_job
 
 ALL_KINDS = ["q", "k", "v", "o", "gate", "up", "down"]
 FULL = os.environ.get("DTM_RAY_ACCEPTANCE") == "full"
@@ -37,10 +37,10 @@ def test_smollm2_round_matches_the_in_process_probe(
             "new_tokens=32",
             "probe.components=[{kinds: [q, k, v, o, gate, up, down], layers: [3]}]",
         ]
-    plan = plan_job(load_job(REPO / "jobs" / "smollm2-demo.yaml", overrides))
+    plan = check_job(load_job(REPO / "jobs" / "smollm2-demo.yaml", overrides))
     assert {c.kind for c in plan.components} == set(ALL_KINDS) and len(plan.specs) >= 2
     start = time.monotonic()
-    outcome = run_plan(plan)
+    outcome = run_checked_job(plan)
     wall = time.monotonic() - start
     assert_every_probe_exactly_once(str(out), plan)
 

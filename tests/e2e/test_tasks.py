@@ -12,12 +12,12 @@ import pytest
 import yaml
 from support.jobs import SHORT, UNIFORM_HALF, tiny_job
 
-from dtm_ray.job.checks import plan_job
+from dtm_ray.job.checks import check_job
 from dtm_ray.job.spec import load_job
 from dtm_ray.job.tasks import (
     resolve_tasks,
 )
-from dtm_ray.loop.driver import run_plan
+from dtm_ray.loop.driver import run_checked_job
 from dtm_ray.results.task_compare import plot_tasks, tasks_markdown
 from dtm_ray.results.tasks import lm_eval_model
 
@@ -44,7 +44,7 @@ def test_a_job_with_evaluate_writes_tasks_whose_flips_match_lm_evals_samples(
         tiny_llama_dir, run, SHORT, UNIFORM_HALF, evaluate={"tasks": ["facts"], "limit": 12}
     )
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    outcome = run_plan(plan_job(load_job(tmp_path / "job.yaml")), print_summary=False)
+    outcome = run_checked_job(check_job(load_job(tmp_path / "job.yaml")), print_summary=False)
 
     table = pd.read_parquet(run / "final" / "tasks").set_index("task")
     assert outcome.final["tasks"].to_pandas().set_index("task").equals(table)
@@ -77,7 +77,7 @@ def test_a_job_with_evaluate_writes_tasks_whose_flips_match_lm_evals_samples(
 
     # Re-running the finished job reads final/tasks back instead of evaluating again.
     stamp = (run / "final" / "tasks" / "data.parquet").stat().st_mtime_ns
-    run_plan(plan_job(load_job(tmp_path / "job.yaml")), print_summary=False)
+    run_checked_job(check_job(load_job(tmp_path / "job.yaml")), print_summary=False)
     assert (run / "final" / "tasks" / "data.parquet").stat().st_mtime_ns == stamp
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from support.fakes import folder_like
 
-from dtm_ray.job.compare import build_compare, plan_compare
+from dtm_ray.job.compare import build_compare, check_compare
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -148,8 +148,7 @@ def test_a_side_in_an_object_store_is_read_on_the_driver_without_its_weights(
             "out": str(tmp_path / "run"),
         }
     )
-    plan = plan_compare(job)
+    plan = check_compare(job)
     assert plan.sources["candidate"].kind == "store" and plan.sources["candidate"].id == uri
     assert not list(plan.folders["candidate"].glob("*.safetensors"))  # the actors fetch them
     assert plan.prefixes.shape == (4, 8) and not (tmp_path / "run").exists()
-

@@ -16,15 +16,15 @@ from support.checks import (
     table_values,
     visible_probe_files,
 )
-from support.jobs import plan_of, tiny_job
+from support.jobs import checked_job, tiny_job
 
 from dtm_ray.core.components import Component
 from dtm_ray.core.compress import compress
 from dtm_ray.engines.hf import HFEngine
 from dtm_ray.engines.probe import build_reference, score_against
 from dtm_ray.errors import ConfigError
-from dtm_ray.job.checks import Plan
-from dtm_ray.loop.driver import run_plan
+from dtm_ray.job.checks import CheckedJob
+from dtm_ray.loop.driver import run_checked_job
 from dtm_ray.records.schemas import probe_keys
 from dtm_ray.records.store import RunStore
 
@@ -42,8 +42,8 @@ DRIVER = {
 }
 
 
-def make_plan(tmp_path: Path, job: dict, overrides: list[str] | None = None) -> Plan:
-    return plan_of(tmp_path, job, overrides)
+def make_checked_job(tmp_path: Path, job: dict, overrides: list[str] | None = None) -> CheckedJob:
+    return checked_job(tmp_path, job, overrides)
 
 
 def driver_job(model_dir: Path, out: Path, **changes) -> dict:
@@ -55,10 +55,10 @@ def test_tiny_run_matches_the_in_process_probe_and_resumes(
     ray_session, tiny_llama_dir: Path, tmp_path: Path, capsys
 ) -> None:
     out = tmp_path / "run"
-    plan = make_plan(tmp_path, driver_job(tiny_llama_dir, out))
+    plan = make_checked_job(tmp_path, driver_job(tiny_llama_dir, out))
     assert len(plan.probes) == 28
 
-    outcome = run_plan(plan)
+    outcome = run_checked_job(plan)
     assert outcome.ran == 28
     assert_every_probe_exactly_once(str(out), plan)
     table = outcome.probes
@@ -89,7 +89,7 @@ def test_tiny_run_matches_the_in_process_probe_and_resumes(
 
     # Resume: nothing left to run; the reference is reused, not regenerated.
     reference_mtime = (out / "reference" / "round-000.parquet").stat().st_mtime_ns
-    again = run_plan(make_plan(tmp_path, driver_job(tiny_llama_dir, out, workers=1)))
+    again = run_checked_job(make_checked_job(tmp_path, driver_job(tiny_llama_dir, out, workers=1)))
     assert again.ran == 0
     assert (out / "reference" / "round-000.parquet").stat().st_mtime_ns == reference_mtime
 
@@ -99,13 +99,15 @@ def test_tiny_run_matches_the_in_process_probe_and_resumes(
     pq.write_table(rows.slice(0, rows.num_rows - 5), compacted)
     lost = set(probe_keys(rows)) - set(probe_keys(RunStore(str(out)).read_probes()))
     assert len(lost) == 5
-    partial = run_plan(make_plan(tmp_path, driver_job(tiny_llama_dir, out, workers=1)))
+    partial = run_checked_job(
+        make_checked_job(tmp_path, driver_job(tiny_llama_dir, out, workers=1))
+    )
     assert partial.ran == len(lost)
     assert_every_probe_exactly_once(str(out), plan)
     assert table_values(str(out)) == expected
 
     with pytest.raises(ConfigError, match="new_tokens: 32 in the run, 16 now"):
-        run_plan(make_plan(tmp_path, driver_job(tiny_llama_dir, out, new_tokens=16)))
+        run_checked_job(make_checked_job(tmp_path, driver_job(tiny_llama_dir, out, new_tokens=16)))
 
 
 def test_a_probe_that_raises_is_recorded_as_failed_after_its_retries(
@@ -114,10 +116,10 @@ def test_a_probe_that_raises_is_recorded_as_failed_after_its_retries(
     out = tmp_path / "run"
     job = driver_job(tiny_llama_dir, out, max_probe_retries=1, workers=1)
     job["probe"] = {"components": [{"kinds": ["q"], "layers": [0]}], "specs": ["int8"]}
-    plan = make_plan(tmp_path, job)
+    plan = make_checked_job(tmp_path, job)
     # A component the model lacks makes the probe itself raise inside the actor.
     plan.components.append(Component("model.layers.9.self_attn.q_proj.weight", 9, "q", (128, 128)))
-    run_plan(plan, print_summary=False)
+    run_checked_job(plan, print_summary=False)
     rows = {r["component"]: r for r in RunStore(str(out)).read_probes(dedupe=False).to_pylist()}
     assert len(rows) == 2
     bad = rows["model.layers.9.self_attn.q_proj.weight"]

@@ -130,7 +130,7 @@ def test_the_start_up_wait_says_what_each_actor_is_fetching_and_allows_for_its_b
     import ray
 
     from dtm_ray.cluster import pool
-    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.checks import check_job
     from dtm_ray.job.spec import load_job
     from dtm_ray.loop.rounds import JobEngines
 
@@ -138,7 +138,7 @@ def test_the_start_up_wait_says_what_each_actor_is_fetching_and_allows_for_its_b
     monkeypatch.setattr(pool, "REPORT_S", 1.0)  # a line every second, not every 15
     job = {"model": str(tiny_llama_dir), "engine": "hf", "out": str(tmp_path / "run")}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    plan = plan_job(load_job(tmp_path / "job.yaml"))
+    plan = check_job(load_job(tmp_path / "job.yaml"))
     engines = JobEngines(plan, 1, actor_class=SlowFetchActor)
     try:
         engines.pool  # noqa: B018 - starts the actors and waits for them

@@ -16,7 +16,7 @@ from support.jobs import tiny_job
 
 from dtm_ray.cluster.actor import EngineActor
 from dtm_ray.core.state import ModelState, Reference
-from dtm_ray.job.checks import plan_job
+from dtm_ray.job.checks import check_job
 from dtm_ray.job.spec import load_job
 from dtm_ray.loop import driver
 from dtm_ray.loop.rounds import JobEngines, noise_floor
@@ -102,7 +102,7 @@ def test_an_actor_that_computes_differently_shows_its_noise_and_the_others_none(
     out = tmp_path / "run"
     job = tiny_job(tiny_llama_dir, out, probe={"components": [{"kinds": ["q"]}], "specs": ["int8"]})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    driver.run_plan(plan_job(load_job(tmp_path / "job.yaml")), print_summary=False)
+    driver.run_checked_job(check_job(load_job(tmp_path / "job.yaml")), print_summary=False)
 
     tables = load_run(str(out))
     rows = {r["actor"]: r for r in tables.noise.to_dict("records")}
@@ -115,5 +115,5 @@ def test_an_actor_that_computes_differently_shows_its_noise_and_the_others_none(
     shown = rounds_table(tables)
     assert shown["actor_noise"].tolist() == [off["noise_positions"]]
     # Resumed: the round is done, nothing is measured again, no row is added.
-    driver.run_plan(plan_job(load_job(tmp_path / "job.yaml")), print_summary=False)
+    driver.run_checked_job(check_job(load_job(tmp_path / "job.yaml")), print_summary=False)
     assert RunStore(str(out)).read_round_table("noise", NOISE_SCHEMA).num_rows == 2

@@ -14,7 +14,7 @@ from support.fakes import AWS_SECRET, DB_PASSWORD, HF_TOKEN
 from support.jobs import SHORT, tiny_job
 
 from dtm_ray.cluster.actor import EngineActor
-from dtm_ray.job.checks import plan_job
+from dtm_ray.job.checks import check_job
 from dtm_ray.job.spec import load_job
 from dtm_ray.loop import driver
 from dtm_ray.loop.rounds import JobEngines
@@ -64,7 +64,7 @@ def test_no_planted_secret_reaches_the_run_directory(
     probe = {"components": [{"kinds": ["q", "down"]}], "specs": ["int8"]}
     job = tiny_job(tiny_llama_dir, out, SHORT, probe=probe, max_probe_retries=0)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    driver.run_plan(plan_job(load_job(tmp_path / "job.yaml")), print_summary=True)
+    driver.run_checked_job(check_job(load_job(tmp_path / "job.yaml")), print_summary=True)
 
     probes = {r["component"]: r for r in RunStore(str(out)).read_probes().to_pylist()}
     leaked = probes[LEAKY_COMPONENT]

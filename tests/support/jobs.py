@@ -87,21 +87,23 @@ def write_job(folder: Path, job: dict | str, name: str = "job.yaml") -> Path:
     return path
 
 
-def plan_of(folder: Path, job: dict, overrides: list[str] | None = None, name: str = "job.yaml"):  # noqa: ANN201
+def checked_job(
+    folder: Path, job: dict, overrides: list[str] | None = None, name: str = "job.yaml"
+):  # noqa: ANN201
     """The validated job, as `dtm-ray run` checks it before Ray starts."""
-    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.checks import check_job
     from dtm_ray.job.spec import load_job
 
-    return plan_job(load_job(write_job(folder, job, name), overrides))
+    return check_job(load_job(write_job(folder, job, name), overrides))
 
 
 def run_job(folder: Path, job: dict, name: str = "job.yaml", **options):  # noqa: ANN201
     """Run (or resume) `job` in this process on the Ray it is connected to, and wait: its
     outcome. `options` go to the driver (streaming, print_summary: False unless given)."""
-    from dtm_ray.loop.driver import run_plan
+    from dtm_ray.loop.driver import run_checked_job
 
     options.setdefault("print_summary", False)
-    return run_plan(plan_of(folder, job, name=name), **options)
+    return run_checked_job(checked_job(folder, job, name=name), **options)
 
 
 def existing_run(tmp: Path, model_dir: Path, job: dict, probe_file: bytes | None = None) -> Path:

@@ -146,7 +146,7 @@ def _case_older_compressing_run(tmp: Path, m: Path):
 
 def _case_changed_roles(tmp: Path, m: Path):
     """The prompt file was edited after the run drew its roles from it."""
-    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.checks import check_job
 
     source = _prose_file(tmp)
     job = job_dict(
@@ -155,7 +155,7 @@ def _case_changed_roles(tmp: Path, m: Path):
     out = existing_run(tmp, m, job)
     path = tmp / "earlier.yaml"
     run = json.loads((out / "run.json").read_text())
-    run["prompt_roles"] = plan_job(load_job(path)).roles
+    run["prompt_roles"] = check_job(load_job(path)).roles
     (out / "run.json").write_text(json.dumps(run))
     _write(Path(source), Path(source).read_text().replace("river", "stream"))
     return job, ["--out", str(out)], "drew other prompts than this job would (decide tokens", out
@@ -672,7 +672,7 @@ def warm(tiny_llama_dir: Path) -> Path:
 @pytest.fixture
 def no_ray(monkeypatch) -> list:
     """Fail the case if anything tries to start or join Ray; the plans that reached the driver
-    (`run_plan`), which only a case about an existing run directory may reach."""
+    (`run_checked_job`), which only a case about an existing run directory may reach."""
 
     def forbidden() -> bool:
         raise AssertionError("a bad input reached Ray")
@@ -684,13 +684,13 @@ def no_ray(monkeypatch) -> list:
         monkeypatch.delenv(variable, raising=False)
 
     reached = []
-    run_plan = driver.run_plan
+    run_checked_job = driver.run_checked_job
 
     def recorded(plan, *args, **kwargs):
         reached.append(plan)
-        return run_plan(plan, *args, **kwargs)
+        return run_checked_job(plan, *args, **kwargs)
 
-    monkeypatch.setattr(driver, "run_plan", recorded)
+    monkeypatch.setattr(driver, "run_checked_job", recorded)
     return reached
 
 

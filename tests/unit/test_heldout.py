@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.jobs import EVALUATION, plan_of, tiny_job
+from support.jobs import EVALUATION, checked_job, tiny_job
 
 from dtm_ray.core.state import Reference
 from dtm_ray.errors import ConfigError
@@ -27,7 +27,7 @@ def test_a_compressing_plan_draws_three_disjoint_roles_and_a_probe_only_plan_one
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     job = _quantize_job(tiny_llama_dir, tmp_path / "run", min_fdt=8)
-    plan = plan_of(tmp_path, job)
+    plan = checked_job(tmp_path, job)
     assert plan.job.prompts.validate_count == 8 and plan.job.evaluation.prompts == 32
     assert {r: a.shape for r, a in plan.heldout.items()} == {"validate": (8, 8), "test": (32, 8)}
     windows = {role: {tuple(w) for w in r["windows"]} for role, r in plan.roles.items()}
@@ -38,7 +38,7 @@ def test_a_compressing_plan_draws_three_disjoint_roles_and_a_probe_only_plan_one
             assert other == role or t != u or b <= c or d <= a, (role, other)
     # The decide prompts are the ones the job drew before the roles existed.
     probe_only = dict(job, compress=None, probe={"components": "all", "specs": ["int8"]})
-    alone = plan_of(tmp_path, probe_only, name="probe.yaml")
+    alone = checked_job(tmp_path, probe_only, name="probe.yaml")
     np.testing.assert_array_equal(alone.prefixes, plan.prefixes)
     assert alone.heldout == {} and list(alone.roles) == ["decide"]
     assert alone.job.prompts.validate_count is None and alone.job.evaluation.prompts is None
@@ -70,17 +70,17 @@ def test_a_run_dir_as_source_hands_over_each_of_its_roles(
     )
     job["prompts"] = {"source": f"run:{first}", "count": 3, "prefix_tokens": 6}
     job["evaluation"]["prompts"] = 10
-    plan = plan_of(tmp_path, job)
+    plan = checked_job(tmp_path, job)
     np.testing.assert_array_equal(plan.prefixes, prefixes["decide"][:3, :6])
     np.testing.assert_array_equal(plan.heldout["validate"], prefixes["validate"][:3, :6])
     np.testing.assert_array_equal(plan.heldout["test"], prefixes["test"][:10, :6])
     job["evaluation"]["prompts"] = 17
     with pytest.raises(ConfigError, match=r"holds 16 test prefixes .* evaluation.prompts \(17\)"):
-        plan_of(tmp_path, job)
+        checked_job(tmp_path, job)
 
 
 def _format(tmp_path: Path, job: dict) -> str:
-    plan = plan_of(tmp_path, job)
+    plan = checked_job(tmp_path, job)
     return format_estimate(plan, estimate(plan, flop_costs(plan)))
 
 

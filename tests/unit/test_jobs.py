@@ -12,7 +12,7 @@ import yaml
 from support.fakes import llama2_folder
 
 from dtm_ray import cli
-from dtm_ray.job.checks import plan_job
+from dtm_ray.job.checks import check_job
 from dtm_ray.job.spec import (
     ENGINE_OPTION_KEYS,
     CompressConfig,
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_llama2_jobs_select_every_linear_weight(tmp_path):
     job = load_job(ROOT / "jobs/llama2-13b-int8.yaml", [f"model={llama2_folder(tmp_path, '13b')}"])
-    plan = plan_job(job, read_hub=False)  # no dataset hub here
+    plan = check_job(job, read_hub=False)  # no dataset hub here
     assert len(plan.components) == 40 * 7
     assert job.dtype == "bfloat16" and job.engine == "vllm"
     assert job.prompts.source.startswith("hf:wikitext:wikitext-2")
@@ -41,7 +41,7 @@ def test_llama2_jobs_select_every_linear_weight(tmp_path):
 
 
 def test_demo_schedule_is_two_rounds_of_two_probes_per_component():
-    plan = plan_job(load_job(ROOT / "jobs/demo.yaml"))
+    plan = check_job(load_job(ROOT / "jobs/demo.yaml"))
     rounds = schedule(plan)
     assert [r.label for r in rounds] == ["held-out", "0", "1", "final", "finish"]
     # 3 layers x 7 kinds x 2 added sparsities

@@ -63,7 +63,7 @@ def test_a_resume_keeps_the_revision_the_run_started_with(
     offline_hub: Path, tiny_llama_dir: Path, tmp_path: Path, capsys
 ) -> None:
     """`main` moved on since the run started: the resume goes on with the run's commit."""
-    from dtm_ray.job.checks import plan_job
+    from dtm_ray.job.checks import check_job
     from dtm_ray.job.spec import load_job
     from dtm_ray.loop.driver import _check_resume
     from dtm_ray.records.store import RunStore
@@ -81,7 +81,7 @@ def test_a_resume_keeps_the_revision_the_run_started_with(
 
     job = {"model": "acme/tiny", "engine": "hf", "out": str(tmp_path / "run")}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    plan = plan_job(load_job(tmp_path / "job.yaml"))
+    plan = check_job(load_job(tmp_path / "job.yaml"))
     assert plan.model_source.revision == newer
     stored = {
         "config": plan.job.to_dict(),

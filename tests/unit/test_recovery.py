@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from support.jobs import plan_of, recovery_job
+from support.jobs import checked_job, recovery_job
 
 from dtm_ray.core.compress import compress
 from dtm_ray.core.recovery import (
@@ -134,7 +134,7 @@ def test_bad_recovery_settings_fail_in_one_line(
     tiny_llama_dir: Path, tmp_path: Path, change: dict, message: str
 ) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
-        plan_of(tmp_path, recovery_job(tiny_llama_dir, tmp_path / "run", **change))
+        checked_job(tmp_path, recovery_job(tiny_llama_dir, tmp_path / "run", **change))
     assert "\n" not in str(err.value)
 
 
@@ -144,11 +144,11 @@ def test_recovery_on_a_quantize_run_and_a_floor_above_new_tokens_fail(
     job = recovery_job(tiny_llama_dir, tmp_path / "run")
     job["compress"] = {"method": "quantize", "levels": ["int8"], "min_fdt": 4, "recovery": {}}
     with pytest.raises(ConfigError, match="does not apply to method 'quantize'"):
-        plan_of(tmp_path, job)
+        checked_job(tmp_path, job)
     job = recovery_job(tiny_llama_dir, tmp_path / "run")
     job["compress"]["min_fdt"] = 17
     with pytest.raises(ConfigError, match="min_fdt 17 exceeds new_tokens 16"):
-        plan_of(tmp_path, job)
+        checked_job(tmp_path, job)
 
 
 def test_training_text_holding_the_scored_prompts_or_the_evaluation_text_fails(
@@ -160,12 +160,12 @@ def test_training_text_holding_the_scored_prompts_or_the_evaluation_text_fails(
     copy.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)))
     job = recovery_job(tiny_llama_dir, tmp_path / "run", text=str(copy))
     with pytest.raises(ConfigError, match="shares 8 consecutive tokens with the scored prompts"):
-        plan_of(tmp_path, job)
+        checked_job(tmp_path, job)
     job["prompts"]["source"] = "self"  # no prompts to compare: the evaluation text is found
     with pytest.raises(ConfigError, match="shares 32 consecutive tokens with the evaluation"):
-        plan_of(tmp_path, job)
+        checked_job(tmp_path, job)
     # The prompts' own source is fine: the windows overlapping them are left out.
-    plan = plan_of(tmp_path, recovery_job(tiny_llama_dir, tmp_path / "run"))
+    plan = checked_job(tmp_path, recovery_job(tiny_llama_dir, tmp_path / "run"))
     from dtm_ray.engines.prompts import overlapping
 
     assert not overlapping(plan.training, plan.prefixes, 8).any()

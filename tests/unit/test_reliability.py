@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from support.jobs import SHORT, tiny_job, write_job
 
-from dtm_ray.job.checks import plan_job
+from dtm_ray.job.checks import check_job
 from dtm_ray.job.spec import load_job
 from dtm_ray.records.store import RunStore
 
@@ -120,7 +120,7 @@ def test_a_run_dir_as_prompt_source_gives_its_prompts(tiny_llama_dir: Path, tmp_
             prompts={"source": f"run:{first}", "count": 3, "prefix_tokens": 6},
         ),
     )
-    plan = plan_job(load_job(job))
+    plan = check_job(load_job(job))
     np.testing.assert_array_equal(plan.prefixes, prefixes[:3, :6])
 
 

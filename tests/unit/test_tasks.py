@@ -17,7 +17,7 @@ import yaml
 
 from dtm_ray.cli import main
 from dtm_ray.errors import ConfigError
-from dtm_ray.job.checks import plan_job
+from dtm_ray.job.checks import check_job
 from dtm_ray.job.spec import EvaluateConfig, load_job
 from dtm_ray.job.tasks import (
     LOCAL_TASKS,
@@ -88,7 +88,7 @@ def test_job_and_cli_report_task_mistakes_in_one_line(tmp_path: Path, capsys):
     base = {"model": "smollm2-135m", "compress": {"target_sparsity": 0.2}}
     job.write_text(yaml.safe_dump({**base, "evaluate": {"tasks": ["facts", "no_such_task"]}}))
     with pytest.raises(ConfigError, match="task 'no_such_task' unknown"):
-        plan_job(load_job(job))  # task names are checked with the model, before any actor
+        check_job(load_job(job))  # task names are checked with the model, before any actor
     job.write_text(yaml.safe_dump({"model": "smollm2-135m", "evaluate": {}}))
     with pytest.raises(ConfigError, match="needs a compress: section"):
         load_job(job)
