@@ -1,6 +1,6 @@
 """A pool of engine actors: broadcast a call, split work across actors, and fan out many small
 tasks with a bounded number in flight per actor and retries for tasks that fail on their own.
-`Engines` starts a job's pool on first use, so work read back from a run directory starts none.
+Starting the pool and waiting for its actors is `dtm_ray.cluster.startup`.
 
 A task that raises inside the actor (a `RayTaskError`) is the task's own failure: it is retried
 up to `max_retries` times, then reported failed with the error. When an actor dies under a fan-out
@@ -16,20 +16,12 @@ when every actor is down the pool waits, saying what holds the restart up, and g
 `restart_timeout_s`. Broadcasts and other calls outside the fan-out wait for the actors they
 need the same way and run again when an actor dies under them (they are idempotent: each
 carries the state it needs).
-
-Starting actors is watched: while they wait to be placed the pool says which resources are
-missing and what the cluster offers, and gives up after `startup_timeout_s`; an actor that
-cannot start (its constructor raised: the model does not fit, or is missing) ends the run with
-one line naming the actor, its node and the cause (`StartupError`).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -40,21 +32,11 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
-from dtm_ray.cluster.actor import (
-    EngineActor,
-    clear_startup_reports,
-    start_engine_actors,
-    startup_report,
-)
-from dtm_ray.cluster.logs import take_over_ray_output
-from dtm_ray.engines.config import EngineConfig
-from dtm_ray.engines.sources import ModelSource
+from dtm_ray.cluster.actor import clear_startup_reports
+from dtm_ray.cluster.placement import FIRST_REPORT_S, RELOADING, REPORT_S, restart_holdup, said_by
 from dtm_ray.errors import StartupError, UserError, missing_requirement
 from dtm_ray.log import log
 
-# While actors wait to start: the first report after this many seconds, then one every REPORT_S.
-FIRST_REPORT_S = 3.0
-REPORT_S = 15.0
 # A crashed actor is asked whether it is back after these pauses (the last one repeats).
 CHECK_DELAYS_S = (0.5, 1.0, 2.0, 4.0)
 # A fan-out over at least GATHER_FROM calls in flight, once the driver has caught up, takes the
@@ -66,16 +48,6 @@ GATHER_FROM = 32
 GATHER_SHARE = 0.1  # a freed actor still runs a queued call, at least this long
 GATHER_SHARE_ALONE = 0.01
 GATHER_MAX_S = 0.2
-# Start-up time allowed per byte of weights beyond `startup_timeout_s`: a node fetches them once
-# and each actor reads them, at no less than this rate (a slow object store or disk).
-STARTUP_BYTES_PER_S = 50e6
-
-
-def startup_budget_s(timeout_s: float, model_bytes: int) -> float:
-    """How long actors may take to start: `startup_timeout_s` plus the time to fetch and load a
-    model of `model_bytes` at STARTUP_BYTES_PER_S (16 actors loading 138 GB need far more than
-    a fixed 600 s)."""
-    return timeout_s + model_bytes / STARTUP_BYTES_PER_S
 
 
 @dataclass
@@ -193,16 +165,16 @@ class EnginePool:
     def waiting(self, started: float) -> str:
         """How long the down actors have been restarting, and what holds them up."""
         names = ", ".join(self.name(i) for i in sorted(self.down))
-        holdup = _restart_holdup(self.resources)
+        holdup = restart_holdup(self.resources)
         if holdup == RELOADING:  # what each says it is doing (fetching on a new node, loading)
-            holdup = _reports(sorted(self.down)) or holdup
+            holdup = said_by(sorted(self.down)) or holdup
         return f"waiting {time.monotonic() - started:.0f} s for {names} to restart: {holdup}"
 
     def give_up(self, started: float) -> StartupError:
         names = ", ".join(self.name(i) for i in sorted(self.down))
         return StartupError(
             f"gave up after {time.monotonic() - started:.0f} s (startup_timeout_s): {names} "
-            f"crashed and did not restart; {_restart_holdup(self.resources)}"
+            f"crashed and did not restart; {restart_holdup(self.resources)}"
         )
 
     def wait_until_up(self, need_all: bool) -> list[int]:
@@ -489,202 +461,3 @@ class _FanOut:
             return Outcome(suspect, error=text)
         self._again(suspect, ran=True)
         return None
-
-
-def connect_ray() -> bool:
-    """Join the Ray the caller set up: an initialized one, RAY_ADDRESS, or a fresh local one.
-
-    Returns True when this call started or joined Ray (and so the caller should shut it down).
-    """
-    if ray.is_initialized():
-        return False
-    # ray.init installs its own SIGTERM handler, which aborts the process; keep the caller's
-    # (the CLI stops cleanly on SIGTERM: actors killed, Ray shut down, the lease released).
-    on_sigterm = signal.getsignal(signal.SIGTERM)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # joins the cluster RAY_ADDRESS names (set by `ray job submit`)
-    else:
-        ray.init(include_dashboard=False)
-    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)
-    return True
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    """What a pool needs to start its engine actors and drive them; nothing about the job."""
-
-    model: ModelSource | str  # what each node materialises and loads (never a driver's path)
-    engine: EngineConfig
-    resources: dict[str, float]  # Ray resources of one actor
-    max_in_flight: int  # calls queued per actor
-    max_retries: int  # a task that raises is run again this often
-    max_crashes: int  # a task whose actor dies under it is run again this often
-    startup_timeout_s: float
-
-
-class Engines:
-    """The engine pool, started on first use (a finished run directory needs no actors)."""
-
-    def __init__(self, spec: PoolSpec, workers: int, actor_class: type = EngineActor) -> None:
-        self.spec, self.workers = spec, workers
-        self.actor_class = actor_class
-        self.infos: list[dict[str, Any]] = []  # each actor's `info()` once started
-        self.on_start: Callable[[list[dict[str, Any]]], None] | None = None
-        self._pool: EnginePool | None = None
-        self._started_ray = False
-
-    @property
-    def pool(self) -> EnginePool:
-        if self._pool is None:
-            spec = self.spec
-            self._started_ray = connect_ray()
-            take_over_ray_output()  # engine chatter to the run's log file (dtm_ray.cluster.logs)
-            resources = spec.resources
-            log(f"starting {self.workers} engine actor(s) ({spec.engine.kind}, {resources})")
-            actors = start_engine_actors(
-                spec.model,
-                spec.engine,
-                self.workers,
-                resources,
-                self.actor_class,
-            )
-            self._pool = EnginePool(
-                actors,
-                spec.max_in_flight,
-                spec.max_retries,
-                spec.max_crashes,
-                resources=dict(resources),
-                # A restart loads the model again, so it may take as long as the start did.
-                restart_timeout_s=spec.startup_timeout_s,
-            )
-            # Wait until every actor has loaded the model: a model that cannot load fails here,
-            # once, rather than inside the first round's calls.
-            size = spec.model.bytes if isinstance(spec.model, ModelSource) else 0
-            budget = startup_budget_s(spec.startup_timeout_s, size)
-            self.infos = wait_for_actors(actors, resources, budget)
-            self._pool.names = [info["worker"] for info in self.infos]
-            log(f"engines ready: {', '.join(self._pool.names)}")
-            if self.on_start is not None:
-                self.on_start(self.infos)
-        return self._pool
-
-    def release(self) -> None:
-        """Kill the engine actors (the next use of `pool` starts new ones); Ray stays up."""
-        if self._pool is not None:
-            self._pool.kill()
-            self._pool = None
-
-    def close(self) -> None:
-        self.release()
-        if self._started_ray:
-            ray.shutdown()
-            self._started_ray = False
-
-
-# --- waiting for actors to start -------------------------------------------------------------
-def wait_for_actors(
-    actors: Sequence[Any], resources: dict[str, float], timeout_s: float
-) -> list[dict[str, Any]]:
-    """Each actor's `info()`, once all have started; while they wait, say every few seconds what
-    holds them up (missing resources, or loading the model); StartupError after `timeout_s`."""
-    # No retries: an actor that cannot start is reported once, not retried behind the scenes.
-    calls = [actor.info.options(max_task_retries=0).remote() for actor in actors]
-    pending = {ref: index for index, ref in enumerate(calls)}
-    infos: list[dict[str, Any]] = [{} for _ in actors]
-    start = time.monotonic()
-    next_report = start + FIRST_REPORT_S
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-        for ref in done:
-            index = pending.pop(ref)
-            try:
-                infos[index] = ray.get(ref)
-            except RayActorError as err:
-                raise StartupError(actor_failure(err, f"engine-{index}", starting=True)) from err
-        now = time.monotonic()
-        if not pending:
-            break
-        waited = now - start
-        if waited >= timeout_s:
-            raise StartupError(
-                f"gave up after {waited:.0f} s (startup_timeout_s): {len(pending)} of "
-                f"{len(actors)} engine actor(s) never started; {_holdup(resources, len(actors))}"
-            )
-        if now >= next_report:
-            holdup = _holdup(resources, len(actors))
-            if holdup == LOADING:  # what each says it is doing, in its own words
-                holdup = _reports(sorted(pending.values())) or holdup
-            log(
-                f"waiting {waited:.0f} s for {len(pending)} engine actor(s): "
-                f"{holdup}; giving up after {timeout_s:.0f} s"
-            )
-            next_report = now + REPORT_S
-    clear_startup_reports()
-    return infos
-
-
-def _amounts(resources: dict[str, float]) -> str:
-    """Resources as a user reads them: memory in GiB, Ray's internal node labels left out."""
-    shown = []
-    for key in sorted(resources):
-        if key.startswith(("node:", "accelerator_type:")) or key == "object_store_memory":
-            continue
-        value = resources[key]
-        shown.append(f"{key} {value / 2**30:.1f} GiB" if key == "memory" else f"{key} {value:g}")
-    return ", ".join(shown) or "nothing"
-
-
-def _wanted(resources: dict[str, float]) -> tuple[dict[str, float], str]:
-    """The resources one actor asks for (those > 0), and as the user reads them: {CPU: 1}."""
-    wanted = {k: float(v) for k, v in resources.items() if v > 0}
-    return wanted, "{" + ", ".join(f"{k}: {v:g}" for k, v in wanted.items()) + "}"
-
-
-def _holdup(resources: dict[str, float], count: int) -> str:
-    """Why `count` actors asking for `resources` each have not all started yet, in words."""
-    wanted, ask = _wanted(resources)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fits = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wanted.items())]
-    if not fits:
-        offers = "; ".join(_amounts(n["Resources"]) for n in nodes) or "no node"
-        missing = sorted(
-            {k for k, v in wanted.items() if not any(n["Resources"].get(k, 0) >= v for n in nodes)}
-        )
-        return (
-            f"each needs {ask} and no node has {', '.join(missing) or 'all of it at once'} "
-            f"(the cluster offers: {offers}); an autoscaler may still add a node"
-        )
-    free = ray.available_resources()
-    total = ray.cluster_resources()
-    # What is in use beyond what these actors hold themselves once placed (they hold their
-    # resources while they load the model) is held by other work.
-    others = any(total.get(k, 0) - free.get(k, 0) > count * v + 1e-9 for k, v in wanted.items())
-    if others and not all(free.get(k, 0) >= v for k, v in wanted.items()):
-        return f"each needs {ask}, now in use by other work (free: {_amounts(free)})"
-    return LOADING
-
-
-LOADING = "loading the model"
-RELOADING = "loading the model again"
-
-
-def _reports(indexes: Sequence[int]) -> str:
-    """What the starting actors `indexes` last said ("engine-0 on node-a: fetching …"); empty
-    when none said anything yet."""
-    said = {i: startup_report(i) for i in indexes}
-    if not any(said.values()):
-        return ""
-    return "; ".join(text or f"engine-{i}: starting" for i, text in said.items())
-
-
-def _restart_holdup(resources: dict[str, float]) -> str:
-    """Why a crashed actor asking for `resources` is not back yet, in words."""
-    wanted, ask = _wanted(resources)
-    free = ray.available_resources()
-    if all(free.get(k, 0) >= v for k, v in wanted.items()):
-        return RELOADING
-    return (
-        f"it needs {ask} and no node has that free (free: {_amounts(free)}); it waits for room "
-        "on a node (an autoscaler may add one)"
-    )

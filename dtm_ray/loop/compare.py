@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 
 from dtm_ray.cluster.logs import ENGINE_LOG, engine_logs, local_log_dir
-from dtm_ray.cluster.pool import Engines, Outcome, PoolSpec, Task
+from dtm_ray.cluster.pool import Outcome, Task
 from dtm_ray.cluster.served import ServedActor
+from dtm_ray.cluster.startup import Engines, PoolSpec
 from dtm_ray.core.state import Reference, concat_references
 from dtm_ray.errors import ConfigError, StorageError
 from dtm_ray.job.compare import SIDES, CheckedCompare, compare_differences

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from dtm_ray.cluster.actor import EngineActor, RoundContext
-from dtm_ray.cluster.pool import Engines, Outcome, PoolSpec, Task
+from dtm_ray.cluster.pool import Outcome, Task
+from dtm_ray.cluster.startup import Engines, PoolSpec
 from dtm_ray.core.components import Component
 from dtm_ray.core.metrics import fdt_at
 from dtm_ray.core.state import ModelState, Reference, concat_references

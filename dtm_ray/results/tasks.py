@@ -271,7 +271,7 @@ def evaluate_models(
     import ray
     from ray.exceptions import RayTaskError
 
-    from dtm_ray.cluster.pool import connect_ray
+    from dtm_ray.cluster.startup import connect_ray
 
     started = connect_ray()
     try:

@@ -13,7 +13,7 @@ import yaml
 from support.s3_server import model_uri
 
 from dtm_ray.cluster.actor import EngineActor, StartupReport
-from dtm_ray.cluster.pool import STARTUP_BYTES_PER_S, startup_budget_s
+from dtm_ray.cluster.startup import STARTUP_BYTES_PER_S, startup_budget_s
 from dtm_ray.engines.sources import (
     STORE,
     driver_folder,
@@ -129,13 +129,13 @@ def test_the_start_up_wait_says_what_each_actor_is_fetching_and_allows_for_its_b
 
     import ray
 
-    from dtm_ray.cluster import pool
+    from dtm_ray.cluster import startup
     from dtm_ray.job.checks import check_job
     from dtm_ray.job.spec import load_job
     from dtm_ray.loop.rounds import JobEngines
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(pool, "REPORT_S", 1.0)  # a line every second, not every 15
+    monkeypatch.setattr(startup, "REPORT_S", 1.0)  # a line every second, not every 15
     job = {"model": str(tiny_llama_dir), "engine": "hf", "out": str(tmp_path / "run")}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     plan = check_job(load_job(tmp_path / "job.yaml"))

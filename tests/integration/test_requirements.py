@@ -70,7 +70,7 @@ def test_a_missing_requirement_on_an_actors_node_is_one_line_naming_it(
     ray_session, tiny_llama_dir: Path, tmp_path: Path, module: str, python: str
 ) -> None:
     from dtm_ray.cluster.actor import EngineActor
-    from dtm_ray.cluster.pool import wait_for_actors
+    from dtm_ray.cluster.startup import wait_for_actors
     from dtm_ray.engines import EngineConfig
     from dtm_ray.errors import StartupError
 

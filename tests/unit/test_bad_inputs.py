@@ -23,7 +23,7 @@ import yaml
 from support.jobs import existing_run
 
 from dtm_ray import cli
-from dtm_ray.cluster import pool
+from dtm_ray.cluster import startup
 from dtm_ray.core.state import Reference
 from dtm_ray.job.spec import load_job
 from dtm_ray.loop import driver
@@ -677,7 +677,7 @@ def no_ray(monkeypatch) -> list:
     def forbidden() -> bool:
         raise AssertionError("a bad input reached Ray")
 
-    monkeypatch.setattr(pool, "connect_ray", forbidden)
+    monkeypatch.setattr(startup, "connect_ray", forbidden)
     # An hf: source must be refused at once, whatever the network: nothing listens on port 9.
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     for variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
