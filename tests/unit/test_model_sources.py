@@ -15,7 +15,7 @@ import yaml
 from support.hub import SHA, lay_out_hub_cache
 
 from dtm_ray import cli
-from dtm_ray.engines import sources
+from dtm_ray.engines import hub_source, sources
 from dtm_ray.engines.sources import (
     HUB,
     driver_folder,
@@ -220,7 +220,7 @@ def test_a_hub_download_reports_its_bytes_as_they_arrive(tmp_path, monkeypatch) 
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(sources, "REPORT_EVERY_S", 0.05)
+    monkeypatch.setattr(hub_source, "REPORT_EVERY_S", 0.05)  # where the hub fetch reads it
     source = sources.ModelSource(HUB, "acme/big", SHA, "digest", bytes=3_000_000)
     repo = tmp_path / "hub" / "models--acme--big"
 
