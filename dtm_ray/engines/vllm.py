@@ -9,9 +9,9 @@ tensors (`set_weights`, `restore`) go through the model's own `load_weights`, wh
 per rank. Wanda's calibration hooks live there too, on vLLM's (fused, sharded) linear modules.
 Originals come from the checkpoint's safetensors files, read here in the engine process.
 
-The CPU build's traps are handled here, never in user config: in-process engine core, one torch
-thread per engine, an explicit KV-cache size, oneDNN/AMX weight packing off (in the worker module),
-and a vLLM cache folder under dtm_ray's own cache.
+The CPU build's traps (in-process engine core, one torch thread per engine, an explicit KV-cache
+size, a vLLM cache folder under dtm_ray's own cache) are handled in `dtm_ray.engines.vllm_setup`,
+never in user config; oneDNN/AMX weight packing is turned off in the worker module.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import dtm_ray.engines.vllm_setup as vllm_setup
 from dtm_ray.core.specs import check_applicable
 from dtm_ray.core.state import Chain
 from dtm_ray.engines.base import (
@@ -53,96 +53,6 @@ from dtm_ray.engines.sensitivity import Candidates, SignalValues
 WORKER_EXTENSION = "dtm_ray.engines.vllm_worker.WeightEditExtension"
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
-
-# --- CPU build set-up ---------------------------------------------------------------------------
-def _on_cpu() -> bool:
-    # vLLM's own platform detection (NVML, no CUDA init), so we agree with what vLLM will do.
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-def _device() -> tuple[str, tuple[int, int] | None]:
-    """What vLLM will run on, by its own platform detection: ("cuda" for NVIDIA, "rocm", "xpu",
-    "cpu", ...) and the GPU's compute capability (major, minor) where it has one."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        return "cpu", None
-    if current_platform.is_cuda():
-        capability = current_platform.get_device_capability()
-        return "cuda", (capability.major, capability.minor) if capability else None
-    if current_platform.is_rocm():
-        return "rocm", None
-    return str(getattr(current_platform, "device_type", "") or "unknown"), None
-
-
-def _set_batch_invariant(on: bool) -> None:
-    """VLLM_BATCH_INVARIANT for the engine about to be built and the worker processes it starts
-    (they inherit this process's environment). Set either way: a value left in the environment
-    must not turn the mode on where it cannot run (its Triton kernels on a CPU)."""
-    os.environ["VLLM_BATCH_INVARIANT"] = "1" if on else "0"
-
-
-def _cpu_env_defaults(tensor_parallel_size: int) -> None:
-    """Environment the CPU build needs, set before vLLM builds an engine; explicit values win."""
-    if tensor_parallel_size > 1:
-        # vLLM binds each rank's threads to a NUMA node of its own and refuses to start on a
-        # machine with fewer nodes than ranks (most machines, and every Ray actor shares its
-        # node's cores anyway): unbound, each rank runs the threads `_build` gives it.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    # In-process engine core: no spawned child, so the thread count set here is the one that runs
-    # the model, and entry scripts need no `if __name__ == "__main__"` guard.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # vLLM writes compile caches and model info under ~/.cache/vllm otherwise.
-    from dtm_ray.engines.models import cache_dir
-
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir().parent / "vllm"))
-
-
-def _cpu_threads_default() -> int:
-    """OMP_NUM_THREADS when the user (or Ray, per actor) set it, else one thread per engine."""
-    value = os.environ.get("OMP_NUM_THREADS", "")
-    set_by_vllm = os.environ.get("VLLM_OMP_NUM_THREADS_SET_BY_VLLM") == "1"
-    return int(value) if value.isdigit() and int(value) > 0 and not set_by_vllm else 1
-
-
-@contextlib.contextmanager
-def _process_state_kept() -> Iterator[None]:
-    """Undo what vLLM's CPU start-up changes for the whole process that the engine no longer needs.
-
-    The CPU worker swaps torch.set_num_threads for a no-op (guarding a thread binding that
-    in-process mode never does), and the CPU platform adds tcmalloc and libgomp to LD_PRELOAD for
-    the workers it spawns during start-up. Left in place, other engines and user code could no
-    longer set threads, and every later subprocess (Ray's raylet and workers) would preload them.
-    """
-    set_num_threads = torch.set_num_threads
-    preload = os.environ.get("LD_PRELOAD")
-    try:
-        yield
-    finally:
-        torch.set_num_threads = set_num_threads
-        if preload is None:
-            os.environ.pop("LD_PRELOAD", None)
-        else:
-            os.environ["LD_PRELOAD"] = preload
-
-
-def _kv_bytes_per_token(config: dict[str, Any], dtype: torch.dtype) -> int:
-    heads = config.get("num_attention_heads", 1)
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
-    layers = config.get("num_hidden_layers", 1)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * layers * kv_heads * head_dim * itemsize
-
-
-def _cpu_kv_cache_bytes(
-    config: dict[str, Any], dtype: torch.dtype, max_model_len: int, budget: int
-) -> int:
-    # At least two full-length sequences, so a big model's start-up check still passes.
-    return max(budget, 2 * max_model_len * _kv_bytes_per_token(config, dtype))
 
 
 def _default_max_model_len(config: dict[str, Any]) -> int:
@@ -285,12 +195,16 @@ class VLLMEngine:
         self.edits = edits
         config = json.loads((self.model_dir / "config.json").read_text())
         self.max_model_len = max_model_len or _default_max_model_len(config)
-        self.on_cpu = _on_cpu()
+        self.on_cpu = vllm_setup.on_cpu()
         # Decided before vLLM exists (true where it cannot run fails here, in one line) and
         # set in the environment the engine core and its workers start from.
-        self.batch_invariant = resolve_batch_invariant(batch_invariant, "vllm", *_device())
-        _set_batch_invariant(self.batch_invariant)
-        self.cpu_threads = (cpu_threads or _cpu_threads_default()) if self.on_cpu else None
+        self.batch_invariant = resolve_batch_invariant(
+            batch_invariant, "vllm", *vllm_setup.device()
+        )
+        vllm_setup.set_batch_invariant(self.batch_invariant)
+        self.cpu_threads = (
+            (cpu_threads or vllm_setup.cpu_threads_default()) if self.on_cpu else None
+        )
         kwargs = {
             "dtype": dtype,
             "max_model_len": self.max_model_len,
@@ -384,8 +298,8 @@ class VLLMEngine:
         # too) on a small box, for somewhat faster steps; GPUs want their CUDA graphs.
         kwargs["enforce_eager"] = self.on_cpu if enforce_eager is None else enforce_eager
         if self.on_cpu:
-            _cpu_env_defaults(tensor_parallel_size)
-            kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(
+            vllm_setup.cpu_env_defaults(tensor_parallel_size)
+            kwargs["kv_cache_memory_bytes"] = vllm_setup.cpu_kv_cache_bytes(
                 config, torch_dtype(self.dtype), self.max_model_len, cpu_kv_cache_bytes
             )
         if backend is None and tensor_parallel_size > 1:
@@ -397,46 +311,17 @@ class VLLMEngine:
     def _build(self, kwargs: dict[str, Any]) -> Any:
         from vllm import LLM
 
-        with self._threads(), _process_state_kept(), self._rank_threads(kwargs):
+        ranks = kwargs.get("tensor_parallel_size", 1)
+        with (
+            self._threads(),
+            vllm_setup.process_state_kept(),
+            vllm_setup.rank_threads(self.on_cpu, self.cpu_threads, ranks),
+        ):
             return LLM(str(self.model_dir), **kwargs)
 
-    @contextlib.contextmanager
-    def _rank_threads(self, kwargs: dict[str, Any]) -> Iterator[None]:
-        """On CPU with tensor parallelism and unbound ranks: each worker process the engine
-        starts runs its share of `cpu_threads` (OMP_NUM_THREADS, which the workers read at
-        start); the variable is given back afterwards."""
-        ranks = kwargs.get("tensor_parallel_size", 1)
-        unbound = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind"
-        if not (self.on_cpu and ranks > 1 and unbound):
-            yield
-            return
-        before = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = str(max(1, self.cpu_threads // ranks))
-        try:
-            yield
-        finally:
-            if before is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = before
-
-    @contextlib.contextmanager
-    def _threads(self) -> Iterator[None]:
-        """Run vLLM with `cpu_threads` torch threads, then give the process its count back.
-
-        One thread per engine is far faster than torch's default (one per core) on a busy small
-        box: ~50x measured on 2 cores.
-        torch._C.set_num_threads is the real setter even while vLLM has patched the alias.
-        """
-        if self.cpu_threads is None:
-            yield
-            return
-        before = torch.get_num_threads()
-        torch._C.set_num_threads(self.cpu_threads)
-        try:
-            yield
-        finally:
-            torch._C.set_num_threads(before)
+    def _threads(self) -> contextlib.AbstractContextManager[None]:
+        """Run vLLM with the engine's `cpu_threads` (`vllm_setup.engine_threads`)."""
+        return vllm_setup.engine_threads(self.cpu_threads)
 
     def _check_weights_editable(self) -> None:
         # CPU GEMM backends (oneDNN, AMX, zentorch) may pack a weight and empty the parameter.

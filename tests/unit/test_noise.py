@@ -5,6 +5,7 @@ run dirs and on resume, and real runs where the noise is 0 and where one actor i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -100,31 +101,32 @@ def test_the_vllm_engine_decides_before_vllm_starts_and_sets_the_environment(
 ):
     """The actor-side check, without a GPU: the engine sees the device vLLM would run on."""
     from dtm_ray.engines import vllm as vllm_module
+    from dtm_ray.engines import vllm_setup
 
     class Built(Exception):
         pass
 
     def build(self, kwargs):  # noqa: ANN001, ANN202
-        raise Built(vllm_module.os.environ["VLLM_BATCH_INVARIANT"])
+        raise Built(os.environ["VLLM_BATCH_INVARIANT"])
 
     monkeypatch.setattr(vllm_module.VLLMEngine, "_build", build)
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
-    monkeypatch.setattr(vllm_module, "_on_cpu", lambda: False)
+    monkeypatch.setattr(vllm_setup, "on_cpu", lambda: False)
     for device, setting, env in [
         (("cuda", (9, 0)), None, "1"),
         (("cuda", (9, 0)), False, "0"),
         (("cuda", (7, 0)), None, "0"),
     ]:
-        monkeypatch.setattr(vllm_module, "_device", lambda d=device: d)
+        monkeypatch.setattr(vllm_setup, "device", lambda d=device: d)
         with pytest.raises(Built, match=f"^{env}$"):
             vllm_module.VLLMEngine(tiny_llama_dir, batch_invariant=setting)
-    monkeypatch.setattr(vllm_module, "_device", lambda: ("cuda", (7, 0)))
+    monkeypatch.setattr(vllm_setup, "device", lambda: ("cuda", (7, 0)))
     with pytest.raises(ValueError, match="needs compute capability >= 8.0 and this GPU has 7.0"):
         vllm_module.VLLMEngine(tiny_llama_dir, batch_invariant=True)
     # What vLLM itself reports on this machine: its CPU build, so off (the CPU path as before).
     monkeypatch.undo()
-    assert vllm_module._device() == ("cpu", None)
-    assert resolve_batch_invariant(None, "vllm", *vllm_module._device()) is False
+    assert vllm_setup.device() == ("cpu", None)
+    assert resolve_batch_invariant(None, "vllm", *vllm_setup.device()) is False
 
 
 # --- the table ----------------------------------------------------------------------------------
