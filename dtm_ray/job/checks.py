@@ -60,7 +60,7 @@ class CheckedJob:
     retry_failed: bool = True  # probe again, on resume, the probes a previous run recorded failed
     # The job's lm-eval tasks as `simple_evaluate` takes them (None: the job evaluates none).
     tasks: list[str | dict[str, Any]] | None = None
-    source: ModelSource | None = None  # None only for plans made by hand around a folder
+    source: ModelSource | None = None  # None only for a CheckedJob made by hand around a folder
 
     @property
     def model_source(self) -> ModelSource:

@@ -112,7 +112,7 @@ def run_checked_job(
     print_summary: bool = True,
     verbose: bool = False,
 ) -> RunOutcome:
-    """Run (or resume) a validated plan into `plan.job.out`.
+    """Run (or resume) a checked job into `plan.job.out`.
 
     Uses the Ray this process is already connected to; otherwise joins RAY_ADDRESS, or starts a
     local Ray for the duration of the call. Output of the engines (vLLM, transformers, Ray)

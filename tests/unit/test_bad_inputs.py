@@ -671,8 +671,8 @@ def warm(tiny_llama_dir: Path) -> Path:
 
 @pytest.fixture
 def no_ray(monkeypatch) -> list:
-    """Fail the case if anything tries to start or join Ray; the plans that reached the driver
-    (`run_checked_job`), which only a case about an existing run directory may reach."""
+    """Fail the case if anything tries to start or join Ray; the checked jobs that reached the
+    driver (`run_checked_job`), which only a case about an existing run directory may reach."""
 
     def forbidden() -> bool:
         raise AssertionError("a bad input reached Ray")
