@@ -106,9 +106,7 @@ class ModelState:
 
     def __post_init__(self) -> None:
         # Empty chains are the same as no entry; dropping them keeps keys and equality canonical.
-        object.__setattr__(
-            self, "chains", {name: tuple(c) for name, c in self.chains.items() if c}
-        )
+        object.__setattr__(self, "chains", {name: tuple(c) for name, c in self.chains.items() if c})
 
     def chain(self, component: str) -> Chain:
         return self.chains.get(component, ())

@@ -384,9 +384,7 @@ class EngineSession:
             return self._score_keeping(reference)
         return score_against(self.engine, reference)
 
-    def input_norms(
-        self, sequences: np.ndarray, names: Iterable[str]
-    ) -> dict[str, np.ndarray]:
+    def input_norms(self, sequences: np.ndarray, names: Iterable[str]) -> dict[str, np.ndarray]:
         """Wanda's calibration statistics of the current state: ‖x_j‖₂ per input feature."""
         norms = self.engine.input_norms(np.asarray(sequences).tolist(), list(names))
         return {name: norm.float().numpy() for name, norm in norms.items()}

@@ -24,8 +24,14 @@ LLAMA2_13B = {
     "num_hidden_layers": 40,
     "vocab_size": 32000,
 }
-LLAMA2_70B = {**LLAMA2_13B, "hidden_size": 8192, "intermediate_size": 28672,
-              "num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 80}
+LLAMA2_70B = {
+    **LLAMA2_13B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 80,
+}
 
 
 def job(**changes) -> JobConfig:
@@ -66,8 +72,9 @@ def test_the_model_term_is_the_checkpoints_size(tiny_llama_dir: Path) -> None:
 
 def test_13b_on_one_gpu_per_actor() -> None:
     every = components_from_config(LLAMA2_13B)
-    plan = memory_plan(LLAMA2_13B, job(engine_options={"enforce_eager": True}), every, every,
-                       gpu_bytes=80 * GIB)
+    plan = memory_plan(
+        LLAMA2_13B, job(engine_options={"enforce_eager": True}), every, every, gpu_bytes=80 * GIB
+    )
     device = items(plan.device)
     assert device["weights"] == model_weights(LLAMA2_13B, every) * 2
     # vLLM keeps hidden and residual: 2 x 512 x 288 x 5120 x 2 bytes = 2.8 GiB per layer, more
@@ -112,8 +119,9 @@ def test_cuda_graphs_turn_layer_skip_off_and_a_big_budget_keeps_every_layer() ->
 
 def test_70b_with_tensor_parallelism_splits_the_weights_not_the_host_copies() -> None:
     every = components_from_config(LLAMA2_70B)
-    four = job(engine_options={"tensor_parallel_size": 4}, resources_per_worker={"GPU": 4},
-               workers=2)
+    four = job(
+        engine_options={"tensor_parallel_size": 4}, resources_per_worker={"GPU": 4}, workers=2
+    )
     plan = memory_plan(LLAMA2_70B, four, every, every, gpu_bytes=80 * GIB)
     assert items(plan.device)["weights"] == model_weights(LLAMA2_70B, every) * 2 // 4
     assert plan.actors_per_node == 2  # 8 GPUs per node, 4 per actor
@@ -129,8 +137,14 @@ def test_70b_with_tensor_parallelism_splits_the_weights_not_the_host_copies() ->
 
 def test_a_cpu_engine_holds_everything_in_host_memory_and_the_declared_memory_is_checked() -> None:
     every = components_from_config(LLAMA2_13B)[:7]  # one layer's worth of components
-    cpu = job(engine="hf", dtype="float32", resources_per_worker={"CPU": 2, "memory": 4 * GIB},
-              prompts=PromptsConfig(count=16, prefix_tokens=16), new_tokens=32, workers=2)
+    cpu = job(
+        engine="hf",
+        dtype="float32",
+        resources_per_worker={"CPU": 2, "memory": 4 * GIB},
+        prompts=PromptsConfig(count=16, prefix_tokens=16),
+        new_tokens=32,
+        workers=2,
+    )
     plan = memory_plan(LLAMA2_13B, cpu, every, every)
     assert plan.device is None
     host = items(plan.host)
@@ -150,13 +164,22 @@ def test_a_cpu_engine_holds_everything_in_host_memory_and_the_declared_memory_is
 def test_the_plan_matches_the_gpu_peak_measured_on_an_h100(prompts, new_tokens, measured_gib):
     """bench/checks/gpu_check.py on one H100 (1.1 B random Llama, bf16, hf engine, all prompts in
     one batch, probes of q and down in layers 1/11/21) measured these peaks of allocated memory."""
-    config = {**LLAMA2_13B, "hidden_size": 2048, "intermediate_size": 5632,
-              "num_attention_heads": 16, "num_key_value_heads": 4, "num_hidden_layers": 22}
+    config = {
+        **LLAMA2_13B,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 22,
+    }
     every = components_from_config(config)
     probed = [c for c in every if c.kind in ("q", "down") and c.layer in (1, 11, 21)]
-    gpu = job(engine="hf", prompts=PromptsConfig(count=prompts, prefix_tokens=32),
-              new_tokens=new_tokens,
-              engine_options={"batch_size": prompts, "residual_host_bytes": 0})
+    gpu = job(
+        engine="hf",
+        prompts=PromptsConfig(count=prompts, prefix_tokens=32),
+        new_tokens=new_tokens,
+        engine_options={"batch_size": prompts, "residual_host_bytes": 0},
+    )
     plan = memory_plan(config, gpu, probed, every, gpu_bytes=80 * GIB)
     assert plan.device_total / GIB == pytest.approx(measured_gib, rel=0.1)
 
@@ -188,9 +211,15 @@ def test_the_fisher_pass_is_counted_and_bounds_the_memory_it_takes(smollm2_dir: 
 
     config = json.loads((smollm2_dir / "config.json").read_text())
     every = components_from_config(config)
-    fisher = job(engine="hf", dtype=dtype, prompts=PromptsConfig(count=16, prefix_tokens=16),
-                 new_tokens=32, resources_per_worker={"CPU": 1}, workers=1,
-                 compress=CompressConfig(method="sparsify", guide="fisher", calibration_count=16))
+    fisher = job(
+        engine="hf",
+        dtype=dtype,
+        prompts=PromptsConfig(count=16, prefix_tokens=16),
+        new_tokens=32,
+        resources_per_worker={"CPU": 1},
+        workers=1,
+        compress=CompressConfig(method="sparsify", guide="fisher", calibration_count=16),
+    )
     plan = items(memory_plan(config, fisher, every, every).host)
     predicted = fisher_pass_bytes(config, fisher, every, 4 if dtype == "float32" else 2)
     assert plan["fisher's backward pass (one calibration batch)"] == predicted
