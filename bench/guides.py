@@ -343,6 +343,8 @@ def tables(results: dict[str, Any], seeds: list[int]) -> list[tuple[str, str]]:
                 for g, rs in by_guide.items()
             ]
         sections.append((f"{method}: how each guide spread the budget", markdown_table(head, rows)))
+        if method.endswith("-floor"):
+            continue  # floor runs land on different sizes: a paired difference compares sizes
         against = results.setdefault("paired", {})[method] = paired(by_guide, seeds)
         if against:
             head = [
@@ -452,6 +454,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/guides"))
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--floor-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of the -floor methods (default: --seeds)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--guides", nargs="+", default=GUIDES, choices=GUIDES)
     parser.add_argument("--tasks", default=None, help="e.g. facts: dtm-ray evaluate each run")
@@ -463,6 +472,7 @@ def main() -> None:
         "settings": {
             "layers": args.layers,
             "seeds": args.seeds,
+            "floor_seeds": args.floor_seeds or args.seeds,
             "methods": {m: METHODS[m] for m in args.methods},
             "guides": args.guides,
             "tasks": args.tasks,
@@ -476,7 +486,8 @@ def main() -> None:
         for guide in args.guides:
             if method.endswith("-floor") and guide not in FLOOR_GUIDES:
                 continue
-            for seed in args.seeds:
+            floor = method.endswith("-floor") and args.floor_seeds
+            for seed in args.floor_seeds if floor else args.seeds:
                 started = time.monotonic()
                 run = run_one(args.work, method, guide, args.layers, seed)
                 if args.tasks:
