@@ -461,18 +461,32 @@ def main() -> None:
         default=None,
         help="seeds of the -floor methods (default: --seeds)",
     )
+    parser.add_argument(
+        "--method-seeds",
+        nargs="+",
+        default=[],
+        metavar="METHOD:SEEDS",
+        help="seeds of one method, e.g. sparsify-wanda-30:0 (comma-separated; overrides the others)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--guides", nargs="+", default=GUIDES, choices=GUIDES)
     parser.add_argument("--tasks", default=None, help="e.g. facts: dtm-ray evaluate each run")
     parser.add_argument("--plot", type=Path, default=None, help="folder for the plots")
     parser.add_argument("--cut", default="", help="what this run left out, for the record")
     args = parser.parse_args()
+    method_seeds = {}
+    for entry in args.method_seeds:
+        method, _, seeds = entry.partition(":")
+        if method not in METHODS or not seeds:
+            parser.error(f"--method-seeds {entry!r}: expected METHOD:SEEDS, e.g. quantize-5:0,1")
+        method_seeds[method] = [int(seed) for seed in seeds.split(",")]
     results_out = Results(args, "guides", __doc__)
     results: dict[str, Any] = {
         "settings": {
             "layers": args.layers,
             "seeds": args.seeds,
             "floor_seeds": args.floor_seeds or args.seeds,
+            "method_seeds": method_seeds,
             "methods": {m: METHODS[m] for m in args.methods},
             "guides": args.guides,
             "tasks": args.tasks,
@@ -487,7 +501,8 @@ def main() -> None:
             if method.endswith("-floor") and guide not in FLOOR_GUIDES:
                 continue
             floor = method.endswith("-floor") and args.floor_seeds
-            for seed in args.floor_seeds if floor else args.seeds:
+            seeds = method_seeds.get(method, args.floor_seeds if floor else args.seeds)
+            for seed in seeds:
                 started = time.monotonic()
                 run = run_one(args.work, method, guide, args.layers, seed)
                 if args.tasks:
