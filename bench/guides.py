@@ -466,7 +466,7 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="METHOD:SEEDS",
-        help="seeds of one method, e.g. sparsify-wanda-30:0 (comma-separated; overrides the others)",
+        help="seeds of one method, e.g. sparsify-wanda-30:0,1 (overrides the others)",
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--guides", nargs="+", default=GUIDES, choices=GUIDES)
