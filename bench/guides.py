@@ -455,13 +455,6 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--floor-seeds",
-        type=int,
-        nargs="+",
-        default=None,
-        help="seeds of the -floor methods (default: --seeds)",
-    )
-    parser.add_argument(
         "--method-seeds",
         nargs="+",
         default=[],
@@ -485,7 +478,6 @@ def main() -> None:
         "settings": {
             "layers": args.layers,
             "seeds": args.seeds,
-            "floor_seeds": args.floor_seeds or args.seeds,
             "method_seeds": method_seeds,
             "methods": {m: METHODS[m] for m in args.methods},
             "guides": args.guides,
@@ -500,9 +492,7 @@ def main() -> None:
         for guide in args.guides:
             if method.endswith("-floor") and guide not in FLOOR_GUIDES:
                 continue
-            floor = method.endswith("-floor") and args.floor_seeds
-            seeds = method_seeds.get(method, args.floor_seeds if floor else args.seeds)
-            for seed in seeds:
+            for seed in method_seeds.get(method, args.seeds):
                 started = time.monotonic()
                 run = run_one(args.work, method, guide, args.layers, seed)
                 if args.tasks:
