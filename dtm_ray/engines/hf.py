@@ -86,7 +86,7 @@ class _Residuals:
 
 
 @dataclass
-class _KeepPlan:
+class _KeptLayers:
     layers: list[int]
     on_host: bool  # the hidden states in pinned host memory, not on the device
 
@@ -219,7 +219,7 @@ class HFEngine:
         n_new = continuation_length(sequences, n_prefix)
         array = np.asarray(sequences, dtype=np.int64)
         start = self._start_layer(array, from_layer)
-        kept = self._keep_plan(array) if keep_residuals else None
+        kept = self._kept_layers(array) if keep_residuals else None
         argmax, margin, ref_lp, batches = [], [], [], []
         for index, rows in enumerate(_batches(array, self.batch_size)):
             ids = torch.as_tensor(rows, dtype=torch.long, device=self.device)
@@ -250,23 +250,23 @@ class HFEngine:
             raise ValueError("from_layer needs the residual stream kept for these same sequences")
         return max(layer for layer in kept.layers if layer <= from_layer)
 
-    def _keep_plan(self, sequences: np.ndarray) -> _KeepPlan:
+    def _kept_layers(self, sequences: np.ndarray) -> _KeptLayers:
         """Which layers' inputs to keep, and where: all of them when they fit in
         `residual_cache_bytes`, else every k-th (a probe then also reruns the unchanged layers
         above the kept one); on a GPU, in pinned host memory when `residual_host_bytes` keeps
         more layers than the device budget does."""
         if not self._layers or self.residual_cache_bytes <= 0:
-            return _KeepPlan([], on_host=False)
+            return _KeptLayers([], on_host=False)
         width = self.model.config.hidden_size
         itemsize = next(self.model.parameters()).element_size()
         per_layer = sequences.size * width * itemsize
         layers = len(self._layers)
         host_budget = self.residual_host_bytes if self.device.type == "cuda" else 0
         stride, on_host = residual_keep(per_layer, layers, self.residual_cache_bytes, host_budget)
-        return _KeepPlan(list(range(0, layers, stride)), on_host)
+        return _KeptLayers(list(range(0, layers, stride)), on_host)
 
     def _full_pass(
-        self, ids: torch.Tensor, n_new: int, keep: _KeepPlan | None
+        self, ids: torch.Tensor, n_new: int, keep: _KeptLayers | None
     ) -> tuple[torch.Tensor, dict[int, tuple[tuple, dict]]]:
         """The model's own forward; with `keep`, the inputs of those decoder layers on the side."""
         inputs: dict[int, tuple[tuple, dict]] = {}

@@ -416,7 +416,7 @@ class VLLMEngine:
                 skipped = stack.enter_context(self._in_workers("dtm_skip", (from_layer,)))
             elif keeping:
                 self._kept = None
-                stack.enter_context(self._in_workers("dtm_keep", self._keep_plan(prompts)))
+                stack.enter_context(self._in_workers("dtm_keep", self._kept_layers(prompts)))
             scored = stack.enter_context(self._in_workers("dtm_score", (prompts, n_prefix)))
             self._run(prompts, params)
         try:
@@ -452,7 +452,7 @@ class VLLMEngine:
             return None
         return int(match.group(1))
 
-    def _keep_plan(self, prompts: list[list[int]]) -> tuple[int, bool]:
+    def _kept_layers(self, prompts: list[list[int]]) -> tuple[int, bool]:
         """(stride, on_host): record every layer's input when they fit in
         `residual_cache_bytes`, else every k-th; on a GPU, in pinned host memory when
         `residual_host_bytes` keeps more layers than the device budget does. Every rank keeps

@@ -407,7 +407,7 @@ def test_compiled_execution_scores_through_the_hook_and_falls_back_when_it_misse
 
 
 def test_a_stream_too_large_for_the_gpu_budget_is_kept_in_pinned_host_memory():
-    """The keep plan the engine sends its ranks: on a GPU a stream over `residual_cache_bytes`
+    """The kept layers the engine sends its ranks: on a GPU a stream over `residual_cache_bytes`
     goes to pinned host memory when `residual_host_bytes` keeps more layers, the ranks of one
     actor sharing that budget; on CPU host memory is the device, so nothing changes."""
     from types import SimpleNamespace
@@ -416,7 +416,7 @@ def test_a_stream_too_large_for_the_gpu_budget_is_kept_in_pinned_host_memory():
     prompts = [[1] * 288] * 512
     gib = 1 << 30
 
-    def plan(on_cpu: bool, tp: int = 1, host: int = 32 * gib) -> tuple[int, bool]:
+    def kept(on_cpu: bool, tp: int = 1, host: int = 32 * gib) -> tuple[int, bool]:
         engine = SimpleNamespace(
             _hidden_size=5120,
             _num_layers=40,
@@ -426,13 +426,13 @@ def test_a_stream_too_large_for_the_gpu_budget_is_kept_in_pinned_host_memory():
             residual_host_bytes=host,
             tensor_parallel_size=tp,
         )
-        return VLLMEngine._keep_plan(engine, prompts)
+        return VLLMEngine._kept_layers(engine, prompts)
 
-    assert plan(on_cpu=False) == (4, True)  # 10 of 40 layers in 28 GiB of pinned memory
-    assert plan(on_cpu=False, tp=4) == (15, True)  # 8 GiB a rank: layers 0, 15, 30
-    stride, on_host = plan(on_cpu=False, host=0)
+    assert kept(on_cpu=False) == (4, True)  # 10 of 40 layers in 28 GiB of pinned memory
+    assert kept(on_cpu=False, tp=4) == (15, True)  # 8 GiB a rank: layers 0, 15, 30
+    stride, on_host = kept(on_cpu=False, host=0)
     assert stride >= 40 and not on_host  # only layer 0's input: layer skip inactive
-    stride, on_host = plan(on_cpu=True)
+    stride, on_host = kept(on_cpu=True)
     assert stride >= 40 and not on_host
     small = [[1] * 24] * 8
     engine = SimpleNamespace(
@@ -444,4 +444,4 @@ def test_a_stream_too_large_for_the_gpu_budget_is_kept_in_pinned_host_memory():
         residual_host_bytes=32 * gib,
         tensor_parallel_size=1,
     )
-    assert VLLMEngine._keep_plan(engine, small) == (1, False)  # fits the GPU budget
+    assert VLLMEngine._kept_layers(engine, small) == (1, False)  # fits the GPU budget
