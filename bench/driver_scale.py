@@ -123,16 +123,16 @@ class NullContext:
 
 
 @dataclass
-class NullPlan:
+class NullChecked:
     retry_failed: bool = True
 
 
 class NullEngines:
-    """Stands in for `rounds.JobEngines`: its `pool` and `plan` attributes, over null actors."""
+    """Stands in for `rounds.JobEngines`: its `pool` and `checked` attributes, over null actors."""
 
     def __init__(self, pool: EnginePool) -> None:
         self.pool = pool
-        self.plan = NullPlan()
+        self.checked = NullChecked()
 
 
 def probes(count: int) -> list[Probe]:

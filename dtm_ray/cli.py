@@ -60,9 +60,9 @@ def _checked_job(args: argparse.Namespace, read_hub: bool = True) -> CheckedJob:
     return check_job(job, read_hub)
 
 
-def _model_line(plan: CheckedJob) -> str:
+def _model_line(checked: CheckedJob) -> str:
     """What each node fetches of the job's model, for `plan` and `run --dry-run`."""
-    source = plan.model_source
+    source = checked.model_source
     size = f"{source.bytes / 1e9:.2f} GB of weights"
     where = {
         "folder": "each node reads it from that folder (it must see it)",
@@ -74,9 +74,9 @@ def _model_line(plan: CheckedJob) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    plan = _checked_job(args, read_hub=not args.dry_run)
-    plan.retry_failed = not args.no_retry_failed
-    job = plan.job
+    checked = _checked_job(args, read_hub=not args.dry_run)
+    checked.retry_failed = not args.no_retry_failed
+    job = checked.job
     if args.dry_run:
         from dtm_ray.loop.estimate import estimate, flop_costs, format_estimate
 
@@ -85,8 +85,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"{args.job}: valid; run dir {job.out}")
         if unread:
             print(f"not read in a dry run (the run reads them first): {', '.join(unread)}")
-        print(_model_line(plan))
-        print(format_estimate(plan, estimate(plan, flop_costs(plan))))
+        print(_model_line(checked))
+        print(format_estimate(checked, estimate(checked, flop_costs(checked))))
         return 0
     from dtm_ray.loop.driver import (
         run_checked_job,
@@ -97,7 +97,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     try:
-        run_checked_job(plan, verbose=args.verbose)
+        run_checked_job(checked, verbose=args.verbose)
     except KeyboardInterrupt:
         print(
             f"dtm-ray: interrupted; run the same command again to resume {job.out}",
@@ -116,23 +116,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         estimate,
         flop_costs,
         format_estimate,
-        plan_memory,
+        job_memory,
     )
 
-    plan = _checked_job(args)
+    checked = _checked_job(args)
     gpu_bytes = int(args.gpu_gib * (1 << 30)) if args.gpu_gib else None
-    memory = plan_memory(plan, gpu_bytes, args.node_gpus)
+    memory = job_memory(checked, gpu_bytes, args.node_gpus)
     refuse_unless_fits(memory)  # with --gpu-gib; what the job declares, its checks refused
     if args.no_calibrate:
-        costs = flop_costs(plan, args.worker_tflops * 1e12 if args.worker_tflops else None)
+        costs = flop_costs(checked, args.worker_tflops * 1e12 if args.worker_tflops else None)
     else:
         from dtm_ray.cluster.logs import engine_logs
 
         log_file = Path(tempfile.gettempdir()) / "dtm-ray-plan" / "engines.log"
         with engine_logs(log_file, args.verbose):
-            costs = calibrate(plan)
-    print(_model_line(plan))
-    print(format_estimate(plan, estimate(plan, costs), memory))
+            costs = calibrate(checked)
+    print(_model_line(checked))
+    print(format_estimate(checked, estimate(checked, costs), memory))
     return 0
 
 
@@ -215,24 +215,24 @@ def _compare_job(args: argparse.Namespace):  # noqa: ANN202 - CompareJob, import
 def _cmd_compare(args: argparse.Namespace) -> int:
     from dtm_ray.job.compare import check_compare
 
-    plan = check_compare(_compare_job(args))  # every check before Ray
+    checked = check_compare(_compare_job(args))  # every check before Ray
     if args.dry_run:
-        job = plan.job
+        job = checked.job
         print(
-            f"valid: compare {plan.sources['candidate'].name} ({job.candidate.engine}, "
-            f"{job.candidate.dtype}) against {plan.sources['base'].name} ({job.base.engine}, "
+            f"valid: compare {checked.sources['candidate'].name} ({job.candidate.engine}, "
+            f"{job.candidate.dtype}) against {checked.sources['base'].name} ({job.base.engine}, "
             f"{job.base.dtype}); {job.prompts.count} prompts x {job.new_tokens} tokens in "
-            f"{len(plan.chunks)} chunk(s); run dir {job.out}"
+            f"{len(checked.chunks)} chunk(s); run dir {job.out}"
         )
         return 0
     from dtm_ray.loop.compare import run_compare  # Ray starts only once both sides are good
 
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        run_compare(plan, verbose=args.verbose)
+        run_compare(checked, verbose=args.verbose)
     except KeyboardInterrupt:
         print(
-            f"dtm-ray: interrupted; run the same command again to resume {plan.job.out}",
+            f"dtm-ray: interrupted; run the same command again to resume {checked.job.out}",
             file=sys.stderr,
         )
         return 130
@@ -462,7 +462,7 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="read both models' config and tokenizer, check them, print the plan; no Ray",
+        help="read both models' config and tokenizer, check them, print what will run; no Ray",
     )
     parser.add_argument(
         "--verbose", action="store_true", help="also show the engines' output (vLLM, Ray, ...)"

@@ -1,8 +1,8 @@
 """Components: the linear weight matrices a probe compresses, named by their HF checkpoint names.
 
 One table per architecture family maps (layer, kind) to the checkpoint name and the matrix shape
-(out_features, in_features), derived from the model's config.json alone, so the driver can plan a
-run without loading any weights.
+(out_features, in_features), derived from the model's config.json alone, so a job can be checked
+and estimated without loading any weights.
 """
 
 from __future__ import annotations

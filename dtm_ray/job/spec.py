@@ -153,7 +153,7 @@ class EvaluateConfig:
     `dtm-ray evaluate`.
 
     Its fields are checked when built; the task names (which need lm-eval's index) when the
-    job is planned (`dtm_ray.job.checks.check_job`) or evaluated.
+    job is checked (`dtm_ray.job.checks.check_job`) or evaluated.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["facts"])  # names, sets, task YAML files

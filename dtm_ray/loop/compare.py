@@ -77,13 +77,13 @@ class CompareOutcome:
 
 
 def run_compare(
-    plan: CheckedCompare, verbose: bool = False, print_summary: bool = True
+    checked: CheckedCompare, verbose: bool = False, print_summary: bool = True
 ) -> CompareOutcome:
-    """Run (or resume) a validated compare into `plan.job.out`: on the Ray this process is
+    """Run (or resume) a validated compare into `checked.job.out`: on the Ray this process is
     connected to, else RAY_ADDRESS's, else a local one for the duration of the call. The engines'
     output goes to the run's `logs/engines.log` (`verbose`: to the terminal too)."""
-    with engine_logs(local_log_dir(plan.job.out) / ENGINE_LOG, verbose):
-        outcome = _run(plan)
+    with engine_logs(local_log_dir(checked.job.out) / ENGINE_LOG, verbose):
+        outcome = _run(checked)
     _report(outcome.run_dir)
     if print_summary:
         print("\n".join(summary_lines(outcome.summary.to_pylist()[0])), flush=True)
@@ -102,39 +102,39 @@ def _report(run_dir: str) -> None:
         )
 
 
-def _run(plan: CheckedCompare) -> CompareOutcome:
+def _run(checked: CheckedCompare) -> CompareOutcome:
     start = time.monotonic()
-    store = RunStore(plan.job.out)
+    store = RunStore(checked.job.out)
     existed = store.exists()
     stored = store.read_run_info()
     if stored is not None:
-        _check_resume(plan, store, stored)  # before the lease: a refusal writes nothing
+        _check_resume(checked, store, stored)  # before the lease: a refusal writes nothing
     lease = RunLease(store).acquire()
     created = False
     try:
-        created = _open_run(plan, store)
+        created = _open_run(checked, store)
         log(f"run dir {store.location}")
         prompts = store.read_table(PROMPTS, COMPARE_PROMPTS_SCHEMA)
         summary = store.read_table(SUMMARY, COMPARE_SUMMARY_SCHEMA)
         scored = 0
         if summary is None:
-            prompts, summary, scored = _compare(plan, store)
+            prompts, summary, scored = _compare(checked, store)
     finally:
         lease.release()
         _remove_if_empty(store, created, existed)
     return CompareOutcome(store.uri, prompts, summary, time.monotonic() - start, scored)
 
 
-def _open_run(plan: CheckedCompare, store: RunStore) -> bool:
+def _open_run(checked: CheckedCompare, store: RunStore) -> bool:
     """Create run.json, or check the stored one against this compare; True when created."""
     stored = store.read_run_info()
     if stored is not None:
-        _check_resume(plan, store, stored)
+        _check_resume(checked, store, stored)
         return False
-    sources = {side: dataclasses.asdict(plan.sources[side]) for side in SIDES}
+    sources = {side: dataclasses.asdict(checked.sources[side]) for side in SIDES}
     info = {
         "kind": KIND,
-        "config": plan.job.to_dict(),
+        "config": checked.job.to_dict(),
         "model_sources": sources,
         **environment_info(),
     }
@@ -142,13 +142,13 @@ def _open_run(plan: CheckedCompare, store: RunStore) -> bool:
     return True
 
 
-def _check_resume(plan: CheckedCompare, store: RunStore, stored: dict[str, Any]) -> None:
+def _check_resume(checked: CheckedCompare, store: RunStore, stored: dict[str, Any]) -> None:
     """The run dir holds this compare of these two models, and only files it can read."""
     if stored.get("kind") != KIND:
         raise ConfigError(
             f"run dir {store.uri} holds a dtm-ray run, not a compare; choose another --out"
         )
-    keys = compare_differences(stored["config"], plan.job.to_dict())
+    keys = compare_differences(stored["config"], checked.job.to_dict())
     if keys:
         raise ConfigError(
             f"run dir {store.uri} holds a compare with other settings ({', '.join(keys)}); "
@@ -156,7 +156,7 @@ def _check_resume(plan: CheckedCompare, store: RunStore, stored: dict[str, Any])
         )
     for side in SIDES:
         before = (stored.get("model_sources") or {}).get(side, {}).get("digest")
-        now = plan.sources[side].digest
+        now = checked.sources[side].digest
         if before is not None and before != now:
             raise ConfigError(
                 f"run dir {store.uri} compared another {side} model (digest {before}, now {now}: "
@@ -179,11 +179,11 @@ def _remove_if_empty(store: RunStore, created: bool, existed: bool) -> None:
         log(f"warning: could not tidy up {store.location}: {err}")
 
 
-def _engines(plan: CheckedCompare, store: RunStore, side: str) -> Engines:
-    job = plan.job
+def _engines(checked: CheckedCompare, store: RunStore, side: str) -> Engines:
+    job = checked.job
     config = getattr(job.compare, side)
     spec = PoolSpec(
-        model=plan.sources[side],
+        model=checked.sources[side],
         engine=config.engine_config(),
         resources=job.resources_per_worker,
         max_in_flight=job.max_in_flight_per_worker,
@@ -216,17 +216,17 @@ def _seconds(store: RunStore, side: str) -> float:
     return float(((store.read_run_info() or {}).get("seconds") or {}).get(side, 0.0))
 
 
-def _compare(plan: CheckedCompare, store: RunStore) -> tuple[pa.Table, pa.Table, int]:
-    base = _engines(plan, store, "base")
-    candidate = _engines(plan, store, "candidate")
+def _compare(checked: CheckedCompare, store: RunStore) -> tuple[pa.Table, pa.Table, int]:
+    base = _engines(checked, store, "base")
+    candidate = _engines(checked, store, "candidate")
     try:
         started = time.monotonic()
-        reference, base_text, worked = _base_phase(plan, store, base)
+        reference, base_text, worked = _base_phase(checked, store, base)
         base.release()  # the candidate gets the whole machine
         if worked:
             _add_seconds(store, "base", time.monotonic() - started)
         started = time.monotonic()
-        candidate_text, scored = _candidate_phase(plan, store, candidate, reference)
+        candidate_text, scored = _candidate_phase(checked, store, candidate, reference)
         candidate.release()
         if scored or candidate_text[1]:
             _add_seconds(store, "candidate", time.monotonic() - started)
@@ -235,12 +235,12 @@ def _compare(plan: CheckedCompare, store: RunStore) -> tuple[pa.Table, pa.Table,
         base.close()  # shuts down a Ray it started, last
     chunks = store.read_folder("compare/chunks", COMPARE_CHUNK_SCHEMA)
     prompts = prompt_table(
-        reference, candidate_arrays(chunks, reference.prompts), plan.job.compare.near_tie
+        reference, candidate_arrays(chunks, reference.prompts), checked.job.compare.near_tie
     )
     store.write_table(PROMPTS, prompts)
-    job = plan.job
+    job = checked.job
     facts = {
-        **{side: plan.sources[side].name for side in SIDES},
+        **{side: checked.sources[side].name for side in SIDES},
         **{f"{side}_engine": getattr(job.compare, side).engine for side in SIDES},
         **{f"{side}_dtype": _dtype_of(store, side, job) for side in SIDES},
         "new_tokens": job.new_tokens,
@@ -263,14 +263,14 @@ def _dtype_of(store: RunStore, side: str, job: Any) -> str:
 
 
 def _base_phase(
-    plan: CheckedCompare, store: RunStore, engines: Engines
+    checked: CheckedCompare, store: RunStore, engines: Engines
 ) -> tuple[Reference, pa.Table, bool]:
     """The base's reference and its text NLL: read back, or computed on the base's actors."""
-    job, worked = plan.job, False
+    job, worked = checked.job, False
     table = store.read_reference(0)
     if table is None:
         pool = engines.pool
-        prefixes = plan.prefixes
+        prefixes = checked.prefixes
         if prefixes is None:  # `self`: the base samples its own prompts
             p = job.prompts
             source = source_for_actors(p.source)
@@ -285,8 +285,8 @@ def _base_phase(
     reference = reference_from_table(table)
     text = store.read_table(text_name("base"), COMPARE_TEXT_SCHEMA)
     if text is None:
-        log(f"base: perplexity on {len(plan.windows)} windows of {job.evaluation.text}")
-        nll = np.concatenate(engines.pool.split("window_nll", plan.windows))
+        log(f"base: perplexity on {len(checked.windows)} windows of {job.evaluation.text}")
+        nll = np.concatenate(engines.pool.split("window_nll", checked.windows))
         text = text_table("base", nll)
         store.write_table(text_name("base"), text)
         worked = True
@@ -294,12 +294,12 @@ def _base_phase(
 
 
 def _candidate_phase(
-    plan: CheckedCompare, store: RunStore, engines: Engines, reference: Reference
+    checked: CheckedCompare, store: RunStore, engines: Engines, reference: Reference
 ) -> tuple[tuple[pa.Table, bool], int]:
     """The candidate's chunks and text NLL: read back, or computed on the candidate's actors.
     Returns ((text table, computed now), chunks scored now)."""
     done = set(store.table_names("compare/chunks"))
-    chunks = plan.chunks
+    chunks = checked.chunks
     pending = [k for k in range(len(chunks)) if chunk_name(k).rpartition("/")[2] not in done]
     log(
         f"candidate: scoring the reference: {len(pending)} of {len(chunks)} chunk(s) to run, "
@@ -328,8 +328,9 @@ def _candidate_phase(
     text = store.read_table(text_name("candidate"), COMPARE_TEXT_SCHEMA)
     computed = False
     if text is None:
-        log(f"candidate: perplexity on {len(plan.windows)} windows of {plan.job.evaluation.text}")
-        nll = np.concatenate(engines.pool.split("window_nll", plan.windows))
+        windows = checked.windows
+        log(f"candidate: perplexity on {len(windows)} windows of {checked.job.evaluation.text}")
+        nll = np.concatenate(engines.pool.split("window_nll", windows))
         text = text_table("candidate", nll)
         store.write_table(text_name("candidate"), text)
         computed = True

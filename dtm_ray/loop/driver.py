@@ -107,19 +107,19 @@ class RunOutcome:
 
 
 def run_checked_job(
-    plan: CheckedJob,
+    checked: CheckedJob,
     streaming: Streaming = Streaming(),  # noqa: B008 - frozen, so one shared default is safe
     print_summary: bool = True,
     verbose: bool = False,
 ) -> RunOutcome:
-    """Run (or resume) a checked job into `plan.job.out`.
+    """Run (or resume) a checked job into `checked.job.out`.
 
     Uses the Ray this process is already connected to; otherwise joins RAY_ADDRESS, or starts a
     local Ray for the duration of the call. Output of the engines (vLLM, transformers, Ray)
     goes to `logs/engines.log` of the run (`verbose` shows it too); see `dtm_ray.cluster.logs`.
     """
-    with engine_logs(local_log_dir(plan.job.out) / ENGINE_LOG, verbose):
-        outcome = _run_checked_job(plan, streaming, print_summary)
+    with engine_logs(local_log_dir(checked.job.out) / ENGINE_LOG, verbose):
+        outcome = _run_checked_job(checked, streaming, print_summary)
     _report(outcome.run_dir)
     return outcome
 
@@ -137,28 +137,28 @@ def _report(run_dir: str) -> None:
         )
 
 
-def _run_checked_job(plan: CheckedJob, streaming: Streaming, print_summary: bool) -> RunOutcome:
+def _run_checked_job(checked: CheckedJob, streaming: Streaming, print_summary: bool) -> RunOutcome:
     start = time.monotonic()
-    job = plan.job
+    job = checked.job
     store = RunStore(job.out)
     existed = store.exists()
     stored = store.read_run_info()
     if stored is not None:
-        _check_resume(plan, store, stored)  # before the lease: a refusal writes nothing
+        _check_resume(checked, store, stored)  # before the lease: a refusal writes nothing
     # One driver at a time: a second one refuses here, naming the holder.
     lease = RunLease(store).acquire()
     created = False
     try:
-        created = _open_run(plan, store)
+        created = _open_run(checked, store)
         # Under `ray job submit` a relative path lands in the job's working directory copy.
         log(f"run dir {store.location}")
         final = None
-        if plan.compress is None:
-            ran = _probe_only(plan, store, streaming)
+        if checked.compress is None:
+            ran = _probe_only(checked, store, streaming)
         else:
-            ran, final = _compress(plan, store, streaming)
+            ran, final = _compress(checked, store, streaming)
             if job.evaluate is not None:
-                final["tasks"] = _tasks(store, plan)
+                final["tasks"] = _tasks(store, checked)
     finally:
         lease.release()
         _remove_if_empty(store, created, existed)
@@ -189,24 +189,24 @@ def _remove_if_empty(store: RunStore, created: bool, existed: bool) -> None:
         log(f"warning: could not tidy up {store.location}: {err}")
 
 
-def _open_run(plan: CheckedJob, store: RunStore) -> bool:
+def _open_run(checked: CheckedJob, store: RunStore) -> bool:
     """Create run.json, or check the stored one against this job; True when created here."""
-    job = plan.job
+    job = checked.job
     config = job.to_dict()
-    fingerprint, digest = config_fingerprint(config), plan.model_source.digest
+    fingerprint, digest = config_fingerprint(config), checked.model_source.digest
     store.fingerprint = fingerprint
     stored = store.read_run_info()
     if stored is None:
         info = {**environment_info(), "config_fingerprint": fingerprint, "model_digest": digest}
-        info["model_source"] = dataclasses.asdict(plan.model_source)
-        info["prompt_roles"] = plan.roles
+        info["model_source"] = dataclasses.asdict(checked.model_source)
+        info["prompt_roles"] = checked.roles
         store.write_json("run.json", {"config": config, **info})
         return True
-    _check_resume(plan, store, stored)  # again: another driver may have written it meanwhile
+    _check_resume(checked, store, stored)  # again: another driver may have written it meanwhile
     return False
 
 
-def _check_resume(plan: CheckedJob, store: RunStore, stored: dict[str, Any]) -> None:
+def _check_resume(checked: CheckedJob, store: RunStore, stored: dict[str, Any]) -> None:
     """The run dir holds this job, on this model, and only files it can read."""
     compress = stored["config"].get("compress") or {}
     if compress.get("method") == "quantize" and "fused" not in compress:
@@ -225,10 +225,10 @@ def _check_resume(plan: CheckedJob, store: RunStore, stored: dict[str, Any]) -> 
             "prompt roles in its run.json): it cannot be continued; start the job again with "
             "another --out (show and report still read this one)"
         )
-    check_same_config(stored["config"], plan.job.to_dict(), store.uri)
-    _check_roles(plan, store, stored.get("prompt_roles"))
-    _keep_revision(plan, stored.get("model_source"))
-    digest = plan.model_source.digest
+    check_same_config(stored["config"], checked.job.to_dict(), store.uri)
+    _check_roles(checked, store, stored.get("prompt_roles"))
+    _keep_revision(checked, stored.get("model_source"))
+    digest = checked.model_source.digest
     if stored.get("model_digest", digest) != digest:
         raise ConfigError(
             f"run dir {store.uri} was measured on another model (digest "
@@ -238,12 +238,12 @@ def _check_resume(plan: CheckedJob, store: RunStore, stored: dict[str, Any]) -> 
     store.check_files(TABLE_SCHEMAS)  # a corrupt file is named now, not deep inside a round
 
 
-def _check_roles(plan: CheckedJob, store: RunStore, stored: Any) -> None:
+def _check_roles(checked: CheckedJob, store: RunStore, stored: Any) -> None:
     """The prompts of every role are the ones the run drew: the same windows of the same
     tokens (a prompt file edited since, or another tokenizer, would draw others)."""
     if stored is None:  # a probe-only run from before the roles: its reference holds its prompts
         return
-    now = json.loads(json.dumps(plan.roles))
+    now = json.loads(json.dumps(checked.roles))
     changed = [
         f"{role} {key}"
         for role in sorted(set(stored) | set(now))
@@ -258,17 +258,17 @@ def _check_roles(plan: CheckedJob, store: RunStore, stored: Any) -> None:
         )
 
 
-def _keep_revision(plan: CheckedJob, stored: Any) -> None:
+def _keep_revision(checked: CheckedJob, stored: Any) -> None:
     """A resumed run goes on with the hub revision it started with, even when the job names a
     branch that has moved since: a run never mixes two revisions of a model."""
-    now = plan.model_source
+    now = checked.model_source
     if not isinstance(stored, dict) or now.kind != HUB or stored.get("kind") != HUB:
         return
     if stored.get("id") != now.id or stored.get("revision") in (None, now.revision):
         return
     pinned = resolve_source(f"{now.id}@{stored['revision']}")
     log(f"resuming on {pinned.name}, the revision the run started with ({now.name} now)")
-    plan.source, plan.model_dir = pinned, driver_folder(pinned)
+    checked.source, checked.model_dir = pinned, driver_folder(pinned)
 
 
 def _record_actors(store: RunStore, infos: list[dict[str, Any]]) -> None:
@@ -295,23 +295,23 @@ def _record_actors(store: RunStore, infos: list[dict[str, Any]]) -> None:
     store.write_json("run.json", run)
 
 
-def _engines(plan: CheckedJob, store: RunStore, workers: int) -> JobEngines:
-    engines = JobEngines(plan, workers)
+def _engines(checked: CheckedJob, store: RunStore, workers: int) -> JobEngines:
+    engines = JobEngines(checked, workers)
     engines.on_start = lambda infos: _record_actors(store, infos)
     return engines
 
 
-def _probe_only(plan: CheckedJob, store: RunStore, streaming: Streaming) -> int:
-    job = plan.job
-    probes = [Probe(c, s) for c, s in plan.probes]
+def _probe_only(checked: CheckedJob, store: RunStore, streaming: Streaming) -> int:
+    job = checked.job
+    probes = [Probe(c, s) for c, s in checked.probes]
     # The reference is split across every worker; probes alone never need more actors than probes.
-    done = store.finished_probes(0, failed=not plan.retry_failed)
+    done = store.finished_probes(0, failed=not checked.retry_failed)
     pending = sum(p.key not in done for p in probes)
     if store.read_reference(0) is None:
         workers = job.workers
     else:
         workers = min(job.workers, max(1, pending))
-    engines = _engines(plan, store, workers)
+    engines = _engines(checked, store, workers)
     try:
         state = ModelState()
         reference = build_reference(engines, store, job, 0, state)
@@ -324,17 +324,17 @@ def _probe_only(plan: CheckedJob, store: RunStore, streaming: Streaming) -> int:
 
 # --- compression ---------------------------------------------------------------------------------
 def _compress(
-    plan: CheckedJob, store: RunStore, streaming: Streaming
+    checked: CheckedJob, store: RunStore, streaming: Streaming
 ) -> tuple[int, dict[str, pa.Table]]:
-    engines = _engines(plan, store, plan.job.workers)
-    loop = run_sparsify if plan.compress.method == "sparsify" else run_quantize
+    engines = _engines(checked, store, checked.job.workers)
+    loop = run_sparsify if checked.compress.method == "sparsify" else run_quantize
     try:
         # The dense model's greedy text on the held-out prompts, once, before any decision: the
         # validate reference is what the floors read, the test one only the final evaluation.
         for role in HELDOUT_ROLES:
             build_heldout(engines, store, role)
-        result = loop(plan, store, engines, streaming)
-        final = _final(plan, store, engines, result.state, result.states, result.rounds)
+        result = loop(checked, store, engines, streaming)
+        final = _final(checked, store, engines, result.state, result.states, result.rounds)
     finally:
         engines.close()
     _export(store)
@@ -351,7 +351,7 @@ def _export(store: RunStore) -> None:
     log(f"exported the compressed model to {export_run(store.uri)}")
 
 
-def _tasks(store: RunStore, plan: CheckedJob) -> pa.Table:
+def _tasks(store: RunStore, checked: CheckedJob) -> pa.Table:
     """`final/tasks/`: the job's lm-eval tasks on the dense model and the export (once)."""
     from dtm_ray.results.tasks import (
         evaluate_run,  # lm-eval loads only for jobs that evaluate tasks
@@ -361,12 +361,12 @@ def _tasks(store: RunStore, plan: CheckedJob) -> pa.Table:
     if stored is not None:
         return stored
     log("lm-eval tasks on the dense model and the compressed export")
-    return evaluate_run(store.uri, plan.job.evaluate, plan.tasks)
+    return evaluate_run(store.uri, checked.job.evaluate, checked.tasks)
 
 
 # --- the final evaluation -------------------------------------------------------------------
 def _final(
-    plan: CheckedJob,
+    checked: CheckedJob,
     store: RunStore,
     engines: JobEngines,
     state: ModelState,
@@ -382,7 +382,7 @@ def _final(
     stored = {name: store.read_final(name, schema) for name, schema in schemas.items()}
     if all(t is not None for t in stored.values()):
         return stored
-    job = plan.job
+    job = checked.job
     log("final evaluation against the dense model")
     started = time.monotonic()
     pool = engines.pool
@@ -406,8 +406,8 @@ def _final(
         states,
         rounds,
         evaluation.text,
-        *pool.call("dtype_of", plan.components[0].name),
-        target_bits=plan.compress.target_bits,
+        *pool.call("dtype_of", checked.components[0].name),
+        target_bits=checked.compress.target_bits,
     )
     each = ", ".join(
         f"{role} {r.reference.prompts} prompts {result.seconds:.1f} s"

@@ -100,17 +100,17 @@ def sparsify_steps(target: float, step: float, start: float = 0.0) -> list[float
     return steps
 
 
-def schedule(plan: CheckedJob) -> list[RoundPlan]:
+def schedule(checked: CheckedJob) -> list[RoundPlan]:
     """The rounds a job will run, and the final evaluation of a compressing job."""
-    components = len(plan.components)
-    compress = plan.compress
+    components = len(checked.components)
+    compress = checked.compress
     if compress is None:
-        specs = plan.specs or DEFAULT_PROBE_SPECS
+        specs = checked.specs or DEFAULT_PROBE_SPECS
         return [
             RoundPlan("0", components * len(specs), "new", f"specs {', '.join(specs)}"),
             RoundPlan("finish", 0, "-", "report"),
         ]
-    counts = role_counts(plan.job)
+    counts = role_counts(checked.job)
     rounds: list[RoundPlan] = [
         RoundPlan(
             "held-out",
@@ -146,10 +146,10 @@ def schedule(plan: CheckedJob) -> list[RoundPlan]:
                     RoundPlan(str(index), 2 * components, reference, f"added {lo:.3f}, {hi:.3f}")
                 )
     else:
-        workers = plan.job.workers
+        workers = checked.job.workers
         index = 0
         if compress.fused:  # the units probed and searched are the fused groups
-            components = len(fused_groups(plan.components))
+            components = len(fused_groups(checked.components))
         unit = "unit" if compress.fused else "component"
         budget = compress.target_bits is not None
         # With a bits budget the last level is the fallback: it takes what is left, unprobed.
@@ -168,7 +168,7 @@ def schedule(plan: CheckedJob) -> list[RoundPlan]:
                     0 if scores else components,
                     "new" if index == 0 else "-",
                     what,
-                    scored=len(plan.components) if scores else 0,
+                    scored=len(checked.components) if scores else 0,
                 )
             )
             index += 1
@@ -194,18 +194,18 @@ def schedule(plan: CheckedJob) -> list[RoundPlan]:
     return rounds
 
 
-def _round_prompts(plan: CheckedJob, round_: RoundPlan) -> int:
-    counts = role_counts(plan.job)
+def _round_prompts(checked: CheckedJob, round_: RoundPlan) -> int:
+    counts = role_counts(checked.job)
     if round_.role == "held-out":
         return counts["validate"] + counts["test"]
     return counts[round_.role]
 
 
-def tokens_scored(plan: CheckedJob, round_: RoundPlan) -> int:
+def tokens_scored(checked: CheckedJob, round_: RoundPlan) -> int:
     """Tokens run through the model in a round: prefill of every probe and the reference."""
-    job = plan.job
+    job = checked.job
     sequence = job.prompts.prefix_tokens + job.new_tokens
-    prompts = _round_prompts(plan, round_)
+    prompts = _round_prompts(checked, round_)
     tokens = round_.probes * prompts * sequence
     if round_.probes:  # the noise floor: the round's model scored once on every actor
         tokens += job.workers * prompts * sequence
@@ -213,7 +213,7 @@ def tokens_scored(plan: CheckedJob, round_: RoundPlan) -> int:
         tokens += prompts * (sequence + job.new_tokens)  # scored, plus generated one by one
     elif round_.reference == "reused":
         tokens += prompts * sequence
-    tokens += sensitivity_tokens(plan, round_)
+    tokens += sensitivity_tokens(checked, round_)
     if round_.label == "final":
         # the result against the dense reference on every role's prompts
         tokens += sum(role_counts(job).values()) * sequence
@@ -221,44 +221,44 @@ def tokens_scored(plan: CheckedJob, round_: RoundPlan) -> int:
     return tokens
 
 
-def sensitivity_tokens(plan: CheckedJob, round_: RoundPlan) -> int:
+def sensitivity_tokens(checked: CheckedJob, round_: RoundPlan) -> int:
     """Forward-pass-equivalent tokens of a sensitivity round (see the module docstring): fisher's
     passes over the calibration text on each actor that scores a share; weight_error none."""
-    compress = plan.compress
+    compress = checked.compress
     if not round_.scored or compress is None or compress.guide != FISHER:
         return 0
-    job = plan.job
+    job = checked.job
     sequence = job.prompts.prefix_tokens + job.new_tokens
     actors = min(job.workers, round_.scored)
     return math.ceil(FISHER_PASS_FACTOR * compress.calibration_count * sequence * actors)
 
 
 # --- costs ---------------------------------------------------------------------------------------
-def model_parameters(plan: CheckedJob) -> int:
+def model_parameters(checked: CheckedJob) -> int:
     """Parameters of every linear weight plus the output embedding: what a token multiplies."""
-    config = json.loads((plan.model_dir / "config.json").read_text())
-    linear = sum(c.params for c in load_components(plan.model_dir))
+    config = json.loads((checked.model_dir / "config.json").read_text())
+    linear = sum(c.params for c in load_components(checked.model_dir))
     return linear + int(config.get("vocab_size", 0)) * int(config.get("hidden_size", 0))
 
 
-def _bytes_per_value(plan: CheckedJob) -> int:
-    dtype = plan.job.dtype
+def _bytes_per_value(checked: CheckedJob) -> int:
+    dtype = checked.job.dtype
     if dtype == "auto":
-        return 2 if plan.job.resources_per_worker.get("GPU", 0) > 0 else 4
+        return 2 if checked.job.resources_per_worker.get("GPU", 0) > 0 else 4
     return 4 if dtype == "float32" else 2
 
 
-def worker_flops(plan: CheckedJob) -> float:
-    resources = plan.job.resources_per_worker
+def worker_flops(checked: CheckedJob) -> float:
+    resources = checked.job.resources_per_worker
     if resources.get("GPU", 0) > 0:
         return GPU_FLOPS_PER_GPU * resources["GPU"]
     return CPU_FLOPS_PER_CORE * max(1.0, resources.get("CPU", 1))
 
 
-def flop_costs(plan: CheckedJob, flops: float | None = None) -> Costs:
-    flops = flops or worker_flops(plan)
-    per_token = 2.0 * model_parameters(plan)
-    job = plan.job
+def flop_costs(checked: CheckedJob, flops: float | None = None) -> Costs:
+    flops = flops or worker_flops(checked)
+    per_token = 2.0 * model_parameters(checked)
+    job = checked.job
     sequence = job.prompts.prefix_tokens + job.new_tokens
     probe_tokens = job.prompts.count * sequence
     reference_tokens = job.prompts.count * (sequence + job.new_tokens)
@@ -271,15 +271,15 @@ def flop_costs(plan: CheckedJob, flops: float | None = None) -> Costs:
     )
 
 
-def calibration_actors(plan: CheckedJob) -> int:
+def calibration_actors(checked: CheckedJob) -> int:
     """Engines to calibrate on: one when each has its own GPU; all of the job's when they share
     a machine's CPUs, because there each probe slows down the others (cores, memory bandwidth)."""
-    if plan.job.resources_per_worker.get("GPU", 0) > 0:
+    if checked.job.resources_per_worker.get("GPU", 0) > 0:
         return 1
-    return min(plan.job.workers, len(plan.components))
+    return min(checked.job.workers, len(checked.components))
 
 
-def calibrate(plan: CheckedJob) -> Costs:
+def calibrate(checked: CheckedJob) -> Costs:
     """Time start-up, the reference and a probe per actor on `calibration_actors` engines."""
     import ray
 
@@ -287,10 +287,10 @@ def calibrate(plan: CheckedJob) -> Costs:
     from dtm_ray.core.state import ModelState
     from dtm_ray.loop.rounds import JobEngines, scored_prefixes
 
-    job = plan.job
-    actors = calibration_actors(plan)
+    job = checked.job
+    actors = calibration_actors(checked)
     start = time.monotonic()
-    engines = JobEngines(plan, actors)
+    engines = JobEngines(checked, actors)
     try:
         pool = engines.pool
         startup = time.monotonic() - start
@@ -300,11 +300,11 @@ def calibrate(plan: CheckedJob) -> Costs:
         reference_s = time.monotonic() - began
         reference = concat_references(parts)
         context = ray.put(RoundContext(0, ModelState(), reference))
-        spec = _calibration_spec(plan)
+        spec = _calibration_spec(checked)
         # Components from across the selection: a probe's cost falls with its layer (a probe
         # on layer L starts at L where the engine can), so the middle stands for the mean.
-        n = len(plan.components)
-        spread = [plan.components[(2 * i + 1) * n // (2 * actors)] for i in range(actors)]
+        n = len(checked.components)
+        spread = [checked.components[(2 * i + 1) * n // (2 * actors)] for i in range(actors)]
         waves = []
         for _ in range(2):  # the first probe of an engine may pay one-time costs
             began = time.monotonic()
@@ -326,45 +326,45 @@ def calibrate(plan: CheckedJob) -> Costs:
     )
 
 
-def _calibration_spec(plan: CheckedJob) -> str:
-    compress = plan.compress
+def _calibration_spec(checked: CheckedJob) -> str:
+    compress = checked.compress
     if compress is None:
-        return (plan.specs or DEFAULT_PROBE_SPECS)[0]
+        return (checked.specs or DEFAULT_PROBE_SPECS)[0]
     if compress.method == "quantize":
         return compress.levels[0]
     return "magnitude:0.5"  # timing only: wanda's scoring costs the same
 
 
-def estimate(plan: CheckedJob, costs: Costs) -> Estimate:
-    workers = plan.job.workers
-    rounds = schedule(plan)
+def estimate(checked: CheckedJob, costs: Costs) -> Estimate:
+    workers = checked.job.workers
+    rounds = schedule(checked)
     seconds = []
-    decide = plan.job.prompts.count
+    decide = checked.job.prompts.count
     for round_ in rounds:
         # Costs were measured on the decide prompts; other roles scale with their count.
-        scale = _round_prompts(plan, round_) / decide
+        scale = _round_prompts(checked, round_) / decide
         s = math.ceil(round_.probes / workers) * costs.probe * scale
         if round_.probes:  # the noise floor: one null probe per actor, all at once
             s += costs.probe * scale
-        if round_.scored and plan.compress.guide == FISHER:  # the actors' passes, all at once
-            s += FISHER_PASS_FACTOR * costs.probe * plan.compress.calibration_count / decide
+        if round_.scored and checked.compress.guide == FISHER:  # the actors' passes, all at once
+            s += FISHER_PASS_FACTOR * costs.probe * checked.compress.calibration_count / decide
         if round_.reference == "new":
-            prompts = _round_prompts(plan, round_)
+            prompts = _round_prompts(checked, round_)
             s += costs.reference * scale / min(workers, prompts)
         elif round_.reference == "reused":
             s += costs.probe
         if round_.label == "final":
             # Scoring against the dense reference on every role, plus perplexity on text, the
             # calls spread over the actors.
-            job = plan.job
+            job = checked.job
             text = job.evaluation.count * job.evaluation.tokens
             scored = decide * (job.prompts.prefix_tokens + job.new_tokens)
             every = sum(role_counts(job).values()) / decide
             s += costs.probe * (every + 2 * text / scored) / min(workers, 5)
         if round_.label == "finish":
             s += REPORT_SECONDS
-            if plan.compress is not None:  # writing the checkpoint
-                s += model_parameters(plan) * _bytes_per_value(plan) / EXPORT_BYTES_PER_SECOND
+            if checked.compress is not None:  # writing the checkpoint
+                s += model_parameters(checked) * _bytes_per_value(checked) / EXPORT_BYTES_PER_SECOND
         seconds.append(s)
     return Estimate(rounds, costs, workers, seconds)
 
@@ -379,44 +379,44 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
-def plan_memory(
-    plan: CheckedJob, gpu_bytes: int | None = None, node_gpus: int | None = None
+def job_memory(
+    checked: CheckedJob, gpu_bytes: int | None = None, node_gpus: int | None = None
 ) -> MemoryPlan:
     """The job's memory per actor and per node (`dtm_ray.job.memory`), on its model."""
-    config = json.loads((plan.model_dir / "config.json").read_text())
-    every = load_components(plan.model_dir)
-    return memory_plan(config, plan.job, plan.components, every, gpu_bytes, node_gpus)
+    config = json.loads((checked.model_dir / "config.json").read_text())
+    every = load_components(checked.model_dir)
+    return memory_plan(config, checked.job, checked.components, every, gpu_bytes, node_gpus)
 
 
-def format_estimate(plan: CheckedJob, result: Estimate, memory: MemoryPlan | None = None) -> str:
-    job = plan.job
-    params = model_parameters(plan)
-    selected = sum(c.params for c in plan.components)
-    compress = plan.compress
+def format_estimate(checked: CheckedJob, result: Estimate, memory: MemoryPlan | None = None) -> str:
+    job = checked.job
+    params = model_parameters(checked)
+    selected = sum(c.params for c in checked.components)
+    compress = checked.compress
     what = "probe-only" if compress is None else f"{compress.method} (guide {compress.guide})"
     lines = [
         f"model {job.model}: {params / 1e6:,.1f} M parameters in linear weights and the output "
-        f"embedding; {len(plan.components)} components selected ({selected / 1e6:,.1f} M)",
+        f"embedding; {len(checked.components)} components selected ({selected / 1e6:,.1f} M)",
         f"job: {what}, engine {job.engine} ({job.dtype}), {job.workers} worker(s) of "
-        f"{job.resources_per_worker}; {_prompt_counts(plan)} x "
+        f"{job.resources_per_worker}; {_prompt_counts(checked)} x "
         f"({job.prompts.prefix_tokens} + {job.new_tokens}) tokens",
         describe_batch_invariance(
             job.engine_options.get("batch_invariant"),
             job.engine,
             job.resources_per_worker.get("GPU", 0),
         ),
-        *interval_lines(plan),
+        *interval_lines(checked),
         "",
         f"{'round':>8} {'probes':>7} {'reference':>9} {'tokens':>12} {'time':>12}  what",
     ]
     for round_, seconds in zip(result.rounds, result.seconds, strict=True):
         lines.append(
             f"{round_.label:>8} {round_.probes:>7} {round_.reference:>9} "
-            f"{tokens_scored(plan, round_):>12,} {_duration(seconds):>12}  {round_.note}"
+            f"{tokens_scored(checked, round_):>12,} {_duration(seconds):>12}  {round_.note}"
         )
     rounds = [r for r in result.rounds if r.label not in ("held-out", "final", "finish")]
     probes = sum(r.probes for r in result.rounds)
-    tokens = sum(tokens_scored(plan, r) for r in result.rounds)
+    tokens = sum(tokens_scored(checked, r) for r in result.rounds)
     scored = sum(r.scored for r in result.rounds)
     c = result.costs
     if scored:
@@ -443,24 +443,24 @@ def format_estimate(plan: CheckedJob, result: Estimate, memory: MemoryPlan | Non
     if compress is not None and compress.method == "quantize" and compress.guide != "uniform":
         lines.append("(search rounds: the fewest, when every candidate passes; each skip adds one)")
     if compress is not None and compress.method == "quantize":
-        lines += ["", *serving_lines(plan)]
-    lines += ["", *format_memory(memory or plan_memory(plan))]
+        lines += ["", *serving_lines(checked)]
+    lines += ["", *format_memory(memory or job_memory(checked))]
     return "\n".join(lines)
 
 
-def _prompt_counts(plan: CheckedJob) -> str:
-    counts = role_counts(plan.job)
+def _prompt_counts(checked: CheckedJob) -> str:
+    counts = role_counts(checked.job)
     if len(counts) == 1:
         return f"{counts['decide']} prompts"
     return " + ".join(f"{n} {role}" for role, n in counts.items()) + " prompts"
 
 
-def interval_lines(plan: CheckedJob) -> list[str]:
+def interval_lines(checked: CheckedJob) -> list[str]:
     """How sure FDT@75 will be on each role's prompts: the expected width of its 90 % interval
     (`expected_interval_width`: order statistics, FDT spread evenly over 0..N, the wide case),
     and a warning when the validate interval is wider than min_fdt / 2, too wide for the floor
     to be told apart from noise."""
-    job = plan.job
+    job = checked.job
     n_new = job.new_tokens
     counts = role_counts(job)
     widths = {role: expected_interval_width(count, n_new) for role, count in counts.items()}
@@ -471,7 +471,7 @@ def interval_lines(plan: CheckedJob) -> list[str]:
         f"FDT@75's 90% interval, expected width (of N = {n_new}; order statistics, FDT spread "
         f"evenly over 0..N): {shown}"
     ]
-    compress = plan.compress
+    compress = checked.compress
     min_fdt = compress.min_fdt if compress is not None else None
     if min_fdt and widths["validate"] > min_fdt / 2:
         enough = prompts_for_interval_width(min_fdt / 2, n_new)
@@ -484,10 +484,10 @@ def interval_lines(plan: CheckedJob) -> list[str]:
     return lines
 
 
-def serving_lines(plan: CheckedJob) -> list[str]:
+def serving_lines(checked: CheckedJob) -> list[str]:
     """What the export can be served on, for a quantize job: per level, as if every selected
     component took it (the search decides which do)."""
-    compress = plan.compress
+    compress = checked.compress
     lines = ["serving the export (if every selected component took the level):"]
     if not compress.fused:
         lines.append(
@@ -495,9 +495,11 @@ def serving_lines(plan: CheckedJob) -> list[str]:
             "cannot load packed"
         )
     # `auto` resolves on the machine that runs the job; only an explicit dtype is checked.
-    dtype = plan.job.dtype if plan.job.dtype != "auto" else "bfloat16"
+    dtype = checked.job.dtype if checked.job.dtype != "auto" else "bfloat16"
     for level in compress.levels:
-        notes = serving_notes(plan.components, {c.name: level for c in plan.components}, dtype)
+        notes = serving_notes(
+            checked.components, {c.name: level for c in checked.components}, dtype
+        )
         found = notes["vllm_gpu_marlin"] + notes["vllm_cpu"]
         lines += [f"  {level}: {note}" for note in found] or [f"  {level}: no known limit"]
     return lines

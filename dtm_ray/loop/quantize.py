@@ -81,22 +81,22 @@ class _Rounds:
     numbers the rounds and commits each one's decisions/ and states/ rows once."""
 
     def __init__(
-        self, plan: CheckedJob, store: RunStore, engines: JobEngines, streaming: Streaming
+        self, checked: CheckedJob, store: RunStore, engines: JobEngines, streaming: Streaming
     ) -> None:
-        self.plan, self.store, self.engines, self.streaming = plan, store, engines, streaming
+        self.checked, self.store, self.engines, self.streaming = checked, store, engines, streaming
         # Every quantize round measures against the dense model: the rank rounds on the decide
         # prompts (round 0's reference), the search rounds on the validate prompts.
-        self.dense_round = build_reference(engines, store, plan.job, 0, ModelState())
+        self.dense_round = build_reference(engines, store, checked.job, 0, ModelState())
         self.dense = self.dense_round.reference
         self.validate_round = build_heldout(engines, store, "validate")
-        self.by_name = {c.name: c for c in plan.components}
-        self.params = {c.name: c.params for c in plan.components}
+        self.by_name = {c.name: c for c in checked.components}
+        self.params = {c.name: c.params for c in checked.components}
         # unit name -> its components' names: a fused group, or one component under its own name
-        if plan.compress.fused:
-            groups = fused_groups(plan.components)
+        if checked.compress.fused:
+            groups = fused_groups(checked.components)
             self.units = {u: tuple(c.name for c in members) for u, members in groups.items()}
         else:
-            self.units = {c.name: (c.name,) for c in plan.components}
+            self.units = {c.name: (c.name,) for c in checked.components}
         self.unit_params = {u: sum(self.params[n] for n in m) for u, m in self.units.items()}
         self.unit_of_last = {members[-1]: unit for unit, members in self.units.items()}
         self.next = 0
@@ -123,7 +123,7 @@ class _Rounds:
         (default: on the decide prompts); returns the round number."""
         round_ = self.next
         against = against or self.dense_round
-        done = self.store.finished_probes(round_, failed=not self.engines.plan.retry_failed)
+        done = self.store.finished_probes(round_, failed=not self.engines.checked.retry_failed)
         # The dense model's own scores are stored; a compressed state's the first actor gives.
         dense = state.base is None and not any(state.chains.values())
         noise_floor(
@@ -155,7 +155,7 @@ class _Rounds:
         for row in rows:
             row["round"] = round_
         self.store.write_round_table("decisions", round_, decision_table(rows))
-        table = state_table(round_, state, self.plan.components, self.sparsity)
+        table = state_table(round_, state, self.checked.components, self.sparsity)
         self.store.write_round_table("states", round_, table)
 
 
@@ -183,11 +183,11 @@ def _row(rounds: _Rounds, unit: str, state: ModelState, **values: Any) -> dict[s
 
 
 def run_quantize(
-    plan: CheckedJob, store: RunStore, engines: JobEngines, streaming: Streaming
+    checked: CheckedJob, store: RunStore, engines: JobEngines, streaming: Streaming
 ) -> LoopResult:
     """Run (or resume) the search over every level; `engines.pool` starts actors when needed."""
-    config = plan.compress
-    rounds = _Rounds(plan, store, engines, streaming)
+    config = checked.compress
+    rounds = _Rounds(checked, store, engines, streaming)
     cap = math.floor(config.max_params_share * sum(rounds.params.values()))
     budget, fallback = config.target_bits, config.levels[-1]
     state = ModelState()
@@ -225,7 +225,7 @@ def run_quantize(
         state = _search(rounds, state, level, ranked, cap)
     if budget is not None:
         state = _fallback(rounds, state, fallback)
-    last = state_table(max(rounds.next - 1, 0), state, plan.components, rounds.sparsity)
+    last = state_table(max(rounds.next - 1, 0), state, checked.components, rounds.sparsity)
     return LoopResult(rounds.ran, state, last, rounds.next)
 
 
@@ -235,7 +235,7 @@ def _fill(
     """The units of `order` the bits budget puts at `level` (`budget_prefix`), with their
     decisions/ rows: each carries the average bits once it is placed (the units not yet
     placed at the last level)."""
-    config = rounds.plan.compress
+    config = rounds.checked.compress
     budget, fallback = config.target_bits, config.levels[-1]
     assigned = rounds.assignment(state)
     chosen = budget_prefix(order, rounds.unit_params, level, fallback, budget, assigned)
@@ -269,7 +269,7 @@ def _fallback(rounds: _Rounds, state: ModelState, fallback: str) -> ModelState:
     left = [u for u, names in rounds.units.items() if not state.chain(names[0])]
     if not left:
         return state
-    config = rounds.plan.compress
+    config = rounds.checked.compress
     assigned = {**rounds.assignment(state), **dict.fromkeys(left, fallback)}
     bits = average_bits(assigned, rounds.unit_params, config.levels[-1])
     rows = [
@@ -301,7 +301,7 @@ def _rank(
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """The rank round: every remaining unit alone at `level`; the ranking and its rows (the
     caller commits them)."""
-    guide = rounds.plan.compress.guide
+    guide = rounds.checked.compress.guide
     if is_sensitivity_guide(guide):
         # A sensitivity round instead of probes: every member scored alone at the level, a
         # unit's score the sum of its members'.
@@ -331,7 +331,7 @@ def _rank(
 def _by_unit(rounds: _Rounds, probes: pa.Table) -> pa.Table:
     """The probe rows named by unit, with the unit's parameters (rows are stored under the
     unit's last member)."""
-    if not rounds.plan.compress.fused:
+    if not rounds.checked.compress.fused:
         return probes
     rows = probes.to_pylist()
     for row in rows:
@@ -351,13 +351,13 @@ def _search(
 ) -> ModelState:
     """Search rounds until the ranked list of units is used up (or, with a bits budget, the
     budget is met); returns the state with the level's accepted units."""
-    config = rounds.plan.compress
+    config = rounds.checked.compress
     min_fdt, budget, fallback = config.min_fdt, config.target_bits, config.levels[-1]
     accepted: tuple[str, ...] = ()
     rest: tuple[str, ...] = tuple(ranked)
     skipped: tuple[str, ...] = ()
     while rest:
-        k = rounds.plan.job.workers  # one candidate per engine actor
+        k = rounds.checked.job.workers  # one candidate per engine actor
         if budget is not None:
             # Never a candidate past the unit that meets the budget.
             need = budget_prefix(

@@ -36,8 +36,8 @@ from dtm_ray.records.store import RunStore
 from dtm_ray.results.final import perplexity
 
 
-def recovery_due(plan: CheckedJob, round_: int) -> bool:
-    recovery = plan.compress.recovery
+def recovery_due(checked: CheckedJob, round_: int) -> bool:
+    recovery = checked.compress.recovery
     return recovery is not None and (round_ + 1) % recovery.every == 0
 
 
@@ -46,7 +46,7 @@ def recovered_state(store: RunStore, round_: int) -> ModelState:
 
 
 def recover(
-    plan: CheckedJob, store: RunStore, engines: JobEngines, round_: int, state: ModelState
+    checked: CheckedJob, store: RunStore, engines: JobEngines, round_: int, state: ModelState
 ) -> ModelState:
     """Recovery after round `round_` of committed state `state` (or its result, read back)."""
     recovered = recovered_state(store, round_)
@@ -54,24 +54,24 @@ def recover(
         return recovered
     pool = engines.pool
     dense = reference_of(store, 0)
-    evaluation = plan.job.evaluation
+    evaluation = checked.job.evaluation
     windows = pool.call(
         "load_prompts", source_for_actors(evaluation.text), evaluation.count, evaluation.tokens, 0
     )
     before = pool.call("score", state, dense)
     before_text = pool.call("text_nll", state, windows)
     start = time.monotonic()
-    loss = _base(plan, store, engines, round_, state)
+    loss = _base(checked, store, engines, round_, state)
     seconds = time.monotonic() - start
     pool = engines.pool  # started again when the training released it
     after = pool.call("score", recovered, dense)
     after_text = pool.call("text_nll", recovered, windows)
-    config = plan.compress.recovery
+    config = checked.compress.recovery
     row = {
         "round": round_,
         "steps": config.steps,
         "workers": config.workers,
-        "tensors": len(plan.components),
+        "tensors": len(checked.components),
         "loss": loss,
         "seconds": seconds,
         "fdt_at_75_before": float(fdt_at(before.fdt, 75)),
@@ -93,22 +93,22 @@ def recover(
 
 
 def _base(
-    plan: CheckedJob, store: RunStore, engines: JobEngines, round_: int, state: ModelState
+    checked: CheckedJob, store: RunStore, engines: JobEngines, round_: int, state: ModelState
 ) -> list[float]:
     """Train (or resume training) and write base/round-r; its loss curve. A committed base is
     read back, not trained again."""
     index = store.read_json(f"base/round-{round_:03d}/{BASE_INDEX}")
     if index is not None:
         return [float(v) for v in index["loss"]]
-    config = plan.compress.recovery
-    names = [c.name for c in plan.components]
+    config = checked.compress.recovery
+    names = [c.name for c in checked.components]
     _, dtype = engines.pool.call("dtype_of", names[0])
     recovery = Recovery(
-        model=plan.model_source,
+        model=checked.model_source,
         dtype=dtype,
         state=state,
         names=names,
-        windows=plan.training,
+        windows=checked.training,
         steps=config.steps,
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,

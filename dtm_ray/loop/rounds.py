@@ -41,13 +41,13 @@ from dtm_ray.records.store import RunStore
 
 
 class JobEngines(Engines):
-    """A job's engine pool: actors started with the job's settings, and the plan beside them for
-    the rounds that run on it."""
+    """A job's engine pool: actors started with the job's settings, and the checked job beside
+    them for the rounds that run on it."""
 
-    def __init__(self, plan: CheckedJob, workers: int, actor_class: type = EngineActor) -> None:
-        job = plan.job
+    def __init__(self, checked: CheckedJob, workers: int, actor_class: type = EngineActor) -> None:
+        job = checked.job
         spec = PoolSpec(
-            model=plan.model_source,
+            model=checked.model_source,
             engine=job.engine_config(),
             resources=job.resources_per_worker,
             max_in_flight=job.max_in_flight_per_worker,
@@ -56,7 +56,7 @@ class JobEngines(Engines):
             startup_timeout_s=job.startup_timeout_s,
         )
         super().__init__(spec, workers, actor_class)
-        self.plan = plan
+        self.checked = checked
 
 
 @dataclass(frozen=True)
@@ -121,11 +121,11 @@ def _read_round_reference(
 
 
 def scored_prefixes(engines: JobEngines) -> np.ndarray:
-    """The job's prompt prefixes: cut on the driver when the plan was made; only `self` (the
+    """The job's prompt prefixes: cut on the driver when the job was checked; only `self` (the
     model's own samples) needs an engine to draw them."""
-    if engines.plan.prefixes is not None:
-        return engines.plan.prefixes
-    p = engines.plan.job.prompts
+    if engines.checked.prefixes is not None:
+        return engines.checked.prefixes
+    p = engines.checked.job.prompts
     source = source_for_actors(p.source)
     return engines.pool.call("load_prompts", source, p.count, p.prefix_tokens, p.seed)
 
@@ -136,9 +136,9 @@ def build_heldout(engines: JobEngines, store: RunStore, role: str) -> RoundRefer
     stored = _read_round_reference(store, 0, role)
     if stored is not None:
         return stored
-    plan, job = engines.plan, engines.plan.job
+    checked, job = engines.checked, engines.checked.job
     pool = engines.pool  # started here when nothing started it yet: not part of the time below
-    prefixes = plan.role_prefixes(role)
+    prefixes = checked.role_prefixes(role)
     if prefixes is None:  # `self`: each role samples from its own sampler seeds
         p = job.prompts
         count = role_counts(job)[role]
@@ -326,7 +326,7 @@ def run_probes(
     import ray
 
     round_ = context.round
-    retry_failed = engines.plan.retry_failed
+    retry_failed = engines.checked.retry_failed
     done = store.finished_probes(round_, failed=not retry_failed)
     pending = [p for p in probes if p.key not in done]
     # A failed probe tried again keeps counting its tries from where the last run left it.

@@ -57,8 +57,8 @@ def sensitivity_round(
     if stored is not None:
         log(f"round {round_}: sensitivity read back ({stored.num_rows} candidates)")
         return stored
-    plan = engines.plan
-    job, config = plan.job, plan.compress
+    checked = engines.checked
+    job, config = checked.job, checked.compress
     guide = config.guide
     names = [name for name, specs in candidates.items() if specs]
     added = {(n, spec): a for n, specs in candidates.items() for spec, a in specs}

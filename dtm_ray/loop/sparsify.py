@@ -97,12 +97,12 @@ def _components_table(components: list[Component], sparsity: dict[str, float]) -
 
 
 def run_sparsify(
-    plan: CheckedJob, store: RunStore, engines: JobEngines, streaming: Streaming
+    checked: CheckedJob, store: RunStore, engines: JobEngines, streaming: Streaming
 ) -> LoopResult:
     """Run (or resume) the loop to the target; `engines.pool` starts the actors when needed."""
-    config = plan.compress
-    params = {c.name: c.params for c in plan.components}
-    names = [c.name for c in plan.components]
+    config = checked.compress
+    params = {c.name: c.params for c in checked.components}
+    names = [c.name for c in checked.components]
     ran = 0
     state, sparsity, base_round = ModelState(), None, None
     calibration = read_calibration(store)
@@ -119,15 +119,15 @@ def run_sparsify(
                 log(f"stopping at max_rounds={config.max_rounds}, sparsity {overall:.4f}")
                 break
             ran += _sparsify_round(
-                plan, store, engines, round_, state, sparsity, streaming, base_round
+                checked, store, engines, round_, state, sparsity, streaming, base_round
             )
             committed = store.read_round_table("states", STATE_SCHEMA, round_)
             calibration = read_calibration(store)  # the round may have calibrated
         # Replay from the table, on resume and straight on alike: one path, one result.
         state, sparsity = state_from_table(committed, calibration, store.base_location)
         base_round = committed.column("base_round")[0].as_py()
-        if recovery_due(plan, round_):
-            state, base_round = recover(plan, store, engines, round_, state), round_
+        if recovery_due(checked, round_):
+            state, base_round = recover(checked, store, engines, round_, state), round_
         if _floor_stopped(store, round_):
             log(
                 f"round {round_}: the quality floor min_fdt={config.min_fdt} stops the run at "
@@ -135,7 +135,7 @@ def run_sparsify(
             )
             break
     rounds = len(store.rounds_written("states"))
-    states = state_table(max(rounds - 1, 0), state, plan.components, sparsity, base_round)
+    states = state_table(max(rounds - 1, 0), state, checked.components, sparsity, base_round)
     return LoopResult(ran, state, states, rounds)
 
 
@@ -149,7 +149,7 @@ def _floor_stopped(store: RunStore, round_: int) -> bool:
 
 
 def _sparsify_round(
-    plan: CheckedJob,
+    checked: CheckedJob,
     store: RunStore,
     engines: JobEngines,
     round_: int,
@@ -159,8 +159,8 @@ def _sparsify_round(
     base_round: int | None = None,
 ) -> int:
     """One round of the sparsify loop, ending with its decisions/ and states/ rows."""
-    job, config = plan.job, plan.compress
-    params = {c.name: c.params for c in plan.components}
+    job, config = checked.job, checked.compress
+    params = {c.name: c.params for c in checked.components}
     overall = overall_sparsity(params, sparsity)
     step = round_step(overall, config.target_sparsity, config.step)
     log(
@@ -187,14 +187,14 @@ def _sparsify_round(
     if config.guide == "uniform":
         decision = uniform_step(params, sparsity, config.target_sparsity)
     elif scores:
-        probes = _sparsify_probes(plan.components, sparsity, step, config)
+        probes = _sparsify_probes(checked.components, sparsity, step, config)
         specs: dict[str, list[tuple[str, float | None]]] = {}
         for probe in probes:
             specs.setdefault(probe.component.name, []).append((probe.spec, probe.added))
         table = sensitivity_round(engines, store, round_, state, specs, stats)
         candidates = candidates_from_table(
             guide_table(table, config.guide),
-            _components_table(plan.components, sparsity),
+            _components_table(checked.components, sparsity),
             config.guide,
             float("nan"),
             float("nan"),
@@ -204,12 +204,12 @@ def _sparsify_round(
             candidates, config.target_sparsity, step, config.guide, job.new_tokens
         )
     else:
-        probes = _sparsify_probes(plan.components, sparsity, step, config)
+        probes = _sparsify_probes(checked.components, sparsity, step, config)
         context = RoundContext(round_, state, current.reference, stats)
         ran = run_probes(engines, store, context, probes, streaming)
         candidates = candidates_from_table(
             store.read_probes(round_=round_),
-            _components_table(plan.components, sparsity),
+            _components_table(checked.components, sparsity),
             config.guide,
             current.base_fdt,
             current.base_nll,
@@ -219,7 +219,7 @@ def _sparsify_round(
             candidates, config.target_sparsity, step, config.guide, job.new_tokens
         )
     if config.min_fdt is not None:
-        decision = _floor(plan, store, engines, round_, state, sparsity, decision, stats)
+        decision = _floor(checked, store, engines, round_, state, sparsity, decision, stats)
     links = _links(config, round_, sparsity, decision.added, stats)
     new_state = state.extended(links)
     new_sparsity = dict(sparsity)
@@ -232,7 +232,7 @@ def _sparsify_round(
     store.write_round_table(
         "states",
         round_,
-        state_table(round_, new_state, plan.components, new_sparsity, base_round),
+        state_table(round_, new_state, checked.components, new_sparsity, base_round),
     )
     now = overall_sparsity(params, new_sparsity)
     log(f"round {round_}: pruned {len(links)} components further; sparsity now {now:.4f}")
@@ -260,7 +260,7 @@ def _links(
 
 
 def _floor(
-    plan: CheckedJob,
+    checked: CheckedJob,
     store: RunStore,
     engines: JobEngines,
     round_: int,
@@ -276,8 +276,8 @@ def _floor(
     [0, 1] that passes, found by bisection (each candidate scored as a whole; FDT@75 is noisy,
     so the result passes within 1/64 of a scale that fails, which need not be the largest
     passing one). Every candidate goes to `floor/round-r`."""
-    config = plan.compress
-    params = {c.name: c.params for c in plan.components}
+    config = checked.compress
+    params = {c.name: c.params for c in checked.components}
     dense = build_heldout(engines, store, "validate").reference
     rows = []
 

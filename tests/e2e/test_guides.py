@@ -297,8 +297,8 @@ def test_plan_counts_sensitivity_rounds_instead_of_probes(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     job = tiny_compress_job(tiny_llama_dir, tmp_path / "run", SPARSIFY)
-    plan = _checked_job(tmp_path, job)
-    text = format_estimate(plan, estimate(plan, flop_costs(plan)))
+    checked = _checked_job(tmp_path, job)
+    text = format_estimate(checked, estimate(checked, flop_costs(checked)))
     rows = [line.split() for line in text.splitlines() if line.strip().startswith(("0 ", "1 "))]
     assert rows and all(r[1] == "0" for r in rows)  # no probes in a fisher round
     assert "fisher: 28 candidates at added" in text

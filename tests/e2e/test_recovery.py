@@ -186,17 +186,17 @@ def test_a_driver_killed_during_training_resumes_from_the_ray_train_checkpoint_b
     from dtm_ray.records.schemas import STATE_SCHEMA, state_from_table
     from dtm_ray.records.store import RunStore
 
-    plan = checked_job(tmp_path, job)
+    checked = checked_job(tmp_path, job)
     store = RunStore(str(run))
     state, _ = state_from_table(store.read_round_table("states", STATE_SCHEMA, 0), {})
-    settings = plan.compress.recovery
+    settings = checked.compress.recovery
     straight = train(
         Recovery(
             str(tiny_llama_dir),
             "float32",
             state,
-            [c.name for c in plan.components],
-            plan.training,
+            [c.name for c in checked.components],
+            checked.training,
             settings.steps,
             settings.learning_rate,
             settings.weight_decay,

@@ -61,13 +61,13 @@ def test_two_drivers_on_one_out_one_runs_one_refuses(
     assert not (out / "lease.json").exists()  # released by the driver that ran
 
 
-def probe_round_on(plan, store: RunStore, actor_class: type, workers: int) -> int:  # noqa: ANN001
-    """Round 0's probes of `plan` on `workers` actors of `actor_class`; how many ran."""
-    engines = JobEngines(plan, workers, actor_class=actor_class)
+def probe_round_on(checked, store: RunStore, actor_class: type, workers: int) -> int:  # noqa: ANN001
+    """Round 0's probes of `checked` on `workers` actors of `actor_class`; how many ran."""
+    engines = JobEngines(checked, workers, actor_class=actor_class)
     try:
-        reference = build_reference(engines, store, plan.job, 0, ModelState())
+        reference = build_reference(engines, store, checked.job, 0, ModelState())
         context = RoundContext(0, ModelState(), reference.reference)
-        probes = [Probe(c, s) for c, s in plan.probes]
+        probes = [Probe(c, s) for c, s in checked.probes]
         return run_probes(engines, store, context, probes, Streaming())
     finally:
         engines.close()
@@ -89,12 +89,12 @@ def test_a_probe_that_kills_its_actor_is_recorded_failed_and_the_others_finish(
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     out = tmp_path / "run"
-    plan = check_job(
+    checked = check_job(
         load_job(write_job(tmp_path, tiny_job(tiny_llama_dir, out, SHORT, max_probe_crashes=2)))
     )
     store = RunStore(str(out))
     start = time.monotonic()
-    ran = probe_round_on(plan, store, PoisonActor, workers=1)
+    ran = probe_round_on(checked, store, PoisonActor, workers=1)
     seconds = time.monotonic() - start
     rows = {r["component"]: r for r in store.read_probes().to_pylist()}
     print(f"\npoison probe: {ran} probes in {seconds:.1f} s; {POISON}: {rows[POISON]['error']}")
@@ -146,7 +146,7 @@ def test_an_actor_killed_while_its_memory_grows_costs_its_probe_one_crash_only(
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     HUNGRY_MARK.unlink(missing_ok=True)
     out = tmp_path / "run"
-    plan = check_job(
+    checked = check_job(
         load_job(write_job(tmp_path, tiny_job(tiny_llama_dir, out, SHORT, max_probe_crashes=2)))
     )
     store = RunStore(str(out))
@@ -166,7 +166,7 @@ def test_an_actor_killed_while_its_memory_grows_costs_its_probe_one_crash_only(
 
     killer = ThreadPoolExecutor(1).submit(kill_once_grown)
     try:
-        ran = probe_round_on(plan, store, HungryActor, workers=2)
+        ran = probe_round_on(checked, store, HungryActor, workers=2)
     finally:
         HUNGRY_MARK.unlink(missing_ok=True)
     killer.result(timeout=10)
@@ -324,12 +324,12 @@ def test_an_actor_that_cannot_load_the_model_ends_the_run_in_one_line(
         shutil.copy(tiny_llama_dir / name, broken / name)
     (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     out = tmp_path / "run"
-    plan = check_job(
+    checked = check_job(
         load_job(write_job(tmp_path, tiny_job(broken, out, SHORT)))
     )  # valid: config.json is fine
     start = time.monotonic()
     with pytest.raises(StartupError) as caught:
-        run_checked_job(plan, print_summary=False)
+        run_checked_job(checked, print_summary=False)
     message = str(caught.value)
     print(f"\nbroken weights: {time.monotonic() - start:.1f} s: {message}")
     assert message.startswith("engine actor engine-0 on node ") and " could not start: " in message

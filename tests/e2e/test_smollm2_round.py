@@ -37,22 +37,22 @@ def test_smollm2_round_matches_the_in_process_probe(
             "new_tokens=32",
             "probe.components=[{kinds: [q, k, v, o, gate, up, down], layers: [3]}]",
         ]
-    plan = check_job(load_job(REPO / "jobs" / "smollm2-demo.yaml", overrides))
-    assert {c.kind for c in plan.components} == set(ALL_KINDS) and len(plan.specs) >= 2
+    checked = check_job(load_job(REPO / "jobs" / "smollm2-demo.yaml", overrides))
+    assert {c.kind for c in checked.components} == set(ALL_KINDS) and len(checked.specs) >= 2
     start = time.monotonic()
-    outcome = run_checked_job(plan)
+    outcome = run_checked_job(checked)
     wall = time.monotonic() - start
-    assert_every_probe_exactly_once(str(out), plan)
+    assert_every_probe_exactly_once(str(out), checked)
 
-    n_new = plan.job.new_tokens
+    n_new = checked.job.new_tokens
     expected = in_process_values(
-        smollm2_dir, str(out), [(c.name, s) for c, s in plan.probes], n_new
+        smollm2_dir, str(out), [(c.name, s) for c, s in checked.probes], n_new
     )
     got = table_values(str(out))
     equal = sum(got[key] == expected[key] for key in expected)
     print(
-        f"\nSmolLM2: {len(plan.probes)} probes x {plan.job.prompts.count} prompts on 2 workers "
-        f"in {wall:.0f}s; FDT/SDT equal to the in-process probe for {equal}/{len(expected)}"
+        f"\nSmolLM2: {len(checked.probes)} probes x {checked.job.prompts.count} prompts on 2 "
+        f"workers in {wall:.0f}s; FDT/SDT equal to the in-process probe for {equal}/{len(expected)}"
     )
     assert equal == len(expected)
     fdt75 = outcome.probes.column("fdt_at_75").to_pylist()

@@ -148,7 +148,7 @@ def test_a_side_in_an_object_store_is_read_on_the_driver_without_its_weights(
             "out": str(tmp_path / "run"),
         }
     )
-    plan = check_compare(job)
-    assert plan.sources["candidate"].kind == "store" and plan.sources["candidate"].id == uri
-    assert not list(plan.folders["candidate"].glob("*.safetensors"))  # the actors fetch them
-    assert plan.prefixes.shape == (4, 8) and not (tmp_path / "run").exists()
+    checked = check_compare(job)
+    assert checked.sources["candidate"].kind == "store" and checked.sources["candidate"].id == uri
+    assert not list(checked.folders["candidate"].glob("*.safetensors"))  # the actors fetch them
+    assert checked.prefixes.shape == (4, 8) and not (tmp_path / "run").exists()

@@ -55,19 +55,19 @@ def test_tiny_run_matches_the_in_process_probe_and_resumes(
     ray_session, tiny_llama_dir: Path, tmp_path: Path, capsys
 ) -> None:
     out = tmp_path / "run"
-    plan = make_checked_job(tmp_path, driver_job(tiny_llama_dir, out))
-    assert len(plan.probes) == 28
+    checked = make_checked_job(tmp_path, driver_job(tiny_llama_dir, out))
+    assert len(checked.probes) == 28
 
-    outcome = run_checked_job(plan)
+    outcome = run_checked_job(checked)
     assert outcome.ran == 28
-    assert_every_probe_exactly_once(str(out), plan)
+    assert_every_probe_exactly_once(str(out), checked)
     table = outcome.probes
     assert set(PROBE_COLUMNS) <= set(table.column_names)
     assert set(table.column("params").to_pylist()) == {128 * 128, 64 * 128, 256 * 128}
     assert len(set(table.column("worker").to_pylist())) == 2  # both actors served probes
 
     expected = in_process_values(
-        tiny_llama_dir, str(out), [(c.name, s) for c, s in plan.probes], 32
+        tiny_llama_dir, str(out), [(c.name, s) for c, s in checked.probes], 32
     )
     assert table_values(str(out)) == expected
     assert any(fdt != [32] * 16 for fdt, _ in expected.values())  # something diverged at all
@@ -103,7 +103,7 @@ def test_tiny_run_matches_the_in_process_probe_and_resumes(
         make_checked_job(tmp_path, driver_job(tiny_llama_dir, out, workers=1))
     )
     assert partial.ran == len(lost)
-    assert_every_probe_exactly_once(str(out), plan)
+    assert_every_probe_exactly_once(str(out), checked)
     assert table_values(str(out)) == expected
 
     with pytest.raises(ConfigError, match="new_tokens: 32 in the run, 16 now"):
@@ -116,10 +116,12 @@ def test_a_probe_that_raises_is_recorded_as_failed_after_its_retries(
     out = tmp_path / "run"
     job = driver_job(tiny_llama_dir, out, max_probe_retries=1, workers=1)
     job["probe"] = {"components": [{"kinds": ["q"], "layers": [0]}], "specs": ["int8"]}
-    plan = make_checked_job(tmp_path, job)
+    checked = make_checked_job(tmp_path, job)
     # A component the model lacks makes the probe itself raise inside the actor.
-    plan.components.append(Component("model.layers.9.self_attn.q_proj.weight", 9, "q", (128, 128)))
-    run_checked_job(plan, print_summary=False)
+    checked.components.append(
+        Component("model.layers.9.self_attn.q_proj.weight", 9, "q", (128, 128))
+    )
+    run_checked_job(checked, print_summary=False)
     rows = {r["component"]: r for r in RunStore(str(out)).read_probes(dedupe=False).to_pylist()}
     assert len(rows) == 2
     bad = rows["model.layers.9.self_attn.q_proj.weight"]

@@ -138,8 +138,8 @@ def test_the_start_up_wait_says_what_each_actor_is_fetching_and_allows_for_its_b
     monkeypatch.setattr(startup, "REPORT_S", 1.0)  # a line every second, not every 15
     job = {"model": str(tiny_llama_dir), "engine": "hf", "out": str(tmp_path / "run")}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    plan = check_job(load_job(tmp_path / "job.yaml"))
-    engines = JobEngines(plan, 1, actor_class=SlowFetchActor)
+    checked = check_job(load_job(tmp_path / "job.yaml"))
+    engines = JobEngines(checked, 1, actor_class=SlowFetchActor)
     try:
         engines.pool  # noqa: B018 - starts the actors and waits for them
     finally:

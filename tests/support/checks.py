@@ -86,15 +86,15 @@ def in_process_values(
         torch.set_num_threads(threads)
 
 
-def assert_every_probe_exactly_once(run_dir: str, plan) -> None:  # noqa: ANN001
-    """Round 0 of the run holds each of the plan's probes once, all ok."""
+def assert_every_probe_exactly_once(run_dir: str, checked) -> None:  # noqa: ANN001
+    """Round 0 of the run holds each of the checked job's probes once, all ok."""
     from dtm_ray.records.schemas import probe_keys
     from dtm_ray.records.store import RunStore
 
     raw = RunStore(run_dir).read_probes(dedupe=False)
     keys = list(probe_keys(raw))
     assert len(keys) == len(set(keys)), "a probe was written twice"
-    assert set(keys) == {(0, c.name, s) for c, s in plan.probes}
+    assert set(keys) == {(0, c.name, s) for c, s in checked.probes}
     assert set(raw.column("status").to_pylist()) == {"ok"}
 
 

@@ -686,9 +686,9 @@ def no_ray(monkeypatch) -> list:
     reached = []
     run_checked_job = driver.run_checked_job
 
-    def recorded(plan, *args, **kwargs):
-        reached.append(plan)
-        return run_checked_job(plan, *args, **kwargs)
+    def recorded(checked, *args, **kwargs):
+        reached.append(checked)
+        return run_checked_job(checked, *args, **kwargs)
 
     monkeypatch.setattr(driver, "run_checked_job", recorded)
     return reached

@@ -1,4 +1,4 @@
-"""Held-out prompts in a job: the plan draws the three roles (decide, validate, test) apart, a
+"""Held-out prompts in a job: checking it draws the three roles (decide, validate, test) apart, a
 run directory as prompt source hands over its own roles, `plan` says how wide FDT@75's interval
 will be, and the bits budget (`compress.target_bits`) of a quantize run lands where its rule
 says, checked against the run's own tables."""
@@ -27,10 +27,10 @@ def test_a_compressing_plan_draws_three_disjoint_roles_and_a_probe_only_plan_one
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     job = _quantize_job(tiny_llama_dir, tmp_path / "run", min_fdt=8)
-    plan = checked_job(tmp_path, job)
-    assert plan.job.prompts.validate_count == 8 and plan.job.evaluation.prompts == 32
-    assert {r: a.shape for r, a in plan.heldout.items()} == {"validate": (8, 8), "test": (32, 8)}
-    windows = {role: {tuple(w) for w in r["windows"]} for role, r in plan.roles.items()}
+    checked = checked_job(tmp_path, job)
+    assert checked.job.prompts.validate_count == 8 and checked.job.evaluation.prompts == 32
+    assert {r: a.shape for r, a in checked.heldout.items()} == {"validate": (8, 8), "test": (32, 8)}
+    windows = {role: {tuple(w) for w in r["windows"]} for role, r in checked.roles.items()}
     assert sorted(windows) == ["decide", "test", "validate"]
     spans = [(role, w) for role, ws in windows.items() for w in ws]
     for role, (t, a, b) in spans:  # no window of one role overlaps one of another
@@ -39,7 +39,7 @@ def test_a_compressing_plan_draws_three_disjoint_roles_and_a_probe_only_plan_one
     # The decide prompts are the ones the job drew before the roles existed.
     probe_only = dict(job, compress=None, probe={"components": "all", "specs": ["int8"]})
     alone = checked_job(tmp_path, probe_only, name="probe.yaml")
-    np.testing.assert_array_equal(alone.prefixes, plan.prefixes)
+    np.testing.assert_array_equal(alone.prefixes, checked.prefixes)
     assert alone.heldout == {} and list(alone.roles) == ["decide"]
     assert alone.job.prompts.validate_count is None and alone.job.evaluation.prompts is None
 
@@ -70,18 +70,18 @@ def test_a_run_dir_as_source_hands_over_each_of_its_roles(
     )
     job["prompts"] = {"source": f"run:{first}", "count": 3, "prefix_tokens": 6}
     job["evaluation"]["prompts"] = 10
-    plan = checked_job(tmp_path, job)
-    np.testing.assert_array_equal(plan.prefixes, prefixes["decide"][:3, :6])
-    np.testing.assert_array_equal(plan.heldout["validate"], prefixes["validate"][:3, :6])
-    np.testing.assert_array_equal(plan.heldout["test"], prefixes["test"][:10, :6])
+    checked = checked_job(tmp_path, job)
+    np.testing.assert_array_equal(checked.prefixes, prefixes["decide"][:3, :6])
+    np.testing.assert_array_equal(checked.heldout["validate"], prefixes["validate"][:3, :6])
+    np.testing.assert_array_equal(checked.heldout["test"], prefixes["test"][:10, :6])
     job["evaluation"]["prompts"] = 17
     with pytest.raises(ConfigError, match=r"holds 16 test prefixes .* evaluation.prompts \(17\)"):
         checked_job(tmp_path, job)
 
 
 def _format(tmp_path: Path, job: dict) -> str:
-    plan = checked_job(tmp_path, job)
-    return format_estimate(plan, estimate(plan, flop_costs(plan)))
+    checked = checked_job(tmp_path, job)
+    return format_estimate(checked, estimate(checked, flop_costs(checked)))
 
 
 def test_plan_prints_each_roles_interval_width_and_warns_when_the_floor_cannot_be_resolved(

@@ -33,25 +33,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_llama2_jobs_select_every_linear_weight(tmp_path):
     job = load_job(ROOT / "jobs/llama2-13b-int8.yaml", [f"model={llama2_folder(tmp_path, '13b')}"])
-    plan = check_job(job, read_hub=False)  # no dataset hub here
-    assert len(plan.components) == 40 * 7
+    checked = check_job(job, read_hub=False)  # no dataset hub here
+    assert len(checked.components) == 40 * 7
     assert job.dtype == "bfloat16" and job.engine == "vllm"
     assert job.prompts.source.startswith("hf:wikitext:wikitext-2")
     assert job.compress.levels == ["int8"]
 
 
 def test_demo_schedule_is_two_rounds_of_two_probes_per_component():
-    plan = check_job(load_job(ROOT / "jobs/demo.yaml"))
-    rounds = schedule(plan)
+    checked = check_job(load_job(ROOT / "jobs/demo.yaml"))
+    rounds = schedule(checked)
     assert [r.label for r in rounds] == ["held-out", "0", "1", "final", "finish"]
     # 3 layers x 7 kinds x 2 added sparsities
     assert [r.probes for r in rounds] == [0, 42, 42, 0, 0]
     # The dense reference on 16 validate + 64 test prompts, generated and scored, first.
-    assert tokens_scored(plan, rounds[0]) == (16 + 64) * (48 + 32)
+    assert tokens_scored(checked, rounds[0]) == (16 + 64) * (48 + 32)
     # 16 prompts x (16 + 32) tokens per probe and per actor's noise floor, plus the reference
     # generated and scored.
-    passes = 42 + plan.job.workers
-    assert tokens_scored(plan, rounds[1]) == passes * 16 * 48 + 16 * (48 + 32)
+    passes = 42 + checked.job.workers
+    assert tokens_scored(checked, rounds[1]) == passes * 16 * 48 + 16 * (48 + 32)
 
 
 def test_sparsify_steps_land_on_the_target():

@@ -81,15 +81,15 @@ def test_a_resume_keeps_the_revision_the_run_started_with(
 
     job = {"model": "acme/tiny", "engine": "hf", "out": str(tmp_path / "run")}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    plan = check_job(load_job(tmp_path / "job.yaml"))
-    assert plan.model_source.revision == newer
+    checked = check_job(load_job(tmp_path / "job.yaml"))
+    assert checked.model_source.revision == newer
     stored = {
-        "config": plan.job.to_dict(),
+        "config": checked.job.to_dict(),
         "model_digest": started.digest,
         "model_source": dataclasses.asdict(started),
     }
-    _check_resume(plan, RunStore(str(tmp_path / "run")), stored)
-    assert plan.model_source == started
+    _check_resume(checked, RunStore(str(tmp_path / "run")), stored)
+    assert checked.model_source == started
     assert f"resuming on acme/tiny@{SHA}, the revision the run started with" in (
         capsys.readouterr().err
     )

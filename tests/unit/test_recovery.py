@@ -165,11 +165,11 @@ def test_training_text_holding_the_scored_prompts_or_the_evaluation_text_fails(
     with pytest.raises(ConfigError, match="shares 32 consecutive tokens with the evaluation"):
         checked_job(tmp_path, job)
     # The prompts' own source is fine: the windows overlapping them are left out.
-    plan = checked_job(tmp_path, recovery_job(tiny_llama_dir, tmp_path / "run"))
+    checked = checked_job(tmp_path, recovery_job(tiny_llama_dir, tmp_path / "run"))
     from dtm_ray.engines.prompts import overlapping
 
-    assert not overlapping(plan.training, plan.prefixes, 8).any()
-    assert plan.training.shape[1] == 32
+    assert not overlapping(checked.training, checked.prefixes, 8).any()
+    assert checked.training.shape[1] == 32
 
 
 # --- end to end on Ray Train ---------------------------------------------------------------------

@@ -120,8 +120,8 @@ def test_a_run_dir_as_prompt_source_gives_its_prompts(tiny_llama_dir: Path, tmp_
             prompts={"source": f"run:{first}", "count": 3, "prefix_tokens": 6},
         ),
     )
-    plan = check_job(load_job(job))
-    np.testing.assert_array_equal(plan.prefixes, prefixes[:3, :6])
+    checked = check_job(load_job(job))
+    np.testing.assert_array_equal(checked.prefixes, prefixes[:3, :6])
 
 
 def test_the_fan_out_gathers_completions_only_with_many_calls_in_flight() -> None:
