@@ -42,6 +42,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(getattr(pytest.mark, tier))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def threads_per_worker() -> None:
+    """Under pytest-xdist (`-n N`), torch in each test process on its share of the cores: N
+    processes each on torch's default of every core oversubscribe the machine several times over
+    (Ray's actors set their own)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 # --- models --------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:

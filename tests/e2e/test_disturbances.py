@@ -53,6 +53,7 @@ from dtm_ray.records.store import RunStore
 SEED = int(os.environ.get("DTM_RAY_CHAOS_SEED", "2026"))
 PROBES_PER_ROUND = 28  # the tiny Llama's 14 weights at two added sparsities
 RESUMABLE = "run the same command again to resume once storage is back"
+WAITING = "to restart: it needs {CPU: 1} and no node has that free"  # an actor without a node
 
 
 @dataclass
@@ -279,7 +280,9 @@ def store_cut(case: Case) -> Path:
     tmp_path, run_uri = case.tmp_path, s3.uri("cut/run")
     env = driver_env(case.session_ray_address())
     # Files of 4 rows: the store goes away at round 0's first file, while the round goes on.
-    command = driver_command(case.job(run_uri), flush_every=4)
+    # Short waits between retries: the store's bound on them is tests/e2e/test_unreachable_stores'
+    # (the default waits add ~50 s here: each failing call spends ~15 s before it gives up).
+    command = driver_command(case.job(run_uri), flush_every=4, retry_delays=(0.05, 0.1))
     store = s3.filesystem()
 
     def part_files() -> list:
@@ -334,7 +337,9 @@ def node_loss(case: Case) -> Path:
             (node,) = set(engine_nodes(run).values())
             lost_at = time.monotonic()
             cluster.tell(f"remove {node}", "removed")
-            time.sleep(8)
+            # A node joins once the driver has said what its actors wait for.
+            waited = wait_for(lambda: WAITING in log.read_text(), "the restart wait", 300, driver)
+            assert waited, f"the driver ended before waiting:\n{log.read_text()[-3000:]}"
             cluster.tell("add 2", "node")
             driver.wait(timeout=600)
         finally:
@@ -349,8 +354,6 @@ def node_loss(case: Case) -> Path:
     for worker in engine_nodes(run):  # as first started
         assert f"{worker} died while running" in output
         assert f"{worker} is back after" in output
-    waiting = "to restart: it needs {CPU: 1} and no node has that free"
-    assert waiting in output, output[-3000:]
     assert "failed" not in output.lower(), output[-3000:]
     return run
 

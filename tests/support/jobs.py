@@ -149,15 +149,20 @@ def wait_for(
     return True
 
 
-def driver_command(job: Path, fault_at_write: int = 0, flush_every: int = 0) -> list[str]:
+def driver_command(
+    job: Path, fault_at_write: int = 0, flush_every: int = 0, retry_delays: tuple[float, ...] = ()
+) -> list[str]:
     """`dtm-ray run JOB` in a process of its own, through support/driver_with_faults.py:
     `fault_at_write` N fails the N-th file it opens once with S3's timeout, `flush_every` K
-    writes probe rows in files of at most K rows (so a kill finds part of a round written)."""
+    writes probe rows in files of at most K rows (so a kill finds part of a round written),
+    `retry_delays` replace the store's waits between retries."""
     command = [sys.executable, str(HERE / "driver_with_faults.py"), str(job)]
     if fault_at_write:
         command += ["--fault-at-write", str(fault_at_write)]
     if flush_every:
         command += ["--flush-every", str(flush_every)]
+    if retry_delays:
+        command += ["--retry-delays", ",".join(map(str, retry_delays))]
     return command
 
 

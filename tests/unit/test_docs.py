@@ -190,11 +190,11 @@ def test_the_readme_test_commands_are_the_tiers_ci_runs() -> None:
     options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
     markers = {m.split(":")[0] for m in options["ini_options"]["markers"]}
     readme = (ROOT / "README.md").read_text()
-    selections = re.findall(r'python -m pytest -m (\w+|"[\w ]+")', readme)
+    selections = re.findall(r'python -m pytest (?:-n \d+ )?-m (\w+|"[\w ]+")', readme)
     assert {"unit", "integration", "e2e", '"not e2e"'} <= set(selections), selections
     for selection in selections:
         assert set(selection.strip('"').split()) - {"not", "and", "or"} <= markers, selection
-    default = re.search(r"\./setup\.sh && \.venv/bin/python -m pytest (-m \S+ \S+)", readme)
+    default = re.search(r"\./setup\.sh && \.venv/bin/python -m pytest (-n \d+ -m \S+ \S+)", readme)
     ci = (ROOT / ".ci/run").read_text()
     assert default and default.group(1) in ci, "the README's test command is not what CI runs"
     assert ci.index(default.group(1)) < ci.index("-m e2e")
