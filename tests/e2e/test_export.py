@@ -330,10 +330,12 @@ def test_export_formats(exported, tmp_path: Path):
 
 
 def test_vllm_cpu_build_serves_an_int4_export_in_bfloat16(exported):
-    """W4A16 is the CPU build's one weight-only kernel: the packed checkpoint loads through it and
+    """The CPU build's 4-bit kernel (W4A16; on CPUs with AMX W4A8 unless VLLM_CPU_INT4_W4A8=0,
+    which this test leaves as the machine has it): the packed checkpoint loads through it and
     scores what the dense export of the same weights scores in the same engine, up to the
-    kernel's own bf16 rounding: a token may flip only where the top two are within bf16
-    resolution (on SmolLM2, 10 of 512 positions flipped, all at margins <= 0.125)."""
+    kernel's own rounding: a token may flip only where the top two are within bf16 resolution
+    (on SmolLM2, 10 of 512 positions flipped, all at margins <= 0.125; on the tiny Llama with
+    W4A8, 0 of 128, log-probabilities within 0.008)."""
     pytest.importorskip("vllm")
     from dtm_ray.engines.vllm import VLLMEngine
 
